@@ -1,0 +1,268 @@
+"""Orbax checkpoints of the training state, `.npy` prompt exports, and restoring initial weights.
+
+Layout under `MODEL_DIR`:
+
+    checkpoint_<step>/                 orbax PyTree: step, trainable params, optimizer state, data position
+        prompt_tuning_checkpoint.json  written last, before the directory gets its final name
+    numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt.npy
+
+A checkpoint is written under `checkpoint_<step>.tmp` and renamed only when complete, so a process
+killed mid-write leaves a `.tmp` directory that restore ignores (and the next save removes). Older
+checkpoints beyond `keep` are deleted only after the new one is committed.
+"""
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from prompt_tuning.runtime import train_state as train_state_lib
+
+METADATA_FILE = 'prompt_tuning_checkpoint.json'
+_CKPT_RE = re.compile(r'^checkpoint_(\d+)$')
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+  return _gfile().exists(path) if '://' in path else os.path.exists(path)
+
+
+def _listdir(path: str):
+  if not _exists(path):
+    return []
+  return [p.rstrip('/') for p in (_gfile().listdir(path) if '://' in path else os.listdir(path))]
+
+
+def _rmtree(path: str) -> None:
+  if '://' in path:
+    if _gfile().exists(path):
+      _gfile().rmtree(path)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def is_complete_checkpoint(path: str) -> bool:
+  return _exists(os.path.join(path, METADATA_FILE))
+
+
+def all_steps(model_dir: str) -> Sequence[int]:
+  steps = []
+  for name in _listdir(model_dir):
+    m = _CKPT_RE.match(name)
+    if m and is_complete_checkpoint(os.path.join(model_dir, name)):
+      steps.append(int(m.group(1)))
+  return sorted(steps)
+
+
+def latest_checkpoint_path(model_dir: str) -> Optional[str]:
+  steps = all_steps(model_dir)
+  return os.path.join(model_dir, f'checkpoint_{steps[-1]}') if steps else None
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _to_host(tree):
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)) if x is not None else None, tree)
+
+
+def prompt_file_name(path: str) -> str:
+  return path.replace('/', '.') + '.npy'
+
+
+def _atomic_np_save(path: str, array: np.ndarray) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  if '://' in path:
+    with _gfile().GFile(tmp, 'wb') as f:
+      np.save(f, array)
+    _gfile().rename(tmp, path, overwrite=True)
+  else:
+    with open(tmp, 'wb') as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model_dir: str, state: train_state_lib.TrainState, *,
+                    data_state: Optional[Mapping[str, Any]] = None, keep: Optional[int] = None,
+                    prompt_regex: str = r'.*prompt.*', dtype: Optional[str] = None,
+                    extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
+  """Saves the state atomically and exports prompt-like trainable parameters as `.npy`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = int(jax.device_get(state.step))
+  final = os.path.join(model_dir, f'checkpoint_{step}')
+  tmp = final + '.tmp'
+  if jax.process_index() == 0:
+    _rmtree(tmp)
+    if not _exists(model_dir):
+      _gfile().makedirs(model_dir)
+  _barrier('pt_ckpt_pre')
+  tree = state.state_dict()
+  trainable = _to_host(tree['trainable'])
+  if dtype:
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(dtype), trainable)
+  payload = {'step': np.asarray(step, np.int64), 'trainable': trainable,
+             'opt_state': _to_host(_drop_none(tree['opt_state'])),
+             'data': {k: np.asarray(v) for k, v in (data_state or {}).items()}}
+  ocp.PyTreeCheckpointer().save(tmp, payload)
+  _barrier('pt_ckpt_written')
+  flat = train_state_lib.flatten(trainable)
+  if jax.process_index() == 0:
+    meta = {'step': step, 'format': 'prompt_tuning/orbax-1', 'time': time.time(),
+            'trainable_paths': sorted(flat), **(extra_metadata or {})}
+    with _gfile().GFile(os.path.join(tmp, METADATA_FILE), 'w') as f:
+      f.write(json.dumps(meta, indent=1))
+    if _exists(final):
+      _rmtree(final)
+    if '://' in final:
+      _gfile().rename(tmp, final, overwrite=True)
+    else:
+      os.replace(tmp, final)
+    np_dir = os.path.join(model_dir, 'numpy_checkpoints', f'checkpoint_{step}')
+    _gfile().makedirs(np_dir)
+    for path, value in flat.items():
+      if re.fullmatch(prompt_regex, path):
+        _atomic_np_save(os.path.join(np_dir, prompt_file_name(path)), np.asarray(value))
+    if keep:
+      for old in all_steps(model_dir)[:-keep]:
+        _rmtree(os.path.join(model_dir, f'checkpoint_{old}'))
+    logging.info('Saved checkpoint %s', final)
+  _barrier('pt_ckpt_done')
+  return final
+
+
+def _drop_none(tree):
+  if isinstance(tree, dict):
+    return {k: _drop_none(v) for k, v in tree.items() if v is not None}
+  return tree
+
+
+def restore_checkpoint(path: str) -> Dict[str, Any]:
+  """Reads a checkpoint written by `save_checkpoint` (raw nested dict)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not is_complete_checkpoint(path):
+    raise ValueError(f'{path} is not a complete prompt_tuning checkpoint (no {METADATA_FILE}); it may be '
+                     'a partially written checkpoint from an interrupted run. Point to another checkpoint.')
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+def restore_into_state(state: train_state_lib.TrainState, raw: Mapping[str, Any]) -> train_state_lib.TrainState:
+  opt_template = jax.tree_util.tree_map(lambda x: x, state.opt_state)
+  raw = dict(raw)
+  import flax  # pylint: disable=g-import-not-at-top
+  template_dict = flax.serialization.to_state_dict(opt_template)
+  raw['opt_state'] = _fill_none(template_dict, raw.get('opt_state', {}))
+  return state.restore_state(raw)
+
+
+def _fill_none(template, raw):
+  if isinstance(template, dict):
+    return {k: (_fill_none(v, raw.get(k)) if raw is not None and k in raw else
+                (None if v is None else _fill_none(v, None) if isinstance(v, dict) else v))
+            for k, v in template.items()}
+  return raw if raw is not None else template
+
+
+# ----------------------------------------------------------------------------- initial weights
+
+def _detect(path: str) -> str:
+  if is_complete_checkpoint(path):
+    return 'prompt_tuning'
+  latest = latest_checkpoint_path(path)
+  if latest is not None:
+    return 'prompt_tuning_dir'
+  from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
+  return formats.detect_format(path)
+
+
+def load_checkpoint_params(path: str, variables: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+  """Flat `{path: array}` parameters from any supported checkpoint (ours, T5X legacy, Hugging Face)."""
+  if not _exists(path):
+    raise FileNotFoundError(
+        f'Checkpoint path {path!r} does not exist. Check INITIAL_CHECKPOINT_PATH / '
+        'RestoreCheckpointConfig.path (a T5X checkpoint_<step> directory, a Hugging Face T5 directory or '
+        'one of our checkpoint_<step> directories).')
+  kind = _detect(path)
+  if kind == 'prompt_tuning_dir':
+    path, kind = latest_checkpoint_path(path), 'prompt_tuning'
+  if kind in ('prompt_tuning', 'orbax'):
+    raw = restore_checkpoint(path)
+    flat = train_state_lib.flatten(raw['trainable'])
+  elif kind == 't5x':
+    from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+    flat = train_state_lib.flatten(t5x_format.load(path, variables=list(variables) if variables else None))
+  elif kind == 'huggingface':
+    from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+    _, params = huggingface.load_t5(path)
+    flat = train_state_lib.flatten(params)
+  else:
+    raise ValueError(f'Unsupported checkpoint format {kind!r} at {path}.')
+  if variables is not None:
+    flat = {k: v for k, v in flat.items() if k in set(variables)}
+  return flat
+
+
+def _likely_cause(path: str, expected, found) -> str:
+  if 'embedding' in path or 'logits_dense' in path:
+    return ('the vocabulary size differs: set NUM_EMBEDDINGS / the vocabulary to match the checkpoint '
+            '(T5 and T5 1.1 use 32128, mT5 250112)')
+  if 'prompt' in path:
+    return 'PROMPT_LENGTH or the model width differs from the prompt that was saved'
+  return ('the model size differs: pick the size preset/gin file that matches the checkpoint (e.g. '
+          't5_1_1_base vs t5_1_1_large)')
+
+
+def load_initial_params(path: str, init_params: Mapping[str, Any], *,
+                        assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
+                        fallback_to_scratch: bool = False, dtype: Optional[str] = None,
+                        strict: bool = True, only: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
+  """Fills `init_params` (a nested tree of arrays or shape structs) from the checkpoint at `path`.
+
+  Parameters whose path matches an `assignment_map` regex mapped to `None`, or that are absent from
+  the checkpoint, keep their initial value when `fallback_to_scratch`; otherwise it is an error.
+  `only(path)` restricts which parameters are looked up (e.g. only the frozen ones).
+  """
+  target = train_state_lib.flatten(init_params)
+  wanted: Dict[str, Optional[str]] = {}
+  for p in target:
+    if only is not None and not only(p):
+      continue
+    src: Optional[str] = p
+    for regex, repl in (assignment_map or ()):
+      if re.fullmatch(regex, p):
+        src = None if repl is None else re.sub(regex, repl, p)
+        break
+    wanted[p] = src
+  sources = sorted({s for s in wanted.values() if s is not None})
+  found = load_checkpoint_params(path, variables=sources)
+  out = dict(target)
+  missing = []
+  for p, src in wanted.items():
+    if src is None or src not in found:
+      if fallback_to_scratch:
+        continue
+      missing.append(p)
+      continue
+    value = np.asarray(found[src])
+    if tuple(value.shape) != tuple(target[p].shape):
+      raise ValueError(
+          f'Parameter {p!r} has shape {tuple(value.shape)} in checkpoint {path} but the model expects '
+          f'{tuple(target[p].shape)}. Likely cause: {_likely_cause(p, target[p].shape, value.shape)}.')
+    out[p] = value.astype(dtype or getattr(target[p], 'dtype', value.dtype))
+  if missing and strict:
+    raise ValueError(
+        f'{len(missing)} parameter(s) are not in checkpoint {path}: {missing[:5]}. To initialize them '
+        'instead (e.g. a new prompt), set utils.RestoreCheckpointConfig.fallback_to_scratch = True and '
+        'assignment_map = ((r".*prompt.*", None),).')
+  return train_state_lib.unflatten(out)

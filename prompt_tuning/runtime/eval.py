@@ -1,0 +1,77 @@
+"""T5X-style evaluation entry point: `python -m prompt_tuning.eval --gin_file=... --gin.CHECKPOINT_PATH=...`.
+
+For prompt tuning the usual setup (`runs/prompt_eval.gin`) restores the frozen backbone from
+`CHECKPOINT_PATH` with the prompt excluded by `assignment_map`, and initializes the prompt from
+`PROMPT_FILE` through its gin initializer (`prompts.np_load`), so a saved `.npy` prompt plus the frozen
+checkpoint reproduce the metrics seen during training.
+"""
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+import seqio
+
+from prompt_tuning.runtime import checkpoints
+from prompt_tuning.runtime import gin_utils
+from prompt_tuning.runtime import inference
+from prompt_tuning.runtime import partitioning
+from prompt_tuning.runtime import train_state as train_state_lib
+from prompt_tuning.runtime import utils
+
+
+def dummy_input_shapes(model, batch_size: int, length: int = 8) -> Mapping[str, tuple]:
+  if 'EncDec' in getattr(model.FEATURE_CONVERTER_CLS, '__name__', ''):
+    return {'encoder_input_tokens': (batch_size, length), 'decoder_input_tokens': (batch_size, length),
+            'decoder_target_tokens': (batch_size, length)}
+  return {'decoder_input_tokens': (batch_size, length), 'decoder_target_tokens': (batch_size, length)}
+
+
+def restore_params(model, restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig], partitioner,
+                   batch_size: int, fallback_init_rng: Optional[int] = 0):
+  """Parameters for inference: fresh init (seeded) filled from the checkpoint per the restore config."""
+  shapes = dummy_input_shapes(model, batch_size)
+  rng = jax.random.PRNGKey(fallback_init_rng or 0)
+  params = jax.jit(lambda r: model.get_initial_variables(r, shapes)['params'])(rng)
+  path = restore_checkpoint_cfg.path if restore_checkpoint_cfg is not None else None
+  if isinstance(path, (list, tuple)):
+    path = path[0] if path else None
+  if not path:
+    if fallback_init_rng is None:
+      raise ValueError('No checkpoint to evaluate: set CHECKPOINT_PATH (utils.RestoreCheckpointConfig.path).')
+    return params
+  if restore_checkpoint_cfg.mode == 'latest' and checkpoints.latest_checkpoint_path(path):
+    path = checkpoints.latest_checkpoint_path(path)
+  return checkpoints.load_initial_params(
+      path, jax.device_get(params), assignment_map=restore_checkpoint_cfg.assignment_map,
+      fallback_to_scratch=restore_checkpoint_cfg.fallback_to_scratch, dtype=restore_checkpoint_cfg.dtype,
+      strict=restore_checkpoint_cfg.strict)
+
+
+def evaluate(*, model, dataset_cfg: utils.DatasetConfig,
+             restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
+             partitioner: Optional[partitioning.PjitPartitioner] = None, output_dir: str,
+             inference_evaluator_cls=seqio.Evaluator, summarize_config_fn: Optional[Callable] = None,
+             fallback_init_rng: Optional[int] = None, training_evaluator_cls=None, use_orbax: bool = True,
+             train_state_initializer_cls=None, train_eval_get_dataset_fn=None) -> Mapping[str, Any]:
+  """Runs seqio evaluation of the restored parameters; writes metrics under `output_dir`."""
+  del training_evaluator_cls, use_orbax, train_state_initializer_cls, train_eval_get_dataset_fn
+  if output_dir is None:
+    raise ValueError('EVAL_OUTPUT_DIR is not set: pass --gin.EVAL_OUTPUT_DIR="\'/path\'".')
+  partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
+  params = restore_params(model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size,
+                          fallback_init_rng)
+  if summarize_config_fn is not None and jax.process_index() == 0:
+    summarize_config_fn(output_dir, None, 0)
+  evaluator = inference.InferenceEvaluator(dataset_cfg, inference_evaluator_cls, model, partitioner,
+                                           log_dir=output_dir)
+  results = evaluator.evaluate(params, step=0)
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True) if '://' not in output_dir else None
+    with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
+      json.dump({k: {m: float(np.asarray(v)) for m, v in d.items()} for k, d in results.items()}, f, indent=1)
+  for task, metrics in results.items():
+    logging.info('eval %s: %s', task, metrics)
+  return results

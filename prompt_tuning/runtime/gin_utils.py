@@ -1,0 +1,90 @@
+"""Gin helpers with T5X's names: flag rewriting, parsing with search paths, config summaries."""
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+import gin
+
+import prompt_tuning
+
+
+def default_search_paths() -> Sequence[str]:
+  """`configs/` of a clone and of an installed package, so `include 'runs/...'` works without flags."""
+  here = os.path.dirname(os.path.abspath(prompt_tuning.__file__))
+  paths = [os.path.join(os.path.dirname(here), 'configs'), os.path.join(here, 'configs')]
+  try:
+    import prompt_tuning.configs as installed  # pylint: disable=g-import-not-at-top
+    paths.append(os.path.dirname(os.path.abspath(installed.__file__)))
+  except ImportError:
+    pass
+  seen, out = set(), []
+  for p in paths:
+    if os.path.isdir(p) and p not in seen:
+      seen.add(p)
+      out.append(p)
+  return out
+
+
+def rewrite_gin_args(args: Sequence[str]) -> Sequence[str]:
+  """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
+  out = []
+  for arg in args:
+    m = re.match(r'^--gin\.([^=]+)=(.*)$', arg, re.S)
+    if m:
+      out.append(f'--gin_bindings={m.group(1)} = {m.group(2)}')
+    else:
+      out.append(arg)
+  return out
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding could not be parsed."""
+
+
+def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
+                    gin_bindings: Sequence[str], skip_unknown: bool = False,
+                    finalize_config: bool = True) -> None:
+  """Parses gin files and bindings, with clear errors for unknown names and missing files."""
+  for path in list(gin_search_paths) + list(default_search_paths()):
+    for p in str(path).split(','):
+      if p:
+        gin.add_config_file_search_path(p)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=skip_unknown,
+                                        finalize_config=finalize_config)
+  except (ValueError, IOError, OSError) as e:
+    msg = str(e)
+    if 'No configurable matching' in msg or 'No configurable' in msg:
+      hint = ('a gin name is unknown: check its spelling and that the gin file imports the module that '
+              'defines it (e.g. `from prompt_tuning.runtime import utils`).')
+    elif 'Unable to open file' in msg or 'No such file' in msg or 'not found' in msg.lower():
+      hint = (f'a gin file was not found; search paths: {list(gin_search_paths) + list(default_search_paths())}. '
+              'Pass --gin_search_paths=DIR or use a path relative to configs/.')
+    elif 'MACRO' in msg.upper() or 'REQUIRED' in msg:
+      hint = 'a required macro is unset: pass it with --gin.NAME=VALUE.'
+    else:
+      hint = 'check the gin syntax near the reported line.'
+    raise GinConfigError(f'Could not parse the gin configuration: {msg.splitlines()[0] if msg else e!r}\n'
+                         f'Hint: {hint}') from e
+
+
+def summarize_gin_config(model_dir: str, summary_writer=None, step: int = 0) -> None:
+  """Writes the operative config to `MODEL_DIR/config.gin` (and as TensorBoard text)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config_str = gin.operative_config_str()
+  tf.io.gfile.makedirs(model_dir)
+  with tf.io.gfile.GFile(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    f.write(config_str)
+  if summary_writer is not None:
+    with summary_writer.as_default():
+      tf.summary.text('gin/operative_config', gin.markdown(config_str) if hasattr(gin, 'markdown')
+                      else config_str, step=step)
+    summary_writer.flush()
+
+
+def run(main, argv: Optional[Sequence[str]] = None) -> None:
+  """`absl.app.run` after rewriting `--gin.NAME=VALUE` flags."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv if argv is None else argv)
+  app.run(main, argv=[argv[0]] + list(rewrite_gin_args(argv[1:])))

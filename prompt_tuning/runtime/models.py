@@ -1,0 +1,320 @@
+"""T5X-style models: loss, evaluation, prediction (decoding) and scoring around a Flax module.
+
+`EncoderDecoderModel` and `DecoderOnlyModel` keep T5X's constructor arguments and method signatures
+(`loss_fn`, `eval_fn`, `predict_batch`, `predict_batch_with_aux`, `score_batch`,
+`get_initial_variables`), so T5X gin files that bind them work unchanged. Batches may carry a
+`prompt_ids` feature (one prompt per example, for prompt banks / mixed-task batches); it is passed to the
+module when present.
+"""
+import dataclasses
+from typing import Any, Callable, Mapping, MutableMapping, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from prompt_tuning.runtime import decoding
+from prompt_tuning.runtime import losses
+
+Array = Union[jnp.ndarray, np.ndarray]
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderParams:
+  return_all_decodes: bool = False
+  num_decodes: int = 1
+
+
+def _prompt_kwargs(batch: Mapping[str, Array]) -> dict:
+  return {'prompt_ids': batch['prompt_ids']} if 'prompt_ids' in batch else {}
+
+
+class BaseTransformerModel:
+  """Shared loss and metrics of T5X's `BaseTransformerModel`."""
+
+  FEATURE_CONVERTER_CLS = None
+
+  def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None, decode_fn=None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0,
+               loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+               feature_converter_cls=None):
+    self.module = module
+    self._input_vocabulary = input_vocabulary
+    self._output_vocabulary = output_vocabulary
+    self.optimizer_def = optimizer_def
+    self._decode_fn = decode_fn
+    self._label_smoothing = label_smoothing
+    self._z_loss = z_loss
+    self._loss_normalizing_factor = loss_normalizing_factor
+    if feature_converter_cls is not None:
+      self.FEATURE_CONVERTER_CLS = feature_converter_cls  # pylint: disable=invalid-name
+
+  @property
+  def input_vocabulary(self):
+    return self._input_vocabulary
+
+  @property
+  def output_vocabulary(self):
+    return self._output_vocabulary
+
+  @property
+  def decode_fn(self):
+    return self._decode_fn
+
+  @property
+  def loss_normalizing_factor(self):
+    return self._loss_normalizing_factor
+
+  def _compute_logits(self, params, batch, dropout_rng=None):
+    raise NotImplementedError
+
+  def loss_fn(self, params: PyTree, batch: Mapping[str, Array],
+              dropout_rng: Optional[jax.Array]) -> Tuple[jnp.ndarray, MutableMapping[str, jnp.ndarray]]:
+    """T5X's loss: summed token cross entropy with z-loss, optionally normalized; plus metrics."""
+    logits = self._compute_logits(params, batch, dropout_rng)
+    loss_normalizing_factor, weights = losses.get_loss_normalizing_factor_and_weights(
+        self._loss_normalizing_factor, batch)
+    loss, z_loss, weight_sum = losses.compute_weighted_cross_entropy(
+        logits, targets=batch['decoder_target_tokens'], weights=weights,
+        label_smoothing=self._label_smoothing, z_loss=self._z_loss,
+        loss_normalizing_factor=loss_normalizing_factor)
+    metrics = self._compute_metrics(logits, batch['decoder_target_tokens'], weights, loss, z_loss)
+    return loss, metrics
+
+  def _compute_metrics(self, logits, targets, weights, loss, z_loss):
+    if weights is None:
+      weights = jnp.ones(targets.shape, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+    weight_sum = jnp.maximum(jnp.sum(weights), 1e-8)
+    num_examples = jnp.asarray(targets.shape[0], jnp.float32)
+    return {
+        'loss': loss,
+        'z_loss': z_loss,
+        'cross_ent_loss': loss - z_loss,
+        'accuracy': jnp.sum(correct) / weight_sum,
+        'loss_per_nonpadding_target_token': loss / weight_sum,
+        'loss_per_all_target_tokens': loss / jnp.asarray(np.prod(targets.shape), jnp.float32),
+        'nonpadding_fraction': jnp.sum(weights) / jnp.asarray(np.prod(targets.shape), jnp.float32),
+        'num_examples': num_examples,
+        'num_tokens': jnp.sum(weights),
+    }
+
+  def eval_fn(self, params: PyTree, batch: Mapping[str, Array]):
+    return self.loss_fn(params, batch, dropout_rng=None)
+
+  def predict_batch(self, params: PyTree, batch: Mapping[str, Array], rng: Optional[jax.Array] = None):
+    return self.predict_batch_with_aux(params, batch, rng=rng)[0]
+
+  def score_batch(self, params: PyTree, batch: Mapping[str, Array], return_intermediates: bool = False):
+    """Per-sequence log-likelihood of the targets: sum over tokens of -CE, weighted, no z-loss."""
+    if return_intermediates:
+      raise NotImplementedError('return_intermediates=True is not supported.')
+    logits = self._compute_logits(params, batch)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    if weights is None:
+      weights = (targets > 0)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    token_loss, _ = losses.cross_entropy_with_logits(logits.astype(jnp.float32), onehot, 0.0)
+    return -jnp.sum(token_loss * weights.astype(jnp.float32), axis=-1)
+
+
+class EncoderDecoderModel(BaseTransformerModel):
+  """An encoder-decoder (T5) model with T5X's API."""
+
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+  def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None,
+               decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0,
+               loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+               default_decoder_params: Optional[DecoderParams] = None):
+    super().__init__(module, input_vocabulary, output_vocabulary, optimizer_def, decode_fn,
+                     label_smoothing, z_loss, loss_normalizing_factor, feature_converter_cls)
+    self._default_decoder_params = default_decoder_params or DecoderParams()
+
+  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Tuple[int, ...]],
+                            input_types: Optional[Mapping[str, Any]] = None) -> Mapping[str, PyTree]:
+    input_types = input_types or {}
+    enc_shape = input_shapes['encoder_input_tokens']
+    dec_shape = input_shapes['decoder_input_tokens']
+    kwargs = {}
+    if 'prompt_ids' in input_shapes:
+      kwargs['prompt_ids'] = jnp.zeros(input_shapes['prompt_ids'], jnp.int32)
+    variables = self.module.init(
+        {'params': rng, 'dropout': rng},
+        jnp.ones(enc_shape, input_types.get('encoder_input_tokens', jnp.int32)),
+        jnp.ones(dec_shape, input_types.get('decoder_input_tokens', jnp.int32)),
+        jnp.ones(dec_shape, input_types.get('decoder_target_tokens', jnp.int32)),
+        enable_dropout=False, **kwargs)
+    return {k: v for k, v in variables.items() if k in ('params', 'params_axes')}
+
+  def _compute_logits(self, params, batch, dropout_rng=None):
+    rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+    return self.module.apply(
+        {'params': params},
+        batch['encoder_input_tokens'], batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+        enable_dropout=dropout_rng is not None, rngs=rngs, **_prompt_kwargs(batch))
+
+  def _init_cache(self, params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs):
+    """A zero decoding cache of length `decoder_input_tokens.shape[1]`."""
+    _, variables = self.module.apply(
+        {'params': params}, jnp.ones_like(encoder_input_tokens), jnp.ones_like(decoder_input_tokens),
+        jnp.ones_like(decoder_input_tokens), enable_dropout=False, decode=True,
+        max_decode_length=decoder_input_tokens.shape[1], mutable=['cache'], **prompt_kwargs)
+    return variables['cache']
+
+  def predict_batch_with_aux(self, params: PyTree, batch: Mapping[str, Array],
+                             rng: Optional[jax.Array] = None,
+                             decoder_params: Optional[MutableMapping[str, Any]] = None,
+                             return_all_decodes: Optional[bool] = None,
+                             num_decodes: Optional[int] = None,
+                             prompt_with_targets: bool = False) -> Tuple[jnp.ndarray, Mapping[str, jnp.ndarray]]:
+    """Decodes the batch with `decode_fn` (beam search by default) over the KV cache.
+
+    Returns the best decode per example `[B, T]` (or all `[B, num_decodes, T]` when
+    `return_all_decodes`) and `{'scores': ...}`.
+    """
+    if return_all_decodes is None:
+      return_all_decodes = self._default_decoder_params.return_all_decodes
+    if num_decodes is None:
+      num_decodes = self._default_decoder_params.num_decodes
+    prompt_kwargs = _prompt_kwargs(batch)
+    encoder_input_tokens = batch['encoder_input_tokens']
+    decoder_input_tokens = batch['decoder_input_tokens']
+    encoded = self.module.apply({'params': params}, encoder_input_tokens, enable_dropout=False,
+                                method=self.module.encode, **prompt_kwargs)
+    cache = self._init_cache(params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs)
+    encoded = decoding.flat_batch_beam_expand(encoded, num_decodes)
+    expanded_tokens = decoding.flat_batch_beam_expand(encoder_input_tokens, num_decodes)
+    max_decode_length = decoder_input_tokens.shape[1]
+
+    def tokens_ids_to_logits(state: decoding.DecodingState):
+      flat_ids = state.cur_token
+      if flat_ids.ndim == 1:
+        flat_ids = flat_ids[:, None]
+      logits, new_vars = self.module.apply(
+          {'params': params, 'cache': state.cache}, encoded, expanded_tokens, flat_ids, flat_ids,
+          enable_dropout=False, decode=True, max_decode_length=max_decode_length, mutable=['cache'],
+          method=self.module.decode)
+      return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
+
+    if prompt_with_targets:
+      decoder_prompt_inputs = decoder_input_tokens
+    else:
+      decoder_prompt_inputs = jnp.zeros_like(decoder_input_tokens)
+    decoder_params = dict(decoder_params or {})
+    if rng is not None:
+      decoder_params['decode_rng'] = rng
+    eos_id = self.output_vocabulary.eos_id if self.output_vocabulary is not None else 1
+    decodes, scores = self._decode_fn(
+        inputs=decoder_prompt_inputs, cache=cache, tokens_to_logits=tokens_ids_to_logits,
+        eos_id=eos_id if eos_id is not None else 1, num_decodes=num_decodes, cache_offset=0,
+        **decoder_params)
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, -1, :], {'scores': scores[:, -1]}
+
+
+class DecoderOnlyModel(BaseTransformerModel):
+  """A decoder-only (causal or prefix) LM with T5X's API.
+
+  For a `PromptDecoderOnly` module the prompt is written into the cache before decoding.
+  """
+
+  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+
+  def __init__(self, module, vocabulary, optimizer_def=None,
+               decode_fn: Callable = decoding.temperature_sample,
+               inputs_bidirectional_attention: bool = False, feature_converter_cls=None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0,
+               loss_normalizing_factor: Optional[Union[float, int, str]] = None):
+    super().__init__(module, vocabulary, vocabulary, optimizer_def, decode_fn, label_smoothing, z_loss,
+                     loss_normalizing_factor, feature_converter_cls)
+    self._inputs_bidirectional_attention = inputs_bidirectional_attention
+
+  @property
+  def prompt_length(self) -> int:
+    return int(getattr(self.module, 'prompt_length', 0) or 0)
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    shape = input_shapes['decoder_input_tokens']
+    kwargs = {}
+    if 'prompt_ids' in input_shapes:
+      kwargs['prompt_ids'] = jnp.zeros(input_shapes['prompt_ids'], jnp.int32)
+    if self._inputs_bidirectional_attention:
+      kwargs['decoder_causal_attention'] = jnp.ones(shape, jnp.int32)
+    variables = self.module.init({'params': rng, 'dropout': rng}, jnp.ones(shape, jnp.int32),
+                                 jnp.ones(shape, jnp.int32), enable_dropout=False, **kwargs)
+    return {k: v for k, v in variables.items() if k in ('params', 'params_axes')}
+
+  def _causal_kwargs(self, batch):
+    if self._inputs_bidirectional_attention:
+      if 'decoder_causal_attention' not in batch:
+        raise ValueError('inputs_bidirectional_attention=True needs the `decoder_causal_attention` '
+                         'feature; use seqio.PrefixLMFeatureConverter (DecoderFeatureConverter with inputs).')
+      return {'decoder_causal_attention': batch['decoder_causal_attention']}
+    return {}
+
+  def _compute_logits(self, params, batch, dropout_rng=None):
+    rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+    return self.module.apply({'params': params}, batch['decoder_input_tokens'],
+                             batch['decoder_target_tokens'], enable_dropout=dropout_rng is not None,
+                             rngs=rngs, **self._causal_kwargs(batch), **_prompt_kwargs(batch))
+
+  def predict_batch_with_aux(self, params, batch, rng=None, *, return_all_decodes: bool = False,
+                             num_decodes: int = 1, decoder_params=None):
+    """Continues each example's inputs (the `decoder_causal_attention` prefix) by sampling."""
+    tokens = batch['decoder_input_tokens']
+    if 'decoder_causal_attention' in batch:
+      inputs = tokens * batch['decoder_causal_attention']
+    else:
+      inputs = tokens * 0
+    # Drop the BOS: `inputs` are the decoder inputs shifted right, so position i holds token i-1.
+    prompt_kwargs = _prompt_kwargs(batch)
+    p = self.prompt_length
+    length = tokens.shape[1]
+    max_len = length + p
+    _, variables = self.module.apply({'params': params}, jnp.ones_like(tokens), jnp.ones_like(tokens),
+                                     enable_dropout=False, decode=True, max_decode_length=max_len,
+                                     mutable=['cache'], **prompt_kwargs)
+    cache = variables['cache']
+    if p:
+      _, variables = self.module.apply({'params': params, 'cache': cache}, tokens, tokens,
+                                       enable_dropout=False, decode=True, max_decode_length=max_len,
+                                       prefill_prompt=True, mutable=['cache'], **prompt_kwargs)
+      cache = variables['cache']
+
+    def tokens_to_logits(state: decoding.DecodingState):
+      ids = state.cur_token if state.cur_token.ndim == 2 else state.cur_token[:, None]
+      logits, new_vars = self.module.apply({'params': params, 'cache': state.cache}, ids, ids,
+                                           enable_dropout=False, decode=True,
+                                           max_decode_length=max_len, mutable=['cache'])
+      return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
+
+    # Shift left so position i of `decode_inputs` is the token fed at step i (BOS first).
+    decode_inputs = jnp.concatenate([inputs[:, 1:], jnp.zeros_like(inputs[:, :1])], axis=1)
+    decoder_params = dict(decoder_params or {})
+    if rng is not None:
+      decoder_params['decode_rng'] = rng
+    eos_id = self.output_vocabulary.eos_id if self.output_vocabulary is not None else 1
+    decodes, scores = self._decode_fn(inputs=decode_inputs, cache=cache, tokens_to_logits=tokens_to_logits,
+                                      eos_id=eos_id if eos_id is not None else 1,
+                                      num_decodes=num_decodes, **decoder_params)
+    # Remove the forced prefix from the outputs (left-align the generated continuation).
+    prefix_len = jnp.sum(decode_inputs != 0, axis=-1)
+    decodes = _remove_prefix(decodes, prefix_len)
+    if return_all_decodes:
+      return decodes, {'scores': scores}
+    return decodes[:, -1, :], {'scores': scores[:, -1]}
+
+
+def _remove_prefix(sequences: jnp.ndarray, prefix_len: jnp.ndarray) -> jnp.ndarray:
+  """Shifts each row of `sequences` [B, N, L] left by its prefix length, zero-filling the tail."""
+  length = sequences.shape[-1]
+  idx = jnp.arange(length)[None, None, :] + prefix_len[:, None, None]
+  gathered = jnp.take_along_axis(sequences, jnp.minimum(idx, length - 1), axis=-1)
+  return jnp.where(idx < length, gathered, 0)

@@ -1,0 +1,305 @@
+"""T5X-style training entry point: `python -m prompt_tuning.train --gin_file=... --gin.MODEL_DIR=...`.
+
+`train(...)` keeps T5X's keyword arguments. Restore precedence: the latest complete checkpoint in
+`model_dir` (trainable parameters, optimizer state, step, data position), else
+`checkpoint_cfg.restore.path` (`INITIAL_CHECKPOINT_PATH`: a T5X, Hugging Face or our checkpoint), else a
+fresh initialization. Frozen parameters always come from `INITIAL_CHECKPOINT_PATH` (or the seeded
+initialization when there is none), so checkpoints hold only what training changes.
+"""
+import functools
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen.partitioning as nn_partitioning
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from prompt_tuning.runtime import checkpoints
+from prompt_tuning.runtime import gin_utils
+from prompt_tuning.runtime import inference
+from prompt_tuning.runtime import partitioning
+from prompt_tuning.runtime import train_state as train_state_lib
+from prompt_tuning.runtime import trainer as trainer_lib
+from prompt_tuning.runtime import utils
+
+P = partitioning.PartitionSpec
+
+
+def _input_shapes(cfg: utils.DatasetConfig, feature_converter_cls, num_shards: int):
+  ds = utils.get_dataset(cfg, 0, num_shards, feature_converter_cls, num_epochs=1)
+  spec = ds.element_spec
+  shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in spec.items()}
+  types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
+  for k, s in shapes.items():
+    if any(d is None for d in s):
+      raise ValueError(f'Feature {k} has an unknown length; set TASK_FEATURE_LENGTHS.')
+  return shapes, types
+
+
+def _logical_axes(params_axes, params_shape):
+  """Tree of logical PartitionSpecs matching `params_shape` (None where a param has no axes)."""
+  names = nn_partitioning.get_axis_names(params_axes) if params_axes else {}
+  flat_names = train_state_lib.flatten(names) if names else {}
+  flat = train_state_lib.flatten(params_shape)
+  out = {}
+  for k, v in flat.items():
+    n = flat_names.get(k)
+    out[k] = P(*n) if n is not None else P(*([None] * len(v.shape)))
+  return train_state_lib.unflatten(out)
+
+
+def _opt_logical_axes(opt_def, opt_state_shape, trainable_axes):
+  derive = getattr(opt_def, 'derive_logical_axes', None)
+  axes = None
+  if derive is not None:
+    try:
+      axes = derive(opt_state_shape, trainable_axes)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('derive_logical_axes failed (%s); replicating the optimizer state.', e)
+  if axes is None:
+    return jax.tree_util.tree_map(lambda _: P(), opt_state_shape)
+
+  def to_spec(x):
+    if isinstance(x, P):
+      return x
+    if x is None:
+      return P()
+    return P(*x)
+  return jax.tree_util.tree_map(to_spec, axes, is_leaf=lambda x: x is None or isinstance(x, (tuple, P)))
+
+
+class StateBuilder:
+  """Initializes, restores and shards the train state (T5X's `TrainStateInitializer`)."""
+
+  def __init__(self, model, partitioner: partitioning.PjitPartitioner, input_shapes, input_types=None):
+    self.model = model
+    self.partitioner = partitioner
+    opt = model.optimizer_def
+    self.is_trainable = (getattr(opt, 'trainable_filter', None) or (lambda p: True)) if opt else (lambda p: False)
+    init = functools.partial(model.get_initial_variables, input_shapes=input_shapes, input_types=input_types)
+    self._init = init
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    self.params_shape = shapes['params']
+    self.params_logical = _logical_axes(shapes.get('params_axes'), self.params_shape)
+    if hasattr(opt, 'set_param_axes'):
+      try:
+        opt.set_param_axes(self.params_logical)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('set_param_axes failed: %s', e)
+    self.trainable_shape, self.frozen_shape = train_state_lib.split_params(self.params_shape, self.is_trainable)
+    self.trainable_logical, self.frozen_logical = train_state_lib.split_params(self.params_logical,
+                                                                               self.is_trainable)
+    opt_shape = jax.eval_shape(opt.init_state, self.trainable_shape) if opt else None
+    self.opt_logical = _opt_logical_axes(opt, opt_shape, self.trainable_logical) if opt else None
+    to_mesh = partitioner.logical_to_mesh_axes
+    self.state_axes = train_state_lib.TrainState(
+        step=P(), trainable=to_mesh(self.trainable_logical), frozen=to_mesh(self.frozen_logical),
+        opt_state=self.opt_logical and to_mesh(self.opt_logical))
+    self.params_mesh_axes = to_mesh(self.params_logical)
+
+  def _shard(self, tree, axes):
+    shardings = self.partitioner.mesh_axes_to_sharding(axes)
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s) if not isinstance(x, jax.Array)
+                                  else jax.device_put(x, s), tree, shardings)
+
+  def init_params(self, rng):
+    fn = self.partitioner.partition(lambda r: self._init(r)['params'], in_axis_resources=None,
+                                    out_axis_resources=self.params_mesh_axes)
+    return fn(rng)
+
+  def build(self, params) -> train_state_lib.TrainState:
+    params = self._shard(params, self.params_mesh_axes)
+    trainable, frozen = train_state_lib.split_params(params, self.is_trainable)
+    opt = self.model.optimizer_def
+    init_opt = self.partitioner.partition(opt.init_state, in_axis_resources=(self.state_axes.trainable,),
+                                          out_axis_resources=self.state_axes.opt_state)
+    opt_state = init_opt(trainable)
+    return train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                                      opt_state=opt_state)
+
+
+def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCheckpointConfig], init_rng,
+                    only_frozen: bool):
+  """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh."""
+  params = builder.init_params(init_rng)
+  paths = restore_cfg.path if restore_cfg is not None else None
+  if isinstance(paths, (list, tuple)):
+    paths = paths[0] if paths else None
+  if not paths:
+    return params
+  only = (lambda p: not builder.is_trainable(p)) if only_frozen else None
+  logging.info('Restoring %s parameters from %s', 'frozen' if only_frozen else 'all', paths)
+  return checkpoints.load_initial_params(
+      paths, jax.device_get(params), assignment_map=restore_cfg.assignment_map,
+      fallback_to_scratch=restore_cfg.fallback_to_scratch or only_frozen and False,
+      dtype=restore_cfg.dtype, strict=restore_cfg.strict, only=only)
+
+
+def train(*,
+          model,
+          train_dataset_cfg: utils.DatasetConfig,
+          train_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+          infer_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+          checkpoint_cfg: utils.CheckpointConfig = utils.CheckpointConfig(),
+          partitioner: Optional[partitioning.PjitPartitioner] = None,
+          trainer_cls: Callable = trainer_lib.Trainer,
+          model_dir: str,
+          total_steps: int,
+          eval_steps: int = 10,
+          eval_period: int = 1000,
+          relative_steps: Optional[int] = None,
+          stats_period: Optional[int] = None,
+          random_seed: Optional[int] = None,
+          use_hardware_rng: bool = False,
+          summarize_config_fn: Optional[Callable] = gin_utils.summarize_gin_config,
+          inference_evaluator_cls=seqio.Evaluator,
+          get_dataset_fn: Callable = utils.get_dataset,
+          concurrent_metrics: bool = True,
+          actions: Optional[Mapping[str, Sequence[trainer_lib.BaseAction]]] = None,
+          train_eval_get_dataset_fn: Callable = utils.get_training_eval_datasets,
+          run_eval_before_training: bool = False,
+          use_orbax: bool = True,
+          gc_period: int = 0,
+          train_state_initializer_cls=None,
+          verify_matching_vocabs_fn=None):
+  """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`."""
+  del use_hardware_rng, concurrent_metrics, use_orbax, gc_period, train_state_initializer_cls
+  del verify_matching_vocabs_fn
+  if model_dir is None:
+    raise ValueError('MODEL_DIR is not set: pass --gin.MODEL_DIR="\'/path/to/model_dir\'".')
+  model_dir = os.path.abspath(model_dir) if '://' not in model_dir else model_dir
+  partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
+  if random_seed is None:
+    random_seed = int(time.time()) % (2**31)
+    logging.info('No RANDOM_SEED given: using %d (set RANDOM_SEED for reproducible runs).', random_seed)
+  rng = jax.random.PRNGKey(random_seed)
+  init_rng, trainer_rng = jax.random.split(rng)
+  if model.optimizer_def is None:
+    raise ValueError('The model has no optimizer_def; bind models.EncoderDecoderModel.optimizer_def = %OPTIMIZER.')
+
+  layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
+  fc = model.FEATURE_CONVERTER_CLS
+  input_shapes, input_types = _input_shapes(train_dataset_cfg, fc, layout.num_shards)
+  builder = StateBuilder(model, partitioner, input_shapes, input_types)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(builder.trainable_shape))
+  n_all = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(builder.params_shape))
+  logging.info('Trainable parameters: %d of %d (%.4f%%): %s', n_train, n_all, 100.0 * n_train / max(n_all, 1),
+               ', '.join(train_state_lib.flatten(builder.trainable_shape))[:500])
+
+  restore_cfg = checkpoint_cfg.restore if checkpoint_cfg else None
+  save_cfg = checkpoint_cfg.save if checkpoint_cfg else None
+  if restore_cfg is not None and restore_cfg.mode == 'all':
+    raise ValueError("RestoreCheckpointConfig.mode='all' is for evaluation, not training.")
+  latest = checkpoints.latest_checkpoint_path(model_dir)
+  if latest is not None:
+    logging.info('Resuming from %s', latest)
+    params = _restore_params(builder, restore_cfg, init_rng, only_frozen=True)
+    state = builder.build(params)
+    raw = checkpoints.restore_checkpoint(latest)
+    state = checkpoints.restore_into_state(state, raw)
+    state = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), state,
+                                   partitioner.mesh_axes_to_sharding(builder.state_axes))
+    batches_consumed = int(np.asarray(raw.get('data', {}).get('batches_consumed', int(state.step))))
+  else:
+    params = _restore_params(builder, restore_cfg, init_rng, only_frozen=False)
+    state = builder.build(params)
+    batches_consumed = 0
+    if restore_cfg is not None and restore_cfg.path and relative_steps is None:
+      pass
+  host_step = int(jax.device_get(state.step))
+  if relative_steps is not None:
+    total_steps = host_step + relative_steps if latest is None else max(total_steps or 0, host_step)
+  if host_step >= total_steps:
+    logging.info('Step %d already reaches total_steps=%d; nothing to train.', host_step, total_steps)
+
+  if summarize_config_fn is not None and jax.process_index() == 0:
+    summarize_config_fn(model_dir, None, host_step)
+
+  ds_seed = train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed
+  train_ds = get_dataset_fn(train_dataset_cfg, layout.shard_id, layout.num_shards, fc, num_epochs=None,
+                            seed=ds_seed) if get_dataset_fn is utils.get_dataset else get_dataset_fn(
+                                train_dataset_cfg, layout.shard_id, layout.num_shards, fc)
+  if batches_consumed:
+    train_ds = train_ds.skip(batches_consumed)
+  train_iter = train_ds.as_numpy_iterator()
+
+  train_eval_iters = {}
+  if train_eval_dataset_cfg is not None and eval_steps:
+    train_eval_iters = train_eval_get_dataset_fn(train_eval_dataset_cfg, layout.shard_id, layout.num_shards,
+                                                 eval_steps, fc)
+  evaluator = None
+  if infer_eval_dataset_cfg is not None:
+    evaluator = inference.InferenceEvaluator(infer_eval_dataset_cfg, inference_evaluator_cls, model,
+                                             partitioner, log_dir=model_dir)
+    if not evaluator.eval_tasks:
+      evaluator = None
+
+  trainer = trainer_cls(model=model, train_state=state, partitioner=partitioner,
+                        eval_names=list(train_eval_iters), summary_dir=model_dir,
+                        train_state_axes=builder.state_axes, rng=trainer_rng)
+  actions = actions or {}
+  nan_action = trainer_lib.TerminateOnNanAction()
+
+  period = save_cfg.period if save_cfg and save_cfg.period else None
+  keep = save_cfg.keep if save_cfg else None
+  save_dtype = save_cfg.dtype if save_cfg else None
+  checkpoint_steps = set(save_cfg.checkpoint_steps or ()) if save_cfg else set()
+
+  def save(step_state):
+    if save_cfg is None:
+      return
+    step = int(jax.device_get(step_state.step))
+    checkpoints.save_checkpoint(model_dir, step_state, data_state={'batches_consumed': step}, keep=keep,
+                                dtype=save_dtype,
+                                extra_metadata={'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None})
+
+  def run_evals(step):
+    results = {}
+    if train_eval_iters:
+      results.update(trainer.eval({k: v.as_numpy_iterator() for k, v in train_eval_iters.items()}, step))
+    if evaluator is not None:
+      infer = evaluator.evaluate(trainer.train_state.params, step)
+      for task, metrics in infer.items():
+        logging.info('inference eval %s at step %d: %s', task, step, metrics)
+      results.update({f'infer_eval/{k}': v for k, v in infer.items()})
+    for mode, acts in actions.items():
+      mode_name = mode.name if hasattr(mode, 'name') else str(mode)
+      if mode_name in ('TRAIN_EVAL', 'INFER_EVAL'):
+        for a in acts:
+          if a.run(trainer.train_state, results):
+            trainer.stop_training = True
+    return results
+
+  if run_eval_before_training:
+    run_evals(host_step)
+  boundaries = [p for p in (eval_period, period) if p]
+  chunk = min(boundaries) if boundaries else max(total_steps - host_step, 1)
+  while host_step < total_steps and not trainer.stop_training:
+    n = min(chunk - host_step % chunk, total_steps - host_step)
+    summary = trainer.train(train_iter, n, start_step=host_step, total_steps=total_steps)
+    nan_action.run(trainer.train_state, {'train': summary})
+    for mode, acts in actions.items():
+      if (mode.name if hasattr(mode, 'name') else str(mode)) == 'TRAIN':
+        for a in acts:
+          if a.run(trainer.train_state, {'train': summary}):
+            trainer.stop_training = True
+    host_step = int(jax.device_get(trainer.train_state.step))
+    if (period and host_step % period == 0) or host_step in checkpoint_steps:
+      save(trainer.train_state)
+    if eval_period and host_step % eval_period == 0 and host_step < total_steps:
+      run_evals(host_step)
+  if save_cfg is not None and host_step not in all_saved(model_dir):
+    save(trainer.train_state)
+  final_metrics = run_evals(host_step) if (train_eval_iters or evaluator) else {}
+  trainer.final_metrics = final_metrics
+  trainer.close()
+  return host_step, trainer.train_state
+
+
+def all_saved(model_dir):
+  return set(checkpoints.all_steps(model_dir))

@@ -1,0 +1,331 @@
+"""T5X-style `Trainer`: the jitted train/eval steps, microbatching, metrics, progress and actions."""
+import enum
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_tuning.runtime import train_state as train_state_lib
+
+PyTree = Any
+
+
+class ActionMode(enum.Enum):
+  TRAIN = 1
+  TRAIN_EVAL = 2
+  INFER_EVAL = 3
+
+
+class BaseAction:
+  """Runs after a stage; returning True asks training to stop."""
+
+  def run(self, train_state, metrics_by_task: Mapping[str, Mapping[str, float]]) -> bool:
+    raise NotImplementedError
+
+
+class EarlyStoppingAction(BaseAction):
+  """Stops when `metric = (task, name)` has not improved for `patience` evaluations."""
+
+  def __init__(self, metric, mode: str = 'max', patience: int = 3, atol: float = 0., rtol: float = 0.):
+    if mode not in ('min', 'max'):
+      raise ValueError(f"EarlyStoppingAction mode must be 'min' or 'max', got {mode!r}.")
+    self._task, self._name = metric
+    self._mode, self._patience, self._atol, self._rtol = mode, patience, atol, rtol
+    self._best = None
+    self._bad = 0
+
+  def run(self, train_state, metrics_by_task) -> bool:
+    value = metrics_by_task.get(self._task, {}).get(self._name)
+    if value is None:
+      logging.warning('EarlyStoppingAction: metric %s/%s not found.', self._task, self._name)
+      return False
+    value = float(value)
+    if self._best is None:
+      self._best = value
+      return False
+    tol = self._atol + self._rtol * abs(self._best)
+    better = value > self._best + tol if self._mode == 'max' else value < self._best - tol
+    if better:
+      self._best, self._bad = value, 0
+    else:
+      self._bad += 1
+    if self._bad >= self._patience:
+      logging.info('Early stopping: %s/%s did not improve for %d evaluations.', self._task, self._name,
+                   self._patience)
+      return True
+    return False
+
+
+class NanLossError(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+class TerminateOnNanAction(BaseAction):
+  """Stops training when `(task, metric)` is NaN or infinite."""
+
+  def __init__(self, task: str = 'train', metric: str = 'loss'):
+    self._task, self._metric = task, metric
+
+  def run(self, train_state, metrics_by_task) -> bool:
+    value = metrics_by_task.get(self._task, {}).get(self._metric)
+    if value is not None and not np.isfinite(float(value)):
+      raise NanLossError(
+          f'{self._task}/{self._metric} is {value} at step {int(train_state.step)}: training stopped. '
+          'The last good checkpoint is kept. Lower the learning rate, check the data, or use float32 '
+          'activations (ACTIVATION_DTYPE = "float32").')
+    return False
+
+
+class _Prefetch:
+  """Converts and places the next batches on a background thread (host/device overlap)."""
+
+  def __init__(self, iterator: Iterator, place: Callable, size: int = 2):
+    self._it, self._place = iterator, place
+    self._q: queue.Queue = queue.Queue(maxsize=size)
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    try:
+      for batch in self._it:
+        self._q.put(self._place(batch))
+    except Exception as e:  # pylint: disable=broad-except
+      self._q.put(e)
+    self._q.put(StopIteration())
+
+  def __next__(self):
+    item = self._q.get()
+    if isinstance(item, StopIteration):
+      raise StopIteration
+    if isinstance(item, Exception):
+      raise item
+    return item
+
+  def __iter__(self):
+    return self
+
+
+def _summary_writer(path: Optional[str]):
+  if path is None or jax.process_index() != 0:
+    return None
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.summary.create_file_writer(path)
+
+
+def write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
+  if writer is None:
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with writer.as_default():
+    for k, v in scalars.items():
+      tf.summary.scalar(k, float(v), step=step)
+  writer.flush()
+
+
+class Trainer:
+  """Runs the partitioned training and evaluation steps (T5X's `trainer.Trainer`)."""
+
+  def __init__(self, model, train_state: train_state_lib.TrainState, partitioner, eval_names: Sequence[str],
+               summary_dir: Optional[str], train_state_axes: Any, rng: jax.Array,
+               learning_rate_fn: Callable[[Any], Any], num_microbatches: Optional[int] = None,
+               log_period: int = 10, weight_metrics_computer=None):
+    del weight_metrics_computer
+    self._model = model
+    self.train_state = train_state
+    self._partitioner = partitioner
+    self._eval_names = list(eval_names)
+    self._summary_dir = summary_dir
+    self._train_state_axes = train_state_axes
+    self._base_rng = rng
+    self._learning_rate_fn = learning_rate_fn
+    self._num_microbatches = num_microbatches
+    self._log_period = max(1, int(log_period))
+    self.stop_training = False
+    self._train_writer = _summary_writer(os.path.join(summary_dir, 'train') if summary_dir else None)
+    self._eval_writers: Dict[str, Any] = {}
+    self._partitioned_train_step = None
+    self._partitioned_eval_step = None
+    self.loss_history: Dict[int, float] = {}
+
+  # -------------------------------------------------------------------- steps
+  def _make_train_step(self):
+    model, opt = self._model, self._model.optimizer_def
+    lr_fn, nmb = self._learning_rate_fn, self._num_microbatches
+
+    def train_step(state: train_state_lib.TrainState, batch, base_rng):
+      lr = jnp.asarray(lr_fn(state.step), jnp.float32)
+      dropout_rng = jax.random.fold_in(base_rng, state.step)
+
+      def loss_of(trainable, mb, rng):
+        return model.loss_fn(train_state_lib.merge_params(trainable, state.frozen), mb, rng)
+
+      grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+      if nmb is None or nmb <= 1:
+        (loss, metrics), grads = grad_fn(state.trainable, batch, dropout_rng)
+      else:
+        size = next(iter(batch.values())).shape[0]
+        if size % nmb:
+          raise ValueError(f'Batch size {size} is not divisible by num_microbatches={nmb}.')
+        mbs = jax.tree_util.tree_map(lambda x: x.reshape((nmb, size // nmb) + x.shape[1:]), batch)
+
+        def body(carry, i):
+          acc_grads, acc_loss, acc_metrics = carry
+          mb = jax.tree_util.tree_map(lambda x: x[i], mbs)
+          (l, m), g = grad_fn(state.trainable, mb, jax.random.fold_in(dropout_rng, i))
+          acc_grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc_grads, g)
+          acc_metrics = jax.tree_util.tree_map(jnp.add, acc_metrics, m)
+          return (acc_grads, acc_loss + l, acc_metrics), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+        mb0 = jax.tree_util.tree_map(lambda x: x[0], mbs)
+        metric_shapes = jax.eval_shape(lambda: loss_of(state.trainable, mb0, dropout_rng)[1])
+        zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), zero_metrics),
+                                                 jnp.arange(nmb))
+        # Ratios are averaged over microbatches; sums (loss, counts) stay sums.
+        for k in ('accuracy', 'loss_per_nonpadding_target_token', 'loss_per_all_target_tokens',
+                  'nonpadding_fraction'):
+          if k in metrics:
+            metrics[k] = metrics[k] / nmb
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+      hyper_params = opt.update_hyper_params(learning_rate=lr)
+      new_trainable, new_opt_state = opt.apply_gradient(hyper_params, state.trainable, state.opt_state,
+                                                         grads)
+      metrics = dict(metrics)
+      metrics['learning_rate'] = lr
+      metrics['loss'] = loss
+      new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state)
+      return new_state, metrics
+
+    return train_step
+
+  def _batch_sharding(self, batch_spec):
+    return jax.tree_util.tree_map(lambda _: self._partitioner.data_partition_spec, batch_spec)
+
+  def _get_train_step(self, batch):
+    if self._partitioned_train_step is None:
+      self._partitioned_train_step = self._partitioner.partition(
+          self._make_train_step(),
+          in_axis_resources=(self._train_state_axes, self._batch_sharding(batch), None),
+          out_axis_resources=(self._train_state_axes, None),
+          donate_argnums=(0,))
+    return self._partitioned_train_step
+
+  def compile_train(self, batch) -> None:
+    step = self._get_train_step(batch)
+    self._partitioner.compile(step, self.train_state, batch, self._base_rng)
+
+  def _make_eval_step(self):
+    model = self._model
+
+    def eval_step(state, batch):
+      return model.eval_fn(state.params, batch)[1]
+
+    return eval_step
+
+  # -------------------------------------------------------------------- loops
+  def place_batch(self, batch: Mapping[str, Any]):
+    return self._partitioner.shard_host_batch({k: np.asarray(v) for k, v in batch.items()})
+
+  def train(self, batch_iter: Iterator, num_steps: int, start_step: Optional[int] = None,
+            total_steps: Optional[int] = None) -> Dict[str, float]:
+    """Runs `num_steps` steps. Logs step, loss, steps/s, examples/s and ETA every `log_period` steps."""
+    start_step = int(self.train_state.step) if start_step is None else start_step
+    it = _Prefetch(batch_iter, self.place_batch)
+    pending = []
+    summary = {}
+    t_start = time.time()
+    t_last, step_last = t_start, start_step
+    total_steps = total_steps or (start_step + num_steps)
+    for i in range(num_steps):
+      try:
+        batch = next(it)
+      except StopIteration:
+        logging.warning('Training data ran out after %d steps.', i)
+        break
+      step_fn = self._get_train_step(batch)
+      self.train_state, metrics = step_fn(self.train_state, batch, self._base_rng)
+      pending.append((start_step + i + 1, metrics))
+      step_now = start_step + i + 1
+      if (step_now % self._log_period == 0) or i == num_steps - 1:
+        summary = self._flush(pending, batch)
+        pending = []
+        now = time.time()
+        steps_per_sec = (step_now - step_last) / max(now - t_last, 1e-9)
+        batch_size = next(iter(batch.values())).shape[0]
+        eta = (total_steps - step_now) / max(steps_per_sec, 1e-9)
+        summary.update({'timing/steps_per_second': steps_per_sec,
+                        'timing/seqs_per_second': steps_per_sec * batch_size})
+        write_scalars(self._train_writer, step_now, {k: v for k, v in summary.items()
+                                                     if k.startswith('timing/')})
+        logging.info('step %d/%d: loss=%.4f accuracy=%.4f lr=%.3g | %.2f steps/s, %.1f examples/s, ETA %s',
+                     step_now, total_steps, summary.get('loss', float('nan')),
+                     summary.get('accuracy', float('nan')), summary.get('learning_rate', float('nan')),
+                     steps_per_sec, steps_per_sec * batch_size, _fmt_eta(eta))
+        t_last, step_last = now, step_now
+        if not np.isfinite(summary.get('loss', 0.0)):
+          bad = [s for s, l in self.loss_history.items() if not np.isfinite(l)]
+          raise NanLossError(
+              f'The training loss became {summary.get("loss")} at step {min(bad) if bad else step_now}: '
+              'training stopped and the last good checkpoint is kept. Lower the learning rate, check the '
+              'inputs, or use float32 activations (--gin.ACTIVATION_DTYPE="\'float32\'").')
+        if self.stop_training:
+          break
+    return summary
+
+  def _flush(self, pending, batch) -> Dict[str, float]:
+    host = jax.device_get([m for _, m in pending])
+    last = {}
+    for (step, _), m in zip(pending, host):
+      scalars = {k: float(np.asarray(v)) for k, v in m.items()}
+      self.loss_history[step] = scalars['loss']
+      write_scalars(self._train_writer, step, scalars)
+      last = scalars
+    return last
+
+  def eval(self, batch_iters: Mapping[str, Iterator], step: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Teacher-forced evaluation: metrics averaged over each task's batches."""
+    if self._partitioned_eval_step is None:
+      self._partitioned_eval_step = self._partitioner.partition(
+          self._make_eval_step(), in_axis_resources=(self._train_state_axes, self._partitioner.data_partition_spec),
+          out_axis_resources=None)
+    step = int(self.train_state.step) if step is None else step
+    results = {}
+    for name, batches in batch_iters.items():
+      totals: Dict[str, float] = {}
+      n = 0
+      for batch in batches:
+        m = jax.device_get(self._partitioned_eval_step(self.train_state, self.place_batch(batch)))
+        for k, v in m.items():
+          totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
+        n += 1
+      if not n:
+        continue
+      results[name] = {k: v / n for k, v in totals.items()}
+      if self._summary_dir:
+        if name not in self._eval_writers:
+          self._eval_writers[name] = _summary_writer(os.path.join(self._summary_dir, 'training_eval', name))
+        write_scalars(self._eval_writers[name], step, results[name])
+      logging.info('training eval %s at step %d: %s', name, step,
+                   ', '.join(f'{k}={v:.4f}' for k, v in sorted(results[name].items())))
+    return results
+
+  def close(self):
+    for w in [self._train_writer] + list(self._eval_writers.values()):
+      if w is not None:
+        w.flush()
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
