@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Converts T5 checkpoints between the T5X legacy and Hugging Face formats.
+
+Examples::
+
+  # Hugging Face transformers T5 directory -> T5X checkpoint directory.
+  python scripts/convert_checkpoint.py --input /ckpts/t5-v1_1-base \\
+      --output /ckpts/t5x/checkpoint_0 --to t5x
+
+  # T5X checkpoint -> Hugging Face (configuration inferred from the shapes,
+  # or given as a preset of prompt_tuning.architectures.t5.get_config).
+  python scripts/convert_checkpoint.py \\
+      --input gs://t5-data/pretrained_models/t5x/t5_1_1_lm100k_base/checkpoint_1100000 \\
+      --output /ckpts/t5_1_1_lm100k_base_hf --to huggingface --config t5_1_1_base
+
+The input format is detected (:func:`prompt_tuning.checkpoints.formats.
+detect_format`). Only parameters are converted: a T5X output gets empty
+optimizer state, and prompt parameters (``*/prompt/*``) are dropped when
+writing Hugging Face. An existing output is never replaced without
+``--overwrite``; outputs are written to a temporary sibling and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+try:
+  import prompt_tuning  # pylint: disable=unused-import
+except ImportError:  # Run from a checkout without installing.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+
+from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
+from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
+TARGETS = ('t5x', 'huggingface')
+_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _log(msg: str) -> None:
+  print(f'[convert_checkpoint] {msg}', flush=True)
+
+
+def _summary(params: Any) -> str:
+  flat = t5x_format.flatten_params(params)
+  nbytes = sum(getattr(v, 'nbytes', 0) for v in flat.values())
+  n = sum(int(getattr(v, 'size', 0)) for v in flat.values())
+  return f'{len(flat)} arrays, {n / 1e6:.2f}M parameters, {nbytes / 2**20:.1f} MiB'
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """Parses command-line flags."""
+  p = argparse.ArgumentParser(
+      description='Convert T5 checkpoints between T5X legacy (msgpack + zarr) '
+      'and Hugging Face transformers directories.')
+  p.add_argument('--input', required=True,
+                 help='Input checkpoint: a T5X checkpoint_<step> directory (or '
+                 'its "checkpoint" file, or a model directory) or a Hugging '
+                 'Face T5 directory. Local or gs://.')
+  p.add_argument('--output', required=True,
+                 help='Output directory to create (for T5X, the '
+                 'checkpoint_<step> directory itself).')
+  p.add_argument('--to', required=True, choices=TARGETS,
+                 help='Output format.')
+  p.add_argument('--config', default=None,
+                 help='T5Config preset name (prompt_tuning.architectures.t5.'
+                 'get_config), e.g. t5_1_1_base; for T5X -> Hugging Face. '
+                 'Default: inferred from the parameter shapes.')
+  p.add_argument('--head_dim', type=int, default=64,
+                 help='Head size assumed when inferring the configuration and '
+                 'the checkpoint does not fix it (no relpos embedding).')
+  p.add_argument('--step', type=int, default=None,
+                 help='Step stored in a T5X output (default: the input '
+                 "checkpoint's step, or 0).")
+  p.add_argument('--dtype', default=None, choices=_DTYPES,
+                 help='Cast floating-point parameters to this dtype (default: '
+                 'keep the stored dtypes).')
+  p.add_argument('--overwrite', action='store_true',
+                 help='Replace an existing output.')
+  return p.parse_args(argv)
+
+
+def _read_step(path: str) -> int:
+  """The ``state/step`` of a T5X checkpoint without reading any array."""
+  # pylint: disable=protected-access
+  contents = t5x_format._read_contents(t5x_format.find_checkpoint(path))
+  step = contents['optimizer'].get('state', {}).get('step', 0)
+  return int(step) if step is not None else 0
+
+
+def _save_huggingface(output: str, config: Any, params: Any,
+                      overwrite: bool) -> None:
+  """Writes through a temporary sibling, then renames (atomic locally)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+  output = os.path.abspath(output)
+  tmp = f'{output}.tmp-{int(time.time())}'
+  try:
+    huggingface.save_t5(tmp, config, params)
+    if os.path.exists(output):
+      if not overwrite:
+        raise FileExistsError(f'{output} appeared during the conversion.')
+      old = f'{output}.old-{int(time.time() * 1000)}'
+      os.rename(output, old)
+      os.rename(tmp, output)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(input_path: str, output_path: str, to: str, *,
+            config: str | None = None, head_dim: int = 64,
+            step: int | None = None, dtype: str | None = None,
+            overwrite: bool = False) -> str:
+  """Converts `input_path` to format `to` at `output_path`; returns it.
+
+  Raises:
+    FileNotFoundError, FileExistsError, ValueError, NotImplementedError: with
+      a message naming the cause (see :func:`main`).
+  """
+  if to not in TARGETS:
+    raise ValueError(f'--to must be one of {TARGETS}, got {to!r}.')
+  if not t5x_format._exists(input_path):  # pylint: disable=protected-access
+    raise FileNotFoundError(f'Input {input_path} does not exist.')
+  if t5x_format._exists(output_path) and not overwrite:  # pylint: disable=protected-access
+    raise FileExistsError(
+        f'Output {output_path} already exists; refusing to overwrite it. '
+        'Choose another --output or pass --overwrite.')
+  same = (not t5x_format._is_remote(input_path) and  # pylint: disable=protected-access
+          os.path.abspath(input_path) == os.path.abspath(output_path))
+  if same:
+    raise ValueError('--input and --output are the same path.')
+
+  t0 = time.time()
+  fmt = formats.detect_format(input_path)
+  _log(f'input {input_path}: {fmt} format')
+  if fmt == 'orbax':
+    raise NotImplementedError(
+        f'{input_path} is an Orbax checkpoint; export its parameters with '
+        'prompt_tuning.runtime.checkpoints first.')
+  source_config = None
+  if fmt == 't5x':
+    params = t5x_format.load(input_path)
+  else:
+    from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+    source_config, params = huggingface.load_t5(input_path)
+  _log(f'loaded {_summary(params)} in {time.time() - t0:.1f}s')
+  if dtype is not None:
+    flat = {k: formats._cast_any(v, dtype)  # pylint: disable=protected-access
+            for k, v in t5x_format.flatten_params(params).items()}
+    params = t5x_format.unflatten_params(flat)
+    _log(f'cast floating-point parameters to {dtype}')
+
+  t1 = time.time()
+  if to == 't5x':
+    if step is None:
+      step = _read_step(input_path) if fmt == 't5x' else 0
+    _log(f'writing T5X checkpoint {output_path} (step {step})')
+    t5x_format.save(output_path, params, step, overwrite=overwrite)
+  else:
+    flat = t5x_format.flatten_params(params)
+    prompt = [k for k in flat if '/prompt/' in f'/{k}/']
+    if prompt:
+      _log(f'dropping {len(prompt)} prompt parameter(s) with no Hugging Face '
+           f'counterpart: {", ".join(prompt)}')
+      params = t5x_format.unflatten_params(
+          {k: v for k, v in flat.items() if k not in prompt})
+    if config is not None or source_config is None:
+      cfg = formats.infer_t5_config(params, config, head_dim=head_dim)
+      how = f'preset {config!r} (checked against shapes)' if config else (
+          'inferred from shapes')
+    else:
+      cfg = source_config
+      how = 'from the input config.json'
+    _log(f'T5 config {how}: {cfg}')
+    from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+    t5.check_params(cfg, params, what=f'input checkpoint {input_path}')
+    _log(f'writing Hugging Face directory {output_path}')
+    _save_huggingface(output_path, cfg, params, overwrite)
+  _log(f'done: wrote {output_path} in {time.time() - t1:.1f}s '
+       f'(total {time.time() - t0:.1f}s)')
+  return output_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status."""
+  args = parse_args(argv)
+  try:
+    convert(args.input, args.output, args.to, config=args.config,
+            head_dim=args.head_dim, step=args.step, dtype=args.dtype,
+            overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError,
+          NotImplementedError) as e:
+    print(f'convert_checkpoint: error: {e}', file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
