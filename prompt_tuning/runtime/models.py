@@ -295,8 +295,8 @@ class DecoderOnlyModel(BaseTransformerModel):
                                            max_decode_length=max_len, mutable=['cache'])
       return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
 
-    # Shift left so position i of `decode_inputs` is the token fed at step i (BOS first).
-    decode_inputs = jnp.concatenate([inputs[:, 1:], jnp.zeros_like(inputs[:, :1])], axis=1)
+    # T5X's convention: `inputs` stay shifted right ([0, p1..pn, 0...]); output i is forced to inputs[i+1].
+    decode_inputs = inputs
     decoder_params = dict(decoder_params or {})
     if rng is not None:
       decoder_params['decode_rng'] = rng

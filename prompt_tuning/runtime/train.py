@@ -7,7 +7,7 @@ fresh initialization. Frozen parameters always come from `INITIAL_CHECKPOINT_PAT
 initialization when there is none), so checkpoints hold only what training changes.
 """
 import functools
-import logging
+from absl import logging
 import os
 import re
 import time
@@ -70,7 +70,9 @@ def _opt_logical_axes(opt_def, opt_state_shape, trainable_axes):
     if x is None:
       return P()
     return P(*x)
-  return jax.tree_util.tree_map(to_spec, axes, is_leaf=lambda x: x is None or isinstance(x, (tuple, P)))
+  from prompt_tuning.runtime import optimizers  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_map(to_spec, axes,
+                                is_leaf=lambda x: x is None or isinstance(x, (P, optimizers.LogicalAxes)))
 
 
 class StateBuilder:
