@@ -1,0 +1,753 @@
+"""T5 1.0 / 1.1 / LM-adapted / mT5 encoder-decoder and decoder-only backbones in Flax.
+
+The modules reproduce flaxformer's `t5_architecture` numerically and by parameter name, so that
+T5X checkpoints and transformers T5 weights load as they are:
+
+```
+token_embedder/embedding                                   [vocab, d_model]
+encoder/relpos_bias/rel_embedding                          [heads, 32]
+encoder/layers_{i}/pre_attention_layer_norm/scale          [d_model]
+encoder/layers_{i}/attention/{query,key,value}/kernel      [d_model, heads*head_dim]
+encoder/layers_{i}/attention/out/kernel                    [heads*head_dim, d_model]
+encoder/layers_{i}/pre_mlp_layer_norm/scale                [d_model]
+encoder/layers_{i}/mlp/{wi_0,wi_1 | wi}/kernel             [d_model, mlp]
+encoder/layers_{i}/mlp/wo/kernel                           [mlp, d_model]
+encoder/encoder_norm/scale                                 [d_model]
+decoder/relpos_bias/rel_embedding
+decoder/layers_{i}/{pre_self_attention_layer_norm, self_attention, pre_cross_attention_layer_norm,
+                    encoder_decoder_attention, pre_mlp_layer_norm, mlp}
+decoder/decoder_norm/scale
+decoder/logits_dense/kernel                                [d_model, vocab] (absent for T5 1.0)
+```
+
+`DecoderOnly` is flaxformer's `DecoderOnly`: its stack owns the embedding
+(`decoder/token_embedder/embedding`) and its layers have self-attention and MLP only.
+
+Prompt hook: with `prompt_factory`, the encoder (or the decoder-only stack) owns a child module
+named `prompt` (see CONTRIBUTING.md, "Prompt modules") that combines a soft prompt into the
+embedded inputs; all masks are built through its `combine_mask`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from prompt_tuning.architectures import layers
+
+Array = Any
+PromptFactory = Callable[[], nn.Module]
+
+PACKING_WITH_PROMPT_ERROR = (
+    'Prompt tuning does not support packed inputs (segment ids were passed to a prompted model); '
+    'set pack=False in the DatasetConfig (utils.DatasetConfig.pack = False).')
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5-family backbone (hashable, usable as a static jit argument).
+
+  Attributes:
+    vocab_size: number of embeddings (`NUM_EMBEDDINGS`; 32128 for T5, 250112 for mT5).
+    emb_dim: model width `d_model`.
+    num_heads: attention heads.
+    head_dim: width of one head (`d_kv`).
+    mlp_dim: feed-forward width `d_ff`.
+    num_encoder_layers: encoder layers.
+    num_decoder_layers: decoder layers.
+    mlp_activations: `('relu',)` (T5 1.0) or `('gelu', 'linear')` (gated GELU, T5 1.1).
+    logits_via_embedding: T5 1.0 tied logits `attend(x) / sqrt(d_model)`; otherwise a separate
+      `decoder/logits_dense` (T5 1.1).
+    dropout_rate: dropout everywhere (`DROPOUT_RATE`).
+    dtype: activation dtype (`'bfloat16'`, `'float32'` or a jnp dtype); parameters are float32.
+    relative_attention_num_buckets: relative position buckets.
+    relative_attention_max_distance: distance covered by the buckets.
+    layer_norm_epsilon: RMSNorm epsilon.
+    remat: rematerialize each layer in the backward pass (`nn.remat`).
+    float32_attention_logits: compute attention logits and softmax in float32.
+  """
+  vocab_size: int
+  emb_dim: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  mlp_activations: Tuple[str, ...]
+  logits_via_embedding: bool
+  dropout_rate: float
+  dtype: Any
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  remat: bool = False
+  float32_attention_logits: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    for name in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim'):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f'T5Config.{name} must be positive, got {getattr(self, name)}.')
+    if not self.mlp_activations:
+      raise ValueError('T5Config.mlp_activations must name at least one activation.')
+    for act in self.mlp_activations:
+      layers.get_activation(act)
+    if not 0.0 <= float(self.dropout_rate) < 1.0:
+      raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    layers.to_dtype(self.dtype)
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    """The activation dtype as a `jnp.dtype`."""
+    return layers.to_dtype(self.dtype)
+
+
+def _t5_1_0(emb_dim, num_heads, mlp_dim, num_layers, head_dim=64, **kw) -> T5Config:
+  return T5Config(vocab_size=32128, emb_dim=emb_dim, num_heads=num_heads, head_dim=head_dim,
+                  mlp_dim=mlp_dim, num_encoder_layers=num_layers, num_decoder_layers=num_layers,
+                  mlp_activations=('relu',), logits_via_embedding=True, dropout_rate=0.0,
+                  dtype='bfloat16', **kw)
+
+
+def _t5_1_1(emb_dim, num_heads, mlp_dim, num_layers, vocab_size=32128, **kw) -> T5Config:
+  return T5Config(vocab_size=vocab_size, emb_dim=emb_dim, num_heads=num_heads, head_dim=64,
+                  mlp_dim=mlp_dim, num_encoder_layers=num_layers, num_decoder_layers=num_layers,
+                  mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
+                  dropout_rate=0.0, dtype='bfloat16', **kw)
+
+
+PRESETS: Dict[str, T5Config] = {
+    # T5 1.0 (ReLU MLP, tied and scaled logits).
+    't5_1_0_small': _t5_1_0(512, 8, 2048, 6),
+    't5_1_0_base': _t5_1_0(768, 12, 3072, 12),
+    't5_1_0_large': _t5_1_0(1024, 16, 4096, 24),
+    't5_1_0_3b': _t5_1_0(1024, 32, 16384, 24, head_dim=128),
+    't5_1_0_11b': _t5_1_0(1024, 128, 65536, 24, head_dim=128),
+    # T5 1.1 and the LM-adapted checkpoints (gated GELU, separate logits).
+    't5_1_1_small': _t5_1_1(512, 6, 1024, 8),
+    't5_1_1_base': _t5_1_1(768, 12, 2048, 12),
+    't5_1_1_large': _t5_1_1(1024, 16, 2816, 24),
+    't5_1_1_xl': _t5_1_1(2048, 32, 5120, 24),
+    't5_1_1_xxl': _t5_1_1(4096, 64, 10240, 24),
+    # mT5: T5 1.1 architecture with the 250k mC4 vocabulary.
+    'mt5_small': _t5_1_1(512, 6, 1024, 8, vocab_size=250112),
+    'mt5_base': _t5_1_1(768, 12, 2048, 12, vocab_size=250112),
+    'mt5_large': _t5_1_1(1024, 16, 2816, 24, vocab_size=250112),
+    'mt5_xl': _t5_1_1(2048, 32, 5120, 24, vocab_size=250112),
+    'mt5_xxl': _t5_1_1(4096, 64, 10240, 24, vocab_size=250112),
+    # Tiny T5 1.1-style model for tests and the demo.
+    'tiny': T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                     num_encoder_layers=2, num_decoder_layers=2,
+                     mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
+                     dropout_rate=0.0, dtype='float32'),
+}
+
+
+def get_config(name: str, **overrides: Any) -> T5Config:
+  """Returns the preset `name` (see `PRESETS`) with `overrides` applied.
+
+  Raises:
+    ValueError: unknown preset or unknown field in `overrides`.
+  """
+  if name not in PRESETS:
+    raise ValueError(f'Unknown T5 config {name!r}; presets: {", ".join(sorted(PRESETS))}.')
+  fields = {f.name for f in dataclasses.fields(T5Config)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'Unknown T5Config field(s) {unknown}; fields: {sorted(fields)}.')
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _dropout(config: T5Config, name: Optional[str] = None) -> nn.Dropout:
+  return nn.Dropout(rate=config.dropout_rate, broadcast_dims=(-2,), name=name)
+
+
+def _attention(config: T5Config) -> layers.MultiHeadDotProductAttention:
+  return layers.MultiHeadDotProductAttention(
+      num_heads=config.num_heads, head_dim=config.head_dim, dtype=config.activation_dtype,
+      dropout_rate=config.dropout_rate, float32_logits=config.float32_attention_logits)
+
+
+def _layer_norm(config: T5Config) -> layers.LayerNorm:
+  return layers.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.activation_dtype)
+
+
+def _mlp(config: T5Config) -> layers.MlpBlock:
+  return layers.MlpBlock(intermediate_dim=config.mlp_dim, activations=config.mlp_activations,
+                         dtype=config.activation_dtype,
+                         intermediate_dropout_rate=config.dropout_rate)
+
+
+def _relpos(config: T5Config) -> layers.RelativePositionBiases:
+  return layers.RelativePositionBiases(num_buckets=config.relative_attention_num_buckets,
+                                       max_distance=config.relative_attention_max_distance,
+                                       num_heads=config.num_heads,
+                                       dtype=config.activation_dtype)
+
+
+def _constrain(x: Array) -> Array:
+  return layers.with_sharding_constraint(x, ('batch', 'length', 'embed'))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LN T5 encoder layer: self-attention and MLP, each with a residual."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_attention_layer_norm = _layer_norm(cfg)
+    self.attention = _attention(cfg)
+    self.post_attention_dropout = _dropout(cfg)
+    self.pre_mlp_layer_norm = _layer_norm(cfg)
+    self.mlp = _mlp(cfg)
+    self.post_mlp_dropout = _dropout(cfg)
+
+  def __call__(self, inputs: Array, mask: Optional[Array], bias: Optional[Array],
+               logit_mask: Optional[Array], enable_dropout: bool = True) -> Array:
+    """Arguments are positional so the layer can be rematerialized (`enable_dropout` static)."""
+    deterministic = not enable_dropout
+    inputs = _constrain(inputs)
+    x = _constrain(self.pre_attention_layer_norm(inputs))
+    if logit_mask is not None:
+      x = logit_mask * x
+    x = self.attention(x, x, mask, bias, enable_dropout=enable_dropout)
+    x = _constrain(inputs + self.post_attention_dropout(x, deterministic=deterministic))
+    y = _constrain(self.pre_mlp_layer_norm(x))
+    if logit_mask is not None:
+      y = logit_mask * y
+    y = self.mlp(y, enable_dropout=enable_dropout)
+    return _constrain(x + self.post_mlp_dropout(y, deterministic=deterministic))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-LN T5 decoder layer: causal self-attention, cross-attention (unless decoder-only), MLP."""
+  config: T5Config
+  has_cross_attention: bool = True
+
+  def setup(self):
+    cfg = self.config
+    self.pre_self_attention_layer_norm = _layer_norm(cfg)
+    self.self_attention = _attention(cfg)
+    self.post_self_attention_dropout = _dropout(cfg)
+    if self.has_cross_attention:
+      self.pre_cross_attention_layer_norm = _layer_norm(cfg)
+      self.encoder_decoder_attention = _attention(cfg)
+      self.post_cross_attention_dropout = _dropout(cfg)
+    self.pre_mlp_layer_norm = _layer_norm(cfg)
+    self.mlp = _mlp(cfg)
+    self.post_mlp_dropout = _dropout(cfg)
+
+  def __call__(self, inputs: Array, encoded: Optional[Array], self_mask: Optional[Array],
+               cross_mask: Optional[Array], bias: Optional[Array], logit_mask: Optional[Array],
+               enable_dropout: bool = True, decode: bool = False,
+               max_decode_length: Optional[int] = None,
+               chunk_mask: Optional[Array] = None) -> Array:
+    """Arguments are positional so the layer can be rematerialized (flags 7-9 static)."""
+    deterministic = not enable_dropout
+    inputs = _constrain(inputs)
+    x = _constrain(self.pre_self_attention_layer_norm(inputs))
+    if logit_mask is not None:
+      x = logit_mask * x
+    x = self.self_attention(x, x, self_mask, bias, enable_dropout=enable_dropout, decode=decode,
+                            max_decode_length=max_decode_length, chunk_mask=chunk_mask)
+    x = _constrain(inputs + self.post_self_attention_dropout(x, deterministic=deterministic))
+    if encoded is not None:
+      if not self.has_cross_attention:
+        raise ValueError('A decoder-only layer cannot attend to encoder outputs.')
+      y = _constrain(self.pre_cross_attention_layer_norm(x))
+      if logit_mask is not None:
+        y = logit_mask * y
+      y = self.encoder_decoder_attention(y, encoded, cross_mask, None,
+                                         enable_dropout=enable_dropout)
+      x = _constrain(x + self.post_cross_attention_dropout(y, deterministic=deterministic))
+    z = _constrain(self.pre_mlp_layer_norm(x))
+    if logit_mask is not None:
+      z = logit_mask * z
+    z = self.mlp(z, enable_dropout=enable_dropout)
+    return _constrain(x + self.post_mlp_dropout(z, deterministic=deterministic))
+
+
+def _make_embed(config: T5Config, name: Optional[str] = None) -> layers.Embed:
+  return layers.Embed(num_embeddings=config.vocab_size, features=config.emb_dim,
+                      dtype=config.activation_dtype, name=name)
+
+
+class Encoder(nn.Module):
+  """T5 encoder stack (flaxformer `Encoder`), optionally with a prompt child named `prompt`."""
+  config: T5Config
+  shared_embedder: nn.Module
+  prompt_factory: Optional[PromptFactory] = None
+
+  def setup(self):
+    cfg = self.config
+    if self.prompt_factory is not None:
+      self.prompt = self.prompt_factory()
+    self.input_dropout = _dropout(cfg)
+    self.relpos_bias = _relpos(cfg)
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(5,)) if cfg.remat else EncoderLayer
+    self.layers = [layer_cls(cfg) for _ in range(cfg.num_encoder_layers)]
+    self.encoder_norm = _layer_norm(cfg)
+    self.output_dropout = _dropout(cfg)
+
+  def input_mask(self, tokens: Array) -> Array:
+    """Boolean `[B, L']`: real encoder positions (prompt positions included)."""
+    mask = tokens > 0
+    if self.prompt_factory is not None:
+      mask = self.prompt.combine_mask(tokens, mask)
+    return mask
+
+  def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None, *, enable_dropout: bool = True,
+               prompt_ids: Optional[Array] = None) -> Array:
+    """Encodes `tokens [B, L]` -> `[B, L', d_model]` (`L' = P + L` with a prompt)."""
+    del positions  # Relative position biases only need the (packed) segment masks.
+    cfg = self.config
+    if self.prompt_factory is not None and segment_ids is not None:
+      raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    x = self.shared_embedder(tokens)
+    if self.prompt_factory is not None:
+      x = self.prompt(tokens, x, prompt_ids=prompt_ids)
+    x = self.input_dropout(x, deterministic=not enable_dropout)
+    x = _constrain(x.astype(cfg.activation_dtype))
+    mask = self.input_mask(tokens)
+    attention_mask = layers.make_attention_mask(mask, mask)
+    if segment_ids is not None:
+      attention_mask = layers.combine_masks(
+          attention_mask, layers.make_attention_mask(segment_ids, segment_ids, jnp.equal))
+    logit_mask = mask[..., None].astype(cfg.activation_dtype)
+    length = x.shape[1]
+    bias = self.relpos_bias(length, length, True)
+    for layer in self.layers:
+      x = layer(x, attention_mask, bias, logit_mask, enable_dropout)
+    x = self.encoder_norm(x)
+    x = self.output_dropout(x, deterministic=not enable_dropout)
+    return _constrain(logit_mask * x)
+
+
+class Decoder(nn.Module):
+  """T5 decoder stack (flaxformer `Decoder`).
+
+  With `decoder_only=True` the stack owns its embedding (`token_embedder`), its layers have no
+  cross-attention, and an optional prompt child named `prompt` is combined into the inputs.
+  """
+  config: T5Config
+  shared_embedder: Optional[nn.Module] = None
+  prompt_factory: Optional[PromptFactory] = None
+  decoder_only: bool = False
+
+  def setup(self):
+    cfg = self.config
+    if self.shared_embedder is None:
+      self.token_embedder = _make_embed(cfg)
+    if self.prompt_factory is not None:
+      if not self.decoder_only:
+        raise ValueError('Decoder prompts are only supported for decoder-only models.')
+      self.prompt = self.prompt_factory()
+    self.input_dropout = _dropout(cfg)
+    self.relpos_bias = _relpos(cfg)
+    layer_cls = (nn.remat(DecoderLayer, static_argnums=(7, 8, 9)) if cfg.remat
+                 else DecoderLayer)
+    self.layers = [layer_cls(cfg, has_cross_attention=not self.decoder_only)
+                   for _ in range(cfg.num_decoder_layers)]
+    self.decoder_norm = _layer_norm(cfg)
+    self.output_dropout = _dropout(cfg)
+    if not cfg.logits_via_embedding:
+      self.logits_dense = layers.DenseGeneral(cfg.vocab_size, ('embed', 'vocab'),
+                                              dtype=jnp.float32)
+
+  def _embedder(self) -> nn.Module:
+    return self.shared_embedder if self.shared_embedder is not None else self.token_embedder
+
+  def __call__(self, encoded: Optional[Array], decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None, *,
+               encoder_mask: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               decoder_causal_attention: Optional[Array] = None, enable_dropout: bool = True,
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               prompt_ids: Optional[Array] = None, prefill_prompt: bool = False) -> Array:
+    """Returns float32 logits `[B, T', vocab]`.
+
+    Args:
+      encoded: encoder outputs `[B, L', d_model]`, or None for a decoder-only stack.
+      decoder_input_tokens: `[B, T]` (a decode chunk `[B, n]` with `decode=True`).
+      decoder_target_tokens: `[B, T]`; padding (0) positions are masked out. If None, padding is
+        derived from `decoder_input_tokens` (with the 0-BOS kept).
+      encoder_mask: boolean `[B, L']` of real encoder positions (cross-attention keys).
+      encoder_segment_ids: packed encoder segments (cross-attention).
+      decoder_segment_ids: packed decoder segments.
+      decoder_causal_attention: `[B, T]`, 1 on the prefix of a prefix LM (bidirectional there).
+      enable_dropout: enables dropout.
+      decode: autoregressive decoding with the KV cache.
+      max_decode_length: cache length when the cache is created.
+      prompt_ids: per-example prompt ids, passed to the prompt module.
+      prefill_prompt: with `decode=True`, write the prompt `[B, P, d]` into the cache instead of
+        the tokens (only the batch size of `decoder_input_tokens` is used).
+    """
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    has_prompt = self.prompt_factory is not None
+    if has_prompt and (decoder_segment_ids is not None or encoder_segment_ids is not None):
+      raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    if prefill_prompt and not (decode and has_prompt):
+      raise ValueError('prefill_prompt=True needs decode=True and a prompt module.')
+    tokens = decoder_input_tokens
+    batch = tokens.shape[0]
+
+    # Embedding (and prompt).
+    if prefill_prompt:
+      x = self.prompt.get_prompt(batch, prompt_ids)
+    else:
+      x = self._embedder()(tokens)
+      if has_prompt and not decode:
+        x = self.prompt(tokens, x, prompt_ids=prompt_ids)
+    x = self.input_dropout(x, deterministic=not enable_dropout)
+    x = _constrain(x.astype(dtype))
+    length = x.shape[1]
+
+    # Masks.
+    chunk_mask = None
+    logit_mask = None
+    if decode:
+      self_mask = None
+      if decoder_causal_attention is not None and not prefill_prompt:
+        prefix = decoder_causal_attention > 0
+        chunk_mask = layers.make_attention_mask(prefix, prefix)
+      elif prefill_prompt:
+        # The prompt is part of the prefix of a prefix LM; a causal LM sees it causally.
+        if decoder_causal_attention is not None:
+          chunk_mask = jnp.ones((batch, 1, length, length), bool)
+      cross_query = jnp.ones((batch, length), bool)
+    else:
+      if decoder_target_tokens is not None:
+        real = decoder_target_tokens > 0
+      else:
+        real = layers.decoder_logit_mask(tokens)
+      logit_real = layers.decoder_logit_mask(tokens)
+      if has_prompt:
+        real = self.prompt.combine_mask(tokens, real)
+        logit_real = self.prompt.combine_mask(tokens, logit_real)
+      causal = layers.make_causal_mask(length)
+      if decoder_causal_attention is not None:
+        prefix = decoder_causal_attention > 0
+        if has_prompt:
+          prefix = self.prompt.combine_mask(tokens, prefix)
+        causal = causal | layers.make_attention_mask(prefix, prefix)
+      self_mask = layers.combine_masks(causal, layers.make_attention_mask(real, real))
+      if decoder_segment_ids is not None:
+        self_mask = layers.combine_masks(
+            self_mask,
+            layers.make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal))
+      logit_mask = logit_real[..., None].astype(dtype)
+      cross_query = real
+
+    cross_mask = None
+    if encoded is not None:
+      if encoder_mask is None:
+        encoder_mask = jnp.ones(encoded.shape[:2], bool)
+      cross_mask = layers.make_attention_mask(cross_query, encoder_mask)
+      if encoder_segment_ids is not None:
+        if decode:
+          raise ValueError('Packed inputs (encoder_segment_ids) cannot be used when decoding.')
+        cross_mask = layers.combine_masks(
+            cross_mask,
+            layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal))
+
+    # Relative position bias, shared by all layers.
+    if decode:
+      relpos_length = max_decode_length or length
+      bias = self.relpos_bias(relpos_length, relpos_length, False, decode=True)
+    else:
+      bias = self.relpos_bias(length, length, False)
+
+    for layer in self.layers:
+      x = layer(x, encoded, self_mask, cross_mask, bias, logit_mask, enable_dropout, decode,
+                max_decode_length, chunk_mask)
+
+    x = self.decoder_norm(x)
+    x = self.output_dropout(x, deterministic=not enable_dropout)
+    x = _constrain(x)
+    if cfg.logits_via_embedding:
+      logits = self._embedder().attend(x) / jnp.sqrt(jnp.float32(x.shape[-1]))
+    else:
+      logits = self.logits_dense(x)
+    logits = logits.astype(jnp.float32)
+    return layers.with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+class EncoderDecoder(nn.Module):
+  """T5 encoder-decoder (flaxformer `EncoderDecoder`) with an optional encoder prompt.
+
+  Attributes:
+    config: the backbone hyper-parameters.
+    prompt_factory: returns the prompt module stored as `encoder/prompt`.
+  """
+  config: T5Config
+  prompt_factory: Optional[PromptFactory] = None
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = _make_embed(cfg)
+    self.encoder = Encoder(cfg, shared_embedder=self.token_embedder,
+                           prompt_factory=self.prompt_factory)
+    self.decoder = Decoder(cfg, shared_embedder=self.token_embedder)
+
+  def encoder_input_mask(self, encoder_input_tokens: Array) -> Array:
+    """Boolean `[B, L']`: which encoded positions are real (prompt positions included)."""
+    return self.encoder.input_mask(encoder_input_tokens)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             encoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
+             prompt_ids: Optional[Array] = None) -> Array:
+    """Encodes `[B, L]` tokens -> `[B, L', d_model]`."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                        enable_dropout=enable_dropout, prompt_ids=prompt_ids)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
+             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    """Decoder branch -> float32 logits `[B, T, vocab]`.
+
+    `encoder_input_tokens` is only used for the cross-attention mask. With `decode=True` the
+    call may carry a chunk of `n >= 1` tokens (see `layers.MultiHeadDotProductAttention`).
+    """
+    del decoder_positions
+    if self.prompt_factory is not None and (encoder_segment_ids is not None or
+                                            decoder_segment_ids is not None):
+      raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    encoder_mask = self.encoder_input_mask(encoder_input_tokens)
+    return self.decoder(encoded, decoder_input_tokens, decoder_target_tokens,
+                        encoder_mask=encoder_mask, encoder_segment_ids=encoder_segment_ids,
+                        decoder_segment_ids=decoder_segment_ids, enable_dropout=enable_dropout,
+                        decode=decode, max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               prompt_ids: Optional[Array] = None) -> Array:
+    """Full model -> float32 logits `[B, T, vocab]`."""
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          enable_dropout=enable_dropout, prompt_ids=prompt_ids)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       decoder_positions, enable_dropout=enable_dropout, decode=decode,
+                       max_decode_length=max_decode_length)
+
+
+class DecoderOnly(nn.Module):
+  """T5-style decoder-only language model (causal or prefix LM), flaxformer `DecoderOnly`.
+
+  Attributes:
+    config: the backbone hyper-parameters (`num_decoder_layers` layers).
+    prompt_factory: returns the prompt module stored as `decoder/prompt`.
+  """
+  config: T5Config
+  prompt_factory: Optional[PromptFactory] = None
+
+  def setup(self):
+    self.decoder = Decoder(self.config, shared_embedder=None,
+                           prompt_factory=self.prompt_factory, decoder_only=True)
+
+  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None,
+               decoder_causal_attention: Optional[Array] = None, *, enable_dropout: bool = True,
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               prompt_ids: Optional[Array] = None, prefill_prompt: bool = False) -> Array:
+    """Returns float32 logits `[B, T', vocab]` (`T' = P + T` with a prompt and `decode=False`).
+
+    Causal LM when `decoder_causal_attention is None`; prefix LM otherwise (positions with
+    `decoder_causal_attention == 1`, and the prompt, see each other bidirectionally). With
+    `decode=True` a chunk of tokens is appended to the cache; `prefill_prompt=True` appends the
+    prompt `[B, P, d]` instead.
+    """
+    del decoder_positions
+    return self.decoder(None, decoder_input_tokens, decoder_target_tokens,
+                        decoder_segment_ids=decoder_segment_ids,
+                        decoder_causal_attention=decoder_causal_attention,
+                        enable_dropout=enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length, prompt_ids=prompt_ids,
+                        prefill_prompt=prefill_prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter utilities
+# ----------------------------------------------------------------------------------------------
+
+
+def flatten_params(params: Mapping[str, Any]) -> Dict[str, Any]:
+  """Nested dict -> `{'a/b/c': leaf}`."""
+  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()}
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  """`{'a/b/c': leaf}` -> nested dict."""
+  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+def make_model(config: T5Config, *, decoder_only: bool = False,
+               prompt_factory: Optional[PromptFactory] = None) -> nn.Module:
+  """`EncoderDecoder(config)` or `DecoderOnly(config)`."""
+  cls = DecoderOnly if decoder_only else EncoderDecoder
+  return cls(config, prompt_factory=prompt_factory)
+
+
+def init_variables(config: T5Config, rng: Optional[Array] = None, *,
+                   decoder_only: bool = False, prompt_factory: Optional[PromptFactory] = None,
+                   abstract: bool = False) -> Dict[str, Any]:
+  """`model.init` on dummy length-1 inputs: `{'params': ..., 'params_axes': ...}`.
+
+  With `abstract=True` nothing is computed (`jax.eval_shape`) and leaves are ShapeDtypeStructs.
+  """
+  model = make_model(config, decoder_only=decoder_only, prompt_factory=prompt_factory)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  ones = jnp.ones((1, 1), jnp.int32)
+
+  def init(key):
+    if decoder_only:
+      return model.init(key, ones, ones, enable_dropout=False)
+    return model.init(key, ones, ones, ones, enable_dropout=False)
+
+  if abstract:
+    return jax.eval_shape(init, rng)
+  return init(rng)
+
+
+def get_token_embedding(params: Mapping[str, Any]) -> Array:
+  """The input embedding `[vocab, d]` of an encoder-decoder or decoder-only parameter tree."""
+  if 'token_embedder' in params:
+    return params['token_embedder']['embedding']
+  return params['decoder']['token_embedder']['embedding']
+
+
+def _describe(params_flat: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
+  """Architecture facts read off `{flattened path: shape}` (None where unknown)."""
+  def shape(path):
+    return params_flat.get(path)
+  emb = shape('token_embedder/embedding') or shape('decoder/token_embedder/embedding')
+  info = {'vocab_size': emb[0] if emb else None, 'emb_dim': emb[1] if emb else None}
+  for prefix in ('encoder/layers_0/', 'decoder/layers_0/'):
+    for name in ('mlp/wi_0/kernel', 'mlp/wi/kernel'):
+      if shape(prefix + name):
+        info['mlp_dim'] = shape(prefix + name)[1]
+    for name in ('attention/query/kernel', 'self_attention/query/kernel'):
+      if shape(prefix + name):
+        info['inner_dim'] = shape(prefix + name)[1]
+  rel = shape('encoder/relpos_bias/rel_embedding') or shape('decoder/relpos_bias/rel_embedding')
+  info['num_heads'] = rel[0] if rel else None
+  info['gated'] = any('/mlp/wi_0/' in p for p in params_flat)
+  info['relu_style'] = any('/mlp/wi/' in p for p in params_flat)
+  info['logits_dense'] = 'decoder/logits_dense/kernel' in params_flat
+  for stack in ('encoder', 'decoder'):
+    idx = [int(m.group(1)) for p in params_flat
+           for m in [re.match(rf'{stack}/layers_(\d+)/', p)] if m]
+    info[f'num_{stack}_layers'] = (max(idx) + 1) if idx else 0
+  return info
+
+
+def _matching_presets(info: Mapping[str, Any]) -> list:
+  out = []
+  for name, cfg in PRESETS.items():
+    if name == 'tiny':
+      continue
+    if (info.get('emb_dim') == cfg.emb_dim and info.get('mlp_dim') == cfg.mlp_dim and
+        info.get('inner_dim') in (None, cfg.num_heads * cfg.head_dim) and
+        info.get('num_encoder_layers') in (0, cfg.num_encoder_layers) and
+        info.get('vocab_size') == cfg.vocab_size and
+        info.get('gated') == (len(cfg.mlp_activations) > 1)):
+      out.append(name)
+  return out
+
+
+def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: bool = False,
+                 ignore: str = r'(.*/)?prompt/.*', what: str = 'checkpoint') -> None:
+  """Checks that `params` has exactly the parameter names and shapes `config` expects.
+
+  Args:
+    config: the model config the parameters are meant for.
+    params: nested parameter dict (arrays or anything with a `.shape`).
+    decoder_only: compare against `DecoderOnly` instead of `EncoderDecoder`.
+    ignore: regex of flattened paths to skip in both trees (default: prompt parameters).
+    what: how to call the source of `params` in the message.
+
+  Raises:
+    ValueError: naming the first mismatching parameter path, the expected and found shapes, and
+      the likely cause (size preset, vocabulary / NUM_EMBEDDINGS, T5 1.0 vs 1.1).
+  """
+  expected = flatten_params(init_variables(config, decoder_only=decoder_only,
+                                           abstract=True)['params'])
+  found = flatten_params(params)
+  skip = re.compile(ignore) if ignore else None
+  expected = {k: tuple(v.shape) for k, v in expected.items() if not (skip and skip.fullmatch(k))}
+  found = {k: tuple(np.shape(v)) for k, v in found.items() if not (skip and skip.fullmatch(k))}
+  if expected == found:
+    return
+
+  info = _describe(found)
+  presets = _matching_presets(info)
+  preset_hint = (f' The {what} matches preset(s) {", ".join(presets)}.' if presets else '')
+  cfg_gated = len(config.mlp_activations) > 1
+  mismatched, missing, unexpected = [], [], []
+  for path in list(expected) + [p for p in found if p not in expected]:  # model order
+    exp, got = expected.get(path), found.get(path)
+    if exp == got:
+      continue
+    if exp is not None and got is not None:
+      mismatched.append(f"parameter '{path}': expected shape {exp} for this config, found "
+                        f'{got} in the {what}')
+    elif got is None:
+      missing.append(f"parameter '{path}' (shape {exp}) is missing from the {what}")
+    else:
+      unexpected.append(f"unexpected parameter '{path}' (shape {got}) in the {what}")
+  rank = lambda msg: (0 if 'token_embedder/' in msg else 1 if "'encoder/" in msg else 2)
+  problems = (sorted(mismatched, key=rank) + sorted(missing, key=rank) +
+              sorted(unexpected, key=rank))
+
+  causes = []
+  if info.get('vocab_size') is not None and info['vocab_size'] != config.vocab_size:
+    causes.append(
+        f'Wrong vocabulary size: the {what} has {info["vocab_size"]} embeddings but the config '
+        f'has vocab_size={config.vocab_size}. Set NUM_EMBEDDINGS / vocab_size to '
+        f'{info["vocab_size"]} (T5 and T5 1.1 use 32128, mT5 250112) and use the matching '
+        'vocabulary.')
+  if (info['gated'] and not cfg_gated) or (info['relu_style'] and cfg_gated) or (
+      info['logits_dense'] == config.logits_via_embedding and
+      any(p.startswith('decoder/') for p in found)):
+    ckpt_kind = ('T5 1.1-style (gated-GELU wi_0/wi_1, separate logits_dense)'
+                 if info['gated'] or info['logits_dense'] else
+                 'T5 1.0-style (ReLU wi, logits tied to the embedding)')
+    cfg_kind = ('T5 1.0 (mlp_activations=("relu",), logits_via_embedding=True)'
+                if config.logits_via_embedding or not cfg_gated else
+                'T5 1.1 (mlp_activations=("gelu","linear"), logits_via_embedding=False)')
+    causes.append(f'T5 1.0 vs 1.1 mismatch: the {what} is {ckpt_kind} but the config is '
+                  f'{cfg_kind}; use a t5_1_0_* preset for T5 1.0 checkpoints and t5_1_1_* / '
+                  'mt5_* for T5 1.1, LM-adapted and mT5 checkpoints.')
+  size_fields = [('emb_dim', config.emb_dim), ('mlp_dim', config.mlp_dim),
+                 ('inner_dim', config.num_heads * config.head_dim),
+                 ('num_heads', config.num_heads),
+                 ('num_encoder_layers', 0 if decoder_only else config.num_encoder_layers),
+                 ('num_decoder_layers', config.num_decoder_layers)]
+  diffs = [f'{k} {info[k]} vs {v}' for k, v in size_fields
+           if info.get(k) is not None and info[k] != v]
+  if diffs:
+    causes.append(f'Wrong model size preset: {what} vs config differ in '
+                  f'{", ".join(diffs)} (e.g. t5_1_1_base has d_model 768, t5_1_1_large '
+                  f'1024).{preset_hint}')
+  if not causes:
+    causes.append(f'The {what} does not have the parameter layout of this config.{preset_hint}')
+  shown = problems[:8]
+  more = f'\n  ... and {len(problems) - len(shown)} more' if len(problems) > len(shown) else ''
+  raise ValueError(
+      f'The {what} does not match the model config: ' + ' '.join(causes) + '\n  ' +
+      '\n  '.join(shown) + more)
