@@ -55,8 +55,8 @@ def main() -> int:
       fraction = f'{float(m.group(3)):.2f}% of {int(m.group(2)):,} weights'
   rows = [
       ('untrained prompt (class-label init, step 0)', pt[0][1]),
-      (f'prompt tuning, {pt[-1][0]} steps ({fraction} trained)', pt[-1][1]),
-      (f'model tuning, {mt[-1][0]} steps (all weights trained)', mt[-1][1]),
+      (f'prompt tuning, {pt[-1][0] - pt[0][0]} steps ({fraction} trained)', pt[-1][1]),
+      (f'model tuning, {mt[-1][0] - mt[0][0]} steps (all weights trained)', mt[-1][1]),
       ('majority-class baseline', chance),
   ]
   width = max(len(r[0]) for r in rows)

@@ -751,3 +751,8 @@ def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: b
   raise ValueError(
       f'The {what} does not match the model config: ' + ' '.join(causes) + '\n  ' +
       '\n  '.join(shown) + more)
+
+
+# T5X's examples/t5/network.py calls the encoder-decoder `Transformer`; the alias lets gin files written
+# for it (`network.Transformer.config = @network.T5Config()`) work after changing only the import line.
+Transformer = EncoderDecoder

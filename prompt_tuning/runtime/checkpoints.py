@@ -11,7 +11,7 @@ killed mid-write leaves a `.tmp` directory that restore ignores (and the next sa
 checkpoints beyond `keep` are deleted only after the new one is committed.
 """
 import json
-import logging
+from absl import logging
 import os
 import re
 import shutil
@@ -25,6 +25,7 @@ from prompt_tuning.runtime import train_state as train_state_lib
 
 METADATA_FILE = 'prompt_tuning_checkpoint.json'
 _CKPT_RE = re.compile(r'^checkpoint_(\d+)$')
+_TMP_RE = re.compile(r'^checkpoint_(\d+)\.tmp.*$')
 
 
 def _gfile():
@@ -50,8 +51,21 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def path_exists(path: str) -> bool:
+  return _exists(path)
+
+
 def is_complete_checkpoint(path: str) -> bool:
   return _exists(os.path.join(path, METADATA_FILE))
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+  """The JSON metadata of a complete checkpoint (`{}` when it has none)."""
+  meta = os.path.join(path, METADATA_FILE)
+  if not _exists(meta):
+    return {}
+  with _gfile().GFile(meta, 'r') as f:
+    return json.loads(f.read())
 
 
 def all_steps(model_dir: str) -> Sequence[int]:
@@ -74,8 +88,18 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _fetch(x):
+  if x is None:
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    # Sharded over devices of several processes: gather the global value on every process.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _to_host(tree):
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)) if x is not None else None, tree)
+  return jax.tree_util.tree_map(_fetch, tree)
 
 
 def prompt_file_name(path: str) -> str:
@@ -104,9 +128,12 @@ def save_checkpoint(model_dir: str, state: train_state_lib.TrainState, *,
   final = os.path.join(model_dir, f'checkpoint_{step}')
   tmp = final + '.tmp'
   if jax.process_index() == 0:
-    _rmtree(tmp)
     if not _exists(model_dir):
       _gfile().makedirs(model_dir)
+    # Leftovers of saves that were killed mid-write (never complete, never restored) are removed.
+    for name in _listdir(model_dir):
+      if _TMP_RE.match(name):
+        _rmtree(os.path.join(model_dir, name))
   _barrier('pt_ckpt_pre')
   tree = state.state_dict()
   trainable = _to_host(tree['trainable'])
@@ -154,7 +181,7 @@ def restore_checkpoint(path: str) -> Dict[str, Any]:
   if not is_complete_checkpoint(path):
     raise ValueError(f'{path} is not a complete prompt_tuning checkpoint (no {METADATA_FILE}); it may be '
                      'a partially written checkpoint from an interrupted run. Point to another checkpoint.')
-  return ocp.PyTreeCheckpointer().restore(path)
+  return ocp.PyTreeCheckpointer().restore(path if '://' in path else os.path.abspath(path))
 
 
 def restore_into_state(state: train_state_lib.TrainState, raw: Mapping[str, Any]) -> train_state_lib.TrainState:
@@ -184,6 +211,25 @@ def _detect(path: str) -> str:
     return 'prompt_tuning_dir'
   from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
   return formats.detect_format(path)
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+  """The training step stored in a checkpoint (ours or T5X's); None when it has none (Hugging Face)."""
+  try:
+    kind = _detect(path)
+    if kind == 'prompt_tuning_dir':
+      path, kind = latest_checkpoint_path(path), 'prompt_tuning'
+    if kind == 'prompt_tuning':
+      step = read_metadata(path).get('step')
+      return None if step is None else int(step)
+    if kind == 't5x':
+      from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+      contents = t5x_format._read_contents(t5x_format.find_checkpoint(path))  # pylint: disable=protected-access
+      step = contents.get('optimizer', {}).get('state', {}).get('step')
+      return None if step is None else int(np.asarray(step))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Could not read the step of checkpoint %s (%s); starting at step 0.', path, e)
+  return None
 
 
 def load_checkpoint_params(path: str, variables: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
 """Gin helpers with T5X's names: flag rewriting, parsing with search paths, config summaries."""
+import logging
 import os
 import re
 import sys
@@ -38,6 +39,13 @@ def rewrite_gin_args(args: Sequence[str]) -> Sequence[str]:
   return out
 
 
+class _GinSearchNoise(logging.Filter):
+  """Drops gin's per-search-path 'Path not found' lines (they look like errors but are not)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'resource_reader' not in (record.pathname or '')
+
+
 class GinConfigError(ValueError):
   """A gin file or binding could not be parsed."""
 
@@ -50,14 +58,28 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
     for p in str(path).split(','):
       if p:
         gin.add_config_file_search_path(p)
+  noise = _GinSearchNoise()
+  logging.getLogger().addFilter(noise)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=skip_unknown,
                                         finalize_config=finalize_config)
-  except (ValueError, IOError, OSError) as e:
+  except (ValueError, IOError, OSError, AttributeError, ImportError, SyntaxError) as e:
     msg = str(e)
-    if 'No configurable matching' in msg or 'No configurable' in msg:
+    if isinstance(e, ImportError):
+      hint = ('a module imported by a gin file (or MIXTURE_OR_TASK_MODULE) could not be imported: check the '
+              'module path and that its package is installed / on PYTHONPATH.')
+    elif isinstance(e, SyntaxError):
+      hint = 'fix the gin syntax at the reported file and line.'
+    elif ('No configurable matching' in msg or 'No configurable' in msg or "Couldn't resolve selector" in msg
+          or 'has no attribute' in msg):
       hint = ('a gin name is unknown: check its spelling and that the gin file imports the module that '
               'defines it (e.g. `from prompt_tuning.runtime import utils`).')
+    elif "doesn't have a parameter" in msg or 'has no parameter' in msg or 'not a parameter' in msg:
+      hint = ('a bound parameter name is unknown: check its spelling against the signature of the '
+              'configurable named in the message.')
+    elif 'Unable to find' in msg and 'include' in msg.lower():
+      hint = (f'an included gin file was not found; search paths: '
+              f'{list(gin_search_paths) + list(default_search_paths())}.')
     elif 'Unable to open file' in msg or 'No such file' in msg or 'not found' in msg.lower():
       hint = (f'a gin file was not found; search paths: {list(gin_search_paths) + list(default_search_paths())}. '
               'Pass --gin_search_paths=DIR or use a path relative to configs/.')
@@ -65,8 +87,14 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
       hint = 'a required macro is unset: pass it with --gin.NAME=VALUE.'
     else:
       hint = 'check the gin syntax near the reported line.'
-    raise GinConfigError(f'Could not parse the gin configuration: {msg.splitlines()[0] if msg else e!r}\n'
-                         f'Hint: {hint}') from e
+    lines = [l for l in msg.splitlines() if l.strip()]
+    where = [l.strip() for l in lines[1:] if l.strip().startswith('In file') or l.strip().startswith('In bindings')]
+    text = lines[0] if lines else repr(e)
+    if where:
+      text += f' ({where[0]})'
+    raise GinConfigError(f'Could not parse the gin configuration: {text}\nHint: {hint}') from e
+  finally:
+    logging.getLogger().removeFilter(noise)
 
 
 def summarize_gin_config(model_dir: str, summary_writer=None, step: int = 0) -> None:

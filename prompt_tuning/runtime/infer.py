@@ -5,13 +5,14 @@ writes `INFER_OUTPUT_DIR/<task>-<split>.jsonl`, one line per example: the pretok
 decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them.
 """
 import json
-import logging
+from absl import logging
 import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from prompt_tuning.runtime import eval as eval_lib
 from prompt_tuning.runtime import inference
@@ -43,11 +44,12 @@ def infer(*, mode: str, model, dataset_cfg: utils.DatasetConfig,
     raise ValueError('INFER_OUTPUT_DIR is not set: pass --gin.INFER_OUTPUT_DIR="\'/path\'".')
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
   utils.import_module(dataset_cfg.module)
-  params = eval_lib.restore_params(model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size,
-                                   fallback_init_rng)
   provider = utils.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
+  params, axes = eval_lib.restore_params(model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size,
+                                         fallback_init_rng)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  os.makedirs(output_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(output_dir)
   fc = model.FEATURE_CONVERTER_CLS(pack=False)
   last_path = None
   for task in tasks:
@@ -61,18 +63,22 @@ def infer(*, mode: str, model, dataset_cfg: utils.DatasetConfig,
       lengths = {k: max(len(e[k]) for e in examples) for k in ('inputs', 'targets') if examples and k in examples[0]}
     model_ds = fc(task_ds, lengths).enumerate()
     if mode == 'score':
-      fn = inference.get_infer_fn(lambda p, b: model.score_batch(p, b), dataset_cfg.batch_size, partitioner, params)
+      fn = inference.get_infer_fn(lambda p, b: model.score_batch(p, b), dataset_cfg.batch_size, partitioner,
+                                  params, state_axes=axes)
     else:
       fn = inference.get_infer_fn(lambda p, b: model.predict_batch_with_aux(p, b), dataset_cfg.batch_size,
-                                  partitioner, params)
+                                  partitioner, params, state_axes=axes)
     out = fn(model_ds)
     results = out[0] if isinstance(out, tuple) else out
     aux = out[1] if isinstance(out, tuple) else {}
     results = sorted(results, key=lambda x: x[0])
     vocab = task.output_features[output_vocab_feature_name].vocabulary
     path = os.path.join(output_dir, f'{task.name}-{dataset_cfg.split}.{file_extension}')
+    last_path = path
+    if jax.process_index() != 0:
+      continue
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with tf.io.gfile.GFile(tmp, 'w') as f:
       for (idx, value), ex in zip(results, examples):
         row = {'inputs': _text(ex, 'inputs'), 'targets': _text(ex, 'targets')}
         if mode == 'score':
@@ -82,9 +88,8 @@ def infer(*, mode: str, model, dataset_cfg: utils.DatasetConfig,
           if mode == 'predict_with_aux' and 'scores' in aux:
             row['aux'] = {'score': float(aux['scores'][idx])}
         f.write(json.dumps(row) + '\n')
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
     logging.info('Wrote %d %s results to %s', len(results), mode, path)
-    last_path = path
   return last_path
 
 

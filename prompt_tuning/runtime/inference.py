@@ -1,7 +1,7 @@
 """Batched inference over enumerated seqio datasets, and T5X's `InferenceEvaluator`."""
-import logging
+from absl import logging
 import os
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -18,37 +18,43 @@ def _pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> Tuple[Mappin
   return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}, n
 
 
-def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state,
-                 keep_aux_as_numpy: bool = False) -> Callable:
-  """Returns `fn(enumerated_ds) -> [(index, output)]` (and aux) running `infer_step(state, batch)` jitted.
+def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state=None,
+                 keep_aux_as_numpy: bool = False, state_axes: Any = None) -> Callable:
+  """Returns `fn(enumerated_ds, state=state) -> [(index, output)]` (and aux) running `infer_step(state, batch)`.
 
+  The step is compiled once (per batch shape) and reused for every call. Every process iterates the whole
+  dataset in the same order and feeds its slice of each global batch (as in training), so multi-process
+  inference sees each example exactly once; outputs are replicated, so every process gets all of them.
   The final partial batch is zero-padded to `batch_size` so one compiled step serves every batch.
+  `state_axes` (mesh PartitionSpecs matching `state`, default replicated) keeps model-parallel
+  parameters sharded during inference.
   """
-  jitted = partitioner.partition(infer_step, in_axis_resources=None, out_axis_resources=None)
-  num_shards = jax.process_count()
+  jitted = partitioner.partition(infer_step, in_axis_resources=(state_axes, partitioner.data_partition_spec),
+                                 out_axis_resources=None)
+  layout = partitioner.get_data_layout(batch_size)
+  local_bs = batch_size // layout.num_shards
+  lo = layout.shard_id * local_bs
 
-  def infer_fn(ds: tf.data.Dataset, model_feature_shapes=None, rng=None):
+  def infer_fn(ds: tf.data.Dataset, model_feature_shapes=None, rng=None, state=state):
     del model_feature_shapes, rng
-    ds = ds.shard(num_shards, jax.process_index()) if num_shards > 1 else ds
     outputs: List[Tuple[int, Any]] = []
     aux_all = {}
-    local_bs = batch_size // num_shards
-    for indices, batch in ds.batch(local_bs).as_numpy_iterator():
-      batch = {k: v for k, v in batch.items()}
-      padded, n = _pad_batch(batch, local_bs)
-      result = jitted(state, padded)
+    for indices, batch in ds.batch(batch_size).as_numpy_iterator():
+      padded, n = _pad_batch(dict(batch), batch_size)
+      local = {k: v[lo:lo + local_bs] for k, v in padded.items()}
+      result = jitted(state, partitioner.shard_host_batch(local))
       if isinstance(result, tuple):
         out, aux = result
       else:
         out, aux = result, None
       out = np.asarray(jax.device_get(out))[:n]
-      for i, idx in enumerate(indices):
+      for i, idx in enumerate(indices[:n]):
         outputs.append((int(idx), out[i].tolist() if out.ndim > 1 else float(out[i])))
       if aux is not None:
         for k, v in jax.device_get(aux).items():
           v = np.asarray(v)[:n]
           aux_all.setdefault(k, []).extend(list(v) if keep_aux_as_numpy else v.tolist())
-    if aux_all or isinstance(outputs, tuple):
+    if aux_all:
       return outputs, aux_all
     return outputs
 
@@ -56,14 +62,20 @@ def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state,
 
 
 class InferenceEvaluator:
-  """Runs seqio's Evaluator (decoding + metrics) on the current parameters."""
+  """Runs seqio's Evaluator (decoding + metrics) on the current parameters.
+
+  The decoding and scoring steps are compiled once and reused at every evaluation.
+  """
 
   def __init__(self, infer_eval_dataset_cfg: utils.DatasetConfig, inference_evaluator_cls, model,
-               partitioner, log_dir: Optional[str] = None):
+               partitioner, log_dir: Optional[str] = None, params_axes: Any = None):
     self._cfg = infer_eval_dataset_cfg
     self._model = model
     self._partitioner = partitioner
     utils.import_module(infer_eval_dataset_cfg.module)
+    utils.get_mixture_or_task(infer_eval_dataset_cfg.mixture_or_task_name)
+    if infer_eval_dataset_cfg.task_feature_lengths and infer_eval_dataset_cfg.trim_output_features:
+      utils.check_feature_lengths(infer_eval_dataset_cfg)
     self._evaluator = inference_evaluator_cls(
         mixture_or_task_name=infer_eval_dataset_cfg.mixture_or_task_name,
         feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
@@ -77,6 +89,16 @@ class InferenceEvaluator:
       logging.warning('No task of %s has metric_fns for split %s: inference evaluation is skipped.',
                       infer_eval_dataset_cfg.mixture_or_task_name, infer_eval_dataset_cfg.split)
 
+    def predict_step(p, batch):
+      return model.predict_batch_with_aux(p, batch)
+
+    def score_step(p, batch):
+      return model.score_batch(p, batch)
+
+    bs = infer_eval_dataset_cfg.batch_size
+    self._predict_fn = get_infer_fn(predict_step, bs, partitioner, state_axes=params_axes)
+    self._score_fn = get_infer_fn(score_step, bs, partitioner, state_axes=params_axes)
+
   @property
   def eval_tasks(self):
     return self._evaluator.eval_tasks
@@ -84,23 +106,17 @@ class InferenceEvaluator:
   def evaluate(self, params, step: int) -> Mapping[str, Mapping[str, Any]]:
     if not self._evaluator.eval_tasks:
       return {}
-    model = self._model
-
-    def predict_step(p, batch):
-      return model.predict_batch_with_aux(p, batch)
-
-    def score_step(p, batch):
-      return model.score_batch(p, batch)
-
-    bs = self._cfg.batch_size
-    predict_fn = get_infer_fn(predict_step, bs, self._partitioner, params)
-    score_fn = get_infer_fn(score_step, bs, self._partitioner, params)
 
     def predict_tokens(ds, *a, **k):
-      out = predict_fn(ds)
+      del a, k
+      out = self._predict_fn(ds, state=params)
       return out[0] if isinstance(out, tuple) else out
 
+    def score(ds, *a, **k):
+      del a, k
+      return self._score_fn(ds, state=params)
+
     all_metrics, _ = self._evaluator.evaluate(
-        compute_metrics=jax.process_index() == 0, step=step, predict_fn=predict_tokens, score_fn=score_fn)
+        compute_metrics=jax.process_index() == 0, step=step, predict_fn=predict_tokens, score_fn=score)
     results = all_metrics.result() if hasattr(all_metrics, 'result') else all_metrics
     return results or {}

@@ -1,6 +1,7 @@
 """Shared command-line handling of the train/eval/infer entry points (T5X's flags)."""
 import logging as py_logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -41,8 +42,34 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _user_error_types():
+  """Exceptions shown as one `ERROR:` line (config, data, checkpoint and NaN errors raised for the user)."""
+  from prompt_tuning.runtime import trainer  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import utils  # pylint: disable=g-import-not-at-top
+  types = [ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError, trainer.NanLossError,
+           utils.FeatureLengthError]
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    types.append(tf.errors.OpError)
+  except ImportError:
+    pass
+  return tuple(types)
+
+
+def _message(e: BaseException) -> str:
+  msg = str(e).strip()
+  if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+    msg = e.args[0]
+  # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: keep the name, drop the address.
+  return re.sub(r" \(<(?:function|class|bound method) [^>]*>\)", '', msg)
+
+
 def main_with_gin(fn: Callable, argv) -> None:
-  """Parses gin (with clear errors), sets up TF/TFDS/distributed state, then calls `fn()`."""
+  """Parses gin (with clear errors), sets up TF/TFDS/distributed state, then calls `fn()`.
+
+  Errors a user can cause end in one `ERROR: ...` message naming the cause and the fix, exit code 1
+  (2 for gin configuration errors), without a traceback; `PROMPT_TUNING_TRACEBACK=1` re-raises them.
+  """
   del argv
   import gin  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -56,16 +83,21 @@ def main_with_gin(fn: Callable, argv) -> None:
   if FLAGS.seqio_additional_cache_dirs:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.add_global_cache_dirs(FLAGS.seqio_additional_cache_dirs)
-  initialize_distributed()
+  traceback_wanted = bool(os.environ.get('PROMPT_TUNING_TRACEBACK'))
   try:
     gin_utils.parse_gin_flags(FLAGS.gin_search_paths, FLAGS.gin_file, FLAGS.gin_bindings)
-    fn()
   except gin_utils.GinConfigError as e:
+    if traceback_wanted:
+      raise
     print(f'\nERROR: {e}', file=sys.stderr)
     sys.exit(2)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    if os.environ.get('PROMPT_TUNING_TRACEBACK'):
+  try:
+    initialize_distributed()
+    fn()
+  except _user_error_types() as e:  # pylint: disable=catching-non-exception
+    if traceback_wanted:
       raise
-    print(f'\nERROR: {type(e).__name__}: {e}\n(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)',
+    logging.error('%s: %s', type(e).__name__, _message(e))
+    print(f'\nERROR: {type(e).__name__}: {_message(e)}\n(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)',
           file=sys.stderr)
     sys.exit(1)

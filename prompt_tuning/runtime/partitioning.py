@@ -10,7 +10,7 @@ mapped to mesh axes by `standard_logical_axis_rules`, exactly as in T5X.
 import contextlib
 import dataclasses
 import functools
-import logging
+from absl import logging
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen.partitioning as nn_partitioning
@@ -150,17 +150,35 @@ class PjitPartitioner:
     return NamedSharding(self.mesh, self.data_partition_spec)
 
   def get_data_layout(self, batch_size: Optional[int] = None, host_index: Optional[int] = None) -> DataLayout:
-    """Each process reads a disjoint 1/process_count slice of the global batch."""
-    num_shards = jax.process_count()
-    shard_id = jax.process_index() if host_index is None else host_index
-    if batch_size is not None and batch_size % num_shards:
-      raise ValueError(f'Batch size {batch_size} is not divisible by the number of processes {num_shards}.')
+    """Which rows of each global batch this process feeds (T5X's `DataLayout`).
+
+    Processes whose devices hold the same rows of the `data` axis (model parallelism across processes)
+    read the same shard; otherwise each process reads a disjoint contiguous `1/num_shards` slice.
+    """
     data_size = self.mesh.shape['data']
     if batch_size is not None and batch_size % data_size:
       raise ValueError(
           f'Batch size {batch_size} must be divisible by the data-parallel size {data_size} '
-          f'({jax.device_count()} devices / num_partitions={self.mesh.shape["model"]}).')
-    return DataLayout(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards)
+          f'({jax.device_count()} devices / num_partitions={self.mesh.shape["model"]}); change BATCH_SIZE '
+          'or num_partitions.')
+    if host_index is not None:
+      return DataLayout(batch_size=batch_size, shard_id=host_index, num_shards=jax.process_count())
+    if jax.process_count() == 1:
+      return DataLayout(batch_size=batch_size, shard_id=0, num_shards=1)
+    # Rows of the data axis held by this process's devices.
+    rows = sorted({i[0] for i, d in np.ndenumerate(self.mesh.devices)
+                   if d.process_index == jax.process_index()})
+    per = len(rows)
+    if rows != list(range(rows[0], rows[0] + per)) or data_size % per or rows[0] % per:
+      raise ValueError(f'Process {jax.process_index()} holds non-contiguous data rows {rows} of the mesh; '
+                       'use a mesh whose data axis is split by process.')
+    num_shards = data_size // per
+    shard_id = rows[0] // per
+    if batch_size is not None and batch_size % num_shards:
+      raise ValueError(f'Batch size {batch_size} is not divisible by the number of data shards {num_shards}.')
+    first = min(d.process_index for i, d in np.ndenumerate(self.mesh.devices) if i[0] in rows)
+    return DataLayout(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                      is_first_host_in_replica_set=first == jax.process_index())
 
   @contextlib.contextmanager
   def context(self):
@@ -203,10 +221,17 @@ class PjitPartitioner:
     return partitioned_fn.lower(*args).compile()
 
   def shard_host_batch(self, batch: Any) -> Any:
-    """Turns this process's slice of the batch (numpy) into global arrays sharded over `data`."""
+    """Turns this process's slice of the batch (numpy, see `get_data_layout`) into global arrays."""
     sharding = self.data_sharding
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    if jax.process_count() == 1:
+      return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
+    num_shards = self.get_data_layout().num_shards
+
+    def one(x):
+      x = np.asarray(x)
+      global_shape = (x.shape[0] * num_shards,) + x.shape[1:]
+      return jax.make_array_from_process_local_data(sharding, x, global_shape)
+    return jax.tree_util.tree_map(one, batch)
 
 
 class PartitionedFn:

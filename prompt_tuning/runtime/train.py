@@ -5,6 +5,11 @@
 `checkpoint_cfg.restore.path` (`INITIAL_CHECKPOINT_PATH`: a T5X, Hugging Face or our checkpoint), else a
 fresh initialization. Frozen parameters always come from `INITIAL_CHECKPOINT_PATH` (or the seeded
 initialization when there is none), so checkpoints hold only what training changes.
+
+As in T5X, a run started from `INITIAL_CHECKPOINT_PATH` continues from that checkpoint's step, so
+TRAIN_STEPS counts the pre-training steps (TRAIN_STEPS_RELATIVE counts only the new ones). A resumed
+run skips the batches already consumed (recorded in the checkpoint) and reuses the recorded random
+seed when RANDOM_SEED is unset, so it sees the same data and dropout as an uninterrupted run.
 """
 import functools
 from absl import logging
@@ -114,15 +119,21 @@ class StateBuilder:
                                     out_axis_resources=self.params_mesh_axes)
     return fn(rng)
 
-  def build(self, params) -> train_state_lib.TrainState:
+  def build(self, params, step: int = 0) -> train_state_lib.TrainState:
+    """The train state at `step` (the optimizer's step counter starts there too, as in T5X)."""
     params = self._shard(params, self.params_mesh_axes)
     trainable, frozen = train_state_lib.split_params(params, self.is_trainable)
     opt = self.model.optimizer_def
     init_opt = self.partitioner.partition(opt.init_state, in_axis_resources=(self.state_axes.trainable,),
                                           out_axis_resources=self.state_axes.opt_state)
     opt_state = init_opt(trainable)
-    return train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                                      opt_state=opt_state)
+    if step and hasattr(opt_state, 'step') and hasattr(opt_state, 'replace'):
+      opt_state = opt_state.replace(step=jax.device_put(np.full(np.shape(opt_state.step), step, np.int32),
+                                                        opt_state.step.sharding))
+    # The step is placed like every other leaf (replicated over the mesh): an unplaced scalar has a
+    # different jit cache key than the step the train step returns, which recompiled the step once.
+    step = jax.device_put(np.asarray(step, np.int32), self.partitioner.mesh_axes_to_sharding(P()))
+    return train_state_lib.TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state)
 
 
 def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCheckpointConfig], init_rng,
@@ -138,7 +149,7 @@ def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCh
   logging.info('Restoring %s parameters from %s', 'frozen' if only_frozen else 'all', paths)
   return checkpoints.load_initial_params(
       paths, jax.device_get(params), assignment_map=restore_cfg.assignment_map,
-      fallback_to_scratch=restore_cfg.fallback_to_scratch or only_frozen and False,
+      fallback_to_scratch=restore_cfg.fallback_to_scratch,
       dtype=restore_cfg.dtype, strict=restore_cfg.strict, only=only)
 
 
@@ -176,9 +187,22 @@ def train(*,
     raise ValueError('MODEL_DIR is not set: pass --gin.MODEL_DIR="\'/path/to/model_dir\'".')
   model_dir = os.path.abspath(model_dir) if '://' not in model_dir else model_dir
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
+  restore_cfg = checkpoint_cfg.restore if checkpoint_cfg else None
+  save_cfg = checkpoint_cfg.save if checkpoint_cfg else None
+  if restore_cfg is not None and restore_cfg.mode == 'all':
+    raise ValueError("RestoreCheckpointConfig.mode='all' is for evaluation, not training.")
+  _check_restore_path(restore_cfg)
+  latest = checkpoints.latest_checkpoint_path(model_dir)
+  if random_seed is None and latest is not None:
+    # A resumed run continues with the seed of the run it resumes, so the data order and the dropout
+    # masks stay those of an uninterrupted run even when RANDOM_SEED was not set.
+    random_seed = checkpoints.read_metadata(latest).get('random_seed')
+    if random_seed is not None:
+      logging.info('Resuming with the random seed %d recorded in %s.', random_seed, latest)
   if random_seed is None:
-    random_seed = int(time.time()) % (2**31)
-    logging.info('No RANDOM_SEED given: using %d (set RANDOM_SEED for reproducible runs).', random_seed)
+    random_seed = _broadcast_seed(int(time.time() * 1000) % (2**31))
+    logging.warning('No RANDOM_SEED given: using %d. Set RANDOM_SEED for reproducible runs (the training '
+                    'data order and dropout derive from it).', random_seed)
   rng = jax.random.PRNGKey(random_seed)
   init_rng, trainer_rng = jax.random.split(rng)
   if model.optimizer_def is None:
@@ -193,11 +217,6 @@ def train(*,
   logging.info('Trainable parameters: %d of %d (%.4f%%): %s', n_train, n_all, 100.0 * n_train / max(n_all, 1),
                ', '.join(train_state_lib.flatten(builder.trainable_shape))[:500])
 
-  restore_cfg = checkpoint_cfg.restore if checkpoint_cfg else None
-  save_cfg = checkpoint_cfg.save if checkpoint_cfg else None
-  if restore_cfg is not None and restore_cfg.mode == 'all':
-    raise ValueError("RestoreCheckpointConfig.mode='all' is for evaluation, not training.")
-  latest = checkpoints.latest_checkpoint_path(model_dir)
   if latest is not None:
     logging.info('Resuming from %s', latest)
     params = _restore_params(builder, restore_cfg, init_rng, only_frozen=True)
@@ -206,21 +225,34 @@ def train(*,
     state = checkpoints.restore_into_state(state, raw)
     state = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), state,
                                    partitioner.mesh_axes_to_sharding(builder.state_axes))
-    batches_consumed = int(np.asarray(raw.get('data', {}).get('batches_consumed', int(state.step))))
+    data = raw.get('data', {})
+    data_start_step = int(np.asarray(data.get('start_step', 0)))
+    batches_consumed = int(np.asarray(data.get('batches_consumed', int(state.step) - data_start_step)))
+    if relative_steps is not None:
+      recorded = checkpoints.read_metadata(latest).get('total_steps')
+      total_steps = int(recorded) if recorded is not None else data_start_step + relative_steps
   else:
     params = _restore_params(builder, restore_cfg, init_rng, only_frozen=False)
-    state = builder.build(params)
+    # As in T5X, training continues from the step of the initial checkpoint: TRAIN_STEPS counts the
+    # pre-training steps (e.g. 1_100_000 + 30_000 for 30k steps on an LM-adapted checkpoint).
+    initial_step = _initial_checkpoint_step(restore_cfg)
+    state = builder.build(params, step=initial_step)
+    data_start_step = initial_step
     batches_consumed = 0
-    if restore_cfg is not None and restore_cfg.path and relative_steps is None:
-      pass
+    if relative_steps is not None:
+      total_steps = initial_step + relative_steps
+    elif initial_step >= total_steps:
+      raise ValueError(
+          f'TRAIN_STEPS={total_steps} is not beyond the step of INITIAL_CHECKPOINT_PATH ({initial_step}): as '
+          'in T5X, TRAIN_STEPS includes the pre-training steps. Set TRAIN_STEPS to '
+          f'{initial_step} + the number of steps to train (e.g. {initial_step + 1000}), or set '
+          'TRAIN_STEPS_RELATIVE instead.')
+    if initial_step:
+      logging.info('Starting at step %d, the step of the initial checkpoint; training until step %d.',
+                   initial_step, total_steps)
   host_step = int(jax.device_get(state.step))
-  if relative_steps is not None:
-    total_steps = host_step + relative_steps if latest is None else max(total_steps or 0, host_step)
   if host_step >= total_steps:
     logging.info('Step %d already reaches total_steps=%d; nothing to train.', host_step, total_steps)
-
-  if summarize_config_fn is not None and jax.process_index() == 0:
-    summarize_config_fn(model_dir, None, host_step)
 
   ds_seed = train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed
   train_ds = get_dataset_fn(train_dataset_cfg, layout.shard_id, layout.num_shards, fc, num_epochs=None,
@@ -237,13 +269,16 @@ def train(*,
   evaluator = None
   if infer_eval_dataset_cfg is not None:
     evaluator = inference.InferenceEvaluator(infer_eval_dataset_cfg, inference_evaluator_cls, model,
-                                             partitioner, log_dir=model_dir)
+                                             partitioner, log_dir=model_dir,
+                                             params_axes=builder.params_mesh_axes)
     if not evaluator.eval_tasks:
       evaluator = None
 
   trainer = trainer_cls(model=model, train_state=state, partitioner=partitioner,
                         eval_names=list(train_eval_iters), summary_dir=model_dir,
                         train_state_axes=builder.state_axes, rng=trainer_rng)
+  if summarize_config_fn is not None and jax.process_index() == 0:
+    summarize_config_fn(model_dir, None, host_step)
   actions = actions or {}
   nan_action = trainer_lib.TerminateOnNanAction()
 
@@ -256,9 +291,12 @@ def train(*,
     if save_cfg is None:
       return
     step = int(jax.device_get(step_state.step))
-    checkpoints.save_checkpoint(model_dir, step_state, data_state={'batches_consumed': step}, keep=keep,
-                                dtype=save_dtype,
-                                extra_metadata={'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None})
+    checkpoints.save_checkpoint(model_dir, step_state,
+                                data_state={'batches_consumed': step - data_start_step,
+                                            'start_step': data_start_step},
+                                keep=keep, dtype=save_dtype,
+                                extra_metadata={'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
+                                                'random_seed': int(random_seed), 'total_steps': int(total_steps)})
 
   def run_evals(step):
     results = {}
@@ -279,12 +317,23 @@ def train(*,
 
   if run_eval_before_training:
     run_evals(host_step)
-  boundaries = [p for p in (eval_period, period) if p]
-  chunk = min(boundaries) if boundaries else max(total_steps - host_step, 1)
+  periods = [p for p in (eval_period, period) if p]
+  extra_stops = sorted(checkpoint_steps)
   while host_step < total_steps and not trainer.stop_training:
-    n = min(chunk - host_step % chunk, total_steps - host_step)
-    summary = trainer.train(train_iter, n, start_step=host_step, total_steps=total_steps)
-    nan_action.run(trainer.train_state, {'train': summary})
+    # Train up to the next step at which something happens (an eval, a checkpoint or the end).
+    stops = [(host_step // p + 1) * p for p in periods] + [s for s in extra_stops if s > host_step]
+    n = min(stops + [total_steps]) - host_step
+    try:
+      summary = trainer.train(train_iter, n, start_step=host_step, total_steps=total_steps)
+      nan_action.run(trainer.train_state, {'train': summary})
+    except trainer_lib.NanLossError as e:
+      last_good = checkpoints.latest_checkpoint_path(model_dir)
+      raise trainer_lib.NanLossError(
+          f'{e} Last good checkpoint: {last_good or "none (no checkpoint was written yet)"}.') from None
+    new_step = int(jax.device_get(trainer.train_state.step))
+    if new_step == host_step:
+      logging.warning('The training data ran out at step %d (before TRAIN_STEPS=%d).', host_step, total_steps)
+      break
     for mode, acts in actions.items():
       if (mode.name if hasattr(mode, 'name') else str(mode)) == 'TRAIN':
         for a in acts:
@@ -305,3 +354,32 @@ def train(*,
 
 def all_saved(model_dir):
   return set(checkpoints.all_steps(model_dir))
+
+
+def _broadcast_seed(seed: int) -> int:
+  """Process 0's seed on every process (T5X broadcasts the time-based seed the same way)."""
+  if jax.process_count() == 1:
+    return seed
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(seed, np.int32)))
+
+
+def _initial_checkpoint_step(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> int:
+  if restore_cfg is None or not restore_cfg.path:
+    return 0
+  path = restore_cfg.path[0] if isinstance(restore_cfg.path, (list, tuple)) else restore_cfg.path
+  return int(checkpoints.checkpoint_step(str(path)) or 0)
+
+
+def _check_restore_path(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> None:
+  """Fails before any compilation when INITIAL_CHECKPOINT_PATH points nowhere."""
+  if restore_cfg is None or not restore_cfg.path:
+    return
+  paths = restore_cfg.path if isinstance(restore_cfg.path, (list, tuple)) else [restore_cfg.path]
+  for path in paths:
+    if not checkpoints.path_exists(str(path)):
+      raise FileNotFoundError(
+          f'INITIAL_CHECKPOINT_PATH {str(path)!r} does not exist. Point --gin.INITIAL_CHECKPOINT_PATH '
+          '(utils.RestoreCheckpointConfig.path) at a T5X checkpoint_<step> directory, a Hugging Face T5 '
+          'directory or one of our checkpoint_<step> directories; to train from scratch instead, bind '
+          'utils.CheckpointConfig.restore = None.')

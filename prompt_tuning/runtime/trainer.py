@@ -1,6 +1,6 @@
 """T5X-style `Trainer`: the jitted train/eval steps, microbatching, metrics, progress and actions."""
 import enum
-import logging
+from absl import logging
 import os
 import queue
 import threading
@@ -83,18 +83,29 @@ class TerminateOnNanAction(BaseAction):
 
 
 class _Prefetch:
-  """Converts and places the next batches on a background thread (host/device overlap)."""
+  """Converts and places the next batches on a background thread (host/device overlap).
 
-  def __init__(self, iterator: Iterator, place: Callable, size: int = 2):
-    self._it, self._place = iterator, place
+  It reads at most `limit` batches from `iterator`: a prefetcher must never take batches that its
+  caller will not consume, or they would be lost to the next `Trainer.train` call (which skipped
+  batches at every eval/checkpoint boundary and made resumed runs see different data).
+  """
+
+  def __init__(self, iterator: Iterator, place: Callable, size: int = 2, limit: Optional[int] = None):
+    self._it, self._place, self._limit = iterator, place, limit
     self._q: queue.Queue = queue.Queue(maxsize=size)
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
 
   def _run(self):
     try:
-      for batch in self._it:
+      n = 0
+      while self._limit is None or n < self._limit:
+        try:
+          batch = next(self._it)
+        except StopIteration:
+          break
         self._q.put(self._place(batch))
+        n += 1
     except Exception as e:  # pylint: disable=broad-except
       self._q.put(e)
     self._q.put(StopIteration())
@@ -237,7 +248,7 @@ class Trainer:
             total_steps: Optional[int] = None) -> Dict[str, float]:
     """Runs `num_steps` steps. Logs step, loss, steps/s, examples/s and ETA every `log_period` steps."""
     start_step = int(self.train_state.step) if start_step is None else start_step
-    it = _Prefetch(batch_iter, self.place_batch)
+    it = _Prefetch(batch_iter, self.place_batch, limit=num_steps)
     pending = []
     summary = {}
     t_start = time.time()

@@ -1,9 +1,10 @@
 """T5X's `utils` vocabulary: dataset/checkpoint configs, learning-rate schedules and dataset helpers."""
 import dataclasses
 import importlib
-import logging
+from absl import logging
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+import gin
 import jax
 import numpy as np
 import seqio
@@ -27,6 +28,11 @@ class DatasetConfig:
   module: Optional[str] = None
   use_memory_cache: bool = True
   trim_output_features: bool = True
+  # Not in T5X. False (default): with several processes, every process reads the same global stream and
+  # keeps its own rows of each global batch, so a run's batches (and losses) do not depend on the number
+  # of processes. True: T5X's behaviour, each process reads only its shard of the data source (cheaper
+  # for huge corpora, but the data order then depends on the process count).
+  shard_data_source: bool = False
 
 
 @dataclasses.dataclass
@@ -104,16 +110,75 @@ def get_vocabulary(cfg: DatasetConfig) -> Tuple[seqio.Vocabulary, seqio.Vocabula
       features['targets'].vocabulary
 
 
+class FeatureLengthError(ValueError):
+  """TASK_FEATURE_LENGTHS is missing a feature or would cut targets short."""
+
+
 def _check_lengths(cfg: DatasetConfig, feature_converter) -> None:
+  """Every feature the converter needs has a length (seqio would fail deep inside tf.data otherwise)."""
   if cfg.task_feature_lengths is None:
     return
   provider = get_mixture_or_task(cfg.mixture_or_task_name)
-  missing = [k for k in provider.output_features if provider.output_features[k].required
-             and k not in cfg.task_feature_lengths]
-  if missing and not isinstance(feature_converter, seqio.DecoderFeatureConverter):
-    raise ValueError(f'TASK_FEATURE_LENGTHS has no length for feature(s) {missing} of '
-                     f'{provider.name!r}; set e.g. --gin.TASK_FEATURE_LENGTHS="{{\'inputs\': 512, '
-                     f'\'targets\': 8}}".')
+  needed = set(getattr(feature_converter, 'TASK_FEATURES', None) or ())
+  features = provider.output_features
+  missing = sorted(k for k in features if k in needed and k not in cfg.task_feature_lengths)
+  if missing:
+    example = {k: cfg.task_feature_lengths.get(k, 512 if k == 'inputs' else 16) for k in sorted(needed)
+               if k in features}
+    raise FeatureLengthError(
+        f'TASK_FEATURE_LENGTHS {dict(cfg.task_feature_lengths)} has no length for feature(s) {missing} of '
+        f'{provider.name!r}. Give every feature a length, e.g. --gin.TASK_FEATURE_LENGTHS="{example}".')
+
+
+_LENGTHS_CHECKED = set()
+
+
+@gin.configurable(module='prompt_tuning.runtime.utils')
+def check_feature_lengths(cfg: DatasetConfig, max_examples: int = 256,
+                          error_features: Sequence[str] = ('targets',)) -> None:
+  """Fails when TASK_FEATURE_LENGTHS would silently cut targets short.
+
+  seqio trims every feature to its length without a word; for targets this drops the EOS (or, with
+  `append_eos_after_trim`, the end of the answer), so the model learns and is scored on truncated
+  labels. The first `max_examples` examples of each task (untrimmed) are measured: a feature in
+  `error_features` that is longer than its length is an error, any other (e.g. `inputs`) a warning.
+  `--gin.utils.check_feature_lengths.max_examples=0` turns the check off.
+  """
+  lengths = cfg.task_feature_lengths
+  if not lengths or not max_examples:
+    return
+  provider = get_mixture_or_task(cfg.mixture_or_task_name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  for task in tasks:
+    key = (task.name, cfg.split, tuple(sorted(lengths.items())), max_examples)
+    if key in _LENGTHS_CHECKED:
+      continue
+    _LENGTHS_CHECKED.add(key)
+    try:
+      if cfg.split not in task.splits:
+        continue
+      ds = task.get_dataset(sequence_length=None, split=cfg.split, shuffle=False, num_epochs=1,
+                            use_cached=cfg.use_cached, trim_output_features=False)
+      longest: dict = {}
+      for ex in ds.take(max_examples).as_numpy_iterator():
+        for k in lengths:
+          v = ex.get(k)
+          if v is not None and getattr(v, 'ndim', 0) >= 1:
+            longest[k] = max(longest.get(k, 0), int(v.shape[0]))
+    except Exception as e:  # pylint: disable=broad-except
+      # Some preprocessors need the lengths (e.g. span corruption); their outputs fit by construction.
+      logging.info('Skipping the length check of %s (%s: %s).', task.name, type(e).__name__, e)
+      continue
+    too_long = {k: n for k, n in longest.items() if n > lengths[k]}
+    for k, n in sorted(too_long.items()):
+      if k in error_features:
+        raise FeatureLengthError(
+            f'TASK_FEATURE_LENGTHS[{k!r}] = {lengths[k]} is too short for task {task.name!r} ({cfg.split} '
+            f'split): some {k} have {n} tokens including EOS, so seqio would cut them and drop the EOS. '
+            f'Raise it, e.g. --gin.TASK_FEATURE_LENGTHS="{dict(lengths, **{k: n})}" (or turn this check off '
+            'with --gin.utils.check_feature_lengths.max_examples=0 to truncate on purpose).')
+      logging.warning('TASK_FEATURE_LENGTHS[%r] = %d truncates some %s of task %s (up to %d tokens seen).',
+                      k, lengths[k], k, task.name, n)
 
 
 def get_dataset(cfg: DatasetConfig, shard_id: int, num_shards: int, feature_converter_cls,
@@ -125,21 +190,36 @@ def get_dataset(cfg: DatasetConfig, shard_id: int, num_shards: int, feature_conv
   if cfg.batch_size % num_shards:
     raise ValueError(f'Batch size ({cfg.batch_size}) must be divisible by the number of shards ({num_shards}).')
   feature_converter = feature_converter_cls(pack=cfg.pack, use_custom_packing_ops=cfg.use_custom_packing_ops)
+  provider = get_mixture_or_task(cfg.mixture_or_task_name)
+  try:
+    splits = list(provider.splits)
+  except Exception:  # pylint: disable=broad-except
+    splits = None  # e.g. TFDS metadata that is not available yet; seqio reports it below.
+  if splits is not None and cfg.split not in splits:
+    raise ValueError(f'{provider.name!r} has no split {cfg.split!r} (it has {splits}); set the DatasetConfig '
+                     'split to one of them.')
   _check_lengths(cfg, feature_converter)
-  get_mixture_or_task(cfg.mixture_or_task_name)
+  if cfg.trim_output_features:
+    check_feature_lengths(cfg)
   ds_seed = cfg.seed if cfg.seed is not None else seed
-  return seqio.get_dataset(
+  slice_batches = num_shards > 1 and not cfg.shard_data_source
+  ds = seqio.get_dataset(
       mixture_or_task_name=cfg.mixture_or_task_name,
       task_feature_lengths=cfg.task_feature_lengths,
       dataset_split=cfg.split,
       shuffle=cfg.shuffle,
       num_epochs=num_epochs,
       feature_converter=feature_converter,
-      shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+      shard_info=None if slice_batches else seqio.ShardInfo(index=shard_id, num_shards=num_shards),
       use_cached=cfg.use_cached,
       seed=ds_seed,
       trim_output_features=cfg.trim_output_features,
-      batch_size=cfg.batch_size // num_shards)
+      batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards)
+  if slice_batches:
+    local = cfg.batch_size // num_shards
+    lo = shard_id * local
+    ds = ds.map(lambda b: {k: v[lo:lo + local] for k, v in b.items()})
+  return ds
 
 
 def get_training_eval_datasets(cfg: DatasetConfig, shard_id: int, num_shards: int, eval_steps: int,
