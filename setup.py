@@ -28,7 +28,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['prompt_tuning', 'prompt_tuning.*', 'tasks', 'tasks.*'])
     + ['prompt_tuning.configs'],
     package_dir={'prompt_tuning.configs': 'configs'},
-    package_data={'prompt_tuning.configs': _gin_files()},
+    package_data={'prompt_tuning.configs': _gin_files(), 'tasks': ['toy_data/*.model', 'toy_data/*.md']},
     install_requires=_JAX + [
         'flax>=0.12.0,<0.13',
         'optax>=0.2.5,<0.3',
