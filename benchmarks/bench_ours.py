@@ -1,0 +1,392 @@
+"""Benchmark worker for prompt_tuning (JAX/Flax): one section per process.
+
+    python -m benchmarks.bench_ours --section train --shapes full --workdir W --prompt-length 20 \
+        --out W/ours_train_20.json
+
+Run alone it does setup, the repetitions and writes `--out`; `benchmarks.run` drives it through
+`--reply-fd` instead (see `common.run_worker`) to interleave its repetitions with PEFT's.
+
+Sections:
+  train   the runtime's own `Trainer` (jitted train step, state donated, prompt-only T5X Adafactor
+          through `MultiOptimizer`, the state built by `train.StateBuilder`), host (numpy) batches;
+          examples/s, FLOPs of the compiled step (`cost_analysis`), FLOP/s of a large matmul
+          measured in the same process after every repetition, peak RSS.
+  serve   teacher-forced scoring (`EncoderDecoderModel.score_batch`: logits -> per-example
+          log-likelihood) of one mixed-task batch (`PromptBank`, one prompt per example through
+          `prompt_ids`) and of the same batch with a single prompt.
+  decode  greedy decoding of exactly `decode_tokens` tokens with the KV cache
+          (`predict_batch_with_aux`, `temperature_sample` with topk=1, EOS suppressed).
+"""
+import argparse
+import gc
+import os
+import sys
+import time
+import types
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+
+
+def _install_tf_stubs() -> None:
+  """Replaces `seqio` and `tensorflow` by empty stubs (simulates lazily imported data deps).
+
+  The runtime imports seqio (and through it TensorFlow) at module level although the train step
+  never uses them; this measures what a lazy import would save. Every attribute of a stub is a
+  class whose attributes are classes again (`tf.data.Dataset` in annotations works).
+  """
+
+  class _Meta(type):
+
+    def __getattr__(cls, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      sub = _Meta(name, (), {})
+      setattr(cls, name, sub)
+      return sub
+
+  class _Stub(types.ModuleType):
+
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      value = _Meta(name, (), {})
+      setattr(self, name, value)
+      return value
+
+  for name in ('seqio', 'tensorflow'):
+    sys.modules[name] = _Stub(name)
+
+
+def _setup_jax(args):
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  return jax
+
+
+class _Matmul:
+  """FLOP/s of a jitted `n x n` matmul in `dtype` (the utilisation reference)."""
+
+  def __init__(self, jax, n: int, dtype):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    self.a = jax.random.normal(ka, (n, n), dtype)
+    self.b = jax.random.normal(kb, (n, n), dtype)
+    self.f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+    self.f(self.a, self.b).block_until_ready()
+    self.n, self.dtype = n, str(jnp.dtype(dtype))
+    self.times = []
+
+  def measure(self, reps: int) -> None:
+    self.times += common.timed(lambda: self.f(self.a, self.b).block_until_ready(), reps)
+
+  def result(self) -> dict:
+    return {'n': self.n, 'dtype': self.dtype, 'times_s': self.times,
+            'flops_per_s': common.matmul_flops(self.n) / common.median(self.times)}
+
+
+def _flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get('flops', float('nan')))
+
+
+def _load(args, prompt_length: int, num_prompts=None):
+  """`(config, params)` of the prompted model: the HF checkpoint plus the benchmark's prompts."""
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+  config, params = huggingface.load_t5(os.path.join(args.workdir, 'hf_t5'), dtype=args.dtype,
+                                       dropout_rate=args.dropout)
+  flat = t5.flatten_params(params)
+  bank = common.prompt_bank(num_prompts or 1, prompt_length, config.emb_dim)
+  flat['encoder/prompt/prompt/prompt'] = bank if num_prompts else bank[0]
+  return config, t5.unflatten_params(flat)
+
+
+def _model(config, prompt_length: int, num_prompts=None, with_optimizer: bool = True):
+  from prompt_tuning.architectures import prompted  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import adafactor  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import decoding  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import models  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import optimizers  # pylint: disable=g-import-not-at-top
+  module = prompted.PromptEncoderDecoder(config, prompt_length=prompt_length,
+                                         num_prompts=num_prompts)
+  opt = None
+  if with_optimizer:
+    # configs/models/t5_1_1_prompt.gin: T5X Adafactor on `.*/prompt/.*` only.
+    opt = optimizers.MultiOptimizer(((
+        optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*'])),
+        adafactor.Adafactor(decay_rate=0.8, step_offset=0, multiply_by_parameter_scale=False,
+                            weight_decay_rate=1e-5,
+                            logical_factor_rules=adafactor.standard_logical_factor_rules())),))
+  # Mean token cross entropy without z-loss: the same objective as PEFT/transformers, so the
+  # first-step losses can be compared.
+  return models.EncoderDecoderModel(module, None, None, optimizer_def=opt,
+                                    decode_fn=decoding.temperature_sample, z_loss=0.0,
+                                    loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+
+
+class TrainBench:
+  """Training through the runtime's `Trainer`."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.res = {'rss_mb': {'start': common.rss_mb()}}
+    self.times = []
+
+  def setup(self) -> dict:
+    args, shapes, res = self.args, self.shapes, self.res
+    t_setup = time.perf_counter()
+    if args.stub_tf:
+      _install_tf_stubs()
+    jax = self.jax = _setup_jax(args)
+    from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+    res['tensorflow_imported'] = 'tensorflow' in sys.modules and not args.stub_tf
+    res['rss_mb']['imports'] = common.rss_mb()
+    p = args.prompt_length
+    config, params = _load(args, p)
+    res['rss_mb']['loaded'] = common.rss_mb()
+    model = _model(config, p)
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    self.batches = batches = common.train_batches(shapes)
+    builder = train_lib.StateBuilder(model, partitioner,
+                                     {k: v.shape for k, v in batches[0].items()},
+                                     {k: v.dtype for k, v in batches[0].items()})
+    state = builder.build(params)
+    del params
+    gc.collect()
+    res['rss_mb']['state'] = common.rss_mb()
+    res['params'] = {'trainable': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.trainable)),
+                     'frozen': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.frozen))}
+    lr_fn = schedules.create_learning_rate_scheduler(factors='constant', base_learning_rate=0.3)
+    self.trainer = trainer = trainer_lib.Trainer(
+        model, state, partitioner, eval_names=[], summary_dir=None,
+        train_state_axes=builder.state_axes, rng=jax.random.PRNGKey(0), learning_rate_fn=lr_fn,
+        log_period=10**9)
+    self.matmul = _Matmul(jax, shapes.matmul_size, config.activation_dtype)
+    placed = trainer.place_batch(batches[0])
+    step_fn = self.step_fn = trainer._get_train_step(placed)  # pylint: disable=protected-access
+    self.cache = [step_fn._jitted._cache_size()]  # pylint: disable=protected-access
+    t0 = time.perf_counter()
+    first = self._run(1)  # traces and compiles
+    res['first_step_s'] = time.perf_counter() - t0
+    res['first_loss'] = first.get('loss')
+    self.cache.append(step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    res['rss_mb']['compiled'] = common.rss_mb()
+    # Step 2 must not trace or compile again (see jit_cache_entries; an unplaced `state.step`
+    # from StateBuilder used to cause that).
+    t0 = time.perf_counter()
+    self._run(1)
+    res['second_step_s'] = time.perf_counter() - t0
+    self.cache.append(step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    # FLOPs of the compiled step. The persistent compilation cache makes this a cache hit.
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(trainer.train_state, placed, trainer._base_rng).compile()  # pylint: disable=protected-access
+    res['cost_analysis_compile_s'] = time.perf_counter() - t0
+    res['flops_per_step'] = _flops(compiled)
+    try:
+      mem = compiled.memory_analysis()
+      res['xla_memory_mb'] = {k: getattr(mem, f'{k}_size_in_bytes') / 2**20
+                              for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+    except Exception:  # pylint: disable=broad-except
+      res['xla_memory_mb'] = None
+    del compiled
+    res['setup_s'] = time.perf_counter() - t_setup
+    return {'setup_s': res['setup_s']}
+
+  def _run(self, n):
+    it = (self.batches[i % len(self.batches)] for i in range(n))
+    return self.trainer.train(it, n)
+
+  def rep(self) -> dict:
+    t0 = time.perf_counter()
+    self._run(self.shapes.train_steps)
+    dt = time.perf_counter() - t0
+    self.times.append(dt)
+    self.matmul.measure(self.shapes.matmul_reps)
+    return {'s': dt}
+
+  def finish(self) -> dict:
+    res, shapes = self.res, self.shapes
+    self.cache.append(self.step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    res['jit_cache_entries'] = dict(zip(('start', 'after_step_1', 'after_step_2', 'after_timing'),
+                                        self.cache))
+    res['last_loss'] = self.trainer.loss_history[max(self.trainer.loss_history)]
+    step_times = [t / shapes.train_steps for t in self.times]
+    res.update({'rep_times_s': self.times, 'steps_per_rep': shapes.train_steps,
+                'batch': shapes.batch, 'step_times_s': step_times,
+                'examples_per_s': [shapes.batch / t for t in step_times],
+                'matmul': self.matmul.result()})
+    res['matmul_flops_per_s'] = res['matmul']['flops_per_s']
+    res['achieved_flops_per_s'] = res['flops_per_step'] / common.median(step_times)
+    res['utilisation'] = res['achieved_flops_per_s'] / res['matmul_flops_per_s']
+    res['peak_rss_mb'] = common.peak_rss_mb()
+    return res
+
+
+class ServeBench:
+  """Scoring a mixed-task batch (prompt bank) and the same batch with a single prompt."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.res = {'batch': shapes.serve_batch, 'tasks': shapes.serve_tasks}
+    self.fns = {}
+
+  def setup(self) -> dict:
+    args, shapes, res = self.args, self.shapes, self.res
+    jax = self.jax = _setup_jax(args)
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    p = args.prompt_length
+    batch = common.serve_batch(shapes)
+    single_batch = {k: v for k, v in batch.items() if k != 'prompt_ids'}
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    for name, num_prompts, b in (('mixed', shapes.serve_tasks, batch),
+                                 ('single', None, single_batch)):
+      config, params = _load(args, p, num_prompts)
+      model = _model(config, p, num_prompts, with_optimizer=False)
+      params = jax.device_put(params)
+      # As the runtime's inference path (runtime/inference.py): a partitioned jitted step, host
+      # (numpy) batch.
+      fn = partitioner.partition(lambda prm, bt, m=model: m.score_batch(prm, bt),
+                                 in_axis_resources=None, out_axis_resources=None)
+      t0 = time.perf_counter()
+      scores = np.asarray(jax.device_get(fn(params, b)))
+      res[f'{name}_first_call_s'] = time.perf_counter() - t0
+      res[f'{name}_scores'] = scores.tolist()
+      res[f'{name}_times_s'] = []
+      self.fns[name] = (fn, params, b)
+    return {}
+
+  def rep(self) -> dict:
+    out = {}
+    for name, (fn, params, b) in self.fns.items():
+      t = common.timed(lambda: self.jax.block_until_ready(fn(params, b)), 1)[0]  # pylint: disable=cell-var-from-loop
+      self.res[f'{name}_times_s'].append(t)
+      out[name] = t
+    return out
+
+  def finish(self) -> dict:
+    for name in self.fns:
+      self.res[f'{name}_examples_per_s'] = [self.shapes.serve_batch / t
+                                            for t in self.res[f'{name}_times_s']]
+    self.res['peak_rss_mb'] = common.peak_rss_mb()
+    return self.res
+
+
+class DecodeBench:
+  """Greedy decoding with the KV cache through `predict_batch_with_aux`."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.res = {'times_s': []}
+
+  def setup(self) -> dict:
+    args, shapes = self.args, self.shapes
+    jax = self.jax = _setup_jax(args)
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    p = args.prompt_length
+    config, params = _load(args, p)
+    model = _model(config, p, with_optimizer=False)
+    self.params = jax.device_put(params)
+    enc = common.decode_inputs(shapes)
+    n = shapes.decode_tokens
+    self.batch = {'encoder_input_tokens': enc,
+                  'decoder_input_tokens': np.zeros((enc.shape[0], n), np.int32)}
+
+    def no_eos(logits, state):
+      del state
+      return logits.at[:, common.EOS_ID].set(-1e10)
+
+    def predict(prm, bt):
+      return model.predict_batch_with_aux(
+          prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': no_eos})[0]
+
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    self.fn = partitioner.partition(predict, in_axis_resources=None, out_axis_resources=None)
+    t0 = time.perf_counter()
+    tokens = np.asarray(jax.device_get(self.fn(self.params, self.batch)))
+    self.res.update({'first_call_s': time.perf_counter() - t0, 'tokens': tokens.tolist(),
+                     'batch': int(enc.shape[0]), 'new_tokens': n})
+    return {}
+
+  def rep(self) -> dict:
+    t = common.timed(lambda: self.jax.block_until_ready(self.fn(self.params, self.batch)), 1)[0]
+    self.res['times_s'].append(t)
+    return {'s': t}
+
+  def finish(self) -> dict:
+    b, n = self.res['batch'], self.res['new_tokens']
+    self.res['tokens_per_s'] = [b * n / t for t in self.res['times_s']]
+    self.res['peak_rss_mb'] = common.peak_rss_mb()
+    return self.res
+
+
+SECTIONS = {'train': TrainBench, 'serve': ServeBench, 'decode': DecodeBench}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--job', action='append', default=None,
+                      help='SECTION:PROMPT_LENGTH; repeat to run several jobs in this process')
+  parser.add_argument('--section', choices=sorted(SECTIONS), help='a single job\'s section')
+  parser.add_argument('--prompt-length', type=int, default=20)
+  parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', default=None, help='result JSON (standalone mode)')
+  parser.add_argument('--reply-fd', type=int, default=None, help='orchestrated mode')
+  parser.add_argument('--reps', type=int, default=None, help='repetitions (standalone mode)')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--dropout', type=float, default=0.0)
+  parser.add_argument('--stub-tf', action='store_true',
+                      help='stub out seqio/tensorflow (measures a lazy-import library change)')
+  parser.add_argument('--compilation-cache', default=None,
+                      help='persistent XLA compilation cache dir (re-compiling the step for '
+                      'cost_analysis then hits the cache)')
+  args = parser.parse_args(argv)
+  shapes = common.SHAPES[args.shapes]
+  jobs = common.parse_jobs(args.job, args.section, args.prompt_length)
+  for section, _ in jobs:
+    if section not in SECTIONS:
+      parser.error(f'unknown section {section!r}; choose from {sorted(SECTIONS)}')
+  t0 = time.time()
+
+  def make_bench(section, p):
+    job_args = argparse.Namespace(**vars(args))
+    job_args.prompt_length = p
+    return SECTIONS[section](job_args, shapes)
+
+  def finish_meta(job):
+    section, p = job
+    meta = {'framework': 'ours', 'section': section, 'shapes': shapes.name, 'prompt_length': p,
+            'dtype': args.dtype, 'dropout': args.dropout, 'stub_tf': args.stub_tf,
+            'wall_s': time.time() - t0,
+            'load_avg_end': common.load_avg()}
+    if 'jax' in sys.modules:
+      jax = sys.modules['jax']
+      meta.update({'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind})
+    return meta
+
+  def reps(section):
+    if args.reps is not None:
+      return args.reps
+    return {'train': shapes.train_reps, 'serve': shapes.serve_reps,
+            'decode': shapes.decode_reps}[section]
+
+  res = common.run_worker(make_bench, jobs, args.reply_fd, reps, finish_meta)
+  if res is not None and args.out:
+    common.write_json(args.out, res[0] if len(res) == 1 else res)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,254 @@
+"""Shapes, synthetic data, timing and memory helpers shared by the benchmark workers.
+
+Both workers (`bench_ours.py`, `bench_peft.py`) build their inputs from the same seeds through these
+functions, so they see identical token ids and identical prompt values.
+"""
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+SEED = 0
+PROMPT_SEED = 1
+EOS_ID = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """One benchmark size: the model (as transformers `T5Config` kwargs) and the workloads."""
+  name: str
+  hf_config: Dict[str, Any]
+  batch: int                 # training batch
+  inputs: int                # encoder input length (before the prompt)
+  targets: int               # decoder target length
+  prompt_lengths: Sequence[int]
+  train_steps: int           # steps per timed repetition
+  train_reps: int            # timed repetitions per worker process
+  serve_batch: int           # mixed-task serving batch
+  serve_tasks: int           # tasks (prompts) in that batch
+  serve_reps: int
+  decode_batch: int
+  decode_tokens: int
+  decode_reps: int
+  serve_prompt_lengths: Sequence[int] = (100,)   # the gin default PROMPT_LENGTH
+  decode_prompt_lengths: Sequence[int] = (100,)
+  matmul_size: int = 2048
+  matmul_reps: int = 5        # matmul timings after every repetition
+  num_train_batches: int = 4  # distinct host batches cycled through
+
+
+def _t5_1_1(d_model, d_ff, layers, heads, vocab=32128, d_kv=64) -> Dict[str, Any]:
+  return dict(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
+              num_decoder_layers=layers, num_heads=heads, feed_forward_proj='gated-gelu',
+              tie_word_embeddings=False, dropout_rate=0.0, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, layer_norm_epsilon=1e-6, pad_token_id=0,
+              eos_token_id=EOS_ID, decoder_start_token_id=0)
+
+
+SHAPES = {
+    # The issue's CPU setting: T5 1.1 small shape, batch 8, inputs 128, targets 8.
+    'full': Shapes(name='full', hf_config=_t5_1_1(512, 1024, 8, 6), batch=8, inputs=128, targets=8,
+                   prompt_lengths=(20, 100), train_steps=3, train_reps=3, serve_batch=32,
+                   serve_tasks=16, serve_reps=3, decode_batch=8, decode_tokens=32,
+                   decode_reps=3),
+    # Smoke-test size (< 1 minute end to end).
+    'quick': Shapes(name='quick', hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16), batch=4,
+                    inputs=16, targets=4, prompt_lengths=(4, 8), train_steps=2, train_reps=1,
+                    serve_batch=8, serve_tasks=4, serve_reps=1, decode_batch=4, decode_tokens=4,
+                    decode_reps=1, serve_prompt_lengths=(4,), decode_prompt_lengths=(4,),
+                    matmul_size=256, matmul_reps=3),
+    # GPU section (only run when JAX sees a GPU): the same workloads on T5 1.1 base and large with
+    # bfloat16 activations (the dtype is chosen by the workers' --dtype).
+    'gpu_base': Shapes(name='gpu_base', hf_config=_t5_1_1(768, 2048, 12, 12), batch=8, inputs=128,
+                       targets=8, prompt_lengths=(20, 100), train_steps=10, train_reps=5,
+                       serve_batch=32, serve_tasks=16, serve_reps=5, decode_batch=8,
+                       decode_tokens=32, decode_reps=5, matmul_size=8192),
+    'gpu_large': Shapes(name='gpu_large', hf_config=_t5_1_1(1024, 2816, 24, 16), batch=8,
+                        inputs=128, targets=8, prompt_lengths=(20, 100), train_steps=10,
+                        train_reps=5, serve_batch=32, serve_tasks=16, serve_reps=5,
+                        decode_batch=8, decode_tokens=32, decode_reps=5, matmul_size=8192),
+    # Runs the GPU-section code path on CPU with tiny shapes (tests it without a GPU).
+    'gpu_tiny': Shapes(name='gpu_tiny', hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16),
+                       batch=4, inputs=16, targets=4, prompt_lengths=(4,), train_steps=2,
+                       train_reps=1, serve_batch=8, serve_tasks=4, serve_reps=1, decode_batch=4,
+                       decode_tokens=4, decode_reps=1, serve_prompt_lengths=(4,),
+                       decode_prompt_lengths=(4,), matmul_size=256, matmul_reps=3),
+}
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _tokens(rng: np.random.RandomState, shape, vocab: int) -> np.ndarray:
+  # Ids 0 (pad) and 1 (EOS) are avoided, so every position is real and nothing stops early.
+  return rng.randint(2, vocab, size=shape).astype(np.int32)
+
+
+def shift_right(targets: np.ndarray) -> np.ndarray:
+  return np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+
+
+def train_batches(shapes: Shapes) -> List[Dict[str, np.ndarray]]:
+  """`num_train_batches` host (numpy) batches in the EncDecFeatureConverter layout."""
+  rng = np.random.RandomState(SEED)
+  vocab = shapes.hf_config['vocab_size']
+  out = []
+  for _ in range(shapes.num_train_batches):
+    enc = _tokens(rng, (shapes.batch, shapes.inputs), vocab)
+    tgt = _tokens(rng, (shapes.batch, shapes.targets), vocab)
+    out.append({'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(tgt),
+                'decoder_target_tokens': tgt,
+                'decoder_loss_weights': np.ones_like(tgt, dtype=np.float32)})
+  return out
+
+
+def serve_batch(shapes: Shapes) -> Dict[str, np.ndarray]:
+  """`serve_batch` examples; example i belongs to task `prompt_ids[i]` (shuffled, equal counts)."""
+  rng = np.random.RandomState(SEED + 1)
+  vocab = shapes.hf_config['vocab_size']
+  n, t = shapes.serve_batch, shapes.serve_tasks
+  if n % t:
+    raise ValueError(f'serve_batch {n} must be a multiple of serve_tasks {t}.')
+  enc = _tokens(rng, (n, shapes.inputs), vocab)
+  tgt = _tokens(rng, (n, shapes.targets), vocab)
+  ids = rng.permutation(np.repeat(np.arange(t), n // t)).astype(np.int32)
+  return {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(tgt),
+          'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32),
+          'prompt_ids': ids}
+
+
+def decode_inputs(shapes: Shapes) -> np.ndarray:
+  rng = np.random.RandomState(SEED + 2)
+  return _tokens(rng, (shapes.decode_batch, shapes.inputs), shapes.hf_config['vocab_size'])
+
+
+def prompt_bank(num: int, length: int, dim: int) -> np.ndarray:
+  """`[num, length, dim]` float32 prompts, U[-0.5, 0.5) (Lester et al.'s random init)."""
+  rng = np.random.RandomState(PROMPT_SEED)
+  return rng.uniform(-0.5, 0.5, size=(num, length, dim)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs)) if xs else float('nan')
+
+
+def timed(fn: Callable[[], Any], reps: int) -> List[float]:
+  """Wall-clock seconds of `reps` calls of `fn` (which must block until its work is done)."""
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (MiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+  """Current resident set size (MiB)."""
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+    return psutil.Process().memory_info().rss / 2**20
+  except ImportError:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def load_avg() -> Optional[List[float]]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+def matmul_flops(n: int) -> float:
+  return 2.0 * n ** 3
+
+
+# ------------------------------------------------------------------------- worker protocol
+
+
+def parse_jobs(jobs: Optional[Sequence[str]], section: Optional[str],
+               prompt_length: int) -> List[tuple]:
+  """`['train:20', 'serve:100']` (or one `--section` and `--prompt-length`) -> `[(section, P)]`."""
+  if not jobs:
+    if not section:
+      raise SystemExit('pass --section (and --prompt-length) or one or more --job SECTION:P')
+    return [(section, prompt_length)]
+  out = []
+  for job in jobs:
+    name, _, p = job.partition(':')
+    out.append((name, int(p) if p else prompt_length))
+  return out
+
+
+def run_worker(make_bench: Callable[[str, int], Any], jobs: Sequence[tuple],
+               reply_fd: Optional[int], reps: Callable[[str], int], finish_meta: Callable[[Any],
+                                                                                          dict]):
+  """Runs benchmark jobs; each bench has `setup()`, `rep()` and `finish()`.
+
+  Without `reply_fd`: for each job, setup, `reps(section)` repetitions, finish; returns the list
+  of results. With `reply_fd` (the orchestrator's mode): reads commands `setup I`, `rep I`,
+  `finish I` (I = job index) from stdin, one per line, and answers each with one JSON line on
+  `reply_fd`, so two frameworks' repetitions can be interleaved in time while never overlapping.
+  Exits when stdin closes.
+  """
+  benches: Dict[int, Any] = {}
+
+  def get(i):
+    if i not in benches:
+      benches[i] = make_bench(*jobs[i])
+    return benches[i]
+
+  def finish(i):
+    res = get(i).finish()
+    res.update(finish_meta(jobs[i]))
+    return res
+
+  if reply_fd is None:
+    results = []
+    for i, (section, _) in enumerate(jobs):
+      get(i).setup()
+      for _ in range(reps(section)):
+        get(i).rep()
+      results.append(finish(i))
+    return results
+  with os.fdopen(reply_fd, 'w') as out:
+    for line in sys.stdin:
+      parts = line.split()
+      if not parts:
+        continue
+      cmd, i = parts[0], int(parts[1]) if len(parts) > 1 else 0
+      try:
+        if cmd == 'finish':
+          result = finish(i)
+        elif cmd in ('setup', 'rep'):
+          result = getattr(get(i), cmd)()
+        else:
+          raise ValueError(f'unknown command {cmd!r}')
+        msg = {'cmd': cmd, 'result': result}
+      except Exception:  # pylint: disable=broad-except
+        msg = {'cmd': cmd, 'error': traceback.format_exc()}
+      out.write(json.dumps(msg, default=float) + '\n')
+      out.flush()
+  return None

@@ -1,0 +1,786 @@
+"""Runs the prompt_tuning vs Hugging Face PEFT benchmarks and writes benchmarks/RESULTS.md.
+
+    python -m benchmarks.run            # full CPU benchmark (T5 1.1 small shape, ~15 minutes)
+    python -m benchmarks.run --quick    # tiny shapes, one repetition (< 1 minute; smoke test)
+
+Needs the `bench` extra (`pip install -e .[bench]`: torch, transformers, peft, psutil).
+
+Every measurement runs in worker processes (`benchmarks/bench_ours.py`, `benchmarks/bench_peft.py`),
+one per framework and section, so each reports its own peak resident memory. The two workers of a
+comparison are started together and driven in lockstep: both set up, then their timed repetitions
+alternate (ours, PEFT, PEFT, ours, ...) and never overlap, so slow phases of a shared machine hit
+both. Reported numbers are medians over repetitions; ratios are ratios of those medians (the
+range of the ratios of adjacent repetition pairs is given too).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CALL_TIMEOUT_S = 1800
+
+
+class WorkerError(RuntimeError):
+  pass
+
+
+class Worker:
+  """A benchmark worker process driven through stdin commands and a reply pipe."""
+
+  def __init__(self, label: str, argv: Sequence[str], log_dir: str,
+               env: Optional[Dict[str, str]] = None, cpus: Optional[Sequence[int]] = None):
+    self.label = label
+    read_fd, write_fd = os.pipe()
+    self.log_path = os.path.join(log_dir, label + '.log')
+    self.log = open(self.log_path, 'w')
+    env = dict(os.environ, **(env or {}))
+    env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    env.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    env.setdefault('HF_HUB_OFFLINE', '1')
+    env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+    self.argv = list(argv) + ['--reply-fd', str(write_fd)]
+    self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=self.log,
+                                 stderr=subprocess.STDOUT, pass_fds=(write_fd,), text=True,
+                                 cwd=REPO, env=env,
+                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    os.close(write_fd)
+    self.reply = os.fdopen(read_fd)
+
+  def call(self, cmd: str, timeout: float = CALL_TIMEOUT_S) -> Any:
+    try:
+      self.proc.stdin.write(cmd + '\n')
+      self.proc.stdin.flush()
+    except BrokenPipeError as e:
+      raise WorkerError(f'{self.label} exited early; see {self.log_path}') from e
+    ready, _, _ = select.select([self.reply], [], [], timeout)
+    if not ready:
+      self.kill()
+      raise WorkerError(f'{self.label}: {cmd!r} took over {timeout:.0f} s; see {self.log_path}')
+    line = self.reply.readline()
+    if not line:
+      self.proc.wait(timeout=60)
+      raise WorkerError(f'{self.label} died during {cmd!r} (exit code {self.proc.returncode}); '
+                        f'see {self.log_path}')
+    msg = json.loads(line)
+    if 'error' in msg:
+      raise WorkerError(f'{self.label}: {cmd!r} failed:\n{msg["error"]}')
+    return msg['result']
+
+  def close(self) -> None:
+    try:
+      self.proc.stdin.close()
+    except OSError:
+      pass
+    try:
+      self.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      self.kill()
+    self.reply.close()
+    self.log.close()
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+
+def run_group(specs: Sequence[tuple], jobs: Sequence[tuple], reps: Dict[str, int], log_dir: str,
+              log=print, env: Optional[Dict[str, str]] = None,
+              cpus: Optional[Sequence[int]] = None) -> Dict[str, List[Any]]:
+  """Runs `jobs` (`(section, P)`) in lockstep on one worker per `(label, argv[, extra env])`.
+
+  Each worker process was started with all the jobs; for each job the workers set up one after
+  the other, then their `reps[section]` repetitions alternate. Returns `{label: [result or
+  {'error': ...} per job]}`.
+  """
+  workers = []
+  for spec in specs:
+    extra = dict(env or {}, **(spec[2] if len(spec) > 2 else {}))
+    w = Worker(spec[0], spec[1], log_dir, extra, cpus)
+    w.shown_env = {k: v for k, v in extra.items() if k not in ('CUDA_VISIBLE_DEVICES',)}
+    w.cpus = cpus
+    workers.append(w)
+  out: Dict[str, List[Any]] = {w.label: [] for w in workers}
+  broken = set()
+  try:
+    for j, (section, p) in enumerate(jobs):
+      active = []
+      for w in workers:
+        if w.label in broken:
+          out[w.label].append({'error': f'{w.label} died earlier; see {w.log_path}'})
+          continue
+        t0 = time.time()
+        try:
+          w.call(f'setup {j}')
+          log(f'  {w.label} {section} P={p}: set up in {time.time() - t0:.0f} s')
+          active.append(w)
+        except WorkerError as e:
+          out[w.label].append({'error': str(e)})
+          log(f'  {w.label} {section} P={p}: FAILED ({e})')
+          if w.proc.poll() is not None:
+            broken.add(w.label)
+      failed = set()
+      n = reps.get(section, 0)
+      for r in range(n):
+        for w in (active if r % 2 == 0 else active[::-1]):
+          if w.label in failed:
+            continue
+          try:
+            res = w.call(f'rep {j}')
+            log(f'  {w.label} {section} P={p}: rep {r + 1}/{n} ' +
+                ', '.join(f'{k} {v:.3f} s' for k, v in res.items()))
+          except WorkerError as e:
+            out[w.label].append({'error': str(e)})
+            failed.add(w.label)
+            log(f'  {w.label} {section} P={p}: FAILED ({e})')
+            if w.proc.poll() is not None:
+              broken.add(w.label)
+      for w in active:
+        if w.label in failed:
+          continue
+        try:
+          res = w.call(f'finish {j}')
+          res['command'] = ' '.join(
+              ([f'taskset -c {",".join(map(str, w.cpus))}'] if w.cpus else []) +
+              [f'{k}={shlex.quote(v)}' for k, v in sorted(w.shown_env.items())] +
+              [shlex.quote(a) for a in w.argv[:-2]])
+          out[w.label].append(res)
+        except WorkerError as e:
+          out[w.label].append({'error': str(e)})
+          log(f'  {w.label} {section} P={p}: FAILED ({e})')
+  finally:
+    for w in workers:
+      w.close()
+  return out
+
+
+# ------------------------------------------------------------------------------- the suite
+
+
+def _py() -> List[str]:
+  return [sys.executable, '-m']
+
+
+def _worker_argv(framework: str, jobs: Sequence[tuple], shapes: str, workdir: str,
+                 **kw) -> List[str]:
+  argv = _py() + [f'benchmarks.bench_{framework}', '--shapes', shapes, '--workdir', workdir]
+  for section, p in jobs:
+    argv += ['--job', f'{section}:{p}']
+  for k, v in kw.items():
+    if v is None or v is False:
+      continue
+    flag = '--' + k.replace('_', '-')
+    argv += [flag] if v is True else [flag, str(v)]
+  return argv
+
+
+# PyTorch's OpenMP threads spin while they wait; with other processes on the cores (a shared
+# machine) that made PEFT's steps 2.5-5x slower in this project's measurements. Passive waiting
+# is the standard setting for an oversubscribed machine (see ANALYSIS.md).
+TORCH_ENV = {'OMP_WAIT_POLICY': 'PASSIVE'}
+
+
+def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str, variants: bool,
+              one_process: bool = False, cpu_only: bool = True, pinned: Sequence[str] = (),
+              log=print) -> Dict[str, Any]:
+  """Prepare + training, serving and decoding comparisons for one size. Returns raw results.
+
+  With `one_process` each framework runs all its jobs in one process (quick mode: saves the
+  start-up and import time; peak memory is then shared by the jobs). With `cpu_only` the
+  workers see no accelerator (JAX_PLATFORMS=cpu, CUDA_VISIBLE_DEVICES=''). The sections named
+  in `pinned` are compared once more (longest prompt) with both workers on one core and one
+  thread each: per-core efficiency, without thread synchronisation under contention.
+  """
+  env = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''} if cpu_only else None
+  os.makedirs(workdir, exist_ok=True)
+  results: Dict[str, Any] = {'shapes': shapes.name, 'dtype': dtype}
+  log(f'[{shapes.name}] building the random transformers T5 checkpoint')
+  label = f'{shapes.name}_prepare'
+  prep = run_group([(label, _worker_argv('peft', [('prepare', 0)], shapes.name, workdir))],
+                   [('prepare', 0)], {}, log_dir, log, env={'CUDA_VISIBLE_DEVICES': ''})
+  results['prepare'] = prep[label][0]
+  if 'error' in results['prepare']:
+    return results
+  cache = os.path.join(workdir, 'jax_cache')
+  reps = {'train': shapes.train_reps, 'serve': shapes.serve_reps, 'decode': shapes.decode_reps}
+  jobs = ([('train', p) for p in shapes.prompt_lengths] +
+          [('serve', p) for p in shapes.serve_prompt_lengths] +
+          [('decode', p) for p in shapes.decode_prompt_lengths])
+  for section, _ in jobs:
+    results.setdefault(section, {})
+  groups = [jobs] if one_process else [[job] for job in jobs]
+  for group in groups:
+    tag = '_'.join(f'{s}{p}' for s, p in group) if len(group) < 3 else 'all'
+    specs = [(f'{shapes.name}_ours_{tag}',
+              _worker_argv('ours', group, shapes.name, workdir, dtype=dtype,
+                           compilation_cache=cache)),
+             (f'{shapes.name}_peft_{tag}',
+              _worker_argv('peft', group, shapes.name, workdir, dtype=dtype), TORCH_ENV)]
+    log(f'[{shapes.name}] ' + ', '.join(f'{s} P={p}' for s, p in group))
+    res = run_group(specs, group, reps, log_dir, log, env)
+    for j, (section, p) in enumerate(group):
+      results[section][p] = {'ours': res[specs[0][0]][j], 'peft': res[specs[1][0]][j]}
+  if variants:
+    p = max(shapes.prompt_lengths)
+    label = f'{shapes.name}_ours_train{p}_proposed'
+    log(f'[{shapes.name}] train P={p} with the proposed library change (no seqio/TF import)')
+    res = run_group([(label, _worker_argv('ours', [('train', p)], shapes.name, workdir,
+                                          dtype=dtype, compilation_cache=cache + '_proposed',
+                                          stub_tf=True))],
+                    [('train', p)], {'train': 1}, log_dir, log, env)
+    results['proposed'] = {p: res[label][0]}
+  if pinned and hasattr(os, 'sched_setaffinity'):
+    core = sorted(os.sched_getaffinity(0))[-1]
+    one_thread = dict(env or {}, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
+        ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')).strip(),
+                      OMP_NUM_THREADS='1')
+    pjobs = [(section, max(lengths)) for section, lengths in (
+        ('train', shapes.prompt_lengths), ('serve', shapes.serve_prompt_lengths),
+        ('decode', shapes.decode_prompt_lengths)) if section in pinned]
+    specs = [(f'{shapes.name}_ours_pinned',
+              _worker_argv('ours', pjobs, shapes.name, workdir, dtype=dtype,
+                           compilation_cache=cache + '_pinned')),
+             (f'{shapes.name}_peft_pinned',
+              _worker_argv('peft', pjobs, shapes.name, workdir, dtype=dtype, threads=1),
+              TORCH_ENV)]
+    log(f'[{shapes.name}] ' + ', '.join(f'{s} P={p}' for s, p in pjobs) +
+        f', both pinned to core {core} with one thread')
+    res = run_group(specs, pjobs, reps, log_dir, log, one_thread, cpus=[core])
+    for j, (section, p) in enumerate(pjobs):
+      results.setdefault(f'pinned_{section}', {})[p] = {
+          'ours': res[specs[0][0]][j], 'peft': res[specs[1][0]][j], 'core': core}
+  return results
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def _med(xs):
+  return common.median(xs) if xs else float('nan')
+
+
+def _fmt(x, digits=2):
+  if x is None:
+    return 'n/a'
+  try:
+    if x != x:  # NaN
+      return 'n/a'
+  except TypeError:
+    return str(x)
+  if abs(x) >= 100:
+    return f'{x:,.0f}'
+  if 0 < abs(x) < 1:
+    return f'{x:.{max(digits, 2)}g}'
+  return f'{x:.{digits}f}'
+
+
+def _ratio(a, b):
+  try:
+    return a / b
+  except (TypeError, ZeroDivisionError):
+    return float('nan')
+
+
+def _paired(ours: Sequence[float], peft: Sequence[float]) -> str:
+  """Range of the ratios of repetition pairs (adjacent in time), and best vs best."""
+  pairs = [o / p for o, p in zip(ours, peft) if o and p]
+  if not pairs:
+    return 'n/a'
+  best = max(ours) / max(peft)
+  return f'pairs {min(pairs):.2f}-{max(pairs):.2f}; best/best {best:.2f}'
+
+
+def _xla_mem(mem) -> str:
+  if not mem:
+    return ''
+  return (f' (XLA buffers of the step: arguments {_fmt(mem["argument"])} MiB, of which donated '
+          f'{_fmt(mem["alias"])}, temporaries {_fmt(mem["temp"])} MiB)')
+
+
+def _ok(value, target, higher=True):
+  if value is None or value != value:
+    return 'n/a'
+  return 'met' if (value >= target if higher else value <= target) else '**missed**'
+
+
+def _err(res) -> Optional[str]:
+  if res is None:
+    return 'not run'
+  if 'error' in res:
+    return 'failed: ' + res['error'].strip().splitlines()[-1][:200]
+  return None
+
+
+def _machine() -> Dict[str, Any]:
+  info = {'platform': platform.platform(), 'python': platform.python_version(),
+          'cores': os.cpu_count()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu'] = line.split(':', 1)[1].strip()
+          break
+    with open('/proc/meminfo') as f:
+      info['memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
+  except OSError:
+    pass
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  versions = {}
+  for pkg in ('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'peft', 'numpy'):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = 'not installed'
+  info['versions'] = versions
+  return info
+
+
+def train_rows(results) -> List[Dict[str, Any]]:
+  rows = []
+  for p, r in results.get('train', {}).items():
+    o, q = r['ours'], r['peft']
+    row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
+    if _err(o) is None:
+      row.update({'ours_ex_s': _med(o['examples_per_s']), 'flops_step': o['flops_per_step'],
+                  'achieved': o['achieved_flops_per_s'], 'matmul': o['matmul_flops_per_s'],
+                  'util': o['utilisation'], 'ours_rss': o['peak_rss_mb'],
+                  'ours_loss': o['first_loss'], 'ours_first_step_s': o['first_step_s'],
+                  'ours_second_step_s': o.get('second_step_s'),
+                  'cache': o.get('jit_cache_entries', {}), 'ours_rss_phases': o.get('rss_mb', {}),
+                  'ours_ex_all': o['examples_per_s'], 'xla_mem': o.get('xla_memory_mb')})
+    if q is not None and _err(q) is None:
+      row.update({'peft_ex_s': _med(q['examples_per_s']), 'peft_rss': q['peak_rss_mb'],
+                  'peft_loss': q['first_loss'], 'peft_matmul': q['matmul_flops_per_s'],
+                  'peft_ex_all': q['examples_per_s'], 'peft_rss_phases': q.get('rss_mb', {})})
+    row['speedup'] = _ratio(row.get('ours_ex_s'), row.get('peft_ex_s'))
+    if 'peft_ex_s' in row and 'flops_step' in row:
+      row['peft_achieved'] = row['flops_step'] * row['peft_ex_s'] / shapes_batch(results)
+      row['peft_util'] = row['peft_achieved'] / row['peft_matmul']
+    rows.append(row)
+  return rows
+
+
+def shapes_batch(results) -> int:
+  return common.SHAPES[results['shapes']].batch
+
+
+def serve_rows(results) -> List[Dict[str, Any]]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rows = []
+  for p, r in results.get('serve', {}).items():
+    o, q = r['ours'], r['peft']
+    row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
+    if _err(o) is None:
+      row.update({'mixed': _med(o['mixed_examples_per_s']),
+                  'single': _med(o['single_examples_per_s']),
+                  'mixed_all': o['mixed_examples_per_s'], 'single_all': o['single_examples_per_s'],
+                  'ours_rss': o['peak_rss_mb']})
+      row['mixed_vs_single'] = _ratio(row['mixed'], row['single'])
+    if q is not None and _err(q) is None:
+      row.update({'peft_per_task': _med(q['per_task_examples_per_s']),
+                  'peft_single': _med(q['single_examples_per_s']),
+                  'peft_per_task_all': q['per_task_examples_per_s'], 'peft_rss': q['peak_rss_mb']})
+      row['mixed_vs_peft'] = _ratio(row.get('mixed'), row['peft_per_task'])
+      if _err(o) is None:
+        a, b = np.asarray(o['mixed_scores']), np.asarray(q['per_task_scores'])
+        row['score_diff'] = float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+    rows.append(row)
+  return rows
+
+
+def decode_rows(results) -> List[Dict[str, Any]]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rows = []
+  for p, r in results.get('decode', {}).items():
+    o, q = r['ours'], r['peft']
+    row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
+    if _err(o) is None:
+      row.update({'ours_tok_s': _med(o['tokens_per_s']), 'ours_all': o['tokens_per_s'],
+                  'batch': o['batch'], 'new_tokens': o['new_tokens'],
+                  'ours_first_s': o['first_call_s']})
+    if q is not None and _err(q) is None:
+      row.update({'hf_tok_s': _med(q['tokens_per_s']), 'hf_all': q['tokens_per_s']})
+      row['speedup'] = _ratio(row.get('ours_tok_s'), row['hf_tok_s'])
+      if _err(o) is None:
+        a, b = np.asarray(o['tokens']), np.asarray(q['tokens'])
+        if a.shape == b.shape:
+          row['agree'] = float(np.mean(a == b))
+    rows.append(row)
+  return rows
+
+
+def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
+  lines: List[str] = []
+  add = lines.append
+  m = meta['machine']
+  add('# Benchmarks: prompt_tuning (JAX/Flax) vs Hugging Face PEFT (PyTorch)')
+  add('')
+  add(f'Generated by `{meta["command"]}` on {meta["date"]} in {meta["wall_min"]:.1f} minutes'
+      + (' (**quick mode: tiny shapes, one repetition; not a measurement**)'
+         if meta['quick'] else '') + '.')
+  add('')
+  add(f'- Machine: {m.get("cpu", "?")}, {m.get("cores")} cores, {m.get("memory_gib", "?")} GiB, '
+      f'{m["platform"]}, Python {m["python"]}; JAX default backend `{meta["backend"]}` (the CPU '
+      'sections run with `JAX_PLATFORMS=cpu`).')
+  add('- Versions: ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + '.')
+  add(f'- Load average (1/5/15 min) at start {meta["load_start"]}, at end {meta["load_end"]}. '
+      'Other processes shared this machine, so absolute numbers are noisy; compare the ratios '
+      '(both frameworks\' repetitions are interleaved in time).')
+  add('- Method: one worker process per framework and section; both set up, then their timed '
+      'repetitions alternate and never overlap. Numbers are medians over repetitions; ratios are '
+      'ratios of medians; "pairs" is the range of ratios of adjacent repetition pairs and '
+      '"best/best" the ratio of the fastest repetitions (the least disturbed by other load). XLA '
+      'uses all cores; `torch.set_num_threads(cores)`; PEFT workers run with '
+      f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.')
+  for key, res in all_results.items():
+    lines += _render_suite(key, res, meta)
+  if meta.get('gpu_note'):
+    add('')
+    add('## GPU section')
+    add('')
+    add(meta['gpu_note'])
+  if meta.get('analysis'):
+    add('')
+    add(meta['analysis'].rstrip())
+  add('')
+  return '\n'.join(lines)
+
+
+def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
+  lines: List[str] = []
+  add = lines.append
+  shapes = common.SHAPES[res['shapes']]
+  hf = shapes.hf_config
+  dtype = res['dtype']
+  add('')
+  add(f'## {key}: d_model {hf["d_model"]}, {hf["num_layers"]}+{hf["num_decoder_layers"]} layers, '
+      f'{hf["num_heads"]} heads of {hf["d_kv"]}, d_ff {hf["d_ff"]} (gated GELU), vocab '
+      f'{hf["vocab_size"]}, {dtype}')
+  add('')
+  if _err(res.get('prepare')):
+    add(f'Preparing the checkpoint {_err(res["prepare"])}.')
+    return lines
+  add(f'Random `T5ForConditionalGeneration` (seed {common.SEED}, untied head) saved with '
+      '`save_pretrained` and loaded into ours with `prompt_tuning.checkpoints.huggingface.load_t5`; '
+      'prompts U[-0.5, 0.5) from one seed in both. Dropout 0.')
+  add('')
+  # Training.
+  add(f'### 1. Training (batch {shapes.batch}, inputs {shapes.inputs}, targets {shapes.targets}; '
+      f'{shapes.train_reps} repetitions of {shapes.train_steps} steps after 2 warm-up steps)')
+  add('')
+  add('Ours: `runtime.trainer.Trainer.train` on host (numpy) batches, state from '
+      '`runtime.train.StateBuilder`, T5X `Adafactor` (decay_rate 0.8, no parameter scaling, '
+      'clipping 1.0) on `.*/prompt/.*` through `MultiOptimizer`, gradient w.r.t. the prompt only, '
+      'state donated. PEFT: `PromptTuningConfig(num_transformer_submodules=1)`, '
+      '`transformers.optimization.Adafactor(lr=0.3, relative_step=False, scale_parameter=False)` '
+      'on the prompt embedding, `loss.backward()`, `step()`. Same loss (mean token cross entropy).')
+  add('')
+  add('| prompt | ours ex/s | PEFT ex/s | speedup | target >= 1.5x | peak RSS ours / PEFT (MiB) '
+      '| target ours <= PEFT | first-step loss ours / PEFT |')
+  add('|---|---|---|---|---|---|---|---|')
+  for r in train_rows(res):
+    if r.get('error') and 'ours_ex_s' not in r:
+      add(f'| {r["P"]} | {r["error"]} |' + ' |' * 6)
+      continue
+    add(f'| {r["P"]} | {_fmt(r.get("ours_ex_s"))} | {_fmt(r.get("peft_ex_s"))} | '
+        f'{_fmt(r["speedup"])}x ({_paired(r.get("ours_ex_all", []), r.get("peft_ex_all", []))}) | '
+        f'{_ok(r["speedup"], 1.5)} | {_fmt(r["ours_rss"])} / {_fmt(r.get("peft_rss"))} | '
+        f'{_ok(r["ours_rss"], r.get("peft_rss", float("nan")), higher=False)} | '
+        f'{_fmt(r["ours_loss"], 4)} / {_fmt(r.get("peft_loss"), 4)} |')
+  add('')
+  add('Utilisation: FLOPs of one step from XLA\'s `compiled.cost_analysis()` (the same computation '
+      'in both frameworks: forward, and backward to the prompt without weight gradients) divided by '
+      f'the median step time, relative to the FLOP/s of a {shapes.matmul_size}x{shapes.matmul_size} '
+      f'{dtype} matmul timed in the same process after every repetition (median; `jnp.dot` for '
+      'ours, `torch.mm` for PEFT).')
+  add('')
+  add('| prompt | GFLOP/step | ours GFLOP/s | `jnp.dot` GFLOP/s | ours utilisation | target >= 60% '
+      '| PEFT GFLOP/s | `torch.mm` GFLOP/s | PEFT utilisation |')
+  add('|---|---|---|---|---|---|---|---|---|')
+  for r in train_rows(res):
+    if 'ours_ex_s' not in r:
+      continue
+    add(f'| {r["P"]} | {_fmt(r["flops_step"] / 1e9, 1)} | {_fmt(r["achieved"] / 1e9, 1)} | '
+        f'{_fmt(r["matmul"] / 1e9, 1)} | {100 * r["util"]:.0f}% | {_ok(r["util"], 0.6)} | '
+        f'{_fmt(r.get("peft_achieved", float("nan")) / 1e9, 1)} | '
+        f'{_fmt(r.get("peft_matmul", float("nan")) / 1e9, 1)} | '
+        f'{_fmt(100 * r.get("peft_util", float("nan")), 0)}% |')
+  rows = [r for r in train_rows(res) if 'ours_ex_s' in r]
+  if rows:
+    add('')
+    add('Ours, details: ' + '; '.join(
+        f'P={r["P"]}: first step (trace + compile) {_fmt(r["ours_first_step_s"], 1)} s, second '
+        f'step {_fmt(r["ours_second_step_s"], 1)} s, jit cache entries of the train step '
+        f'{r["cache"].get("after_step_1")} after step 1 / {r["cache"].get("after_step_2")} after '
+        f'step 2 / {r["cache"].get("after_timing")} after the timed steps; RSS MiB after imports '
+        f'{_fmt(r["ours_rss_phases"].get("imports"))}, loaded '
+        f'{_fmt(r["ours_rss_phases"].get("loaded"))}, state built '
+        f'{_fmt(r["ours_rss_phases"].get("state"))}, compiled '
+        f'{_fmt(r["ours_rss_phases"].get("compiled"))}' + _xla_mem(r.get('xla_mem'))
+        for r in rows) + '.')
+    add('PEFT, details: ' + '; '.join(
+        f'P={r["P"]}: RSS MiB after imports {_fmt(r.get("peft_rss_phases", {}).get("imports"))}, '
+        f'loaded {_fmt(r.get("peft_rss_phases", {}).get("loaded"))}' for r in rows) + '.')
+  prop = res.get('proposed') or {}
+  for p, o in prop.items():
+    add('')
+    if _err(o):
+      add(f'With the proposed library change (P={p}): {_err(o)}.')
+      continue
+    base = next((r for r in rows if r['P'] == p), {})
+    add(f'With the proposed library change (P={p}; `seqio`/TensorFlow not imported by the modules '
+        'the train step needs, simulated by stubbing them; 1 repetition): peak RSS '
+        f'{_fmt(o["peak_rss_mb"])} MiB (vs {_fmt(base.get("ours_rss"))} as is, PEFT '
+        f'{_fmt(base.get("peft_rss"))}); RSS after imports {_fmt(o["rss_mb"].get("imports"))} MiB '
+        f'(vs {_fmt(base.get("ours_rss_phases", {}).get("imports"))}); examples/s '
+        f'{_fmt(_med(o["examples_per_s"]))} (same step).')
+  pinned = res.get('pinned_train') or res.get('pinned') or {}
+  for p, pr in pinned.items():
+    rows_p = train_rows({'shapes': res['shapes'], 'train': {p: pr}})
+    add('')
+    add(f'Training again with both workers pinned to one core (core {pr.get("core")}) and one '
+        'thread each (XLA single-threaded, `torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`): '
+        'per-core efficiency, free of thread synchronisation under contention.')
+    add('')
+    add('| prompt | ours ex/s | PEFT ex/s | speedup | ours utilisation (`jnp.dot`) '
+        '| PEFT utilisation (`torch.mm`) |')
+    add('|---|---|---|---|---|---|')
+    for r in rows_p:
+      if 'ours_ex_s' not in r or 'peft_ex_s' not in r:
+        add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | |')
+        continue
+      add(f'| {r["P"]} | {_fmt(r["ours_ex_s"])} | {_fmt(r["peft_ex_s"])} | '
+          f'{_fmt(r["speedup"])}x ({_paired(r["ours_ex_all"], r["peft_ex_all"])}) | '
+          f'{100 * r["util"]:.0f}% | {100 * r["peft_util"]:.0f}% |')
+  # Serving.
+  add('')
+  add(f'### 2. Mixed-task serving ({shapes.serve_batch} examples from {shapes.serve_tasks} tasks, '
+      f'inputs {shapes.inputs}, targets {shapes.targets}; teacher-forced scoring; '
+      f'{shapes.serve_reps} repetitions)')
+  add('')
+  add('Work per call: encoder + decoder forward producing the logits, log-softmax and the '
+      'per-example target log-likelihood. Ours: `EncoderDecoderModel.score_batch` jitted through '
+      '`PjitPartitioner.partition` (as `runtime/inference.py`), host batch; mixed = '
+      f'`PromptEncoderDecoder(num_prompts={shapes.serve_tasks})` (`PromptBank`) with `prompt_ids`, '
+      'single = one prompt for the whole batch. PEFT cannot mix prompt adapters in a batch: '
+      f'{shapes.serve_tasks} adapters loaded, one forward per task after `set_adapter` '
+      f'({shapes.serve_batch // shapes.serve_tasks} examples each); "PEFT single" = one adapter, '
+      'one forward of the whole batch (reference).')
+  add('')
+  add('| prompt | ours mixed ex/s | ours single ex/s | mixed / single | target >= 0.9 '
+      '| PEFT per-task ex/s | mixed / PEFT per-task (pairs) | target >= 4x | PEFT single ex/s '
+      '| max rel. score diff ours vs PEFT |')
+  add('|---|---|---|---|---|---|---|---|---|---|')
+  for r in serve_rows(res):
+    if r.get('error') and 'mixed' not in r:
+      add(f'| {r["P"]} | {r["error"]} |' + ' |' * 8)
+      continue
+    add(f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["mixed_vs_single"])} '
+        f'({_paired(r["mixed_all"], r["single_all"])}) | '
+        f'{_ok(r["mixed_vs_single"], 0.9)} | {_fmt(r.get("peft_per_task"))} | '
+        f'{_fmt(r.get("mixed_vs_peft"))}x ({_paired(r["mixed_all"], r.get("peft_per_task_all", []))}) | '
+        f'{_ok(r.get("mixed_vs_peft"), 4.0)} | {_fmt(r.get("peft_single"))} | '
+        f'{r.get("score_diff", float("nan")):.1e} |')
+  for p, pr in (res.get('pinned_serve') or {}).items():
+    rows_p = serve_rows({'serve': {p: pr}})
+    add('')
+    add(f'Serving again with both workers pinned to one core (core {pr.get("core")}), one thread '
+        'each:')
+    add('')
+    add('| prompt | ours mixed ex/s | ours single ex/s | PEFT per-task ex/s | PEFT single ex/s '
+        '| mixed / PEFT per-task |')
+    add('|---|---|---|---|---|---|')
+    for r in rows_p:
+      if 'mixed' not in r or 'peft_per_task' not in r:
+        add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | |')
+        continue
+      add(f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["peft_per_task"])} | '
+          f'{_fmt(r["peft_single"])} | {_fmt(r["mixed_vs_peft"])}x '
+          f'({_paired(r["mixed_all"], r["peft_per_task_all"])}) |')
+  # Decoding.
+  add('')
+  add(f'### 3. Greedy decoding ({shapes.decode_batch} examples, inputs {shapes.inputs}, exactly '
+      f'{shapes.decode_tokens} new tokens, KV cache; {shapes.decode_reps} repetitions)')
+  add('')
+  add('Ours: `EncoderDecoderModel.predict_batch_with_aux` with `decoding.temperature_sample` '
+      '(topk=1, EOS logit masked by `logit_callback_fn`), jitted, one call = encoder + cache init + '
+      'the decode loop. Transformers: `PeftModelForSeq2SeqLM.generate` (greedy, `num_beams=1`, '
+      '`use_cache=True`, `min_new_tokens = max_new_tokens`), same prompt and inputs.')
+  add('')
+  add('| prompt | ours tokens/s | transformers tokens/s | speedup (pairs) | target >= 1.0x '
+      '| greedy tokens identical |')
+  add('|---|---|---|---|---|---|')
+  for r in decode_rows(res):
+    if r.get('error') and 'ours_tok_s' not in r:
+      add(f'| {r["P"]} | {r["error"]} |' + ' |' * 4)
+      continue
+    agree = r.get('agree')
+    add(f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r.get("hf_tok_s"))} | '
+        f'{_fmt(r.get("speedup"))}x ({_paired(r["ours_all"], r.get("hf_all", []))}) | '
+        f'{_ok(r.get("speedup"), 1.0)} | '
+        f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |')
+  for p, pr in (res.get('pinned_decode') or {}).items():
+    rows_p = decode_rows({'decode': {p: pr}})
+    add('')
+    add(f'Decoding again with both workers pinned to one core (core {pr.get("core")}), one thread '
+        'each:')
+    add('')
+    add('| prompt | ours tokens/s | transformers tokens/s | speedup |')
+    add('|---|---|---|---|')
+    for r in rows_p:
+      if 'ours_tok_s' not in r or 'hf_tok_s' not in r:
+        add(f'| {r["P"]} | {r.get("error") or "failed"} | | |')
+        continue
+      add(f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r["hf_tok_s"])} | '
+          f'{_fmt(r["speedup"])}x ({_paired(r["ours_all"], r["hf_all"])}) |')
+  errors = [(k, v) for k, v in _all_workers(res) if _err(v)]
+  if errors:
+    add('')
+    add('Failures: ' + '; '.join(f'{k}: {_err(v)}' for k, v in errors))
+  cmds = [v.get('command') for _, v in _all_workers(res) if isinstance(v, dict)]
+  if cmds:
+    add('')
+    add('<details><summary>Worker commands</summary>')
+    add('')
+    add('```')
+    lines += sorted({c for c in cmds if c})
+    add('```')
+    add('</details>')
+  return lines
+
+
+def _all_workers(res):
+  for section in ('train', 'serve', 'decode', 'proposed', 'pinned_train', 'pinned_serve',
+                  'pinned_decode'):
+    for p, r in (res.get(section) or {}).items():
+      if section == 'proposed':
+        yield f'proposed p{p}', r
+        continue
+      for fw in ('ours', 'peft'):
+        if r.get(fw) is not None:
+          yield f'{section} {fw} p{p}', r[fw]
+
+
+def jax_default_backend() -> str:
+  """JAX's default backend without an override (`cpu`, `gpu`, `tpu`), from a subprocess."""
+  env = dict(os.environ)
+  env.pop('JAX_PLATFORMS', None)
+  try:
+    out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else 'unknown'
+  except (subprocess.TimeoutExpired, IndexError):
+    return 'unknown'
+
+
+def _add_analysis(meta: Dict[str, Any]) -> None:
+  """Appends the hand-written benchmarks/ANALYSIS.md (profiling notes) to the report."""
+  analysis = os.path.join(HERE, 'ANALYSIS.md')
+  if os.path.exists(analysis):
+    with open(analysis) as f:
+      meta['analysis'] = f.read()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--quick', action='store_true', help='tiny shapes, one repetition')
+  parser.add_argument('--output', default=None,
+                      help='RESULTS.md path (default benchmarks/RESULTS.md; quick mode: '
+                      'benchmarks/RESULTS.quick.md)')
+  parser.add_argument('--workdir', default=None, help='scratch dir (default: a temp dir)')
+  parser.add_argument('--keep-workdir', action='store_true')
+  parser.add_argument('--no-variants', action='store_true',
+                      help='skip the run with the proposed library changes')
+  parser.add_argument('--pinned', default='train,serve,decode',
+                      help='sections compared again on one core with one thread each '
+                      '(default: train,serve,decode)')
+  parser.add_argument('--torch-omp-active', action='store_true',
+                      help='leave OMP_WAIT_POLICY unset for PEFT (spinning OpenMP threads)')
+  parser.add_argument('--no-pinned', action='store_true',
+                      help='skip the one-core, one-thread comparisons')
+  parser.add_argument('--render-only', action='store_true',
+                      help='re-render the output from its .json (e.g. after editing ANALYSIS.md)')
+  parser.add_argument('--gpu-section-on-cpu', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  t_start = time.time()
+  if args.torch_omp_active:
+    TORCH_ENV.clear()
+  output = args.output or os.path.join(
+      HERE, 'RESULTS.quick.md' if args.quick else 'RESULTS.md')
+  if args.render_only:
+    with open(os.path.splitext(output)[0] + '.json') as f:
+      raw = json.load(f)
+    meta = raw['meta']
+    meta.pop('analysis', None)
+    _add_analysis(meta)
+    with open(output, 'w') as f:
+      f.write(render(raw['results'], meta))
+    print(f'wrote {output}')
+    return 0
+  workdir = args.workdir or tempfile.mkdtemp(prefix='pt_bench_')
+  os.makedirs(workdir, exist_ok=True)
+  log_dir = os.path.join(workdir, 'logs')
+  os.makedirs(log_dir, exist_ok=True)
+  print(f'workdir {workdir} (worker logs in {log_dir})')
+  meta = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+          'machine': _machine(), 'quick': args.quick, 'load_start': common.load_avg(),
+          'command': 'python -m benchmarks.run' + (' --quick' if args.quick else ''),
+          'torch_env': dict(TORCH_ENV)}
+  meta['backend'] = jax_default_backend()
+  results: Dict[str, Any] = {}
+  try:
+    cpu_shapes = common.SHAPES['quick' if args.quick else 'full']
+    results['CPU, T5 1.1 small shape' if not args.quick else 'CPU, tiny'] = run_suite(
+        cpu_shapes, os.path.join(workdir, cpu_shapes.name), 'float32', log_dir,
+        variants=not args.no_variants, one_process=args.quick,
+        pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')))
+    on_gpu = meta['backend'] in ('gpu', 'cuda', 'rocm')
+    if on_gpu or args.gpu_section_on_cpu:
+      names = ['gpu_tiny'] if (args.gpu_section_on_cpu and not on_gpu) else ['gpu_base',
+                                                                              'gpu_large']
+      for name in names:
+        shapes = common.SHAPES[name]
+        results[f'GPU, {name}'] = run_suite(shapes, os.path.join(workdir, name), 'bfloat16',
+                                            log_dir, variants=False,
+                                            one_process=name == 'gpu_tiny',
+                                            cpu_only=name == 'gpu_tiny')
+      meta['gpu_note'] = ('Ran on ' + meta['backend'] + ' (bfloat16 activations, utilisation vs a '
+                          'bfloat16 matmul); see the GPU tables above.')
+    else:
+      meta['gpu_note'] = (f'Skipped: JAX sees no GPU (backend `{meta["backend"]}`). On a machine '
+                          'with a GPU (`pip install -e .[gpu,bench]`) the same command also runs '
+                          'the three comparisons for T5 1.1 base and large in bfloat16, with '
+                          'utilisation against a bfloat16 8192x8192 matmul.')
+      print('GPU section skipped: JAX sees no GPU.')
+  finally:
+    meta['wall_min'] = (time.time() - t_start) / 60
+    meta['load_end'] = common.load_avg()
+    if not args.quick:
+      _add_analysis(meta)
+    text = render(results, meta)
+    with open(output, 'w') as f:
+      f.write(text)
+    common.write_json(os.path.splitext(output)[0] + '.json',
+                      {'meta': meta, 'results': results})
+    print(f'wrote {output} ({meta["wall_min"]:.1f} min)')
+    if not args.keep_workdir and not args.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark suite: `python -m benchmarks.run --quick` into a temp dir."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip('torch')
+pytest.importorskip('transformers')
+pytest.importorskip('peft')
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _table(text, header_start):
+  """Rows (lists of cells) of the markdown table whose header starts with `header_start`."""
+  lines = text.splitlines()
+  for i, line in enumerate(lines):
+    if line.startswith(header_start):
+      rows = []
+      for row in lines[i + 2:]:
+        if not row.startswith('|'):
+          break
+        rows.append([c.strip() for c in row.strip('|').split('|')])
+      return rows
+  raise AssertionError(f'no table starting with {header_start!r} in:\n{text}')
+
+
+def _number(cell):
+  m = re.match(r'^([0-9][0-9,]*\.?[0-9]*)', cell.strip())
+  assert m, f'not a number: {cell!r}'
+  return float(m.group(1).replace(',', ''))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path):
+  out = tmp_path / 'RESULTS.md'
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--quick', '--output', str(out), '--workdir',
+       str(tmp_path / 'work')], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text = out.read_text()
+  assert 'quick mode' in text
+  assert 'GPU section' in text
+
+  train = _table(text, '| prompt | ours ex/s')
+  assert [r[0] for r in train] == ['4', '8']
+  for r in train:
+    ours, peft, speedup = _number(r[1]), _number(r[2]), _number(r[3])
+    assert ours > 0 and peft > 0 and speedup > 0
+    rss_ours, rss_peft = (_number(x) for x in r[5].split('/'))
+    assert rss_ours > 0 and rss_peft > 0
+    loss_ours, loss_peft = (_number(x) for x in r[7].split('/'))
+    assert loss_ours == pytest.approx(loss_peft, rel=1e-3)  # same model, same prompt, same loss
+
+  util = _table(text, '| prompt | GFLOP/step')
+  assert [r[0] for r in util] == ['4', '8']
+  for r in util:
+    assert _number(r[1]) >= 0  # tiny model: rounds to 0.0 GFLOP
+    assert all(_number(r[i]) > 0 for i in (2, 3, 4, 6, 7, 8))
+
+  serve = _table(text, '| prompt | ours mixed ex/s')
+  assert [r[0] for r in serve] == ['4']
+  r = serve[0]
+  assert all(_number(r[i]) > 0 for i in (1, 2, 3, 5, 6, 8))
+  assert float(r[9]) < 1e-3  # mixed-task scores equal PEFT's per-task scores
+
+  decode = _table(text, '| prompt | ours tokens/s')
+  assert [r[0] for r in decode] == ['4']
+  r = decode[0]
+  assert all(_number(r[i]) > 0 for i in (1, 2, 3))
+  assert r[5] == '100.0%'  # identical greedy tokens
+
+  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
+  assert raw['meta']['quick'] is True
+  assert 'Failures' not in text, text
