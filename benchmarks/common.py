@@ -55,9 +55,9 @@ def _t5_1_1(d_model, d_ff, layers, heads, vocab=32128, d_kv=64) -> Dict[str, Any
 SHAPES = {
     # The CPU setting: T5 1.1 small shape, batch 8, inputs 128, targets 8.
     'full': Shapes(name='full', hf_config=_t5_1_1(512, 1024, 8, 6), batch=8, inputs=128, targets=8,
-                   prompt_lengths=(20, 100), train_steps=3, train_reps=3, serve_batch=32,
-                   serve_tasks=16, serve_reps=3, decode_batch=8, decode_tokens=32,
-                   decode_reps=3),
+                   prompt_lengths=(20, 100), train_steps=3, train_reps=5, serve_batch=32,
+                   serve_tasks=16, serve_reps=5, decode_batch=8, decode_tokens=32,
+                   decode_reps=5),
     # Smoke-test size (< 1 minute end to end).
     'quick': Shapes(name='quick', hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16), batch=4,
                     inputs=16, targets=4, prompt_lengths=(4, 8), train_steps=2, train_reps=1,
