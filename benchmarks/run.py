@@ -154,7 +154,7 @@ def run_group(specs: Sequence[tuple], jobs: Sequence[tuple], reps: Dict[str, int
         try:
           res = w.call(f'finish {j}')
           res['command'] = ' '.join(
-              ([f'taskset -c {",".join(map(str, w.cpus))}'] if w.cpus else []) +
+              ([f'taskset -c {",".join(map(str, w.cpus))} env'] if w.cpus else []) +
               [f'{k}={shlex.quote(v)}' for k, v in sorted(w.shown_env.items())] +
               [shlex.quote(a) for a in w.argv[:-2]])
           out[w.label].append(res)
@@ -294,9 +294,15 @@ def _ratio(a, b):
     return float('nan')
 
 
+def _pair_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+  """Median over repetitions r of a[r] / b[r] (throughputs measured next to each other in time)."""
+  pairs = [x / y for x, y in zip(a or [], b or []) if x and y]
+  return common.median(pairs) if pairs else float('nan')
+
+
 def _paired(ours: Sequence[float], peft: Sequence[float]) -> str:
-  """Range of the ratios of repetition pairs (adjacent in time), and best vs best."""
-  pairs = [o / p for o, p in zip(ours, peft) if o and p]
+  """Range of the ratios of repetition pairs, and the ratio of the best repetitions."""
+  pairs = [o / p for o, p in zip(ours or [], peft or []) if o and p]
   if not pairs:
     return 'n/a'
   best = max(ours) / max(peft)
@@ -365,12 +371,31 @@ def train_rows(results) -> List[Dict[str, Any]]:
       row.update({'peft_ex_s': _med(q['examples_per_s']), 'peft_rss': q['peak_rss_mb'],
                   'peft_loss': q['first_loss'], 'peft_matmul': q['matmul_flops_per_s'],
                   'peft_ex_all': q['examples_per_s'], 'peft_rss_phases': q.get('rss_mb', {})})
-    row['speedup'] = _ratio(row.get('ours_ex_s'), row.get('peft_ex_s'))
+    row['speedup'] = _pair_ratio(row.get('ours_ex_all'), row.get('peft_ex_all'))
+    shapes = common.SHAPES[results['shapes']]
+    if 'flops_step' in row:
+      row['util'] = _rep_util(row['flops_step'], o['step_times_s'], o['matmul']['times_s'],
+                              shapes)
     if 'peft_ex_s' in row and 'flops_step' in row:
-      row['peft_achieved'] = row['flops_step'] * row['peft_ex_s'] / shapes_batch(results)
-      row['peft_util'] = row['peft_achieved'] / row['peft_matmul']
+      row['peft_achieved'] = row['flops_step'] * row['peft_ex_s'] / shapes.batch
+      row['peft_util'] = _rep_util(row['flops_step'], q['step_times_s'], q['matmul']['times_s'],
+                                   shapes)
     rows.append(row)
   return rows
+
+
+def _rep_util(flops: float, step_times: Sequence[float], matmul_times: Sequence[float],
+              shapes: common.Shapes) -> float:
+  """Median over repetitions of (FLOP/s of the step) / (FLOP/s of the matmul timed right after).
+
+  The worker times `matmul_reps` matmuls after every repetition, so a repetition's utilisation
+  compares two measurements taken under the same load.
+  """
+  k = shapes.matmul_reps
+  chunks = [matmul_times[i * k:(i + 1) * k] for i in range(len(step_times))]
+  utils = [flops / t / (common.matmul_flops(shapes.matmul_size) / common.median(c))
+           for t, c in zip(step_times, chunks) if c]
+  return common.median(utils) if utils else float('nan')
 
 
 def shapes_batch(results) -> int:
@@ -388,12 +413,12 @@ def serve_rows(results) -> List[Dict[str, Any]]:
                   'single': _med(o['single_examples_per_s']),
                   'mixed_all': o['mixed_examples_per_s'], 'single_all': o['single_examples_per_s'],
                   'ours_rss': o['peak_rss_mb']})
-      row['mixed_vs_single'] = _ratio(row['mixed'], row['single'])
+      row['mixed_vs_single'] = _pair_ratio(row['mixed_all'], row['single_all'])
     if q is not None and _err(q) is None:
       row.update({'peft_per_task': _med(q['per_task_examples_per_s']),
                   'peft_single': _med(q['single_examples_per_s']),
                   'peft_per_task_all': q['per_task_examples_per_s'], 'peft_rss': q['peak_rss_mb']})
-      row['mixed_vs_peft'] = _ratio(row.get('mixed'), row['peft_per_task'])
+      row['mixed_vs_peft'] = _pair_ratio(row.get('mixed_all'), row['peft_per_task_all'])
       if _err(o) is None:
         a, b = np.asarray(o['mixed_scores']), np.asarray(q['per_task_scores'])
         row['score_diff'] = float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
@@ -413,7 +438,7 @@ def decode_rows(results) -> List[Dict[str, Any]]:
                   'ours_first_s': o['first_call_s']})
     if q is not None and _err(q) is None:
       row.update({'hf_tok_s': _med(q['tokens_per_s']), 'hf_all': q['tokens_per_s']})
-      row['speedup'] = _ratio(row.get('ours_tok_s'), row['hf_tok_s'])
+      row['speedup'] = _pair_ratio(row.get('ours_all'), row['hf_all'])
       if _err(o) is None:
         a, b = np.asarray(o['tokens']), np.asarray(q['tokens'])
         if a.shape == b.shape:
@@ -440,9 +465,11 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
       'Other processes shared this machine, so absolute numbers are noisy; compare the ratios '
       '(both frameworks\' repetitions are interleaved in time).')
   add('- Method: one worker process per framework and section; both set up, then their timed '
-      'repetitions alternate and never overlap. Numbers are medians over repetitions; ratios are '
-      'ratios of medians; "pairs" is the range of ratios of adjacent repetition pairs and '
-      '"best/best" the ratio of the fastest repetitions (the least disturbed by other load). XLA '
+      'repetitions alternate (ours, PEFT, PEFT, ours, ...) and never overlap. Throughputs are '
+      'medians over repetitions. A ratio is the median over repetitions of the ratio of the two '
+      'measurements taken next to each other in time, which cancels most of the load that other '
+      'jobs put on the machine; in parentheses, the range of those pair ratios ("pairs") and the '
+      'ratio of the fastest repetitions ("best/best"). XLA '
       'uses all cores; `torch.set_num_threads(cores)`; PEFT workers run with '
       f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.')
   for key, res in all_results.items():
@@ -502,10 +529,12 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         f'{_fmt(r["ours_loss"], 4)} / {_fmt(r.get("peft_loss"), 4)} |')
   add('')
   add('Utilisation: FLOPs of one step from XLA\'s `compiled.cost_analysis()` (the same computation '
-      'in both frameworks: forward, and backward to the prompt without weight gradients) divided by '
-      f'the median step time, relative to the FLOP/s of a {shapes.matmul_size}x{shapes.matmul_size} '
-      f'{dtype} matmul timed in the same process after every repetition (median; `jnp.dot` for '
-      'ours, `torch.mm` for PEFT).')
+      'in both frameworks: forward, and backward to the prompt without weight gradients) over the '
+      'step time, relative to the FLOP/s of the matmuls timed right after the same repetition, '
+      'median over repetitions. The matmul is a '
+      f'{shapes.matmul_size}x{shapes.matmul_size} {dtype} product timed {shapes.matmul_reps} times '
+      'in the same process after every repetition (`jnp.dot` for ours, `torch.mm` for PEFT). '
+      'GFLOP/s columns: FLOPs per step / median step time, and the median matmul.')
   add('')
   add('| prompt | GFLOP/step | ours GFLOP/s | `jnp.dot` GFLOP/s | ours utilisation | target >= 60% '
       '| PEFT GFLOP/s | `torch.mm` GFLOP/s | PEFT utilisation |')
@@ -546,7 +575,9 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         f'{_fmt(o["peak_rss_mb"])} MiB (vs {_fmt(base.get("ours_rss"))} as is, PEFT '
         f'{_fmt(base.get("peft_rss"))}); RSS after imports {_fmt(o["rss_mb"].get("imports"))} MiB '
         f'(vs {_fmt(base.get("ours_rss_phases", {}).get("imports"))}); examples/s '
-        f'{_fmt(_med(o["examples_per_s"]))} (same step).')
+        f'{_fmt(_med(o["examples_per_s"]))} (the step is unchanged; the runs above had '
+        f'{_fmt(min(base.get("ours_ex_all") or [float("nan")]))}-'
+        f'{_fmt(max(base.get("ours_ex_all") or [float("nan")]))} depending on the load).')
   pinned = res.get('pinned_train') or res.get('pinned') or {}
   for p, pr in pinned.items():
     rows_p = train_rows({'shapes': res['shapes'], 'train': {p: pr}})
