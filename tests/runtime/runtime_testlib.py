@@ -225,3 +225,24 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
   for marker in RAW_TRACEBACK_MARKERS:
     assert marker not in out, f'raw traceback marker {marker!r} in the output:\n{out[-4000:]}'
   return tail
+
+
+def popen_logged(args: Sequence[str], env: Mapping[str, str], log_path: str) -> subprocess.Popen:
+  """Starts `args` in the repository root with stdout+stderr going to `log_path`."""
+  log = open(log_path, 'w')  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  proc.log_path, proc.log_file = log_path, log
+  return proc
+
+
+def finish_logged(proc: subprocess.Popen, timeout: float = 400) -> subprocess.CompletedProcess:
+  """Waits for a `popen_logged` process (killing it past `timeout`) and returns its exit code and log."""
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    proc.log_file.close()
+  with open(proc.log_path) as f:
+    return subprocess.CompletedProcess(proc.args, proc.returncode, f.read())

@@ -3,7 +3,6 @@
 Every case runs the real entry point in a subprocess; the cases run concurrently (module fixture).
 """
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,23 +12,10 @@ import runtime_testlib as rt
 pytestmark = pytest.mark.slow
 
 
-def _popen(args, env, log_path):
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(args, env=env, cwd=rt.REPO, stdout=log, stderr=subprocess.STDOUT)
-  proc.log_path, proc.log_file = log_path, log
-  return proc
 
 
 def _finish(proc, timeout=400):
-  try:
-    proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    proc.log_file.close()
-  with open(proc.log_path) as f:
-    return subprocess.CompletedProcess(proc.args, proc.returncode, f.read())
+  return rt.finish_logged(proc, timeout)
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +46,7 @@ def results(tmp_path_factory):
       'short_targets': train_args('short_targets', TASK_FEATURE_LENGTHS="{'inputs': 24, 'targets': 3}"),
       'missing_length': train_args('missing_length', TASK_FEATURE_LENGTHS="{'inputs': 24}"),
   }
-  procs = {k: _popen(v, env, str(root / f'{k}.log')) for k, v in cases.items()}
+  procs = {k: rt.popen_logged(v, env, str(root / f'{k}.log')) for k, v in cases.items()}
   out = {k: _finish(p) for k, p in procs.items()}
   out['root'] = str(root)
   return out

@@ -5,7 +5,6 @@ trained by plain Adafactor, dropout on): same per-step losses within 1e-5 relati
 """
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -17,23 +16,11 @@ STEPS = 5
 SCRIPT = os.path.join(rt.HERE, 'sharded_run.py')
 
 
-def _popen(args, env, log_path):
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(args, env=env, cwd=rt.REPO, stdout=log, stderr=subprocess.STDOUT)
-  proc.log_path, proc.log_file = log_path, log
-  return proc
 
 
 def _finish(proc, timeout=500):
-  try:
-    proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    proc.log_file.close()
-  with open(proc.log_path) as f:
-    return proc.returncode, f.read()
+  done = rt.finish_logged(proc, timeout)
+  return done.returncode, done.stdout
 
 
 @pytest.fixture(scope='module')
@@ -42,9 +29,9 @@ def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('partitioning'))
   env = rt.base_env(rt.shared_cache_dir(tmp_path_factory))
   procs = {
-      'single': _popen([rt.PYTHON, SCRIPT, f'{root}/single.json', f'{root}/single', '1'], env,
+      'single': rt.popen_logged([rt.PYTHON, SCRIPT, f'{root}/single.json', f'{root}/single', '1'], env,
                        f'{root}/single.log'),
-      'sharded': _popen([rt.PYTHON, SCRIPT, f'{root}/sharded.json', f'{root}/sharded', '2'],
+      'sharded': rt.popen_logged([rt.PYTHON, SCRIPT, f'{root}/sharded.json', f'{root}/sharded', '2'],
                         dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), f'{root}/sharded.log'),
   }
   port = rt.free_port()
@@ -52,7 +39,7 @@ def runs(tmp_path_factory):
   for i in range(2):
     flags = ['--multiprocess_gpu', f'--coordinator_address=127.0.0.1:{port}', '--process_count=2',
              f'--process_index={i}']
-    procs[f'process_{i}'] = _popen(args + flags, env, f'{root}/process_{i}.log')
+    procs[f'process_{i}'] = rt.popen_logged(args + flags, env, f'{root}/process_{i}.log')
   results = {k: _finish(p) for k, p in procs.items()}
   out = {'results': results, 'multi_dir': f'{root}/multi'}
   for k in ('single', 'sharded'):

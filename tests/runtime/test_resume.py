@@ -7,7 +7,6 @@ RANDOM_SEED, or from the seed recorded in the checkpoint when RANDOM_SEED is uns
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -95,24 +94,11 @@ def _args(frozen, model_dir, seed=0, script=None):
   return [rt.PYTHON, script] + args[3:] if script else args
 
 
-def _popen(args, env, log_path):
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(args, env=env, cwd=rt.REPO, stdout=log, stderr=subprocess.STDOUT)
-  proc.log_path = log_path
-  proc.log_file = log
-  return proc
 
 
 def _finish(proc, timeout=400):
-  try:
-    proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    proc.log_file.close()
-  with open(proc.log_path) as f:
-    return proc.returncode, f.read()
+  done = rt.finish_logged(proc, timeout)
+  return done.returncode, done.stdout
 
 
 @pytest.fixture(scope='module')
@@ -132,16 +118,16 @@ def runs(tmp_path_factory):
 
   # Phase 1. The uninterrupted run starts first; once it has compiled (first checkpoint written), the
   # others start and find its executables in the persistent compilation cache.
-  reference = _popen(args['reference'], env, dirs['reference'] + '.log')
+  reference = rt.popen_logged(args['reference'], env, dirs['reference'] + '.log')
   start = time.time()
   while time.time() - start < 400 and reference.poll() is None and not checkpoints.all_steps(dirs['reference']):
     time.sleep(0.1)
   procs = {
       'reference': reference,
       # Slowed to 0.5 s/step by a test hook so that the kill lands mid-training.
-      'killed': _popen([rt.PYTHON, HOOKS] + args['killed'][3:], dict(env, HOOK_STEP_DELAY='0.5'),
+      'killed': rt.popen_logged([rt.PYTHON, HOOKS] + args['killed'][3:], dict(env, HOOK_STEP_DELAY='0.5'),
                        dirs['killed'] + '.1.log'),
-      'killed_in_save': _popen([rt.PYTHON, HOOKS] + args['killed_in_save'][3:],
+      'killed_in_save': rt.popen_logged([rt.PYTHON, HOOKS] + args['killed_in_save'][3:],
                                dict(env, HOOK_KILL_IN_SAVE='6'), dirs['killed_in_save'] + '.1.log'),
   }
   killed = procs['killed']
@@ -167,7 +153,7 @@ def runs(tmp_path_factory):
   out['latest_with_decoys'] = checkpoints.latest_checkpoint_path(dirs['killed'])
 
   # Phase 2: the same commands again.
-  procs = {k: _popen(args[k], env, dirs[k] + '.2.log') for k in ('killed', 'killed_in_save')}
+  procs = {k: rt.popen_logged(args[k], env, dirs[k] + '.2.log') for k in ('killed', 'killed_in_save')}
   out['phase2'] = {k: _finish(p) for k, p in procs.items()}
   return out
 
