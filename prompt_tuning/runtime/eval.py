@@ -31,10 +31,9 @@ def dummy_input_shapes(model, batch_size: int, length: int = 8) -> Mapping[str, 
 
 def params_mesh_axes(model, partitioner, batch_size: int, length: int = 8):
   """Mesh PartitionSpecs of the model's parameters (from their logical axis names)."""
-  from prompt_tuning.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
   shapes = dummy_input_shapes(model, batch_size, length)
   variables = jax.eval_shape(lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0))
-  logical = train_lib._logical_axes(variables.get('params_axes'), variables['params'])  # pylint: disable=protected-access
+  logical = train_state_lib.logical_axes(variables.get('params_axes'), variables['params'])
   return partitioner.logical_to_mesh_axes(logical)
 
 

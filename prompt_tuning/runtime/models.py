@@ -12,7 +12,6 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional, Tuple, Unio
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 from prompt_tuning.runtime import decoding
 from prompt_tuning.runtime import losses
@@ -29,6 +28,22 @@ class DecoderParams:
 
 def _prompt_kwargs(batch: Mapping[str, Array]) -> dict:
   return {'prompt_ids': batch['prompt_ids']} if 'prompt_ids' in batch else {}
+
+
+class _SeqioClass:
+  """A class attribute holding `seqio.<name>`, looked up on first access.
+
+  Importing seqio pulls in TensorFlow (~800 MiB of resident memory); a model built only to train
+  or serve from host arrays never needs it, so the lookup waits until a feature converter is used.
+  Subclasses and instances may still assign `FEATURE_CONVERTER_CLS` as in T5X.
+  """
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def __get__(self, obj, objtype=None):
+    import seqio  # pylint: disable=g-import-not-at-top
+    return getattr(seqio, self._name)
 
 
 class BaseTransformerModel:
@@ -125,7 +140,7 @@ class BaseTransformerModel:
 class EncoderDecoderModel(BaseTransformerModel):
   """An encoder-decoder (T5) model with T5X's API."""
 
-  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+  FEATURE_CONVERTER_CLS = _SeqioClass('EncDecFeatureConverter')
 
   def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None,
                decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
@@ -225,7 +240,7 @@ class DecoderOnlyModel(BaseTransformerModel):
   For a `PromptDecoderOnly` module the prompt is written into the cache before decoding.
   """
 
-  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+  FEATURE_CONVERTER_CLS = _SeqioClass('DecoderFeatureConverter')
 
   def __init__(self, module, vocabulary, optimizer_def=None,
                decode_fn: Callable = decoding.temperature_sample,
