@@ -8,12 +8,13 @@ Run alone it does setup, the repetitions and writes `--out`; `benchmarks.run` dr
 
 Sections:
   train   the runtime's own `Trainer` (jitted train step, state donated, prompt-only T5X Adafactor
-          through `MultiOptimizer`, the state built by `train.StateBuilder`), host (numpy) batches;
+          through `MultiOptimizer`, the state built by `train_state.StateBuilder`), host (numpy) batches;
           examples/s, FLOPs of the compiled step (`cost_analysis`), FLOP/s of a large matmul
           measured in the same process after every repetition, peak RSS.
   serve   teacher-forced scoring (`EncoderDecoderModel.score_batch`: logits -> per-example
           log-likelihood) of one mixed-task batch (`PromptBank`, one prompt per example through
-          `prompt_ids`) and of the same batch with a single prompt.
+          `prompt_ids`) and of the same batch with a single prompt; and greedy generation of
+          `targets` tokens for the mixed-task batch (`predict_batch_with_aux`, EOS suppressed).
   decode  greedy decoding of exactly `decode_tokens` tokens with the KV cache
           (`predict_batch_with_aux`, `temperature_sample` with topk=1, EOS suppressed).
 """
@@ -22,41 +23,10 @@ import gc
 import os
 import sys
 import time
-import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-
-
-def _install_tf_stubs() -> None:
-  """Replaces `seqio` and `tensorflow` by empty stubs (simulates lazily imported data deps).
-
-  The runtime imports seqio (and through it TensorFlow) at module level although the train step
-  never uses them; this measures what a lazy import would save. Every attribute of a stub is a
-  class whose attributes are classes again (`tf.data.Dataset` in annotations works).
-  """
-
-  class _Meta(type):
-
-    def __getattr__(cls, name):
-      if name.startswith('__'):
-        raise AttributeError(name)
-      sub = _Meta(name, (), {})
-      setattr(cls, name, sub)
-      return sub
-
-  class _Stub(types.ModuleType):
-
-    def __getattr__(self, name):
-      if name.startswith('__'):
-        raise AttributeError(name)
-      value = _Meta(name, (), {})
-      setattr(self, name, value)
-      return value
-
-  for name in ('seqio', 'tensorflow'):
-    sys.modules[name] = _Stub(name)
 
 
 def _setup_jax(args):
@@ -142,14 +112,12 @@ class TrainBench:
   def setup(self) -> dict:
     args, shapes, res = self.args, self.shapes, self.res
     t_setup = time.perf_counter()
-    if args.stub_tf:
-      _install_tf_stubs()
     jax = self.jax = _setup_jax(args)
     from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
-    from prompt_tuning.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-    res['tensorflow_imported'] = 'tensorflow' in sys.modules and not args.stub_tf
+    res['tensorflow_imported'] = 'tensorflow' in sys.modules
     res['rss_mb']['imports'] = common.rss_mb()
     p = args.prompt_length
     config, params = _load(args, p)
@@ -157,9 +125,9 @@ class TrainBench:
     model = _model(config, p)
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
     self.batches = batches = common.train_batches(shapes)
-    builder = train_lib.StateBuilder(model, partitioner,
-                                     {k: v.shape for k, v in batches[0].items()},
-                                     {k: v.dtype for k, v in batches[0].items()})
+    builder = train_state.StateBuilder(model, partitioner,
+                                       {k: v.shape for k, v in batches[0].items()},
+                                       {k: v.dtype for k, v in batches[0].items()})
     state = builder.build(params)
     del params
     gc.collect()
@@ -232,6 +200,12 @@ class TrainBench:
     return res
 
 
+def _no_eos(logits, state):
+  """Masks EOS so that every example decodes exactly the requested number of tokens."""
+  del state
+  return logits.at[:, common.EOS_ID].set(-1e10)
+
+
 class ServeBench:
   """Scoring a mixed-task batch (prompt bank) and the same batch with a single prompt."""
 
@@ -264,6 +238,23 @@ class ServeBench:
       res[f'{name}_scores'] = scores.tolist()
       res[f'{name}_times_s'] = []
       self.fns[name] = (fn, params, b)
+      if name == 'mixed':
+        # Serving by generation: greedy decoding of the labels for the same mixed-task batch.
+        n = shapes.targets
+        gen_batch = {'encoder_input_tokens': b['encoder_input_tokens'], 'prompt_ids': b['prompt_ids'],
+                     'decoder_input_tokens': np.zeros((shapes.serve_batch, n), np.int32)}
+
+        def generate(prm, bt, m=model):
+          return m.predict_batch_with_aux(
+              prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos})[0]
+
+        gen = partitioner.partition(generate, in_axis_resources=None, out_axis_resources=None)
+        t0 = time.perf_counter()
+        tokens = np.asarray(jax.device_get(gen(params, gen_batch)))
+        res['mixed_generate_first_call_s'] = time.perf_counter() - t0
+        res['mixed_generate_tokens'] = tokens.tolist()
+        res['mixed_generate_times_s'] = []
+        self.fns['mixed_generate'] = (gen, params, gen_batch)
     return {}
 
   def rep(self) -> dict:
@@ -306,13 +297,9 @@ class DecodeBench:
     self.batch = {'encoder_input_tokens': enc,
                   'decoder_input_tokens': np.zeros((enc.shape[0], n), np.int32)}
 
-    def no_eos(logits, state):
-      del state
-      return logits.at[:, common.EOS_ID].set(-1e10)
-
     def predict(prm, bt):
       return model.predict_batch_with_aux(
-          prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': no_eos})[0]
+          prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos})[0]
 
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
     self.fn = partitioner.partition(predict, in_axis_resources=None, out_axis_resources=None)
@@ -351,8 +338,6 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=None, help='repetitions (standalone mode)')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--dropout', type=float, default=0.0)
-  parser.add_argument('--stub-tf', action='store_true',
-                      help='stub out seqio/tensorflow (measures a lazy-import library change)')
   parser.add_argument('--compilation-cache', default=None,
                       help='persistent XLA compilation cache dir (re-compiling the step for '
                       'cost_analysis then hits the cache)')
@@ -372,7 +357,7 @@ def main(argv=None):
   def finish_meta(job):
     section, p = job
     meta = {'framework': 'ours', 'section': section, 'shapes': shapes.name, 'prompt_length': p,
-            'dtype': args.dtype, 'dropout': args.dropout, 'stub_tf': args.stub_tf,
+            'dtype': args.dtype, 'dropout': args.dropout,
             'wall_s': time.time() - t0,
             'load_avg_end': common.load_avg()}
     if 'jax' in sys.modules:

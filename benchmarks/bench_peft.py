@@ -11,7 +11,8 @@ Sections:
            parameter scaling), forward with labels (mean token cross entropy), backward, step.
   serve    teacher-forced scoring of the mixed-task batch: PEFT cannot mix prompt adapters in one
            batch, so 16 adapters are loaded and the batch is split per task (`set_adapter`, one
-           forward per task); also the same batch as one forward with a single adapter.
+           forward per task); also the same batch as one forward with a single adapter; and
+           greedy generation of `targets` label tokens, one `generate` per task.
   decode   `PeftModelForSeq2SeqLM.generate` (transformers `generate`, greedy, KV cache,
            `min_new_tokens = max_new_tokens` so exactly `decode_tokens` tokens are produced).
 """
@@ -174,7 +175,7 @@ def _scores(torch, logits, targets):
 
 class ServeBench:
   """Scoring the mixed-task batch: one forward per task (`set_adapter`), and one single-adapter
-  forward of the whole batch."""
+  forward of the whole batch; greedy generation of the labels, one `generate` per task."""
 
   def __init__(self, args, shapes):
     self.args, self.shapes = args, shapes
@@ -215,11 +216,29 @@ class ServeBench:
       sync()
       return scores
 
-    for name, fn in (('per_task', per_task), ('single', single)):
+    n = shapes.targets
+
+    def per_task_generate():
+      # Serving by generation: greedy decoding of the labels, one `generate` per task.
+      tokens = torch.empty((enc.shape[0], n), dtype=torch.long, device=device)
+      with torch.inference_mode():
+        for t in range(shapes.serve_tasks):
+          rows = torch.from_numpy(np.nonzero(ids == t)[0]).to(device)
+          model.set_adapter(f'task{t}')
+          out = model.generate(input_ids=enc[rows], attention_mask=mask[rows], max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, num_beams=1, use_cache=True)
+          tokens[rows] = out[:, 1:]  # drop the start token
+      sync()
+      return tokens
+
+    for name, fn in (('per_task', per_task), ('single', single),
+                     ('per_task_generate', per_task_generate)):
       t0 = time.perf_counter()
       scores = fn()
       res[f'{name}_first_call_s'] = time.perf_counter() - t0
-      res[f'{name}_scores'] = scores.float().cpu().numpy().tolist()
+      key = 'tokens' if name.endswith('generate') else 'scores'
+      res[f'{name}_{key}'] = scores.float().cpu().numpy().tolist() if key == 'scores' else (
+          scores.cpu().numpy().tolist())
       res[f'{name}_times_s'] = []
       self.fns[name] = fn
     return {}

@@ -193,7 +193,7 @@ def _worker_argv(framework: str, jobs: Sequence[tuple], shapes: str, workdir: st
 TORCH_ENV = {'OMP_WAIT_POLICY': 'PASSIVE'}
 
 
-def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str, variants: bool,
+def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str,
               one_process: bool = False, cpu_only: bool = True, pinned: Sequence[str] = (),
               log=print) -> Dict[str, Any]:
   """Prepare + training, serving and decoding comparisons for one size. Returns raw results.
@@ -233,15 +233,6 @@ def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str, var
     res = run_group(specs, group, reps, log_dir, log, env)
     for j, (section, p) in enumerate(group):
       results[section][p] = {'ours': res[specs[0][0]][j], 'peft': res[specs[1][0]][j]}
-  if variants:
-    p = max(shapes.prompt_lengths)
-    label = f'{shapes.name}_ours_train{p}_proposed'
-    log(f'[{shapes.name}] train P={p} with the proposed library change (no seqio/TF import)')
-    res = run_group([(label, _worker_argv('ours', [('train', p)], shapes.name, workdir,
-                                          dtype=dtype, compilation_cache=cache + '_proposed',
-                                          stub_tf=True))],
-                    [('train', p)], {'train': 1}, log_dir, log, env)
-    results['proposed'] = {p: res[label][0]}
   if pinned and hasattr(os, 'sched_setaffinity'):
     core = sorted(os.sched_getaffinity(0))[-1]
     one_thread = dict(env or {}, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
@@ -366,6 +357,7 @@ def train_rows(results) -> List[Dict[str, Any]]:
                   'ours_loss': o['first_loss'], 'ours_first_step_s': o['first_step_s'],
                   'ours_second_step_s': o.get('second_step_s'),
                   'cache': o.get('jit_cache_entries', {}), 'ours_rss_phases': o.get('rss_mb', {}),
+                  'ours_tf_imported': o.get('tensorflow_imported'),
                   'ours_ex_all': o['examples_per_s'], 'xla_mem': o.get('xla_memory_mb')})
     if q is not None and _err(q) is None:
       row.update({'peft_ex_s': _med(q['examples_per_s']), 'peft_rss': q['peak_rss_mb'],
@@ -414,6 +406,9 @@ def serve_rows(results) -> List[Dict[str, Any]]:
                   'mixed_all': o['mixed_examples_per_s'], 'single_all': o['single_examples_per_s'],
                   'ours_rss': o['peak_rss_mb']})
       row['mixed_vs_single'] = _pair_ratio(row['mixed_all'], row['single_all'])
+      if o.get('mixed_generate_examples_per_s'):
+        row['gen_all'] = o['mixed_generate_examples_per_s']
+        row['gen'] = _med(row['gen_all'])
     if q is not None and _err(q) is None:
       row.update({'peft_per_task': _med(q['per_task_examples_per_s']),
                   'peft_single': _med(q['single_examples_per_s']),
@@ -422,6 +417,14 @@ def serve_rows(results) -> List[Dict[str, Any]]:
       if _err(o) is None:
         a, b = np.asarray(o['mixed_scores']), np.asarray(q['per_task_scores'])
         row['score_diff'] = float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+      if q.get('per_task_generate_examples_per_s'):
+        row['peft_gen_all'] = q['per_task_generate_examples_per_s']
+        row['peft_gen'] = _med(row['peft_gen_all'])
+        row['gen_vs_peft'] = _pair_ratio(row.get('gen_all'), row['peft_gen_all'])
+        if _err(o) is None and o.get('mixed_generate_tokens') is not None:
+          a, b = np.asarray(o['mixed_generate_tokens']), np.asarray(q['per_task_generate_tokens'])
+          if a.shape == b.shape:
+            row['gen_agree'] = float(np.mean(a == b))
     rows.append(row)
   return rows
 
@@ -509,7 +512,7 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
       f'{shapes.train_reps} repetitions of {shapes.train_steps} steps after 2 warm-up steps)')
   add('')
   add('Ours: `runtime.trainer.Trainer.train` on host (numpy) batches, state from '
-      '`runtime.train.StateBuilder`, T5X `Adafactor` (decay_rate 0.8, no parameter scaling, '
+      '`runtime.train_state.StateBuilder`, T5X `Adafactor` (decay_rate 0.8, no parameter scaling, '
       'clipping 1.0) on `.*/prompt/.*` through `MultiOptimizer`, gradient w.r.t. the prompt only, '
       'state donated. PEFT: `PromptTuningConfig(num_transformer_submodules=1)`, '
       '`transformers.optimization.Adafactor(lr=0.3, relative_step=False, scale_parameter=False)` '
@@ -560,24 +563,14 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         f'{_fmt(r["ours_rss_phases"].get("state"))}, compiled '
         f'{_fmt(r["ours_rss_phases"].get("compiled"))}' + _xla_mem(r.get('xla_mem'))
         for r in rows) + '.')
+    imported = [r['P'] for r in rows if r.get('ours_tf_imported')]
+    add('The training worker imports the runtime\'s train modules (`train_state`, `trainer`, '
+        '`models`, `partitioning`, `adafactor`, `optimizers`) but not `seqio` or TensorFlow (they '
+        'are imported where data is read): TensorFlow was ' +
+        (f'**imported** (P={imported})' if imported else 'not imported') + ' in the worker.')
     add('PEFT, details: ' + '; '.join(
         f'P={r["P"]}: RSS MiB after imports {_fmt(r.get("peft_rss_phases", {}).get("imports"))}, '
         f'loaded {_fmt(r.get("peft_rss_phases", {}).get("loaded"))}' for r in rows) + '.')
-  prop = res.get('proposed') or {}
-  for p, o in prop.items():
-    add('')
-    if _err(o):
-      add(f'With the proposed library change (P={p}): {_err(o)}.')
-      continue
-    base = next((r for r in rows if r['P'] == p), {})
-    add(f'With the proposed library change (P={p}; `seqio`/TensorFlow not imported by the modules '
-        'the train step needs, simulated by stubbing them; 1 repetition): peak RSS '
-        f'{_fmt(o["peak_rss_mb"])} MiB (vs {_fmt(base.get("ours_rss"))} as is, PEFT '
-        f'{_fmt(base.get("peft_rss"))}); RSS after imports {_fmt(o["rss_mb"].get("imports"))} MiB '
-        f'(vs {_fmt(base.get("ours_rss_phases", {}).get("imports"))}); examples/s '
-        f'{_fmt(_med(o["examples_per_s"]))} (the step is unchanged; the runs above had '
-        f'{_fmt(min(base.get("ours_ex_all") or [float("nan")]))}-'
-        f'{_fmt(max(base.get("ours_ex_all") or [float("nan")]))} depending on the load).')
   pinned = res.get('pinned_train') or res.get('pinned') or {}
   for p, pr in pinned.items():
     rows_p = train_rows({'shapes': res['shapes'], 'train': {p: pr}})
@@ -625,6 +618,23 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         f'{_fmt(r.get("mixed_vs_peft"))}x ({_paired(r["mixed_all"], r.get("peft_per_task_all", []))}) | '
         f'{_ok(r.get("mixed_vs_peft"), 4.0)} | {_fmt(r.get("peft_single"))} | '
         f'{r.get("score_diff", float("nan")):.1e} |')
+  gen_rows = [r for r in serve_rows(res) if 'gen' in r]
+  if gen_rows:
+    add('')
+    add(f'Serving by generation, the same {shapes.serve_batch} examples: greedy decoding of '
+        f'exactly {shapes.targets} label tokens (KV cache, EOS suppressed). Ours: one '
+        '`predict_batch_with_aux` call for the whole mixed-task batch (`prompt_ids`). PEFT: '
+        f'`set_adapter` and one `generate` per task ({shapes.serve_tasks} calls). The 4x target '
+        'above is stated for scoring; generation is the other common way to serve labels, and its '
+        'decoding steps do little work per call, so per-call overhead weighs more.')
+    add('')
+    add('| prompt | ours mixed ex/s | PEFT per-task ex/s | ours / PEFT (pairs) | greedy tokens identical |')
+    add('|---|---|---|---|---|')
+    for r in gen_rows:
+      agree = r.get('gen_agree')
+      add(f'| {r["P"]} | {_fmt(r["gen"])} | {_fmt(r.get("peft_gen"))} | '
+          f'{_fmt(r.get("gen_vs_peft"))}x ({_paired(r["gen_all"], r.get("peft_gen_all", []))}) | '
+          f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |')
   for p, pr in (res.get('pinned_serve') or {}).items():
     rows_p = serve_rows({'serve': {p: pr}})
     add('')
@@ -632,15 +642,17 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         'each:')
     add('')
     add('| prompt | ours mixed ex/s | ours single ex/s | PEFT per-task ex/s | PEFT single ex/s '
-        '| mixed / PEFT per-task |')
-    add('|---|---|---|---|---|---|')
+        '| mixed / PEFT per-task | generation: ours mixed / PEFT per-task |')
+    add('|---|---|---|---|---|---|---|')
     for r in rows_p:
       if 'mixed' not in r or 'peft_per_task' not in r:
-        add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | |')
+        add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | | |')
         continue
+      gen = (f'{_fmt(r["gen_vs_peft"])}x ({_paired(r["gen_all"], r["peft_gen_all"])})'
+             if 'gen_vs_peft' in r else 'n/a')
       add(f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["peft_per_task"])} | '
           f'{_fmt(r["peft_single"])} | {_fmt(r["mixed_vs_peft"])}x '
-          f'({_paired(r["mixed_all"], r["peft_per_task_all"])}) |')
+          f'({_paired(r["mixed_all"], r["peft_per_task_all"])}) | {gen} |')
   # Decoding.
   add('')
   add(f'### 3. Greedy decoding ({shapes.decode_batch} examples, inputs {shapes.inputs}, exactly '
@@ -694,12 +706,8 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
 
 
 def _all_workers(res):
-  for section in ('train', 'serve', 'decode', 'proposed', 'pinned_train', 'pinned_serve',
-                  'pinned_decode'):
+  for section in ('train', 'serve', 'decode', 'pinned_train', 'pinned_serve', 'pinned_decode'):
     for p, r in (res.get(section) or {}).items():
-      if section == 'proposed':
-        yield f'proposed p{p}', r
-        continue
       for fw in ('ours', 'peft'):
         if r.get(fw) is not None:
           yield f'{section} {fw} p{p}', r[fw]
@@ -734,8 +742,6 @@ def main(argv=None) -> int:
                       'benchmarks/RESULTS.quick.md)')
   parser.add_argument('--workdir', default=None, help='scratch dir (default: a temp dir)')
   parser.add_argument('--keep-workdir', action='store_true')
-  parser.add_argument('--no-variants', action='store_true',
-                      help='skip the run with the proposed library changes')
   parser.add_argument('--pinned', default='train,serve,decode',
                       help='sections compared again on one core with one thread each '
                       '(default: train,serve,decode)')
@@ -777,7 +783,7 @@ def main(argv=None) -> int:
     cpu_shapes = common.SHAPES['quick' if args.quick else 'full']
     results['CPU, T5 1.1 small shape' if not args.quick else 'CPU, tiny'] = run_suite(
         cpu_shapes, os.path.join(workdir, cpu_shapes.name), 'float32', log_dir,
-        variants=not args.no_variants, one_process=args.quick,
+        one_process=args.quick,
         pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')))
     on_gpu = meta['backend'] in ('gpu', 'cuda', 'rocm')
     if on_gpu or args.gpu_section_on_cpu:
@@ -786,7 +792,7 @@ def main(argv=None) -> int:
       for name in names:
         shapes = common.SHAPES[name]
         results[f'GPU, {name}'] = run_suite(shapes, os.path.join(workdir, name), 'bfloat16',
-                                            log_dir, variants=False,
+                                            log_dir,
                                             one_process=name == 'gpu_tiny',
                                             cpu_only=name == 'gpu_tiny')
       meta['gpu_note'] = ('Ran on ' + meta['backend'] + ' (bfloat16 activations, utilisation vs a '
