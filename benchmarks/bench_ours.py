@@ -19,6 +19,7 @@ Sections:
           (`predict_batch_with_aux`, `temperature_sample` with topk=1, EOS suppressed).
 """
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -75,6 +76,9 @@ def _load(args, prompt_length: int, num_prompts=None):
   flat = t5.flatten_params(params)
   bank = common.prompt_bank(num_prompts or 1, prompt_length, config.emb_dim)
   flat['encoder/prompt/prompt/prompt'] = bank if num_prompts else bank[0]
+  if args.remat is not None:
+    config = dataclasses.replace(config, remat={'False': False, 'True': True}.get(args.remat,
+                                                                                  args.remat))
   return config, t5.unflatten_params(flat)
 
 
@@ -338,6 +342,8 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=None, help='repetitions (standalone mode)')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--dropout', type=float, default=0.0)
+  parser.add_argument('--remat', default=None,
+                      help='T5Config.remat for the backbone (default: as loaded, no remat)')
   parser.add_argument('--compilation-cache', default=None,
                       help='persistent XLA compilation cache dir (re-compiling the step for '
                       'cost_analysis then hits the cache)')
@@ -357,7 +363,7 @@ def main(argv=None):
   def finish_meta(job):
     section, p = job
     meta = {'framework': 'ours', 'section': section, 'shapes': shapes.name, 'prompt_length': p,
-            'dtype': args.dtype, 'dropout': args.dropout,
+            'dtype': args.dtype, 'dropout': args.dropout, 'remat': args.remat,
             'wall_s': time.time() - t0,
             'load_avg_end': common.load_avg()}
     if 'jax' in sys.modules:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,10 @@ PromptFactory = Callable[[], nn.Module]
 PACKING_WITH_PROMPT_ERROR = (
     'Prompt tuning does not support packed inputs (segment ids were passed to a prompted model); '
     'set pack=False in the DatasetConfig (utils.DatasetConfig.pack = False).')
+
+
+# `T5Config.remat` values -> mode (flaxformer's `layer_remat` names; booleans as before).
+_REMAT_POLICIES = {False: 'none', 'none': 'none', True: 'full', 'full': 'full', 'minimal': 'minimal'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +73,12 @@ class T5Config:
     relative_attention_num_buckets: relative position buckets.
     relative_attention_max_distance: distance covered by the buckets.
     layer_norm_epsilon: RMSNorm epsilon.
-    remat: rematerialize each layer in the backward pass (`nn.remat`).
+    remat: rematerialization of each layer in the backward pass (flaxformer's `layer_remat`):
+      `False`/`'none'` keeps every activation the backward pass needs; `True`/`'full'` keeps only
+      the layer inputs and recomputes the layer (about one more forward pass); `'minimal'` keeps
+      the outputs of the weight matmuls and recomputes attention scores and elementwise ops
+      (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: little extra compute, less
+      memory).
     float32_attention_logits: compute attention logits and softmax in float32.
   """
   vocab_size: int
@@ -86,7 +95,7 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
-  remat: bool = False
+  remat: Union[bool, str] = False
   float32_attention_logits: bool = False
 
   def __post_init__(self):
@@ -98,6 +107,8 @@ class T5Config:
       raise ValueError('T5Config.mlp_activations must name at least one activation.')
     for act in self.mlp_activations:
       layers.get_activation(act)
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(f'T5Config.remat must be one of {list(_REMAT_POLICIES)}, got {self.remat!r}.')
     if not 0.0 <= float(self.dropout_rate) < 1.0:
       raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     layers.to_dtype(self.dtype)
@@ -162,6 +173,14 @@ def get_config(name: str, **overrides: Any) -> T5Config:
   if unknown:
     raise ValueError(f'Unknown T5Config field(s) {unknown}; fields: {sorted(fields)}.')
   return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _maybe_remat(layer_cls, config: T5Config, static_argnums):
+  mode = _REMAT_POLICIES[config.remat]
+  if mode == 'none':
+    return layer_cls
+  policy = None if mode == 'full' else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(layer_cls, static_argnums=static_argnums, policy=policy)
 
 
 def _dropout(config: T5Config, name: Optional[str] = None) -> nn.Dropout:
@@ -290,7 +309,7 @@ class Encoder(nn.Module):
       self.prompt = self.prompt_factory()
     self.input_dropout = _dropout(cfg)
     self.relpos_bias = _relpos(cfg)
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(5,)) if cfg.remat else EncoderLayer
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(5,))
     self.layers = [layer_cls(cfg) for _ in range(cfg.num_encoder_layers)]
     self.encoder_norm = _layer_norm(cfg)
     self.output_dropout = _dropout(cfg)
@@ -351,8 +370,7 @@ class Decoder(nn.Module):
       self.prompt = self.prompt_factory()
     self.input_dropout = _dropout(cfg)
     self.relpos_bias = _relpos(cfg)
-    layer_cls = (nn.remat(DecoderLayer, static_argnums=(7, 8, 9)) if cfg.remat
-                 else DecoderLayer)
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(7, 8, 9))
     self.layers = [layer_cls(cfg, has_cross_attention=not self.decoder_only)
                    for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = _layer_norm(cfg)

@@ -448,10 +448,20 @@ def test_remat_bf16_and_dropout():
 
   grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
   g0, base = grad(params, cfg)
-  g1, logits = grad(params, dataclasses.replace(cfg, remat=True))
-  np.testing.assert_allclose(logits, base, atol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  for remat in (True, 'minimal'):
+    g1, logits = grad(params, dataclasses.replace(cfg, remat=remat))
+    np.testing.assert_allclose(logits, base, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # What the backward pass keeps: everything > 'minimal' (weight matmul outputs) > 'full' (inputs).
+  def saved_floats(remat):  # the residuals a VJP closes over, in numbers
+    _, vjp = jax.vjp(lambda p: loss(p, dataclasses.replace(cfg, remat=remat))[0], params)
+    return sum(x.size for x in jax.tree_util.tree_leaves(vjp))
+
+  saved = {r: saved_floats(r) for r in (False, 'minimal', True)}
+  assert saved[False] > saved['minimal'] > saved[True], saved
+  with pytest.raises(ValueError, match='remat must be one of'):
+    dataclasses.replace(cfg, remat='everything')
   forward = jax.jit(loss, static_argnums=1)
   _, bf16 = forward(params, dataclasses.replace(cfg, dtype='bfloat16'))
   assert bf16.dtype == jnp.float32
