@@ -68,6 +68,12 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert all(_number(r[i]) > 0 for i in (1, 2, 3, 5, 6, 8))
   assert float(r[9]) < 1e-3  # mixed-task scores equal PEFT's per-task scores
 
+  generate = _table(text, '| prompt | ours mixed ex/s | PEFT per-task ex/s | ours / PEFT')
+  assert [r[0] for r in generate] == ['4']
+  r = generate[0]
+  assert all(_number(r[i]) > 0 for i in (1, 2, 3))
+  assert r[4] == '100.0%'  # mixed-task greedy labels equal PEFT's per-task `generate`
+
   decode = _table(text, '| prompt | ours tokens/s')
   assert [r[0] for r in decode] == ['4']
   r = decode[0]
