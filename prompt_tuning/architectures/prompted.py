@@ -292,8 +292,9 @@ class PromptDecoderOnly(t5.DecoderOnly):
 
     Exact for causal LMs: feeding the tokens afterwards gives the logits of the full forward
     pass. For prefix LMs the prompt positions of the full pass also attend to the input prefix,
-    which a prompt-only prefill cannot reproduce; that needs the prompt and the inputs written
-    in one chunk (backbone support for `prefill_prompt` with input tokens).
+    which a prompt-only prefill cannot reproduce: call the module with `decode=True,
+    prefill_prompt=True, decoder_causal_attention=...` and the prefix tokens instead, which writes
+    the prompt and the prefix in one chunk (`models.DecoderOnlyModel` does).
 
     Returns the logits of the prompt positions `[B, P, V]` (usually unused).
     """

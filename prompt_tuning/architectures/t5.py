@@ -406,7 +406,9 @@ class Decoder(nn.Module):
       max_decode_length: cache length when the cache is created.
       prompt_ids: per-example prompt ids, passed to the prompt module.
       prefill_prompt: with `decode=True`, write the prompt `[B, P, d]` into the cache instead of
-        the tokens (only the batch size of `decoder_input_tokens` is used).
+        the tokens (only the batch size of `decoder_input_tokens` is used). With
+        `decoder_causal_attention` too (prefix LM), write the prompt and the tokens combined as
+        in training (`P + T` positions), the prompt and the prefix attending to each other.
     """
     cfg = self.config
     dtype = cfg.activation_dtype
@@ -419,8 +421,13 @@ class Decoder(nn.Module):
     batch = tokens.shape[0]
 
     # Embedding (and prompt).
-    if prefill_prompt:
+    prefill_prefix = prefill_prompt and decoder_causal_attention is not None
+    if prefill_prompt and not prefill_prefix:
       x = self.prompt.get_prompt(batch, prompt_ids)
+    elif prefill_prefix:
+      # Prefix LM: the prompt and the input prefix in one chunk, laid out as in training, so that
+      # the prompt and the prefix see each other.
+      x = self.prompt(tokens, self._embedder()(tokens), prompt_ids=prompt_ids)
     else:
       x = self._embedder()(tokens)
       if has_prompt and not decode:
@@ -434,13 +441,12 @@ class Decoder(nn.Module):
     logit_mask = None
     if decode:
       self_mask = None
-      if decoder_causal_attention is not None and not prefill_prompt:
+      if decoder_causal_attention is not None:
+        # Bidirectional prefix inside the chunk; with a prompt, the prompt belongs to the prefix.
         prefix = decoder_causal_attention > 0
+        if prefill_prefix:
+          prefix = self.prompt.combine_mask(tokens, prefix)
         chunk_mask = layers.make_attention_mask(prefix, prefix)
-      elif prefill_prompt:
-        # The prompt is part of the prefix of a prefix LM; a causal LM sees it causally.
-        if decoder_causal_attention is not None:
-          chunk_mask = jnp.ones((batch, 1, length, length), bool)
       cross_query = jnp.ones((batch, length), bool)
     else:
       if decoder_target_tokens is not None:
@@ -588,7 +594,8 @@ class DecoderOnly(nn.Module):
     Causal LM when `decoder_causal_attention is None`; prefix LM otherwise (positions with
     `decoder_causal_attention == 1`, and the prompt, see each other bidirectionally). With
     `decode=True` a chunk of tokens is appended to the cache; `prefill_prompt=True` appends the
-    prompt `[B, P, d]` instead.
+    prompt `[B, P, d]` instead, or with `decoder_causal_attention` the prompt and the prefix
+    tokens in one chunk.
     """
     del decoder_positions
     return self.decoder(None, decoder_input_tokens, decoder_target_tokens,

@@ -237,7 +237,10 @@ class EncoderDecoderModel(BaseTransformerModel):
 class DecoderOnlyModel(BaseTransformerModel):
   """A decoder-only (causal or prefix) LM with T5X's API.
 
-  For a `PromptDecoderOnly` module the prompt is written into the cache before decoding.
+  For a `PromptDecoderOnly` module the prompt is written into the cache before decoding. With
+  `inputs_bidirectional_attention=True` (prefix LM, seqio's PrefixLM features) the prompt and the
+  inputs are written in one chunk, bidirectional as in training, so cached decoding gives the
+  tokens of full forward passes.
   """
 
   FEATURE_CONVERTER_CLS = _SeqioClass('DecoderFeatureConverter')
@@ -297,7 +300,22 @@ class DecoderOnlyModel(BaseTransformerModel):
                                      enable_dropout=False, decode=True, max_decode_length=max_len,
                                      mutable=['cache'], **prompt_kwargs)
     cache = variables['cache']
-    if p:
+    prefix_len = None
+    if self._inputs_bidirectional_attention:
+      # Prefix LM (T5X's `_compute_kv_cache`): the prompt and the whole input prefix go into the
+      # cache in one chunk, bidirectional as in training. The decode loop then restarts after the
+      # prompt; while a row is still inside its prefix, its forced tokens are fed but their
+      # (causal-only) keys and values do not replace the prefilled ones.
+      causal_attention = self._causal_kwargs(batch)['decoder_causal_attention']
+      _, variables = self.module.apply({'params': params, 'cache': cache}, inputs, inputs,
+                                       decoder_causal_attention=causal_attention,
+                                       enable_dropout=False, decode=True, max_decode_length=max_len,
+                                       mutable=['cache'], **(dict(prefill_prompt=True) if p else {}),
+                                       **prompt_kwargs)
+      cache = _set_cache_index(variables['cache'], p)
+      # Shifted-right layout: BOS, then the inputs; the last input token sits at `prefix_len`.
+      prefix_len = jnp.sum(causal_attention > 0, axis=1).astype(jnp.int32) - 1
+    elif p:
       _, variables = self.module.apply({'params': params, 'cache': cache}, tokens, tokens,
                                        enable_dropout=False, decode=True, max_decode_length=max_len,
                                        prefill_prompt=True, mutable=['cache'], **prompt_kwargs)
@@ -308,7 +326,12 @@ class DecoderOnlyModel(BaseTransformerModel):
       logits, new_vars = self.module.apply({'params': params, 'cache': state.cache}, ids, ids,
                                            enable_dropout=False, decode=True,
                                            max_decode_length=max_len, mutable=['cache'])
-      return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
+      new_cache = new_vars['cache']
+      if prefix_len is not None:
+        rows = ids.shape[0]
+        in_prefix = state.cur_index <= jnp.repeat(prefix_len, rows // prefix_len.shape[0])
+        new_cache = _keep_cached_rows(new_cache, state.cache, in_prefix)
+      return logits[:, -1, :].astype(jnp.float32), new_cache
 
     # T5X's convention: `inputs` stay shifted right ([0, p1..pn, 0...]); output i is forced to inputs[i+1].
     decode_inputs = inputs
@@ -325,6 +348,36 @@ class DecoderOnlyModel(BaseTransformerModel):
     if return_all_decodes:
       return decodes, {'scores': scores}
     return decodes[:, -1, :], {'scores': scores[:, -1]}
+
+
+def _set_cache_index(cache: PyTree, index: int) -> PyTree:
+  """The cache with every layer's `cache_index` set to `index`."""
+  def visit(tree):
+    return {k: (jnp.full_like(v, index) if k == 'cache_index' else
+                visit(v) if isinstance(v, Mapping) else v) for k, v in tree.items()}
+  return visit(cache)
+
+
+def _keep_cached_rows(new: PyTree, old: PyTree, keep: jnp.ndarray) -> PyTree:
+  """Undoes the last one-token cache write for the rows where `keep` [rows] is set.
+
+  The write went to position `old cache_index` of every layer's `cached_key`/`cached_value`
+  `[rows, length, heads, head_dim]`; only that position is touched.
+  """
+  def visit(n, o):
+    if 'cached_key' not in n:
+      return {k: visit(n[k], o[k]) if isinstance(n[k], Mapping) else n[k] for k in n}
+    out = dict(n)
+    idx = o['cache_index']
+    for k in ('cached_key', 'cached_value'):
+      start = (0, idx) + (0,) * (n[k].ndim - 2)
+      size = (n[k].shape[0], 1) + n[k].shape[2:]
+      fresh = jax.lax.dynamic_slice(n[k], start, size)
+      before = jax.lax.dynamic_slice(o[k], start, size)
+      mask = keep.reshape((-1,) + (1,) * (n[k].ndim - 1))
+      out[k] = jax.lax.dynamic_update_slice(n[k], jnp.where(mask, before, fresh), start)
+    return out
+  return visit(new, old)
 
 
 def _remove_prefix(sequences: jnp.ndarray, prefix_len: jnp.ndarray) -> jnp.ndarray:

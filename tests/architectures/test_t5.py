@@ -594,10 +594,25 @@ def test_decoder_only_prompt_prefill(lm):
     logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t:t + 1]))
     out.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(out, 1), full[:, P:], atol=1e-5, rtol=1e-5)
-  # Prefix LM with a prompt runs and keeps the P + L layout.
+  # Prefix LM with a prompt keeps the P + L layout; the prompt and the prefix go into the cache
+  # in one chunk (they attend to each other), then the rest token by token.
   prefix = model.apply({'params': params}, LM_TOKENS, None, decoder_causal_attention=LM_DCA,
                        enable_dropout=False)
   assert prefix.shape == full.shape
+  _, mutated = model.apply({'params': params}, tokens, None, enable_dropout=False, decode=True,
+                           max_decode_length=max_len, mutable=['cache'])
+  logits, mutated = model.apply({'params': params, 'cache': mutated['cache']}, LM_TOKENS[:, :4],
+                                None, decoder_causal_attention=LM_DCA[:, :4], enable_dropout=False,
+                                decode=True, prefill_prompt=True, max_decode_length=max_len,
+                                mutable=['cache'])
+  cache = mutated['cache']
+  assert int(cache['decoder']['layers_0']['self_attention']['cache_index']) == P + 4
+  out = [np.asarray(logits)]
+  for t in range(4, length):
+    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t:t + 1]))
+    out.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(out, 1), np.asarray(prefix), atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(prefix)[:, :P] - full[:, :P]).max() > 1e-4  # the prompt saw the prefix
   with pytest.raises(ValueError, match='pack=False'):
     model.apply({'params': params}, LM_TOKENS, None, np.ones_like(LM_TOKENS),
                 enable_dropout=False)
