@@ -670,6 +670,28 @@ def load_t5x_checkpoint(path: str, *, dtype: Any | None = None,
   return _unflatten({k: loaded['/'.join(k)] for k in flat})
 
 
+def read_step(path: str, *, step: int | None = None) -> int | None:
+  """The training step (``state/step``) of a checkpoint, without reading any array."""
+  contents = _read_contents(find_checkpoint(path, step))
+  value = contents['optimizer'].get('state', {}).get('step')
+  return None if value is None else int(np.asarray(value))
+
+
+def load_state_variables(path: str, names: Iterable[str], *,
+                         dtype: Any | None = None,
+                         step: int | None = None) -> dict[str, np.ndarray]:
+  """Loads optimizer-state leaves by name, e.g. ``param_states/encoder/.../kernel/v_row``.
+
+  Names are ``/``-joined paths under ``optimizer/state``; those absent from
+  the checkpoint are left out of the result (only the present ones are read).
+  """
+  ckpt_dir = find_checkpoint(path, step)
+  state = _read_contents(ckpt_dir)['optimizer'].get('state', {})
+  flat = {'/'.join(k): v for k, v in _flatten(state).items()}
+  wanted = {n: flat[n] for n in names if n in flat}
+  return _materialize(ckpt_dir, wanted, dtype)
+
+
 def list_variables(path: str, *, include_state: bool = False,
                    step: int | None = None
                    ) -> dict[str, tuple[tuple[int, ...], str]]:

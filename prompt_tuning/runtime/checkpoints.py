@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -224,9 +224,7 @@ def checkpoint_step(path: str) -> Optional[int]:
       return None if step is None else int(step)
     if kind == 't5x':
       from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
-      contents = t5x_format._read_contents(t5x_format.find_checkpoint(path))  # pylint: disable=protected-access
-      step = contents.get('optimizer', {}).get('state', {}).get('step')
-      return None if step is None else int(np.asarray(step))
+      return t5x_format.read_step(path)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Could not read the step of checkpoint %s (%s); starting at step 0.', path, e)
   return None
@@ -267,6 +265,69 @@ def _likely_cause(path: str, expected, found) -> str:
     return 'PROMPT_LENGTH or the model width differs from the prompt that was saved'
   return ('the model size differs: pick the size preset/gin file that matches the checkpoint (e.g. '
           't5_1_1_base vs t5_1_1_large)')
+
+
+def load_initial_optimizer_state(path: str, opt_state: Any, *,
+                                 assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None
+                                 ) -> Tuple[Any, List[str], List[str]]:
+  """Fills the optimizer slots of `opt_state` that a T5X checkpoint at `path` also holds.
+
+  As T5X does when it restores a train state: a slot (`param_states/<param>/v_row`, `v_col`, `v`,
+  `m`) is taken from the checkpoint when it is there with the same shape; the rest keep their fresh
+  value (a new prompt, another factorization, another optimizer). Parameters that `assignment_map`
+  maps to None are not looked up; a renamed parameter takes the slots of its source. Slots that
+  hold no statistics (shape `(1,)`) are skipped. Other checkpoint formats carry no optimizer state
+  for the parameters being trained and leave `opt_state` as it is.
+
+  Returns:
+    `(opt_state, restored, kept)`: restored and kept-fresh slot names.
+  """
+  if _detect(path) != 't5x':
+    return opt_state, [], []
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+  state_dict = serialization.to_state_dict(opt_state.param_states)
+  if not isinstance(state_dict, Mapping):
+    return opt_state, [], []
+  flat = train_state_lib.flatten(state_dict)
+  sources: Dict[str, str] = {}
+  kept: List[str] = []
+  for name, leaf in flat.items():
+    if leaf is None or tuple(np.shape(leaf)) == (1,):
+      continue
+    param, slot = name.rsplit('/', 1)
+    src: Optional[str] = param
+    for regex, repl in (assignment_map or ()):
+      if re.fullmatch(regex, param):
+        src = None if repl is None else re.sub(regex, repl, param)
+        break
+    if src is None:
+      kept.append(name)
+    else:
+      sources[name] = f'param_states/{src}/{slot}'
+  found = t5x_format.load_state_variables(path, sorted(set(sources.values())))
+  restored: List[str] = []
+  for name, src in sources.items():
+    value = found.get(src)
+    leaf = flat[name]
+    if value is None or tuple(np.shape(value)) != tuple(np.shape(leaf)):
+      kept.append(name)
+      continue
+    value = np.asarray(value, dtype=leaf.dtype)
+    sharding = getattr(leaf, 'sharding', None)
+    *parents, last = name.split('/')
+    node = state_dict
+    for key in parents:
+      node = node[key]
+    node[last] = jax.device_put(value, sharding) if sharding is not None else value
+    restored.append(name)
+  if kept:
+    logging.info('Optimizer slots not in %s (or of another shape), started fresh: %s', path,
+                 ', '.join(kept[:10]) + (' ...' if len(kept) > 10 else ''))
+  if restored:
+    logging.info('Restored %d optimizer slots from %s.', len(restored), path)
+  param_states = serialization.from_state_dict(opt_state.param_states, state_dict)
+  return opt_state.replace(param_states=param_states), restored, kept
 
 
 def load_initial_params(path: str, init_params: Mapping[str, Any], *,

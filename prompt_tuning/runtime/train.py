@@ -151,6 +151,13 @@ def train(*,
     # pre-training steps (e.g. 1_100_000 + 30_000 for 30k steps on an LM-adapted checkpoint).
     initial_step = _initial_checkpoint_step(restore_cfg)
     state = builder.build(params, step=initial_step)
+    if restore_cfg is not None and restore_cfg.path:
+      # As T5X restoring a train state: optimizer slots the checkpoint holds (a T5X checkpoint's
+      # Adafactor statistics, when model tuning continues from it) are restored too.
+      path = restore_cfg.path[0] if isinstance(restore_cfg.path, (list, tuple)) else restore_cfg.path
+      opt_state, _, _ = checkpoints.load_initial_optimizer_state(
+          path, state.opt_state, assignment_map=restore_cfg.assignment_map)
+      state = state.replace(opt_state=opt_state)
     data_start_step = initial_step
     batches_consumed = 0
     if relative_steps is not None:

@@ -238,6 +238,27 @@ def test_load_full_state(handmade):
       'v_col'].shape == (7,)
 
 
+def test_read_step_and_selected_state_variables(handmade, monkeypatch):
+  d, _ = handmade
+  full = t5x_format.load_t5x_checkpoint(d)
+  opened = []
+  real_open = ts.open
+
+  def counting_open(spec, *args, **kwargs):
+    opened.append(spec['kvstore']['path'])
+    return real_open(spec, *args, **kwargs)
+
+  monkeypatch.setattr(ts, 'open', counting_open)
+  assert t5x_format.read_step(d) == 100
+  assert not opened  # the step is read without opening an array
+  name = 'param_states/token_embedder/embedding/v_row'
+  out = t5x_format.load_state_variables(d, [name, 'param_states/not/there/v'])
+  assert list(out) == [name]  # absent names are left out
+  np.testing.assert_array_equal(out[name],
+                                full['state']['param_states']['token_embedder']['embedding']['v_row'])
+  assert len(opened) <= 1  # only the requested array (or none, when stored inline)
+
+
 def test_list_variables_reads_no_array(handmade, monkeypatch):
   d, truth = handmade
   monkeypatch.setattr(ts, 'open', _forbidden_open)
