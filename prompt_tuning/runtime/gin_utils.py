@@ -27,6 +27,30 @@ def default_search_paths() -> Sequence[str]:
   return out
 
 
+def _package_file_exists(path: str) -> bool:
+  """gin's check for `package/file.gin` on the Python path, safe for namespace packages.
+
+  gin 0.5 reads `models/x.gin` as file `x.gin` of a Python package `models`; a plain `models/`
+  directory on `sys.path` (say, in the directory `python -m prompt_tuning.train` runs from) is a
+  namespace package without a file location, and gin's check then fails with a TypeError instead
+  of moving on to the search paths.
+  """
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  try:
+    return resource_reader.system_path_file_exists(path)
+  except TypeError:
+    return False
+
+
+def _guard_package_reader() -> None:
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if exists is resource_reader.system_path_file_exists:
+      readers[i] = (reader, _package_file_exists)
+
+
 def rewrite_gin_args(args: Sequence[str]) -> Sequence[str]:
   """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
   out = []
@@ -54,6 +78,7 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
                     gin_bindings: Sequence[str], skip_unknown: bool = False,
                     finalize_config: bool = True) -> None:
   """Parses gin files and bindings, with clear errors for unknown names and missing files."""
+  _guard_package_reader()
   for path in list(gin_search_paths) + list(default_search_paths()):
     for p in str(path).split(','):
       if p:
