@@ -528,11 +528,16 @@ def from_array(prompt: Optional[ArrayOrLoader] = None,
     del rng
     value = _resolve(source)
     if tuple(value.shape) != tuple(shape):
+      hint = ('Check PROMPT_LENGTH and that the prompt was trained for this '
+              'model size.')
+      if np.ndim(value) == len(shape) + 1:
+        hint = (f'It looks like a bank of {np.shape(value)[0]} prompts: serve it '
+                'with --gin_file=prompts/bank_from_file.gin '
+                f'--gin.NUM_PROMPTS={np.shape(value)[0]}.')
       raise ValueError(
           f'The loaded prompt has shape {tuple(value.shape)} but the model '
           f'expects a prompt of shape {tuple(shape)} (PROMPT_LENGTH, embed '
-          'dim). Check PROMPT_LENGTH and that the prompt was trained for this '
-          'model size.')
+          f'dim). {hint}')
     return jnp.asarray(value, dtype)
 
   return init

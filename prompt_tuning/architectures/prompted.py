@@ -150,7 +150,8 @@ def make_prompt_factory(length: int,
                         combine: CombineFn = prompts.prefix_prompt,
                         embed_dim: Optional[int] = None,
                         dtype: DType = jnp.float32,
-                        num_prompts: Optional[int] = None) -> Callable[[], CombinedPrompt]:
+                        num_prompts: Optional[int] = None,
+                        bank_init: Optional[Initializer] = None) -> Callable[[], CombinedPrompt]:
   """A `prompt_factory` for `t5.EncoderDecoder` / `t5.DecoderOnly`.
 
   Args:
@@ -160,6 +161,8 @@ def make_prompt_factory(length: int,
     embed_dim: H (inferred from the embedded inputs when None).
     dtype: activation dtype of the prompt.
     num_prompts: if given, a `PromptBank` of that many prompts (selected by `prompt_ids`).
+    bank_init: with `num_prompts`, an initializer of the whole `[N, P, H]` bank (e.g. a bank of
+      trained prompts from `prompts.from_array`); `prompt_init` then is not used.
 
   Returns:
     A zero-argument function building a `CombinedPrompt`.
@@ -171,7 +174,7 @@ def make_prompt_factory(length: int,
                                  dtype=dtype, parent=None)
     else:
       generator = PromptBank(num_prompts=num_prompts, length=length, prompt_init=prompt_init,
-                             embed_dim=embed_dim, dtype=dtype, parent=None)
+                             embed_dim=embed_dim, dtype=dtype, bank_init=bank_init, parent=None)
     return CombinedPrompt(prompt=generator, combine=combine)
 
   factory.combine = combine
@@ -196,7 +199,7 @@ def _resolve_prompt_fields(module: nn.Module) -> None:
     factory = make_prompt_factory(length, module.prompt_init, module.combine,
                                   embed_dim=module.config.emb_dim,
                                   dtype=module.config.activation_dtype,
-                                  num_prompts=module.num_prompts)
+                                  num_prompts=module.num_prompts, bank_init=module.bank_init)
   object.__setattr__(module, 'prompt_factory', factory)
   object.__setattr__(module, 'prompt_length', length)
 
@@ -218,11 +221,14 @@ class PromptEncoderDecoder(t5.EncoderDecoder):
     prompt_init: initializer of a `[P, H]` prompt (default the paper's U[-0.5, 0.5)).
     combine: where the prompt goes in the encoder inputs.
     num_prompts: if given, a `PromptBank` of that many prompts selected by `prompt_ids`.
+    bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank (serving trained
+      prompts: `configs/prompts/bank_from_file.gin`).
   """
   prompt_length: Optional[int] = None
   prompt_init: Initializer = prompts.uniform(0.5)
   combine: CombineFn = prompts.prefix_prompt
   num_prompts: Optional[int] = None
+  bank_init: Optional[Initializer] = None
 
   def __post_init__(self):
     _resolve_prompt_fields(self)
@@ -243,11 +249,13 @@ class PromptDecoderOnly(t5.DecoderOnly):
     combine: where the prompt goes (default prepended; `prompts.prefix_prompt_after_bos` keeps a
       BOS first).
     num_prompts: if given, a `PromptBank` selected by `prompt_ids`.
+    bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank.
   """
   prompt_length: Optional[int] = None
   prompt_init: Initializer = prompts.uniform(0.5)
   combine: CombineFn = prompts.prefix_prompt
   num_prompts: Optional[int] = None
+  bank_init: Optional[Initializer] = None
 
   def __post_init__(self):
     _resolve_prompt_fields(self)

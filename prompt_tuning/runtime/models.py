@@ -30,20 +30,25 @@ def _prompt_kwargs(batch: Mapping[str, Array]) -> dict:
   return {'prompt_ids': batch['prompt_ids']} if 'prompt_ids' in batch else {}
 
 
-class _SeqioClass:
-  """A class attribute holding `seqio.<name>`, looked up on first access.
+class _LazyClass:
+  """A class attribute holding `<module>.<name>`, imported on first access.
 
-  Importing seqio pulls in TensorFlow (~800 MiB of resident memory); a model built only to train
-  or serve from host arrays never needs it, so the lookup waits until a feature converter is used.
-  Subclasses and instances may still assign `FEATURE_CONVERTER_CLS` as in T5X.
+  The default feature converters live in `prompt_tuning.data.feature_converters` (seqio's, keeping a
+  per-example `prompt_ids`). Importing seqio pulls in TensorFlow (~800 MiB of resident memory); a
+  model built only to train or serve from host arrays never needs it, so the import waits until a
+  feature converter is used. Subclasses and instances may still assign `FEATURE_CONVERTER_CLS` as
+  in T5X.
   """
 
-  def __init__(self, name: str):
-    self._name = name
+  def __init__(self, module: str, name: str):
+    self._module, self._name = module, name
 
   def __get__(self, obj, objtype=None):
-    import seqio  # pylint: disable=g-import-not-at-top
-    return getattr(seqio, self._name)
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(self._module), self._name)
+
+
+_CONVERTERS = 'prompt_tuning.data.feature_converters'
 
 
 class BaseTransformerModel:
@@ -140,7 +145,7 @@ class BaseTransformerModel:
 class EncoderDecoderModel(BaseTransformerModel):
   """An encoder-decoder (T5) model with T5X's API."""
 
-  FEATURE_CONVERTER_CLS = _SeqioClass('EncDecFeatureConverter')
+  FEATURE_CONVERTER_CLS = _LazyClass(_CONVERTERS, 'EncDecFeatureConverter')
 
   def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None,
                decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
@@ -243,7 +248,7 @@ class DecoderOnlyModel(BaseTransformerModel):
   tokens of full forward passes.
   """
 
-  FEATURE_CONVERTER_CLS = _SeqioClass('DecoderFeatureConverter')
+  FEATURE_CONVERTER_CLS = _LazyClass(_CONVERTERS, 'DecoderFeatureConverter')
 
   def __init__(self, module, vocabulary, optimizer_def=None,
                decode_fn: Callable = decoding.temperature_sample,

@@ -57,8 +57,12 @@ def test_training_from_host_arrays_imports_neither_seqio_nor_tensorflow():
 
 
 def test_feature_converter_cls_resolves_to_seqio_and_can_be_overridden():
-  assert models.EncoderDecoderModel.FEATURE_CONVERTER_CLS is seqio.EncDecFeatureConverter
-  assert models.DecoderOnlyModel.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter
+  from prompt_tuning.data import feature_converters  # pylint: disable=g-import-not-at-top
+  # seqio's converters, keeping a per-example `prompt_ids` (prompt banks).
+  assert models.EncoderDecoderModel.FEATURE_CONVERTER_CLS is feature_converters.EncDecFeatureConverter
+  assert issubclass(models.EncoderDecoderModel.FEATURE_CONVERTER_CLS, seqio.EncDecFeatureConverter)
+  assert models.DecoderOnlyModel.FEATURE_CONVERTER_CLS is feature_converters.DecoderFeatureConverter
+  assert issubclass(models.DecoderOnlyModel.FEATURE_CONVERTER_CLS, seqio.DecoderFeatureConverter)
 
   class PrefixLM(models.DecoderOnlyModel):
     FEATURE_CONVERTER_CLS = seqio.PrefixLMFeatureConverter
@@ -67,5 +71,4 @@ def test_feature_converter_cls_resolves_to_seqio_and_can_be_overridden():
   # T5X's constructor argument replaces the class default on the instance only.
   model = models.DecoderOnlyModel(None, None, feature_converter_cls=seqio.PrefixLMFeatureConverter)
   assert model.FEATURE_CONVERTER_CLS is seqio.PrefixLMFeatureConverter
-  assert models.DecoderOnlyModel.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter
-
+  assert models.DecoderOnlyModel.FEATURE_CONVERTER_CLS is feature_converters.DecoderFeatureConverter

@@ -11,6 +11,7 @@ Tasks:
                     the mean log-likelihood of the targets).
   tiny_count_long   same inputs, but the target repeats the count word four times
                     (used to check that a too-short `targets` length is caught).
+  tiny_count_mixed  tiny_count whose example i carries `prompt_ids = i % 2` (a two-prompt bank).
 """
 import os
 from typing import Dict, List, Sequence
@@ -41,14 +42,14 @@ def examples(split: str, repeat: int = 1) -> List[Dict[str, str]]:
   return out
 
 
-def _dataset_fn(repeat: int):
+def _dataset_fn(repeat: int, num_prompts: int = 0):
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None):
     del shuffle_files, seed
     rows = examples(split, repeat)
-    return tf.data.Dataset.from_tensor_slices({
-        'inputs': [r['inputs'] for r in rows],
-        'targets': [r['targets'] for r in rows],
-    })
+    data = {'inputs': [r['inputs'] for r in rows], 'targets': [r['targets'] for r in rows]}
+    if num_prompts:
+      data['prompt_ids'] = np.arange(len(rows), dtype=np.int32) % num_prompts
+    return tf.data.Dataset.from_tensor_slices(data)
   return dataset_fn
 
 
@@ -69,12 +70,13 @@ def register() -> None:
       'inputs': seqio.Feature(vocabulary=vocab, add_eos=True),
       'targets': seqio.Feature(vocabulary=vocab, add_eos=True),
   }
-  for name, repeat in (('tiny_count', 1), ('tiny_count_long', 4)):
+  for name, repeat, num_prompts in (('tiny_count', 1, 0), ('tiny_count_long', 4, 0),
+                                    ('tiny_count_mixed', 1, 2)):
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(_dataset_fn(repeat), splits=('train', 'validation'),
+        source=seqio.FunctionDataSource(_dataset_fn(repeat, num_prompts), splits=('train', 'validation'),
                                         num_input_examples=SPLIT_SIZES),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
