@@ -98,3 +98,23 @@ def test_make_prompt_bank_stacks_in_order_and_never_overwrites(served):
                         text=True, check=False)
   assert proc.returncode == 2 and 'differs' in proc.stderr and 'PROMPT_LENGTH' in proc.stderr
   assert not os.path.exists(out) and not [p for p in os.listdir(served['root']) if '.tmp-' in p]
+
+
+def test_training_a_bank_updates_only_the_prompts_of_its_tasks(tmp_path, tmp_path_factory):
+  """Multi-task prompt training: a bank of 3 prompts on a mixture whose examples use prompts 0 and 1.
+  Prompt 2 gets no gradient (it only decays by Adafactor's weight decay, 3e-6 a step); the saved
+  `.npy` is the whole bank, ready for `prompts/bank_from_file.gin`."""
+  env = rt.base_env(rt.shared_cache_dir(tmp_path_factory))
+  frozen = rt.make_t5x_checkpoint(str(tmp_path / 'frozen'))
+  model_dir = str(tmp_path / 'model')
+  bindings = rt.prompt_train_bindings(model_dir, frozen, steps=6, period=3, eval_period=3, extra={
+      'MIXTURE_OR_TASK_NAME': rt.q('tiny_count_mixed'), 'prompted.PromptEncoderDecoder.num_prompts': '3'})
+  proc = rt.run(rt.entry_args('prompt_tuning.train', rt.PROMPT_GIN, bindings), env,
+                log_path=model_dir + '.log')
+  rt.check_ok(proc, 'training a prompt bank')
+  banks = [np.load(os.path.join(model_dir, 'numpy_checkpoints', f'checkpoint_{s}',
+                                'encoder.prompt.prompt.prompt.npy')) for s in (3, 6)]
+  assert banks[0].shape == (3, 5, 32)
+  change = [float(np.abs(banks[1][i] - banks[0][i]).max() / np.abs(banks[0][i]).max()) for i in range(3)]
+  assert change[0] > 1e-2 and change[1] > 1e-2, change
+  assert change[2] < 1e-4, change
