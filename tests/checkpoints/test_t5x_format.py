@@ -238,9 +238,8 @@ def test_load_full_state(handmade):
       'v_col'].shape == (7,)
 
 
-def test_read_step_and_selected_state_variables(handmade, monkeypatch):
-  d, _ = handmade
-  full = t5x_format.load_t5x_checkpoint(d)
+def _count_opens(monkeypatch):
+  """From now on, records the array paths tensorstore opens (returned list)."""
   opened = []
   real_open = ts.open
 
@@ -249,6 +248,13 @@ def test_read_step_and_selected_state_variables(handmade, monkeypatch):
     return real_open(spec, *args, **kwargs)
 
   monkeypatch.setattr(ts, 'open', counting_open)
+  return opened
+
+
+def test_read_step_and_selected_state_variables(handmade, monkeypatch):
+  d, _ = handmade
+  full = t5x_format.load_t5x_checkpoint(d)
+  opened = _count_opens(monkeypatch)
   assert t5x_format.read_step(d) == 100
   assert not opened  # the step is read without opening an array
   name = 'param_states/token_embedder/embedding/v_row'
@@ -298,14 +304,7 @@ def _forbidden_open(*args, **kwargs):
 
 def test_selective_load_opens_only_selected(handmade, monkeypatch):
   d, truth = handmade
-  opened = []
-  real_open = ts.open
-
-  def counting_open(spec, *args, **kwargs):
-    opened.append(spec['kvstore']['path'])
-    return real_open(spec, *args, **kwargs)
-
-  monkeypatch.setattr(ts, 'open', counting_open)
+  opened = _count_opens(monkeypatch)
   out = t5x_format.load(d, ['token_embedder/embedding'])
   assert list(t5x_format.flatten_params(out)) == ['token_embedder/embedding']
   assert_bit_equal(out['token_embedder']['embedding'],
