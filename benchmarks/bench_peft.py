@@ -16,7 +16,6 @@ Sections:
   decode   `PeftModelForSeq2SeqLM.generate` (transformers `generate`, greedy, KV cache,
            `min_new_tokens = max_new_tokens` so exactly `decode_tokens` tokens are produced).
 """
-import argparse
 import gc
 import os
 import sys
@@ -244,22 +243,10 @@ class ServeBench:
     return {}
 
   def rep(self) -> dict:
-    out = {}
-    items = list(self.fns.items())
-    if len(self.res[f'{items[0][0]}_times_s']) % 2:
-      items.reverse()  # alternate which variant goes first
-    for name, fn in items:
-      t = common.timed(fn, 1)[0]
-      self.res[f'{name}_times_s'].append(t)
-      out[name] = t
-    return out
+    return common.rep_variants(self.res, self.fns)
 
   def finish(self) -> dict:
-    for name in self.fns:
-      self.res[f'{name}_examples_per_s'] = [self.shapes.serve_batch / t
-                                            for t in self.res[f'{name}_times_s']]
-    self.res['peak_rss_mb'] = common.peak_rss_mb()
-    return self.res
+    return common.finish_variants(self.res, list(self.fns), self.shapes.serve_batch)
 
 
 class DecodeBench:
@@ -326,56 +313,22 @@ SECTIONS = {'train': TrainBench, 'serve': ServeBench, 'decode': DecodeBench,
             'prepare': lambda a, s: _OneShot(section_prepare, a, s)}
 
 
+def _meta(args) -> dict:
+  del args
+  gc.collect()
+  meta = {}
+  if 'torch' in sys.modules:
+    torch = sys.modules['torch']
+    meta.update({'torch_threads': torch.get_num_threads(),
+                 'device': 'cuda' if torch.cuda.is_available() else 'cpu'})
+  return meta
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--job', action='append', default=None,
-                      help='SECTION:PROMPT_LENGTH; repeat to run several jobs in this process')
-  parser.add_argument('--section', choices=sorted(SECTIONS), help='a single job\'s section')
-  parser.add_argument('--prompt-length', type=int, default=20)
-  parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--out', default=None, help='result JSON (standalone mode)')
-  parser.add_argument('--reply-fd', type=int, default=None, help='orchestrated mode')
-  parser.add_argument('--reps', type=int, default=None, help='repetitions (standalone mode)')
-  parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--dropout', type=float, default=0.0)
+  parser = common.worker_parser(__doc__, SECTIONS)
   parser.add_argument('--threads', type=int, default=None,
                       help='torch.set_num_threads (default: all cores)')
-  args = parser.parse_args(argv)
-  shapes = common.SHAPES[args.shapes]
-  jobs = common.parse_jobs(args.job, args.section, args.prompt_length)
-  for section, _ in jobs:
-    if section not in SECTIONS:
-      parser.error(f'unknown section {section!r}; choose from {sorted(SECTIONS)}')
-  t0 = time.time()
-
-  def make_bench(section, p):
-    job_args = argparse.Namespace(**vars(args))
-    job_args.prompt_length = p
-    return SECTIONS[section](job_args, shapes)
-
-  def finish_meta(job):
-    section, p = job
-    gc.collect()
-    meta = {'framework': 'peft', 'section': section, 'shapes': shapes.name, 'prompt_length': p,
-            'dtype': args.dtype, 'dropout': args.dropout, 'wall_s': time.time() - t0,
-            'load_avg_end': common.load_avg()}
-    if 'torch' in sys.modules:
-      torch = sys.modules['torch']
-      meta.update({'torch_threads': torch.get_num_threads(),
-                   'device': 'cuda' if torch.cuda.is_available() else 'cpu'})
-    return meta
-
-  def reps(section):
-    if args.reps is not None:
-      return args.reps
-    return {'train': shapes.train_reps, 'serve': shapes.serve_reps,
-            'decode': shapes.decode_reps}.get(section, 0)
-
-  res = common.run_worker(make_bench, jobs, args.reply_fd, reps, finish_meta)
-  if res is not None and args.out:
-    common.write_json(args.out, res[0] if len(res) == 1 else res)
+  common.worker_main(parser, argv, SECTIONS, 'peft', _meta)
 
 
 if __name__ == '__main__':

@@ -252,3 +252,82 @@ def run_worker(make_bench: Callable[[str, int], Any], jobs: Sequence[tuple],
       out.write(json.dumps(msg, default=float) + '\n')
       out.flush()
   return None
+
+
+# ------------------------------------------------------------------------- worker helpers
+
+
+def rep_variants(res: Dict[str, Any], calls: Dict[str, Callable[[], Any]]) -> Dict[str, float]:
+  """Times each named variant once, appending to `res[f'{name}_times_s']`.
+
+  The order alternates between repetitions, so no variant always runs first (warmest caches).
+  """
+  items = list(calls.items())
+  if len(res[f'{items[0][0]}_times_s']) % 2:
+    items.reverse()
+  out = {}
+  for name, call in items:
+    t = timed(call, 1)[0]
+    res[f'{name}_times_s'].append(t)
+    out[name] = t
+  return out
+
+
+def finish_variants(res: Dict[str, Any], names: Sequence[str], per_call: int) -> Dict[str, Any]:
+  """Adds `f'{name}_examples_per_s'` (`per_call` examples a call) and the peak RSS to `res`."""
+  for name in names:
+    res[f'{name}_examples_per_s'] = [per_call / t for t in res[f'{name}_times_s']]
+  res['peak_rss_mb'] = peak_rss_mb()
+  return res
+
+
+def worker_parser(doc: str, sections: Sequence[str]) -> 'argparse.ArgumentParser':
+  """The command-line flags both frameworks' workers share."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--job', action='append', default=None,
+                      help='SECTION:PROMPT_LENGTH; repeat to run several jobs in this process')
+  parser.add_argument('--section', choices=sorted(sections), help='a single job\'s section')
+  parser.add_argument('--prompt-length', type=int, default=20)
+  parser.add_argument('--shapes', default='full', choices=sorted(SHAPES))
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', default=None, help='result JSON (standalone mode)')
+  parser.add_argument('--reply-fd', type=int, default=None, help='orchestrated mode')
+  parser.add_argument('--reps', type=int, default=None, help='repetitions (standalone mode)')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--dropout', type=float, default=0.0)
+  return parser
+
+
+def worker_main(parser, argv, sections: Dict[str, Any], framework: str,
+                meta: Callable[[Any], Dict[str, Any]]) -> None:
+  """Parses the worker's flags and runs its jobs (`run_worker`); `meta(args)` adds framework facts."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  args = parser.parse_args(argv)
+  shapes = SHAPES[args.shapes]
+  jobs = parse_jobs(args.job, args.section, args.prompt_length)
+  for section, _ in jobs:
+    if section not in sections:
+      parser.error(f'unknown section {section!r}; choose from {sorted(sections)}')
+  t0 = time.time()
+
+  def make_bench(section, p):
+    job_args = argparse.Namespace(**vars(args))
+    job_args.prompt_length = p
+    return sections[section](job_args, shapes)
+
+  def finish_meta(job):
+    section, p = job
+    return {'framework': framework, 'section': section, 'shapes': shapes.name, 'prompt_length': p,
+            'dtype': args.dtype, 'dropout': args.dropout, **meta(args),
+            'wall_s': time.time() - t0, 'load_avg_end': load_avg()}
+
+  def reps(section):
+    if args.reps is not None:
+      return args.reps
+    return {'train': shapes.train_reps, 'serve': shapes.serve_reps,
+            'decode': shapes.decode_reps}.get(section, 0)
+
+  res = run_worker(make_bench, jobs, args.reply_fd, reps, finish_meta)
+  if res is not None and args.out:
+    write_json(args.out, res[0] if len(res) == 1 else res)
