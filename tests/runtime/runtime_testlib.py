@@ -85,21 +85,37 @@ def check_ok(proc: subprocess.CompletedProcess, what: str = 'run') -> None:
   assert proc.returncode == 0, f'{what} failed with exit code {proc.returncode}:\n{proc.stdout[-6000:]}'
 
 
+def task_bindings(batch_size: int = 8, task: str = TASK) -> Dict[str, str]:
+  """The task, its lengths, the batch size and the test vocabulary (every entry point needs them)."""
+  return {
+      'MIXTURE_OR_TASK_NAME': q(task),
+      'MIXTURE_OR_TASK_MODULE': q(TASK_MODULE),
+      'TASK_FEATURE_LENGTHS': LENGTHS,
+      'BATCH_SIZE': str(batch_size),
+      'seqio.SentencePieceVocabulary.sentencepiece_model_file': q(vocab_path()),
+  }
+
+
+def serve_bindings(frozen: str, prompt_file: str, output_macro: str, output_dir: str, *,
+                   task: str = TASK, batch_size: int = 8) -> Dict[str, str]:
+  """Bindings of `prompt_tuning.eval` / `infer` (runs/prompt_eval.gin, runs/prompt_infer.gin): the frozen
+  checkpoint plus a prompt file; `output_macro` is EVAL_OUTPUT_DIR or INFER_OUTPUT_DIR. The batch size
+  of training (8) finds the compiled decoding step in the compilation cache."""
+  return {'CHECKPOINT_PATH': q(frozen), 'PROMPT_FILE': q(prompt_file), output_macro: q(output_dir),
+          **task_bindings(batch_size, task)}
+
+
 def prompt_train_bindings(model_dir: str, init_ckpt: Optional[str], *, steps: int = 6, period: int = 3,
                           eval_period: int = 3, batch_size: int = 8, seed: Optional[int] = 0,
                           eval_steps: int = 2, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
   """Bindings of a tiny prompt-tuning run on `tiny_count` (use with test/tiny_prompt.gin + runs/prompt_finetune.gin)."""
   b = {
       'MODEL_DIR': q(model_dir),
-      'MIXTURE_OR_TASK_NAME': q(TASK),
-      'MIXTURE_OR_TASK_MODULE': q(TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': LENGTHS,
+      **task_bindings(batch_size),
       'TRAIN_STEPS': str(steps),
-      'BATCH_SIZE': str(batch_size),
       'EVAL_PERIOD': str(eval_period),
       'EVAL_STEPS': str(eval_steps),
       'INITIAL_CHECKPOINT_PATH': q(init_ckpt) if init_ckpt else 'None',
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': q(vocab_path()),
       'utils.SaveCheckpointConfig.period': str(period),
       'utils.SaveCheckpointConfig.keep': 'None',
   }
@@ -118,17 +134,13 @@ def model_tuning_bindings(model_dir: str, *, steps: int = 5, batch_size: int = 8
   """Bindings of a tiny model-tuning run (every parameter trained by plain Adafactor) from scratch."""
   b = {
       'MODEL_DIR': q(model_dir),
-      'MIXTURE_OR_TASK_NAME': q(TASK),
-      'MIXTURE_OR_TASK_MODULE': q(TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': LENGTHS,
+      **task_bindings(batch_size),
       'TRAIN_STEPS': str(steps),
-      'BATCH_SIZE': str(batch_size),
       'EVAL_PERIOD': '0',
       'EVAL_STEPS': '0',
       'RANDOM_SEED': str(seed),
       'INITIAL_CHECKPOINT_PATH': 'None',
       'train.infer_eval_dataset_cfg': 'None',
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': q(vocab_path()),
       'partitioning.PjitPartitioner.num_partitions': str(num_partitions),
       'utils.SaveCheckpointConfig.period': str(steps),
       # One layer each way keeps the (8-device, SPMD-partitioned) compilations short.

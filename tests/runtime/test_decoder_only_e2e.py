@@ -78,17 +78,8 @@ def test_inference_eval_decodes_every_example_and_improves(trained):
 
 def test_eval_from_the_prompt_file_reproduces_training(tmp_path, trained, cache_dir):
   out = str(tmp_path / 'eval')
-  bindings = {
-      'CHECKPOINT_PATH': rt.q(trained['frozen']),
-      'PROMPT_FILE': rt.q(os.path.join(trained['model_dir'], 'numpy_checkpoints',
-                                       f'checkpoint_{STEPS}', PROMPT_NPY)),
-      'EVAL_OUTPUT_DIR': rt.q(out),
-      'MIXTURE_OR_TASK_NAME': rt.q(rt.TASK),
-      'MIXTURE_OR_TASK_MODULE': rt.q(rt.TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': rt.LENGTHS,
-      'BATCH_SIZE': '8',
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': rt.q(rt.vocab_path()),
-  }
+  prompt = os.path.join(trained['model_dir'], 'numpy_checkpoints', f'checkpoint_{STEPS}', PROMPT_NPY)
+  bindings = rt.serve_bindings(trained['frozen'], prompt, 'EVAL_OUTPUT_DIR', out)
   proc = rt.run(rt.entry_args('prompt_tuning.eval', GIN + ('runs/prompt_eval.gin',), bindings),
                 rt.base_env(cache_dir), log_path=out + '.log')
   rt.check_ok(proc, 'evaluation')

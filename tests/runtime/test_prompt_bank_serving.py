@@ -21,18 +21,8 @@ SCRIPT = os.path.join(rt.REPO, 'scripts', 'make_prompt_bank.py')
 
 
 def _infer(out, frozen, prompt_file, task, env, extra=None, gin_files=()):
-  bindings = {
-      'CHECKPOINT_PATH': rt.q(frozen),
-      'PROMPT_FILE': rt.q(prompt_file),
-      'INFER_OUTPUT_DIR': rt.q(out),
-      'MIXTURE_OR_TASK_NAME': rt.q(task),
-      'MIXTURE_OR_TASK_MODULE': rt.q(rt.TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': rt.LENGTHS,
-      'BATCH_SIZE': '8',
-      'infer.mode': rt.q('predict_with_aux'),
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': rt.q(rt.vocab_path()),
-      **(extra or {}),
-  }
+  bindings = {**rt.serve_bindings(frozen, prompt_file, 'INFER_OUTPUT_DIR', out, task=task),
+              'infer.mode': rt.q('predict_with_aux'), **(extra or {})}
   proc = rt.run(rt.entry_args('prompt_tuning.infer', ('test/tiny_prompt.gin', 'runs/prompt_infer.gin',
                                                     *gin_files), bindings), env, log_path=out + '.log')
   rt.check_ok(proc, f'inference into {out}')
@@ -58,11 +48,9 @@ def served(tmp_path_factory):
   mixed = _infer(str(root / 'mixed'), frozen, bank, 'tiny_count_mixed', env, {'NUM_PROMPTS': '2'},
                  gin_files=('prompts/bank_from_file.gin',))
   # The bank without its gin file: one clear error that says what to do.
-  proc = rt.run(rt.entry_args('prompt_tuning.infer', ('test/tiny_prompt.gin', 'runs/prompt_infer.gin'), {
-      'CHECKPOINT_PATH': rt.q(frozen), 'PROMPT_FILE': rt.q(bank), 'INFER_OUTPUT_DIR': rt.q(str(root / 'x')),
-      'MIXTURE_OR_TASK_NAME': rt.q('tiny_count_mixed'), 'MIXTURE_OR_TASK_MODULE': rt.q(rt.TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': rt.LENGTHS,
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': rt.q(rt.vocab_path())}), env)
+  proc = rt.run(rt.entry_args('prompt_tuning.infer', ('test/tiny_prompt.gin', 'runs/prompt_infer.gin'),
+                              rt.serve_bindings(frozen, bank, 'INFER_OUTPUT_DIR', str(root / 'x'),
+                                                task='tiny_count_mixed')), env)
   rt.assert_clean_error(proc, 'bank of 2 prompts', 'prompts/bank_from_file.gin', 'NUM_PROMPTS=2')
   return {'single': single, 'mixed': mixed, 'files': files, 'bank': bank, 'root': root}
 

@@ -116,16 +116,8 @@ def test_inference_eval_through_seqio_evaluator(trained):
 @pytest.fixture(scope='module')
 def evaluated(tmp_path_factory, trained, cache_dir):
   out = str(tmp_path_factory.mktemp('eval') / 'out')
-  bindings = {
-      'CHECKPOINT_PATH': rt.q(trained['frozen']),
-      'PROMPT_FILE': rt.q(_prompt_file(trained['model_dir'], STEPS)),
-      'EVAL_OUTPUT_DIR': rt.q(out),
-      'MIXTURE_OR_TASK_NAME': rt.q(rt.TASK),
-      'MIXTURE_OR_TASK_MODULE': rt.q(rt.TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': rt.LENGTHS,
-      'BATCH_SIZE': '8',  # as in training: the compiled decoding step is found in the compilation cache
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': rt.q(rt.vocab_path()),
-  }
+  bindings = rt.serve_bindings(trained['frozen'], _prompt_file(trained['model_dir'], STEPS),
+                               'EVAL_OUTPUT_DIR', out)
   proc = rt.run(rt.entry_args('prompt_tuning.eval', ('test/tiny_prompt.gin', 'runs/prompt_eval.gin'), bindings),
                 rt.base_env(cache_dir), log_path=out + '.log')
   rt.check_ok(proc, 'evaluation')
@@ -146,16 +138,8 @@ def test_eval_reproduces_training_metrics(trained, evaluated):
 
 def test_infer_writes_predictions_with_inputs(tmp_path, trained, evaluated, cache_dir):
   out = str(tmp_path / 'infer')
-  bindings = {
-      'CHECKPOINT_PATH': rt.q(trained['frozen']),
-      'PROMPT_FILE': rt.q(_prompt_file(trained['model_dir'], STEPS)),
-      'INFER_OUTPUT_DIR': rt.q(out),
-      'MIXTURE_OR_TASK_NAME': rt.q(rt.TASK),
-      'MIXTURE_OR_TASK_MODULE': rt.q(rt.TASK_MODULE),
-      'TASK_FEATURE_LENGTHS': rt.LENGTHS,
-      'BATCH_SIZE': '8',  # as in training: the compiled decoding step is found in the compilation cache
-      'seqio.SentencePieceVocabulary.sentencepiece_model_file': rt.q(rt.vocab_path()),
-  }
+  bindings = rt.serve_bindings(trained['frozen'], _prompt_file(trained['model_dir'], STEPS),
+                               'INFER_OUTPUT_DIR', out)
   proc = rt.run(rt.entry_args('prompt_tuning.infer', ('test/tiny_prompt.gin', 'runs/prompt_infer.gin'), bindings),
                 rt.base_env(cache_dir), log_path=out + '.log')
   rt.check_ok(proc, 'inference')
