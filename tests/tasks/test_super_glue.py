@@ -3,7 +3,6 @@
 Every task's pipeline is checked structurally; one suffix per dataset is
 materialized from mock data and compared exactly with T5's formats.
 """
-import functools
 import re
 
 import numpy as np
@@ -14,6 +13,7 @@ import tensorflow_datasets as tfds
 from prompt_tuning.data import features
 from prompt_tuning.data import preprocessors as prep
 from prompt_tuning.data import utils
+from task_testlib import examples, raw_examples, describe, expected_chain
 import tasks.super_glue as sg
 
 VOCAB = seqio.SentencePieceVocabulary(features.seqio_test_vocabulary_path(), extra_ids=10)
@@ -34,48 +34,6 @@ def mock_super_glue():
   with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
     yield
   sg.register()
-
-
-@functools.lru_cache(maxsize=None)
-def examples(name: str, split: str, n: int = 2):
-  task = seqio.get_mixture_or_task(name)
-  ds = task.get_dataset(None, split=split, shuffle=False, try_in_mem_cache=False)
-  return tuple({k: utils.to_text(v) if k != 'inputs' else v.tolist() for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
-
-
-@functools.lru_cache(maxsize=None)
-def raw_examples(name: str, split: str, n: int = 2):
-  ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
-  return tuple({k: utils.to_text(v) for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
-
-
-def describe(fn):
-  """A comparable description of a (partial) preprocessor chain."""
-  if isinstance(fn, functools.partial):
-    return ('partial', describe(fn.func), tuple(describe(a) for a in fn.args),
-            tuple(sorted((k, describe(v)) for k, v in fn.keywords.items())))
-  if isinstance(fn, seqio.CacheDatasetPlaceholder):
-    return 'cache'
-  if isinstance(fn, (list, tuple)):
-    return tuple(describe(x) for x in fn)
-  if isinstance(fn, dict):
-    return tuple(sorted((k, describe(v)) for k, v in fn.items()))
-  if callable(fn):
-    return (getattr(fn, '__module__', None), getattr(fn, '__qualname__', repr(fn)))
-  return fn
-
-
-def expected_chain(text_preprocessors, prefix: str, index: int):
-  chain = list(text_preprocessors)
-  if prefix:
-    chain.append(prep.remove_first_text_token)
-  chain.append(seqio.preprocessors.tokenize)
-  if prefix == 'task_index_':
-    chain.append(functools.partial(prep.add_sentinel_to_beginning, field='inputs', offset=index))
-  chain += [seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim]
-  return describe(chain)
 
 
 # ========== registry ==========

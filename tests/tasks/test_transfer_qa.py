@@ -1,5 +1,4 @@
 """Zero-shot QQP<->MRPC transfer and SQuAD/MRQA tasks under `tfds.testing.mock_data`."""
-import functools
 import re
 
 import numpy as np
@@ -9,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from prompt_tuning.data import features
 from prompt_tuning.data import utils
+from task_testlib import examples, raw_examples
 import tasks.glue as glue
 import tasks.glue_transfer as transfer
 import tasks.qa as qa
@@ -25,21 +25,6 @@ def mock_tasks():
     yield
   for module in (glue, transfer, qa):
     module.register()
-
-
-@functools.lru_cache(maxsize=None)
-def examples(name: str, split: str, n: int = 2):
-  task = seqio.get_mixture_or_task(name)
-  ds = task.get_dataset(None, split=split, shuffle=False, try_in_mem_cache=False)
-  return tuple({k: utils.to_text(v) if k != 'inputs' else v.tolist() for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
-
-
-@functools.lru_cache(maxsize=None)
-def raw_examples(name: str, split: str, n: int = 2):
-  ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
-  return tuple({k: utils.to_text(v) for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
 
 
 def as_example(ex):
