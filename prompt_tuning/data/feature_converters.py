@@ -9,7 +9,7 @@ in one row, which cannot have one prompt each, so `prompt_ids` with `pack=True` 
 
 These are the models' default `FEATURE_CONVERTER_CLS` (`runtime/models.py`).
 """
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 import seqio
 import tensorflow as tf
@@ -27,11 +27,17 @@ class _PromptIdsMixin:
     super().__init__(*args, **kwargs)
     self._init_args = (args, dict(kwargs))
 
-  def _with_prompt_ids(self, task_feature_lengths: Mapping[str, int]) -> seqio.FeatureConverter:
-    """The seqio converter of this configuration, with `prompt_ids` as a pass-through feature."""
+  def _init_kwargs(self) -> Tuple[tuple, dict]:
+    """This converter's constructor arguments, with `prompt_ids` added as a pass-through feature."""
     args, kwargs = self._init_args
     passthrough = dict(kwargs.get('passthrough_features') or {}, **{PROMPT_IDS: _SPEC})
-    return self._SEQIO_CLS(*args, **dict(kwargs, passthrough_features=passthrough))
+    return args, dict(kwargs, passthrough_features=passthrough)
+
+  def _with_prompt_ids(self, task_feature_lengths: Mapping[str, int]) -> seqio.FeatureConverter:
+    """The seqio converter of this configuration, with `prompt_ids` as a pass-through feature."""
+    del task_feature_lengths
+    args, kwargs = self._init_kwargs()
+    return self._SEQIO_CLS(*args, **kwargs)
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
     if PROMPT_IDS not in ds.element_spec:
@@ -65,14 +71,12 @@ class DecoderFeatureConverter(_PromptIdsMixin, seqio.DecoderFeatureConverter):
   _SEQIO_CLS = seqio.DecoderFeatureConverter
 
   def _with_prompt_ids(self, task_feature_lengths: Mapping[str, int]) -> seqio.FeatureConverter:
-    converter = super()._with_prompt_ids(task_feature_lengths)
     if 'inputs' in task_feature_lengths or 'suffixes' in task_feature_lengths:
-      return converter
+      return super()._with_prompt_ids(task_feature_lengths)
     # seqio's DecoderFeatureConverter gives its plain-LM converter no pass-through features.
-    args, kwargs = self._init_args
-    kwargs = {k: v for k, v in kwargs.items() if k != 'loss_on_targets_only'}
-    passthrough = dict(kwargs.get('passthrough_features') or {}, **{PROMPT_IDS: _SPEC})
-    return _LMFeatureConverter(*args, **dict(kwargs, passthrough_features=passthrough))
+    args, kwargs = self._init_kwargs()
+    kwargs.pop('loss_on_targets_only', None)
+    return _LMFeatureConverter(*args, **kwargs)
 
 
 class _LMFeatureConverter(seqio.LMFeatureConverter):

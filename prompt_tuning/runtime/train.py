@@ -50,13 +50,19 @@ def _input_shapes(cfg: utils.DatasetConfig, feature_converter_cls, num_shards: i
 StateBuilder = train_state_lib.StateBuilder
 
 
+def _initial_path(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> Optional[str]:
+  """The checkpoint training starts from (`RestoreCheckpointConfig.path`; its first entry if a list)."""
+  paths = restore_cfg.path if restore_cfg is not None else None
+  if isinstance(paths, (list, tuple)):
+    paths = paths[0] if paths else None
+  return str(paths) if paths else None
+
+
 def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCheckpointConfig], init_rng,
                     only_frozen: bool):
   """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh."""
   params = builder.init_params(init_rng)
-  paths = restore_cfg.path if restore_cfg is not None else None
-  if isinstance(paths, (list, tuple)):
-    paths = paths[0] if paths else None
+  paths = _initial_path(restore_cfg)
   if not paths:
     return params
   only = (lambda p: not builder.is_trainable(p)) if only_frozen else None
@@ -151,12 +157,11 @@ def train(*,
     # pre-training steps (e.g. 1_100_000 + 30_000 for 30k steps on an LM-adapted checkpoint).
     initial_step = _initial_checkpoint_step(restore_cfg)
     state = builder.build(params, step=initial_step)
-    if restore_cfg is not None and restore_cfg.path:
+    if _initial_path(restore_cfg):
       # As T5X restoring a train state: optimizer slots the checkpoint holds (a T5X checkpoint's
       # Adafactor statistics, when model tuning continues from it) are restored too.
-      path = restore_cfg.path[0] if isinstance(restore_cfg.path, (list, tuple)) else restore_cfg.path
       opt_state, _, _ = checkpoints.load_initial_optimizer_state(
-          path, state.opt_state, assignment_map=restore_cfg.assignment_map)
+          _initial_path(restore_cfg), state.opt_state, assignment_map=restore_cfg.assignment_map)
       state = state.replace(opt_state=opt_state)
     data_start_step = initial_step
     batches_consumed = 0
@@ -286,10 +291,8 @@ def _broadcast_seed(seed: int) -> int:
 
 
 def _initial_checkpoint_step(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> int:
-  if restore_cfg is None or not restore_cfg.path:
-    return 0
-  path = restore_cfg.path[0] if isinstance(restore_cfg.path, (list, tuple)) else restore_cfg.path
-  return int(checkpoints.checkpoint_step(str(path)) or 0)
+  path = _initial_path(restore_cfg)
+  return int(checkpoints.checkpoint_step(path) or 0) if path else 0
 
 
 def _check_restore_path(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> None:
