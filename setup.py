@@ -1,4 +1,5 @@
 """Package metadata for prompt_tuning: T5X-style soft-prompt tuning in JAX/Flax."""
+
 import os
 
 import setuptools
@@ -25,11 +26,17 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10,<3.13',
-    packages=setuptools.find_packages(include=['prompt_tuning', 'prompt_tuning.*', 'tasks', 'tasks.*'])
+    packages=setuptools.find_packages(
+        include=['prompt_tuning', 'prompt_tuning.*', 'tasks', 'tasks.*']
+    )
     + ['prompt_tuning.configs'],
     package_dir={'prompt_tuning.configs': 'configs'},
-    package_data={'prompt_tuning.configs': _gin_files(), 'tasks': ['toy_data/*.model', 'toy_data/*.md']},
-    install_requires=_JAX + [
+    package_data={
+        'prompt_tuning.configs': _gin_files(),
+        'tasks': ['toy_data/*.model', 'toy_data/*.md'],
+    },
+    install_requires=_JAX
+    + [
         'flax>=0.12.0,<0.13',
         'optax>=0.2.5,<0.3',
         'orbax-checkpoint>=0.12.0,<0.13',
@@ -52,6 +59,7 @@ setuptools.setup(
     extras_require={
         'test': [
             'pytest>=8,<10',
+            'pyink==26.5.1',  # the formatter tests/test_style.py checks; pinned: styles change between releases
             'pytest-xdist>=3.5,<4',
             'scikit-learn>=1.4,<2',
             'scipy>=1.11,<2',

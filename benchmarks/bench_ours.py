@@ -18,6 +18,7 @@ Sections:
   decode  greedy decoding of exactly `decode_tokens` tokens with the KV cache
           (`predict_batch_with_aux`, `temperature_sample` with topk=1, EOS suppressed).
 """
+
 import dataclasses
 import gc
 import os
@@ -31,6 +32,7 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 
 def _setup_jax(args):
   import jax  # pylint: disable=g-import-not-at-top
+
   if args.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -43,6 +45,7 @@ class _Matmul:
 
   def __init__(self, jax, n: int, dtype):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
     self.a = jax.random.normal(ka, (n, n), dtype)
     self.b = jax.random.normal(kb, (n, n), dtype)
@@ -55,8 +58,12 @@ class _Matmul:
     self.times += common.timed(lambda: self.f(self.a, self.b).block_until_ready(), reps)
 
   def result(self) -> dict:
-    return {'n': self.n, 'dtype': self.dtype, 'times_s': self.times,
-            'flops_per_s': common.matmul_flops(self.n) / common.median(self.times)}
+    return {
+        'n': self.n,
+        'dtype': self.dtype,
+        'times_s': self.times,
+        'flops_per_s': common.matmul_flops(self.n) / common.median(self.times),
+    }
 
 
 def _flops(compiled) -> float:
@@ -70,14 +77,17 @@ def _load(args, prompt_length: int, num_prompts=None):
   """`(config, params)` of the prompted model: the HF checkpoint plus the benchmark's prompts."""
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
   from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
-  config, params = huggingface.load_t5(os.path.join(args.workdir, 'hf_t5'), dtype=args.dtype,
-                                       dropout_rate=args.dropout)
+
+  config, params = huggingface.load_t5(
+      os.path.join(args.workdir, 'hf_t5'), dtype=args.dtype, dropout_rate=args.dropout
+  )
   flat = t5.flatten_params(params)
   bank = common.prompt_bank(num_prompts or 1, prompt_length, config.emb_dim)
   flat['encoder/prompt/prompt/prompt'] = bank if num_prompts else bank[0]
   if args.remat is not None:
-    config = dataclasses.replace(config, remat={'False': False, 'True': True}.get(args.remat,
-                                                                                  args.remat))
+    config = dataclasses.replace(
+        config, remat={'False': False, 'True': True}.get(args.remat, args.remat)
+    )
   return config, t5.unflatten_params(flat)
 
 
@@ -87,21 +97,38 @@ def _model(config, prompt_length: int, num_prompts=None, with_optimizer: bool = 
   from prompt_tuning.runtime import decoding  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import models  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import optimizers  # pylint: disable=g-import-not-at-top
-  module = prompted.PromptEncoderDecoder(config, prompt_length=prompt_length,
-                                         num_prompts=num_prompts)
+
+  module = prompted.PromptEncoderDecoder(
+      config, prompt_length=prompt_length, num_prompts=num_prompts
+  )
   opt = None
   if with_optimizer:
     # configs/models/t5_1_1_prompt.gin: T5X Adafactor on `.*/prompt/.*` only.
-    opt = optimizers.MultiOptimizer(((
-        optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*'])),
-        adafactor.Adafactor(decay_rate=0.8, step_offset=0, multiply_by_parameter_scale=False,
-                            weight_decay_rate=1e-5,
-                            logical_factor_rules=adafactor.standard_logical_factor_rules())),))
+    opt = optimizers.MultiOptimizer(
+        (
+            (
+                optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*'])),
+                adafactor.Adafactor(
+                    decay_rate=0.8,
+                    step_offset=0,
+                    multiply_by_parameter_scale=False,
+                    weight_decay_rate=1e-5,
+                    logical_factor_rules=adafactor.standard_logical_factor_rules(),
+                ),
+            ),
+        )
+    )
   # Mean token cross entropy without z-loss: the same objective as PEFT/transformers, so the
   # first-step losses can be compared.
-  return models.EncoderDecoderModel(module, None, None, optimizer_def=opt,
-                                    decode_fn=decoding.temperature_sample, z_loss=0.0,
-                                    loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  return models.EncoderDecoderModel(
+      module,
+      None,
+      None,
+      optimizer_def=opt,
+      decode_fn=decoding.temperature_sample,
+      z_loss=0.0,
+      loss_normalizing_factor='NUM_REAL_TARGET_TOKENS',
+  )
 
 
 class TrainBench:
@@ -120,6 +147,7 @@ class TrainBench:
     from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
     res['tensorflow_imported'] = 'tensorflow' in sys.modules
     res['rss_mb']['imports'] = common.rss_mb()
     p = args.prompt_length
@@ -128,20 +156,32 @@ class TrainBench:
     model = _model(config, p)
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
     self.batches = batches = common.train_batches(shapes)
-    builder = train_state.StateBuilder(model, partitioner,
-                                       {k: v.shape for k, v in batches[0].items()},
-                                       {k: v.dtype for k, v in batches[0].items()})
+    builder = train_state.StateBuilder(
+        model,
+        partitioner,
+        {k: v.shape for k, v in batches[0].items()},
+        {k: v.dtype for k, v in batches[0].items()},
+    )
     state = builder.build(params)
     del params
     gc.collect()
     res['rss_mb']['state'] = common.rss_mb()
-    res['params'] = {'trainable': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.trainable)),
-                     'frozen': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.frozen))}
+    res['params'] = {
+        'trainable': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.trainable)),
+        'frozen': sum(int(x.size) for x in jax.tree_util.tree_leaves(state.frozen)),
+    }
     lr_fn = schedules.create_learning_rate_scheduler(factors='constant', base_learning_rate=0.3)
     self.trainer = trainer = trainer_lib.Trainer(
-        model, state, partitioner, eval_names=[], summary_dir=None,
-        train_state_axes=builder.state_axes, rng=jax.random.PRNGKey(0), learning_rate_fn=lr_fn,
-        log_period=10**9)
+        model,
+        state,
+        partitioner,
+        eval_names=[],
+        summary_dir=None,
+        train_state_axes=builder.state_axes,
+        rng=jax.random.PRNGKey(0),
+        learning_rate_fn=lr_fn,
+        log_period=10**9,
+    )
     self.matmul = _Matmul(jax, shapes.matmul_size, config.activation_dtype)
     placed = trainer.place_batch(batches[0])
     step_fn = self.step_fn = trainer._get_train_step(placed)  # pylint: disable=protected-access
@@ -165,8 +205,10 @@ class TrainBench:
     res['flops_per_step'] = _flops(compiled)
     try:
       mem = compiled.memory_analysis()
-      res['xla_memory_mb'] = {k: getattr(mem, f'{k}_size_in_bytes') / 2**20
-                              for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+      res['xla_memory_mb'] = {
+          k: getattr(mem, f'{k}_size_in_bytes') / 2**20
+          for k in ('argument', 'output', 'alias', 'temp', 'generated_code')
+      }
     except Exception:  # pylint: disable=broad-except
       res['xla_memory_mb'] = None
     del compiled
@@ -188,14 +230,21 @@ class TrainBench:
   def finish(self) -> dict:
     res, shapes = self.res, self.shapes
     self.cache.append(self.step_fn._jitted._cache_size())  # pylint: disable=protected-access
-    res['jit_cache_entries'] = dict(zip(('start', 'after_step_1', 'after_step_2', 'after_timing'),
-                                        self.cache))
+    res['jit_cache_entries'] = dict(
+        zip(('start', 'after_step_1', 'after_step_2', 'after_timing'), self.cache)
+    )
     res['last_loss'] = self.trainer.loss_history[max(self.trainer.loss_history)]
     step_times = [t / shapes.train_steps for t in self.times]
-    res.update({'rep_times_s': self.times, 'steps_per_rep': shapes.train_steps,
-                'batch': shapes.batch, 'step_times_s': step_times,
-                'examples_per_s': [shapes.batch / t for t in step_times],
-                'matmul': self.matmul.result()})
+    res.update(
+        {
+            'rep_times_s': self.times,
+            'steps_per_rep': shapes.train_steps,
+            'batch': shapes.batch,
+            'step_times_s': step_times,
+            'examples_per_s': [shapes.batch / t for t in step_times],
+            'matmul': self.matmul.result(),
+        }
+    )
     res['matmul_flops_per_s'] = res['matmul']['flops_per_s']
     res['achieved_flops_per_s'] = res['flops_per_step'] / common.median(step_times)
     res['utilisation'] = res['achieved_flops_per_s'] / res['matmul_flops_per_s']
@@ -222,19 +271,25 @@ class ServeBench:
     jax = self.jax = _setup_jax(args)
     import numpy as np  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+
     p = args.prompt_length
     batch = common.serve_batch(shapes)
     single_batch = {k: v for k, v in batch.items() if k != 'prompt_ids'}
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
-    for name, num_prompts, b in (('mixed', shapes.serve_tasks, batch),
-                                 ('single', None, single_batch)):
+    for name, num_prompts, b in (
+        ('mixed', shapes.serve_tasks, batch),
+        ('single', None, single_batch),
+    ):
       config, params = _load(args, p, num_prompts)
       model = _model(config, p, num_prompts, with_optimizer=False)
       params = jax.device_put(params)
       # As the runtime's inference path (runtime/inference.py): a partitioned jitted step, host
       # (numpy) batch.
-      fn = partitioner.partition(lambda prm, bt, m=model: m.score_batch(prm, bt),
-                                 in_axis_resources=None, out_axis_resources=None)
+      fn = partitioner.partition(
+          lambda prm, bt, m=model: m.score_batch(prm, bt),
+          in_axis_resources=None,
+          out_axis_resources=None,
+      )
       t0 = time.perf_counter()
       scores = np.asarray(jax.device_get(fn(params, b)))
       res[f'{name}_first_call_s'] = time.perf_counter() - t0
@@ -244,12 +299,16 @@ class ServeBench:
       if name == 'mixed':
         # Serving by generation: greedy decoding of the labels for the same mixed-task batch.
         n = shapes.targets
-        gen_batch = {'encoder_input_tokens': b['encoder_input_tokens'], 'prompt_ids': b['prompt_ids'],
-                     'decoder_input_tokens': np.zeros((shapes.serve_batch, n), np.int32)}
+        gen_batch = {
+            'encoder_input_tokens': b['encoder_input_tokens'],
+            'prompt_ids': b['prompt_ids'],
+            'decoder_input_tokens': np.zeros((shapes.serve_batch, n), np.int32),
+        }
 
         def generate(prm, bt, m=model):
           return m.predict_batch_with_aux(
-              prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos})[0]
+              prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos}
+          )[0]
 
         gen = partitioner.partition(generate, in_axis_resources=None, out_axis_resources=None)
         t0 = time.perf_counter()
@@ -262,9 +321,13 @@ class ServeBench:
 
   def rep(self) -> dict:
     block = self.jax.block_until_ready
-    return common.rep_variants(self.res, {
-        name: (lambda fn=fn, params=params, b=b: block(fn(params, b)))
-        for name, (fn, params, b) in self.fns.items()})
+    return common.rep_variants(
+        self.res,
+        {
+            name: (lambda fn=fn, params=params, b=b: block(fn(params, b)))
+            for name, (fn, params, b) in self.fns.items()
+        },
+    )
 
   def finish(self) -> dict:
     return common.finish_variants(self.res, list(self.fns), self.shapes.serve_batch)
@@ -282,25 +345,35 @@ class DecodeBench:
     jax = self.jax = _setup_jax(args)
     import numpy as np  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+
     p = args.prompt_length
     config, params = _load(args, p)
     model = _model(config, p, with_optimizer=False)
     self.params = jax.device_put(params)
     enc = common.decode_inputs(shapes)
     n = shapes.decode_tokens
-    self.batch = {'encoder_input_tokens': enc,
-                  'decoder_input_tokens': np.zeros((enc.shape[0], n), np.int32)}
+    self.batch = {
+        'encoder_input_tokens': enc,
+        'decoder_input_tokens': np.zeros((enc.shape[0], n), np.int32),
+    }
 
     def predict(prm, bt):
       return model.predict_batch_with_aux(
-          prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos})[0]
+          prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos}
+      )[0]
 
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
     self.fn = partitioner.partition(predict, in_axis_resources=None, out_axis_resources=None)
     t0 = time.perf_counter()
     tokens = np.asarray(jax.device_get(self.fn(self.params, self.batch)))
-    self.res.update({'first_call_s': time.perf_counter() - t0, 'tokens': tokens.tolist(),
-                     'batch': int(enc.shape[0]), 'new_tokens': n})
+    self.res.update(
+        {
+            'first_call_s': time.perf_counter() - t0,
+            'tokens': tokens.tolist(),
+            'batch': int(enc.shape[0]),
+            'new_tokens': n,
+        }
+    )
     return {}
 
   def rep(self) -> dict:
@@ -328,11 +401,15 @@ def _meta(args) -> dict:
 
 def main(argv=None):
   parser = common.worker_parser(__doc__, SECTIONS)
-  parser.add_argument('--remat', default=None,
-                      help='T5Config.remat for the backbone (default: as loaded, no remat)')
-  parser.add_argument('--compilation-cache', default=None,
-                      help='persistent XLA compilation cache dir (re-compiling the step for '
-                      'cost_analysis then hits the cache)')
+  parser.add_argument(
+      '--remat', default=None, help='T5Config.remat for the backbone (default: as loaded, no remat)'
+  )
+  parser.add_argument(
+      '--compilation-cache',
+      default=None,
+      help='persistent XLA compilation cache dir (re-compiling the step for '
+      'cost_analysis then hits the cache)',
+  )
   common.worker_main(parser, argv, SECTIONS, 'ours', _meta)
 
 

@@ -16,6 +16,7 @@ Sections:
   decode   `PeftModelForSeq2SeqLM.generate` (transformers `generate`, greedy, KV cache,
            `min_new_tokens = max_new_tokens` so exactly `decode_tokens` tokens are produced).
 """
+
 import gc
 import os
 import sys
@@ -26,6 +27,7 @@ from benchmarks import common
 
 def _torch(args):
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
   return torch
 
@@ -41,6 +43,7 @@ def _dtype(torch, name):
 def section_prepare(args, shapes) -> dict:
   torch = _torch(args)
   import transformers  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(common.SEED)
   config = transformers.T5Config(**shapes.hf_config)
   model = transformers.T5ForConditionalGeneration(config)
@@ -48,7 +51,8 @@ def section_prepare(args, shapes) -> dict:
     # transformers 5 ties the head of a freshly built T5 even with tie_word_embeddings=False;
     # T5 1.1 checkpoints have their own head (and load untied), so give it one.
     model.lm_head.weight = torch.nn.Parameter(
-        torch.randn_like(model.shared.weight) * config.d_model ** -0.5)
+        torch.randn_like(model.shared.weight) * config.d_model**-0.5
+    )
   path = os.path.join(args.workdir, 'hf_t5')
   model.save_pretrained(path)
   n = sum(p.numel() for p in model.parameters())
@@ -59,13 +63,18 @@ def _peft_model(args, torch, prompt_length, adapters=1):
   """The PEFT model with `adapters` prompt adapters `task0..`, prompts from `common.prompt_bank`."""
   import peft  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   device = _device(torch)
   base = transformers.T5ForConditionalGeneration.from_pretrained(
-      os.path.join(args.workdir, 'hf_t5'), dtype=_dtype(torch, args.dtype))
+      os.path.join(args.workdir, 'hf_t5'), dtype=_dtype(torch, args.dtype)
+  )
   if args.dropout:
     base.config.dropout_rate = args.dropout
-  cfg = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM,
-                                num_virtual_tokens=prompt_length, num_transformer_submodules=1)
+  cfg = peft.PromptTuningConfig(
+      task_type=peft.TaskType.SEQ_2_SEQ_LM,
+      num_virtual_tokens=prompt_length,
+      num_transformer_submodules=1,
+  )
   model = peft.get_peft_model(base, cfg, adapter_name='task0')
   for t in range(1, adapters):
     model.add_adapter(f'task{t}', cfg)
@@ -106,27 +115,42 @@ class TrainBench:
     torch = self.torch = _torch(args)
     import peft  # pylint: disable=g-import-not-at-top,unused-import
     from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
+
     res['rss_mb']['imports'] = common.rss_mb()
     model, device = _peft_model(args, torch, args.prompt_length)
     model.train()
     self.model = model
     res['rss_mb']['loaded'] = common.rss_mb()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    res['params'] = {'trainable': int(sum(p.numel() for p in trainable)),
-                     'frozen': int(sum(p.numel() for p in model.parameters()
-                                       if not p.requires_grad))}
+    res['params'] = {
+        'trainable': int(sum(p.numel() for p in trainable)),
+        'frozen': int(sum(p.numel() for p in model.parameters() if not p.requires_grad)),
+    }
     # Lester et al. with transformers' Adafactor: constant lr 0.3, decay -0.8, clip 1.0.
-    self.opt = Adafactor(trainable, lr=0.3, relative_step=False, scale_parameter=False,
-                         warmup_init=False, decay_rate=-0.8, clip_threshold=1.0,
-                         weight_decay=1e-5)
+    self.opt = Adafactor(
+        trainable,
+        lr=0.3,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+        decay_rate=-0.8,
+        clip_threshold=1.0,
+        weight_decay=1e-5,
+    )
     self.batches = []
     for b in common.train_batches(shapes):
       enc = torch.from_numpy(b['encoder_input_tokens']).long().to(device)
-      self.batches.append({'input_ids': enc, 'attention_mask': torch.ones_like(enc),
-                           'labels': torch.from_numpy(b['decoder_target_tokens']).long().to(device)})
+      self.batches.append(
+          {
+              'input_ids': enc,
+              'attention_mask': torch.ones_like(enc),
+              'labels': torch.from_numpy(b['decoder_target_tokens']).long().to(device),
+          }
+      )
     self.sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    self.matmul = lambda: _matmul_peak(torch, shapes.matmul_size, shapes.matmul_reps,
-                                       _dtype(torch, args.dtype), device)
+    self.matmul = lambda: _matmul_peak(
+        torch, shapes.matmul_size, shapes.matmul_reps, _dtype(torch, args.dtype), device
+    )
     self.matmul()  # warm up
     t0 = time.perf_counter()
     self._run(1)
@@ -156,14 +180,21 @@ class TrainBench:
   def finish(self) -> dict:
     res, shapes = self.res, self.shapes
     step_times = [t / shapes.train_steps for t in self.times]
-    res.update({'rep_times_s': self.times, 'steps_per_rep': shapes.train_steps,
-                'batch': shapes.batch, 'step_times_s': step_times,
-                'examples_per_s': [shapes.batch / t for t in step_times],
-                'last_loss': self.losses[-1],
-                'matmul': {'n': shapes.matmul_size, 'times_s': self.matmul_times},
-                'matmul_flops_per_s': (common.matmul_flops(shapes.matmul_size) /
-                                       common.median(self.matmul_times)),
-                'peak_rss_mb': common.peak_rss_mb()})
+    res.update(
+        {
+            'rep_times_s': self.times,
+            'steps_per_rep': shapes.train_steps,
+            'batch': shapes.batch,
+            'step_times_s': step_times,
+            'examples_per_s': [shapes.batch / t for t in step_times],
+            'last_loss': self.losses[-1],
+            'matmul': {'n': shapes.matmul_size, 'times_s': self.matmul_times},
+            'matmul_flops_per_s': (
+                common.matmul_flops(shapes.matmul_size) / common.median(self.matmul_times)
+            ),
+            'peak_rss_mb': common.peak_rss_mb(),
+        }
+    )
     return res
 
 
@@ -185,6 +216,7 @@ class ServeBench:
     args, shapes, res = self.args, self.shapes, self.res
     torch = _torch(args)
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     batch = common.serve_batch(shapes)
     model, device = _peft_model(args, torch, args.prompt_length, adapters=shapes.serve_tasks)
     model.eval()
@@ -201,8 +233,9 @@ class ServeBench:
         for t in range(shapes.serve_tasks):
           rows = torch.from_numpy(np.nonzero(ids == t)[0]).to(device)
           model.set_adapter(f'task{t}')
-          logits = model(input_ids=enc[rows], attention_mask=mask[rows],
-                         decoder_input_ids=dec[rows]).logits
+          logits = model(
+              input_ids=enc[rows], attention_mask=mask[rows], decoder_input_ids=dec[rows]
+          ).logits
           scores[rows] = _scores(torch, logits, tgt[rows])
       sync()
       return scores
@@ -224,20 +257,33 @@ class ServeBench:
         for t in range(shapes.serve_tasks):
           rows = torch.from_numpy(np.nonzero(ids == t)[0]).to(device)
           model.set_adapter(f'task{t}')
-          out = model.generate(input_ids=enc[rows], attention_mask=mask[rows], max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, num_beams=1, use_cache=True)
+          out = model.generate(
+              input_ids=enc[rows],
+              attention_mask=mask[rows],
+              max_new_tokens=n,
+              min_new_tokens=n,
+              do_sample=False,
+              num_beams=1,
+              use_cache=True,
+          )
           tokens[rows] = out[:, 1:]  # drop the start token
       sync()
       return tokens
 
-    for name, fn in (('per_task', per_task), ('single', single),
-                     ('per_task_generate', per_task_generate)):
+    for name, fn in (
+        ('per_task', per_task),
+        ('single', single),
+        ('per_task_generate', per_task_generate),
+    ):
       t0 = time.perf_counter()
       scores = fn()
       res[f'{name}_first_call_s'] = time.perf_counter() - t0
       key = 'tokens' if name.endswith('generate') else 'scores'
-      res[f'{name}_{key}'] = scores.float().cpu().numpy().tolist() if key == 'scores' else (
-          scores.cpu().numpy().tolist())
+      res[f'{name}_{key}'] = (
+          scores.float().cpu().numpy().tolist()
+          if key == 'scores'
+          else (scores.cpu().numpy().tolist())
+      )
       res[f'{name}_times_s'] = []
       self.fns[name] = fn
     return {}
@@ -268,17 +314,29 @@ class DecodeBench:
 
     def gen():
       with torch.inference_mode():
-        out = model.generate(input_ids=enc, attention_mask=mask, max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, num_beams=1, use_cache=True)
+        out = model.generate(
+            input_ids=enc,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+        )
       sync()
       return out
 
     self.gen = gen
     t0 = time.perf_counter()
     out = gen()
-    self.res.update({'first_call_s': time.perf_counter() - t0,
-                     'tokens': out[:, 1:].cpu().numpy().tolist(),  # drop the start token
-                     'batch': int(enc.shape[0]), 'new_tokens': n})
+    self.res.update(
+        {
+            'first_call_s': time.perf_counter() - t0,
+            'tokens': out[:, 1:].cpu().numpy().tolist(),  # drop the start token
+            'batch': int(enc.shape[0]),
+            'new_tokens': n,
+        }
+    )
     return {}
 
   def rep(self) -> dict:
@@ -309,8 +367,12 @@ class _OneShot:
     return self.fn(self.args, self.shapes)
 
 
-SECTIONS = {'train': TrainBench, 'serve': ServeBench, 'decode': DecodeBench,
-            'prepare': lambda a, s: _OneShot(section_prepare, a, s)}
+SECTIONS = {
+    'train': TrainBench,
+    'serve': ServeBench,
+    'decode': DecodeBench,
+    'prepare': lambda a, s: _OneShot(section_prepare, a, s),
+}
 
 
 def _meta(args) -> dict:
@@ -319,15 +381,20 @@ def _meta(args) -> dict:
   meta = {}
   if 'torch' in sys.modules:
     torch = sys.modules['torch']
-    meta.update({'torch_threads': torch.get_num_threads(),
-                 'device': 'cuda' if torch.cuda.is_available() else 'cpu'})
+    meta.update(
+        {
+            'torch_threads': torch.get_num_threads(),
+            'device': 'cuda' if torch.cuda.is_available() else 'cpu',
+        }
+    )
   return meta
 
 
 def main(argv=None):
   parser = common.worker_parser(__doc__, SECTIONS)
-  parser.add_argument('--threads', type=int, default=None,
-                      help='torch.set_num_threads (default: all cores)')
+  parser.add_argument(
+      '--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)'
+  )
   common.worker_main(parser, argv, SECTIONS, 'peft', _meta)
 
 

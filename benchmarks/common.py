@@ -3,6 +3,7 @@
 Both workers (`bench_ours.py`, `bench_peft.py`) build their inputs from the same seeds through these
 functions, so they see identical token ids and identical prompt values.
 """
+
 import dataclasses
 import json
 import os
@@ -23,63 +24,145 @@ EOS_ID = 1
 @dataclasses.dataclass(frozen=True)
 class Shapes:
   """One benchmark size: the model (as transformers `T5Config` kwargs) and the workloads."""
+
   name: str
   hf_config: Dict[str, Any]
-  batch: int                 # training batch
-  inputs: int                # encoder input length (before the prompt)
-  targets: int               # decoder target length
+  batch: int  # training batch
+  inputs: int  # encoder input length (before the prompt)
+  targets: int  # decoder target length
   prompt_lengths: Sequence[int]
-  train_steps: int           # steps per timed repetition
-  train_reps: int            # timed repetitions per worker process
-  serve_batch: int           # mixed-task serving batch
-  serve_tasks: int           # tasks (prompts) in that batch
+  train_steps: int  # steps per timed repetition
+  train_reps: int  # timed repetitions per worker process
+  serve_batch: int  # mixed-task serving batch
+  serve_tasks: int  # tasks (prompts) in that batch
   serve_reps: int
   decode_batch: int
   decode_tokens: int
   decode_reps: int
-  serve_prompt_lengths: Sequence[int] = (100,)   # the gin default PROMPT_LENGTH
+  serve_prompt_lengths: Sequence[int] = (100,)  # the gin default PROMPT_LENGTH
   decode_prompt_lengths: Sequence[int] = (100,)
   matmul_size: int = 2048
-  matmul_reps: int = 5        # matmul timings after every repetition
+  matmul_reps: int = 5  # matmul timings after every repetition
   num_train_batches: int = 4  # distinct host batches cycled through
 
 
 def _t5_1_1(d_model, d_ff, layers, heads, vocab=32128, d_kv=64) -> Dict[str, Any]:
-  return dict(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
-              num_decoder_layers=layers, num_heads=heads, feed_forward_proj='gated-gelu',
-              tie_word_embeddings=False, dropout_rate=0.0, relative_attention_num_buckets=32,
-              relative_attention_max_distance=128, layer_norm_epsilon=1e-6, pad_token_id=0,
-              eos_token_id=EOS_ID, decoder_start_token_id=0)
+  return dict(
+      vocab_size=vocab,
+      d_model=d_model,
+      d_kv=d_kv,
+      d_ff=d_ff,
+      num_layers=layers,
+      num_decoder_layers=layers,
+      num_heads=heads,
+      feed_forward_proj='gated-gelu',
+      tie_word_embeddings=False,
+      dropout_rate=0.0,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
+      layer_norm_epsilon=1e-6,
+      pad_token_id=0,
+      eos_token_id=EOS_ID,
+      decoder_start_token_id=0,
+  )
 
 
 SHAPES = {
     # The issue's CPU setting: T5 1.1 small shape, batch 8, inputs 128, targets 8.
-    'full': Shapes(name='full', hf_config=_t5_1_1(512, 1024, 8, 6), batch=8, inputs=128, targets=8,
-                   prompt_lengths=(20, 100), train_steps=3, train_reps=5, serve_batch=32,
-                   serve_tasks=16, serve_reps=5, decode_batch=8, decode_tokens=32,
-                   decode_reps=5),
+    'full': Shapes(
+        name='full',
+        hf_config=_t5_1_1(512, 1024, 8, 6),
+        batch=8,
+        inputs=128,
+        targets=8,
+        prompt_lengths=(20, 100),
+        train_steps=3,
+        train_reps=5,
+        serve_batch=32,
+        serve_tasks=16,
+        serve_reps=5,
+        decode_batch=8,
+        decode_tokens=32,
+        decode_reps=5,
+    ),
     # Smoke-test size (< 1 minute end to end).
-    'quick': Shapes(name='quick', hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16), batch=4,
-                    inputs=16, targets=4, prompt_lengths=(4, 8), train_steps=2, train_reps=1,
-                    serve_batch=8, serve_tasks=4, serve_reps=1, decode_batch=4, decode_tokens=4,
-                    decode_reps=1, serve_prompt_lengths=(4,), decode_prompt_lengths=(4,),
-                    matmul_size=256, matmul_reps=3),
+    'quick': Shapes(
+        name='quick',
+        hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16),
+        batch=4,
+        inputs=16,
+        targets=4,
+        prompt_lengths=(4, 8),
+        train_steps=2,
+        train_reps=1,
+        serve_batch=8,
+        serve_tasks=4,
+        serve_reps=1,
+        decode_batch=4,
+        decode_tokens=4,
+        decode_reps=1,
+        serve_prompt_lengths=(4,),
+        decode_prompt_lengths=(4,),
+        matmul_size=256,
+        matmul_reps=3,
+    ),
     # GPU section (only run when JAX sees a GPU): the same workloads on T5 1.1 base and large with
     # bfloat16 activations (the dtype is chosen by the workers' --dtype).
-    'gpu_base': Shapes(name='gpu_base', hf_config=_t5_1_1(768, 2048, 12, 12), batch=8, inputs=128,
-                       targets=8, prompt_lengths=(20, 100), train_steps=10, train_reps=5,
-                       serve_batch=32, serve_tasks=16, serve_reps=5, decode_batch=8,
-                       decode_tokens=32, decode_reps=5, matmul_size=8192),
-    'gpu_large': Shapes(name='gpu_large', hf_config=_t5_1_1(1024, 2816, 24, 16), batch=8,
-                        inputs=128, targets=8, prompt_lengths=(20, 100), train_steps=10,
-                        train_reps=5, serve_batch=32, serve_tasks=16, serve_reps=5,
-                        decode_batch=8, decode_tokens=32, decode_reps=5, matmul_size=8192),
+    'gpu_base': Shapes(
+        name='gpu_base',
+        hf_config=_t5_1_1(768, 2048, 12, 12),
+        batch=8,
+        inputs=128,
+        targets=8,
+        prompt_lengths=(20, 100),
+        train_steps=10,
+        train_reps=5,
+        serve_batch=32,
+        serve_tasks=16,
+        serve_reps=5,
+        decode_batch=8,
+        decode_tokens=32,
+        decode_reps=5,
+        matmul_size=8192,
+    ),
+    'gpu_large': Shapes(
+        name='gpu_large',
+        hf_config=_t5_1_1(1024, 2816, 24, 16),
+        batch=8,
+        inputs=128,
+        targets=8,
+        prompt_lengths=(20, 100),
+        train_steps=10,
+        train_reps=5,
+        serve_batch=32,
+        serve_tasks=16,
+        serve_reps=5,
+        decode_batch=8,
+        decode_tokens=32,
+        decode_reps=5,
+        matmul_size=8192,
+    ),
     # Runs the GPU-section code path on CPU with tiny shapes (tests it without a GPU).
-    'gpu_tiny': Shapes(name='gpu_tiny', hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16),
-                       batch=4, inputs=16, targets=4, prompt_lengths=(4,), train_steps=2,
-                       train_reps=1, serve_batch=8, serve_tasks=4, serve_reps=1, decode_batch=4,
-                       decode_tokens=4, decode_reps=1, serve_prompt_lengths=(4,),
-                       decode_prompt_lengths=(4,), matmul_size=256, matmul_reps=3),
+    'gpu_tiny': Shapes(
+        name='gpu_tiny',
+        hf_config=_t5_1_1(64, 128, 2, 4, vocab=512, d_kv=16),
+        batch=4,
+        inputs=16,
+        targets=4,
+        prompt_lengths=(4,),
+        train_steps=2,
+        train_reps=1,
+        serve_batch=8,
+        serve_tasks=4,
+        serve_reps=1,
+        decode_batch=4,
+        decode_tokens=4,
+        decode_reps=1,
+        serve_prompt_lengths=(4,),
+        decode_prompt_lengths=(4,),
+        matmul_size=256,
+        matmul_reps=3,
+    ),
 }
 
 
@@ -103,9 +186,14 @@ def train_batches(shapes: Shapes) -> List[Dict[str, np.ndarray]]:
   for _ in range(shapes.num_train_batches):
     enc = _tokens(rng, (shapes.batch, shapes.inputs), vocab)
     tgt = _tokens(rng, (shapes.batch, shapes.targets), vocab)
-    out.append({'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(tgt),
-                'decoder_target_tokens': tgt,
-                'decoder_loss_weights': np.ones_like(tgt, dtype=np.float32)})
+    out.append(
+        {
+            'encoder_input_tokens': enc,
+            'decoder_input_tokens': shift_right(tgt),
+            'decoder_target_tokens': tgt,
+            'decoder_loss_weights': np.ones_like(tgt, dtype=np.float32),
+        }
+    )
   return out
 
 
@@ -119,9 +207,13 @@ def serve_batch(shapes: Shapes) -> Dict[str, np.ndarray]:
   enc = _tokens(rng, (n, shapes.inputs), vocab)
   tgt = _tokens(rng, (n, shapes.targets), vocab)
   ids = rng.permutation(np.repeat(np.arange(t), n // t)).astype(np.int32)
-  return {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(tgt),
-          'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32),
-          'prompt_ids': ids}
+  return {
+      'encoder_input_tokens': enc,
+      'decoder_input_tokens': shift_right(tgt),
+      'decoder_target_tokens': tgt,
+      'decoder_loss_weights': np.ones_like(tgt, np.float32),
+      'prompt_ids': ids,
+  }
 
 
 def decode_inputs(shapes: Shapes) -> np.ndarray:
@@ -161,6 +253,7 @@ def rss_mb() -> float:
   """Current resident set size (MiB)."""
   try:
     import psutil  # pylint: disable=g-import-not-at-top
+
     return psutil.Process().memory_info().rss / 2**20
   except ImportError:
     with open('/proc/self/statm') as f:
@@ -182,14 +275,15 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def matmul_flops(n: int) -> float:
-  return 2.0 * n ** 3
+  return 2.0 * n**3
 
 
 # ------------------------------------------------------------------------- worker protocol
 
 
-def parse_jobs(jobs: Optional[Sequence[str]], section: Optional[str],
-               prompt_length: int) -> List[tuple]:
+def parse_jobs(
+    jobs: Optional[Sequence[str]], section: Optional[str], prompt_length: int
+) -> List[tuple]:
   """`['train:20', 'serve:100']` (or one `--section` and `--prompt-length`) -> `[(section, P)]`."""
   if not jobs:
     if not section:
@@ -202,9 +296,13 @@ def parse_jobs(jobs: Optional[Sequence[str]], section: Optional[str],
   return out
 
 
-def run_worker(make_bench: Callable[[str, int], Any], jobs: Sequence[tuple],
-               reply_fd: Optional[int], reps: Callable[[str], int], finish_meta: Callable[[Any],
-                                                                                          dict]):
+def run_worker(
+    make_bench: Callable[[str, int], Any],
+    jobs: Sequence[tuple],
+    reply_fd: Optional[int],
+    reps: Callable[[str], int],
+    finish_meta: Callable[[Any], dict],
+):
   """Runs benchmark jobs; each bench has `setup()`, `rep()` and `finish()`.
 
   Without `reply_fd`: for each job, setup, `reps(section)` repetitions, finish; returns the list
@@ -284,10 +382,17 @@ def finish_variants(res: Dict[str, Any], names: Sequence[str], per_call: int) ->
 def worker_parser(doc: str, sections: Sequence[str]) -> 'argparse.ArgumentParser':
   """The command-line flags both frameworks' workers share."""
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--job', action='append', default=None,
-                      help='SECTION:PROMPT_LENGTH; repeat to run several jobs in this process')
-  parser.add_argument('--section', choices=sorted(sections), help='a single job\'s section')
+
+  parser = argparse.ArgumentParser(
+      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+      '--job',
+      action='append',
+      default=None,
+      help='SECTION:PROMPT_LENGTH; repeat to run several jobs in this process',
+  )
+  parser.add_argument('--section', choices=sorted(sections), help="a single job's section")
   parser.add_argument('--prompt-length', type=int, default=20)
   parser.add_argument('--shapes', default='full', choices=sorted(SHAPES))
   parser.add_argument('--workdir', required=True)
@@ -299,10 +404,12 @@ def worker_parser(doc: str, sections: Sequence[str]) -> 'argparse.ArgumentParser
   return parser
 
 
-def worker_main(parser, argv, sections: Dict[str, Any], framework: str,
-                meta: Callable[[Any], Dict[str, Any]]) -> None:
+def worker_main(
+    parser, argv, sections: Dict[str, Any], framework: str, meta: Callable[[Any], Dict[str, Any]]
+) -> None:
   """Parses the worker's flags and runs its jobs (`run_worker`); `meta(args)` adds framework facts."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   args = parser.parse_args(argv)
   shapes = SHAPES[args.shapes]
   jobs = parse_jobs(args.job, args.section, args.prompt_length)
@@ -318,15 +425,26 @@ def worker_main(parser, argv, sections: Dict[str, Any], framework: str,
 
   def finish_meta(job):
     section, p = job
-    return {'framework': framework, 'section': section, 'shapes': shapes.name, 'prompt_length': p,
-            'dtype': args.dtype, 'dropout': args.dropout, **meta(args),
-            'wall_s': time.time() - t0, 'load_avg_end': load_avg()}
+    return {
+        'framework': framework,
+        'section': section,
+        'shapes': shapes.name,
+        'prompt_length': p,
+        'dtype': args.dtype,
+        'dropout': args.dropout,
+        **meta(args),
+        'wall_s': time.time() - t0,
+        'load_avg_end': load_avg(),
+    }
 
   def reps(section):
     if args.reps is not None:
       return args.reps
-    return {'train': shapes.train_reps, 'serve': shapes.serve_reps,
-            'decode': shapes.decode_reps}.get(section, 0)
+    return {
+        'train': shapes.train_reps,
+        'serve': shapes.serve_reps,
+        'decode': shapes.decode_reps,
+    }.get(section, 0)
 
   res = run_worker(make_bench, jobs, args.reply_fd, reps, finish_meta)
   if res is not None and args.out:

@@ -12,6 +12,7 @@ alternate (ours, PEFT, PEFT, ours, ...) and never overlap, so slow phases of a s
 both. Reported numbers are medians over repetitions; ratios are ratios of those medians (the
 range of the ratios of adjacent repetition pairs is given too).
 """
+
 import argparse
 import datetime
 import json
@@ -40,8 +41,14 @@ class WorkerError(RuntimeError):
 class Worker:
   """A benchmark worker process driven through stdin commands and a reply pipe."""
 
-  def __init__(self, label: str, argv: Sequence[str], log_dir: str,
-               env: Optional[Dict[str, str]] = None, cpus: Optional[Sequence[int]] = None):
+  def __init__(
+      self,
+      label: str,
+      argv: Sequence[str],
+      log_dir: str,
+      env: Optional[Dict[str, str]] = None,
+      cpus: Optional[Sequence[int]] = None,
+  ):
     self.label = label
     read_fd, write_fd = os.pipe()
     self.log_path = os.path.join(log_dir, label + '.log')
@@ -52,10 +59,17 @@ class Worker:
     env.setdefault('HF_HUB_OFFLINE', '1')
     env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
     self.argv = list(argv) + ['--reply-fd', str(write_fd)]
-    self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=self.log,
-                                 stderr=subprocess.STDOUT, pass_fds=(write_fd,), text=True,
-                                 cwd=REPO, env=env,
-                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    self.proc = subprocess.Popen(
+        self.argv,
+        stdin=subprocess.PIPE,
+        stdout=self.log,
+        stderr=subprocess.STDOUT,
+        pass_fds=(write_fd,),
+        text=True,
+        cwd=REPO,
+        env=env,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )
     os.close(write_fd)
     self.reply = os.fdopen(read_fd)
 
@@ -72,8 +86,10 @@ class Worker:
     line = self.reply.readline()
     if not line:
       self.proc.wait(timeout=60)
-      raise WorkerError(f'{self.label} died during {cmd!r} (exit code {self.proc.returncode}); '
-                        f'see {self.log_path}')
+      raise WorkerError(
+          f'{self.label} died during {cmd!r} (exit code {self.proc.returncode}); '
+          f'see {self.log_path}'
+      )
     msg = json.loads(line)
     if 'error' in msg:
       raise WorkerError(f'{self.label}: {cmd!r} failed:\n{msg["error"]}')
@@ -97,9 +113,15 @@ class Worker:
       self.proc.wait()
 
 
-def run_group(specs: Sequence[tuple], jobs: Sequence[tuple], reps: Dict[str, int], log_dir: str,
-              log=print, env: Optional[Dict[str, str]] = None,
-              cpus: Optional[Sequence[int]] = None) -> Dict[str, List[Any]]:
+def run_group(
+    specs: Sequence[tuple],
+    jobs: Sequence[tuple],
+    reps: Dict[str, int],
+    log_dir: str,
+    log=print,
+    env: Optional[Dict[str, str]] = None,
+    cpus: Optional[Sequence[int]] = None,
+) -> Dict[str, List[Any]]:
   """Runs `jobs` (`(section, P)`) in lockstep on one worker per `(label, argv[, extra env])`.
 
   Each worker process was started with all the jobs; for each job the workers set up one after
@@ -140,8 +162,10 @@ def run_group(specs: Sequence[tuple], jobs: Sequence[tuple], reps: Dict[str, int
             continue
           try:
             res = w.call(f'rep {j}')
-            log(f'  {w.label} {section} P={p}: rep {r + 1}/{n} ' +
-                ', '.join(f'{k} {v:.3f} s' for k, v in res.items()))
+            log(
+                f'  {w.label} {section} P={p}: rep {r + 1}/{n} '
+                + ', '.join(f'{k} {v:.3f} s' for k, v in res.items())
+            )
           except WorkerError as e:
             out[w.label].append({'error': str(e)})
             failed.add(w.label)
@@ -154,9 +178,10 @@ def run_group(specs: Sequence[tuple], jobs: Sequence[tuple], reps: Dict[str, int
         try:
           res = w.call(f'finish {j}')
           res['command'] = ' '.join(
-              ([f'taskset -c {",".join(map(str, w.cpus))} env'] if w.cpus else []) +
-              [f'{k}={shlex.quote(v)}' for k, v in sorted(w.shown_env.items())] +
-              [shlex.quote(a) for a in w.argv[:-2]])
+              ([f'taskset -c {",".join(map(str, w.cpus))} env'] if w.cpus else [])
+              + [f'{k}={shlex.quote(v)}' for k, v in sorted(w.shown_env.items())]
+              + [shlex.quote(a) for a in w.argv[:-2]]
+          )
           out[w.label].append(res)
         except WorkerError as e:
           out[w.label].append({'error': str(e)})
@@ -174,8 +199,9 @@ def _py() -> List[str]:
   return [sys.executable, '-m']
 
 
-def _worker_argv(framework: str, jobs: Sequence[tuple], shapes: str, workdir: str,
-                 **kw) -> List[str]:
+def _worker_argv(
+    framework: str, jobs: Sequence[tuple], shapes: str, workdir: str, **kw
+) -> List[str]:
   argv = _py() + [f'benchmarks.bench_{framework}', '--shapes', shapes, '--workdir', workdir]
   for section, p in jobs:
     argv += ['--job', f'{section}:{p}']
@@ -193,9 +219,16 @@ def _worker_argv(framework: str, jobs: Sequence[tuple], shapes: str, workdir: st
 TORCH_ENV = {'OMP_WAIT_POLICY': 'PASSIVE'}
 
 
-def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str,
-              one_process: bool = False, cpu_only: bool = True, pinned: Sequence[str] = (),
-              log=print) -> Dict[str, Any]:
+def run_suite(
+    shapes: common.Shapes,
+    workdir: str,
+    dtype: str,
+    log_dir: str,
+    one_process: bool = False,
+    cpu_only: bool = True,
+    pinned: Sequence[str] = (),
+    log=print,
+) -> Dict[str, Any]:
   """Prepare + training, serving and decoding comparisons for one size. Returns raw results.
 
   With `one_process` each framework runs all its jobs in one process (quick mode: saves the
@@ -209,50 +242,93 @@ def run_suite(shapes: common.Shapes, workdir: str, dtype: str, log_dir: str,
   results: Dict[str, Any] = {'shapes': shapes.name, 'dtype': dtype}
   log(f'[{shapes.name}] building the random transformers T5 checkpoint')
   label = f'{shapes.name}_prepare'
-  prep = run_group([(label, _worker_argv('peft', [('prepare', 0)], shapes.name, workdir))],
-                   [('prepare', 0)], {}, log_dir, log, env={'CUDA_VISIBLE_DEVICES': ''})
+  prep = run_group(
+      [(label, _worker_argv('peft', [('prepare', 0)], shapes.name, workdir))],
+      [('prepare', 0)],
+      {},
+      log_dir,
+      log,
+      env={'CUDA_VISIBLE_DEVICES': ''},
+  )
   results['prepare'] = prep[label][0]
   if 'error' in results['prepare']:
     return results
   cache = os.path.join(workdir, 'jax_cache')
   reps = {'train': shapes.train_reps, 'serve': shapes.serve_reps, 'decode': shapes.decode_reps}
-  jobs = ([('train', p) for p in shapes.prompt_lengths] +
-          [('serve', p) for p in shapes.serve_prompt_lengths] +
-          [('decode', p) for p in shapes.decode_prompt_lengths])
+  jobs = (
+      [('train', p) for p in shapes.prompt_lengths]
+      + [('serve', p) for p in shapes.serve_prompt_lengths]
+      + [('decode', p) for p in shapes.decode_prompt_lengths]
+  )
   for section, _ in jobs:
     results.setdefault(section, {})
   groups = [jobs] if one_process else [[job] for job in jobs]
   for group in groups:
     tag = '_'.join(f'{s}{p}' for s, p in group) if len(group) < 3 else 'all'
-    specs = [(f'{shapes.name}_ours_{tag}',
-              _worker_argv('ours', group, shapes.name, workdir, dtype=dtype,
-                           compilation_cache=cache)),
-             (f'{shapes.name}_peft_{tag}',
-              _worker_argv('peft', group, shapes.name, workdir, dtype=dtype), TORCH_ENV)]
+    specs = [
+        (
+            f'{shapes.name}_ours_{tag}',
+            _worker_argv('ours', group, shapes.name, workdir, dtype=dtype, compilation_cache=cache),
+        ),
+        (
+            f'{shapes.name}_peft_{tag}',
+            _worker_argv('peft', group, shapes.name, workdir, dtype=dtype),
+            TORCH_ENV,
+        ),
+    ]
     log(f'[{shapes.name}] ' + ', '.join(f'{s} P={p}' for s, p in group))
     res = run_group(specs, group, reps, log_dir, log, env)
     for j, (section, p) in enumerate(group):
       results[section][p] = {'ours': res[specs[0][0]][j], 'peft': res[specs[1][0]][j]}
   if pinned and hasattr(os, 'sched_setaffinity'):
     core = sorted(os.sched_getaffinity(0))[-1]
-    one_thread = dict(env or {}, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
-        ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')).strip(),
-                      OMP_NUM_THREADS='1')
-    pjobs = [(section, max(lengths)) for section, lengths in (
-        ('train', shapes.prompt_lengths), ('serve', shapes.serve_prompt_lengths),
-        ('decode', shapes.decode_prompt_lengths)) if section in pinned]
-    specs = [(f'{shapes.name}_ours_pinned',
-              _worker_argv('ours', pjobs, shapes.name, workdir, dtype=dtype,
-                           compilation_cache=cache + '_pinned')),
-             (f'{shapes.name}_peft_pinned',
-              _worker_argv('peft', pjobs, shapes.name, workdir, dtype=dtype, threads=1),
-              TORCH_ENV)]
-    log(f'[{shapes.name}] ' + ', '.join(f'{s} P={p}' for s, p in pjobs) +
-        f', both pinned to core {core} with one thread')
+    one_thread = dict(
+        env or {},
+        XLA_FLAGS=(
+            os.environ.get('XLA_FLAGS', '')
+            + (' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+        ).strip(),
+        OMP_NUM_THREADS='1',
+    )
+    pjobs = [
+        (section, max(lengths))
+        for section, lengths in (
+            ('train', shapes.prompt_lengths),
+            ('serve', shapes.serve_prompt_lengths),
+            ('decode', shapes.decode_prompt_lengths),
+        )
+        if section in pinned
+    ]
+    specs = [
+        (
+            f'{shapes.name}_ours_pinned',
+            _worker_argv(
+                'ours',
+                pjobs,
+                shapes.name,
+                workdir,
+                dtype=dtype,
+                compilation_cache=cache + '_pinned',
+            ),
+        ),
+        (
+            f'{shapes.name}_peft_pinned',
+            _worker_argv('peft', pjobs, shapes.name, workdir, dtype=dtype, threads=1),
+            TORCH_ENV,
+        ),
+    ]
+    log(
+        f'[{shapes.name}] '
+        + ', '.join(f'{s} P={p}' for s, p in pjobs)
+        + f', both pinned to core {core} with one thread'
+    )
     res = run_group(specs, pjobs, reps, log_dir, log, one_thread, cpus=[core])
     for j, (section, p) in enumerate(pjobs):
       results.setdefault(f'pinned_{section}', {})[p] = {
-          'ours': res[specs[0][0]][j], 'peft': res[specs[1][0]][j], 'core': core}
+          'ours': res[specs[0][0]][j],
+          'peft': res[specs[1][0]][j],
+          'core': core,
+      }
   return results
 
 
@@ -303,8 +379,10 @@ def _paired(ours: Sequence[float], peft: Sequence[float]) -> str:
 def _xla_mem(mem) -> str:
   if not mem:
     return ''
-  return (f' (XLA buffers of the step: arguments {_fmt(mem["argument"])} MiB, of which donated '
-          f'{_fmt(mem["alias"])}, temporaries {_fmt(mem["temp"])} MiB)')
+  return (
+      f' (XLA buffers of the step: arguments {_fmt(mem["argument"])} MiB, of which donated '
+      f'{_fmt(mem["alias"])}, temporaries {_fmt(mem["temp"])} MiB)'
+  )
 
 
 def _ok(value, target, higher=True):
@@ -322,8 +400,11 @@ def _err(res) -> Optional[str]:
 
 
 def _machine() -> Dict[str, Any]:
-  info = {'platform': platform.platform(), 'python': platform.python_version(),
-          'cores': os.cpu_count()}
+  info = {
+      'platform': platform.platform(),
+      'python': platform.python_version(),
+      'cores': os.cpu_count(),
+  }
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
@@ -335,6 +416,7 @@ def _machine() -> Dict[str, Any]:
   except OSError:
     pass
   from importlib import metadata  # pylint: disable=g-import-not-at-top
+
   versions = {}
   for pkg in ('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'peft', 'numpy'):
     try:
@@ -351,42 +433,63 @@ def train_rows(results) -> List[Dict[str, Any]]:
     o, q = r['ours'], r['peft']
     row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
     if _err(o) is None:
-      row.update({'ours_ex_s': _med(o['examples_per_s']), 'flops_step': o['flops_per_step'],
-                  'achieved': o['achieved_flops_per_s'], 'matmul': o['matmul_flops_per_s'],
-                  'util': o['utilisation'], 'ours_rss': o['peak_rss_mb'],
-                  'ours_loss': o['first_loss'], 'ours_first_step_s': o['first_step_s'],
-                  'ours_second_step_s': o.get('second_step_s'),
-                  'cache': o.get('jit_cache_entries', {}), 'ours_rss_phases': o.get('rss_mb', {}),
-                  'ours_tf_imported': o.get('tensorflow_imported'),
-                  'ours_ex_all': o['examples_per_s'], 'xla_mem': o.get('xla_memory_mb')})
+      row.update(
+          {
+              'ours_ex_s': _med(o['examples_per_s']),
+              'flops_step': o['flops_per_step'],
+              'achieved': o['achieved_flops_per_s'],
+              'matmul': o['matmul_flops_per_s'],
+              'util': o['utilisation'],
+              'ours_rss': o['peak_rss_mb'],
+              'ours_loss': o['first_loss'],
+              'ours_first_step_s': o['first_step_s'],
+              'ours_second_step_s': o.get('second_step_s'),
+              'cache': o.get('jit_cache_entries', {}),
+              'ours_rss_phases': o.get('rss_mb', {}),
+              'ours_tf_imported': o.get('tensorflow_imported'),
+              'ours_ex_all': o['examples_per_s'],
+              'xla_mem': o.get('xla_memory_mb'),
+          }
+      )
     if q is not None and _err(q) is None:
-      row.update({'peft_ex_s': _med(q['examples_per_s']), 'peft_rss': q['peak_rss_mb'],
-                  'peft_loss': q['first_loss'], 'peft_matmul': q['matmul_flops_per_s'],
-                  'peft_ex_all': q['examples_per_s'], 'peft_rss_phases': q.get('rss_mb', {})})
+      row.update(
+          {
+              'peft_ex_s': _med(q['examples_per_s']),
+              'peft_rss': q['peak_rss_mb'],
+              'peft_loss': q['first_loss'],
+              'peft_matmul': q['matmul_flops_per_s'],
+              'peft_ex_all': q['examples_per_s'],
+              'peft_rss_phases': q.get('rss_mb', {}),
+          }
+      )
     row['speedup'] = _pair_ratio(row.get('ours_ex_all'), row.get('peft_ex_all'))
     shapes = common.SHAPES[results['shapes']]
     if 'flops_step' in row:
-      row['util'] = _rep_util(row['flops_step'], o['step_times_s'], o['matmul']['times_s'],
-                              shapes)
+      row['util'] = _rep_util(row['flops_step'], o['step_times_s'], o['matmul']['times_s'], shapes)
     if 'peft_ex_s' in row and 'flops_step' in row:
       row['peft_achieved'] = row['flops_step'] * row['peft_ex_s'] / shapes.batch
-      row['peft_util'] = _rep_util(row['flops_step'], q['step_times_s'], q['matmul']['times_s'],
-                                   shapes)
+      row['peft_util'] = _rep_util(
+          row['flops_step'], q['step_times_s'], q['matmul']['times_s'], shapes
+      )
     rows.append(row)
   return rows
 
 
-def _rep_util(flops: float, step_times: Sequence[float], matmul_times: Sequence[float],
-              shapes: common.Shapes) -> float:
+def _rep_util(
+    flops: float, step_times: Sequence[float], matmul_times: Sequence[float], shapes: common.Shapes
+) -> float:
   """Median over repetitions of (FLOP/s of the step) / (FLOP/s of the matmul timed right after).
 
   The worker times `matmul_reps` matmuls after every repetition, so a repetition's utilisation
   compares two measurements taken under the same load.
   """
   k = shapes.matmul_reps
-  chunks = [matmul_times[i * k:(i + 1) * k] for i in range(len(step_times))]
-  utils = [flops / t / (common.matmul_flops(shapes.matmul_size) / common.median(c))
-           for t, c in zip(step_times, chunks) if c]
+  chunks = [matmul_times[i * k : (i + 1) * k] for i in range(len(step_times))]
+  utils = [
+      flops / t / (common.matmul_flops(shapes.matmul_size) / common.median(c))
+      for t, c in zip(step_times, chunks)
+      if c
+  ]
   return common.median(utils) if utils else float('nan')
 
 
@@ -396,23 +499,34 @@ def shapes_batch(results) -> int:
 
 def serve_rows(results) -> List[Dict[str, Any]]:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rows = []
   for p, r in results.get('serve', {}).items():
     o, q = r['ours'], r['peft']
     row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
     if _err(o) is None:
-      row.update({'mixed': _med(o['mixed_examples_per_s']),
-                  'single': _med(o['single_examples_per_s']),
-                  'mixed_all': o['mixed_examples_per_s'], 'single_all': o['single_examples_per_s'],
-                  'ours_rss': o['peak_rss_mb']})
+      row.update(
+          {
+              'mixed': _med(o['mixed_examples_per_s']),
+              'single': _med(o['single_examples_per_s']),
+              'mixed_all': o['mixed_examples_per_s'],
+              'single_all': o['single_examples_per_s'],
+              'ours_rss': o['peak_rss_mb'],
+          }
+      )
       row['mixed_vs_single'] = _pair_ratio(row['mixed_all'], row['single_all'])
       if o.get('mixed_generate_examples_per_s'):
         row['gen_all'] = o['mixed_generate_examples_per_s']
         row['gen'] = _med(row['gen_all'])
     if q is not None and _err(q) is None:
-      row.update({'peft_per_task': _med(q['per_task_examples_per_s']),
-                  'peft_single': _med(q['single_examples_per_s']),
-                  'peft_per_task_all': q['per_task_examples_per_s'], 'peft_rss': q['peak_rss_mb']})
+      row.update(
+          {
+              'peft_per_task': _med(q['per_task_examples_per_s']),
+              'peft_single': _med(q['single_examples_per_s']),
+              'peft_per_task_all': q['per_task_examples_per_s'],
+              'peft_rss': q['peak_rss_mb'],
+          }
+      )
       row['mixed_vs_peft'] = _pair_ratio(row.get('mixed_all'), row['peft_per_task_all'])
       if _err(o) is None:
         a, b = np.asarray(o['mixed_scores']), np.asarray(q['per_task_scores'])
@@ -431,14 +545,21 @@ def serve_rows(results) -> List[Dict[str, Any]]:
 
 def decode_rows(results) -> List[Dict[str, Any]]:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rows = []
   for p, r in results.get('decode', {}).items():
     o, q = r['ours'], r['peft']
     row = {'P': p, 'error': _err(o) or (_err(q) if q is not None else None)}
     if _err(o) is None:
-      row.update({'ours_tok_s': _med(o['tokens_per_s']), 'ours_all': o['tokens_per_s'],
-                  'batch': o['batch'], 'new_tokens': o['new_tokens'],
-                  'ours_first_s': o['first_call_s']})
+      row.update(
+          {
+              'ours_tok_s': _med(o['tokens_per_s']),
+              'ours_all': o['tokens_per_s'],
+              'batch': o['batch'],
+              'new_tokens': o['new_tokens'],
+              'ours_first_s': o['first_call_s'],
+          }
+      )
     if q is not None and _err(q) is None:
       row.update({'hf_tok_s': _med(q['tokens_per_s']), 'hf_all': q['tokens_per_s']})
       row['speedup'] = _pair_ratio(row.get('ours_all'), row['hf_all'])
@@ -456,25 +577,37 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
   m = meta['machine']
   add('# Benchmarks: prompt_tuning (JAX/Flax) vs Hugging Face PEFT (PyTorch)')
   add('')
-  add(f'Generated by `{meta["command"]}` on {meta["date"]} in {meta["wall_min"]:.1f} minutes'
-      + (' (**quick mode: tiny shapes, one repetition; not a measurement**)'
-         if meta['quick'] else '') + '.')
+  add(
+      f'Generated by `{meta["command"]}` on {meta["date"]} in {meta["wall_min"]:.1f} minutes'
+      + (
+          ' (**quick mode: tiny shapes, one repetition; not a measurement**)'
+          if meta['quick']
+          else ''
+      )
+      + '.'
+  )
   add('')
-  add(f'- Machine: {m.get("cpu", "?")}, {m.get("cores")} cores, {m.get("memory_gib", "?")} GiB, '
+  add(
+      f'- Machine: {m.get("cpu", "?")}, {m.get("cores")} cores, {m.get("memory_gib", "?")} GiB, '
       f'{m["platform"]}, Python {m["python"]}; JAX default backend `{meta["backend"]}` (the CPU '
-      'sections run with `JAX_PLATFORMS=cpu`).')
+      'sections run with `JAX_PLATFORMS=cpu`).'
+  )
   add('- Versions: ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + '.')
-  add(f'- Load average (1/5/15 min) at start {meta["load_start"]}, at end {meta["load_end"]}. '
+  add(
+      f'- Load average (1/5/15 min) at start {meta["load_start"]}, at end {meta["load_end"]}. '
       'Other processes shared this machine, so absolute numbers are noisy; compare the ratios '
-      '(both frameworks\' repetitions are interleaved in time).')
-  add('- Method: one worker process per framework and section; both set up, then their timed '
+      "(both frameworks' repetitions are interleaved in time)."
+  )
+  add(
+      '- Method: one worker process per framework and section; both set up, then their timed '
       'repetitions alternate (ours, PEFT, PEFT, ours, ...) and never overlap. Throughputs are '
       'medians over repetitions. A ratio is the median over repetitions of the ratio of the two '
       'measurements taken next to each other in time, which cancels most of the load that other '
       'jobs put on the machine; in parentheses, the range of those pair ratios ("pairs") and the '
       'ratio of the fastest repetitions ("best/best"). XLA '
       'uses all cores; `torch.set_num_threads(cores)`; PEFT workers run with '
-      f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.')
+      f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.'
+  )
   for key, res in all_results.items():
     lines += _render_suite(key, res, meta)
   if meta.get('gpu_note'):
@@ -496,190 +629,261 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
   hf = shapes.hf_config
   dtype = res['dtype']
   add('')
-  add(f'## {key}: d_model {hf["d_model"]}, {hf["num_layers"]}+{hf["num_decoder_layers"]} layers, '
+  add(
+      f'## {key}: d_model {hf["d_model"]}, {hf["num_layers"]}+{hf["num_decoder_layers"]} layers, '
       f'{hf["num_heads"]} heads of {hf["d_kv"]}, d_ff {hf["d_ff"]} (gated GELU), vocab '
-      f'{hf["vocab_size"]}, {dtype}')
+      f'{hf["vocab_size"]}, {dtype}'
+  )
   add('')
   if _err(res.get('prepare')):
     add(f'Preparing the checkpoint {_err(res["prepare"])}.')
     return lines
-  add(f'Random `T5ForConditionalGeneration` (seed {common.SEED}, untied head) saved with '
+  add(
+      f'Random `T5ForConditionalGeneration` (seed {common.SEED}, untied head) saved with '
       '`save_pretrained` and loaded into ours with `prompt_tuning.checkpoints.huggingface.load_t5`; '
-      'prompts U[-0.5, 0.5) from one seed in both. Dropout 0.')
+      'prompts U[-0.5, 0.5) from one seed in both. Dropout 0.'
+  )
   add('')
   # Training.
-  add(f'### 1. Training (batch {shapes.batch}, inputs {shapes.inputs}, targets {shapes.targets}; '
-      f'{shapes.train_reps} repetitions of {shapes.train_steps} steps after 2 warm-up steps)')
+  add(
+      f'### 1. Training (batch {shapes.batch}, inputs {shapes.inputs}, targets {shapes.targets}; '
+      f'{shapes.train_reps} repetitions of {shapes.train_steps} steps after 2 warm-up steps)'
+  )
   add('')
-  add('Ours: `runtime.trainer.Trainer.train` on host (numpy) batches, state from '
+  add(
+      'Ours: `runtime.trainer.Trainer.train` on host (numpy) batches, state from '
       '`runtime.train_state.StateBuilder`, T5X `Adafactor` (decay_rate 0.8, no parameter scaling, '
       'clipping 1.0) on `.*/prompt/.*` through `MultiOptimizer`, gradient w.r.t. the prompt only, '
       'state donated. PEFT: `PromptTuningConfig(num_transformer_submodules=1)`, '
       '`transformers.optimization.Adafactor(lr=0.3, relative_step=False, scale_parameter=False)` '
-      'on the prompt embedding, `loss.backward()`, `step()`. Same loss (mean token cross entropy).')
+      'on the prompt embedding, `loss.backward()`, `step()`. Same loss (mean token cross entropy).'
+  )
   add('')
-  add('| prompt | ours ex/s | PEFT ex/s | speedup | target >= 1.5x | peak RSS ours / PEFT (MiB) '
-      '| target ours <= PEFT | first-step loss ours / PEFT |')
+  add(
+      '| prompt | ours ex/s | PEFT ex/s | speedup | target >= 1.5x | peak RSS ours / PEFT (MiB) '
+      '| target ours <= PEFT | first-step loss ours / PEFT |'
+  )
   add('|---|---|---|---|---|---|---|---|')
   for r in train_rows(res):
     if r.get('error') and 'ours_ex_s' not in r:
       add(f'| {r["P"]} | {r["error"]} |' + ' |' * 6)
       continue
-    add(f'| {r["P"]} | {_fmt(r.get("ours_ex_s"))} | {_fmt(r.get("peft_ex_s"))} | '
+    add(
+        f'| {r["P"]} | {_fmt(r.get("ours_ex_s"))} | {_fmt(r.get("peft_ex_s"))} | '
         f'{_fmt(r["speedup"])}x ({_paired(r.get("ours_ex_all", []), r.get("peft_ex_all", []))}) | '
         f'{_ok(r["speedup"], 1.5)} | {_fmt(r["ours_rss"])} / {_fmt(r.get("peft_rss"))} | '
         f'{_ok(r["ours_rss"], r.get("peft_rss", float("nan")), higher=False)} | '
-        f'{_fmt(r["ours_loss"], 4)} / {_fmt(r.get("peft_loss"), 4)} |')
+        f'{_fmt(r["ours_loss"], 4)} / {_fmt(r.get("peft_loss"), 4)} |'
+    )
   add('')
-  add('Utilisation: FLOPs of one step from XLA\'s `compiled.cost_analysis()` (the same computation '
+  add(
+      "Utilisation: FLOPs of one step from XLA's `compiled.cost_analysis()` (the same computation "
       'in both frameworks: forward, and backward to the prompt without weight gradients) over the '
       'step time, relative to the FLOP/s of the matmuls timed right after the same repetition, '
       'median over repetitions. The matmul is a '
       f'{shapes.matmul_size}x{shapes.matmul_size} {dtype} product timed {shapes.matmul_reps} times '
       'in the same process after every repetition (`jnp.dot` for ours, `torch.mm` for PEFT). '
-      'GFLOP/s columns: FLOPs per step / median step time, and the median matmul.')
+      'GFLOP/s columns: FLOPs per step / median step time, and the median matmul.'
+  )
   add('')
-  add('| prompt | GFLOP/step | ours GFLOP/s | `jnp.dot` GFLOP/s | ours utilisation | target >= 60% '
-      '| PEFT GFLOP/s | `torch.mm` GFLOP/s | PEFT utilisation |')
+  add(
+      '| prompt | GFLOP/step | ours GFLOP/s | `jnp.dot` GFLOP/s | ours utilisation | target >= 60% '
+      '| PEFT GFLOP/s | `torch.mm` GFLOP/s | PEFT utilisation |'
+  )
   add('|---|---|---|---|---|---|---|---|---|')
   for r in train_rows(res):
     if 'ours_ex_s' not in r:
       continue
-    add(f'| {r["P"]} | {_fmt(r["flops_step"] / 1e9, 1)} | {_fmt(r["achieved"] / 1e9, 1)} | '
+    add(
+        f'| {r["P"]} | {_fmt(r["flops_step"] / 1e9, 1)} | {_fmt(r["achieved"] / 1e9, 1)} | '
         f'{_fmt(r["matmul"] / 1e9, 1)} | {100 * r["util"]:.0f}% | {_ok(r["util"], 0.6)} | '
         f'{_fmt(r.get("peft_achieved", float("nan")) / 1e9, 1)} | '
         f'{_fmt(r.get("peft_matmul", float("nan")) / 1e9, 1)} | '
-        f'{_fmt(100 * r.get("peft_util", float("nan")), 0)}% |')
+        f'{_fmt(100 * r.get("peft_util", float("nan")), 0)}% |'
+    )
   rows = [r for r in train_rows(res) if 'ours_ex_s' in r]
   if rows:
     add('')
-    add('Ours, details: ' + '; '.join(
-        f'P={r["P"]}: first step (trace + compile) {_fmt(r["ours_first_step_s"], 1)} s, second '
-        f'step {_fmt(r["ours_second_step_s"], 1)} s, jit cache entries of the train step '
-        f'{r["cache"].get("after_step_1")} after step 1 / {r["cache"].get("after_step_2")} after '
-        f'step 2 / {r["cache"].get("after_timing")} after the timed steps; RSS MiB after imports '
-        f'{_fmt(r["ours_rss_phases"].get("imports"))}, loaded '
-        f'{_fmt(r["ours_rss_phases"].get("loaded"))}, state built '
-        f'{_fmt(r["ours_rss_phases"].get("state"))}, compiled '
-        f'{_fmt(r["ours_rss_phases"].get("compiled"))}' + _xla_mem(r.get('xla_mem'))
-        for r in rows) + '.')
+    add(
+        'Ours, details: '
+        + '; '.join(
+            f'P={r["P"]}: first step (trace + compile) {_fmt(r["ours_first_step_s"], 1)} s, second '
+            f'step {_fmt(r["ours_second_step_s"], 1)} s, jit cache entries of the train step '
+            f'{r["cache"].get("after_step_1")} after step 1 / {r["cache"].get("after_step_2")} after '
+            f'step 2 / {r["cache"].get("after_timing")} after the timed steps; RSS MiB after imports '
+            f'{_fmt(r["ours_rss_phases"].get("imports"))}, loaded '
+            f'{_fmt(r["ours_rss_phases"].get("loaded"))}, state built '
+            f'{_fmt(r["ours_rss_phases"].get("state"))}, compiled '
+            f'{_fmt(r["ours_rss_phases"].get("compiled"))}' + _xla_mem(r.get('xla_mem'))
+            for r in rows
+        )
+        + '.'
+    )
     imported = [r['P'] for r in rows if r.get('ours_tf_imported')]
-    add('The training worker imports the runtime\'s train modules (`train_state`, `trainer`, '
+    add(
+        "The training worker imports the runtime's train modules (`train_state`, `trainer`, "
         '`models`, `partitioning`, `adafactor`, `optimizers`) but not `seqio` or TensorFlow (they '
-        'are imported where data is read): TensorFlow was ' +
-        (f'**imported** (P={imported})' if imported else 'not imported') + ' in the worker.')
-    add('PEFT, details: ' + '; '.join(
-        f'P={r["P"]}: RSS MiB after imports {_fmt(r.get("peft_rss_phases", {}).get("imports"))}, '
-        f'loaded {_fmt(r.get("peft_rss_phases", {}).get("loaded"))}' for r in rows) + '.')
+        'are imported where data is read): TensorFlow was '
+        + (f'**imported** (P={imported})' if imported else 'not imported')
+        + ' in the worker.'
+    )
+    add(
+        'PEFT, details: '
+        + '; '.join(
+            f'P={r["P"]}: RSS MiB after imports {_fmt(r.get("peft_rss_phases", {}).get("imports"))}, '
+            f'loaded {_fmt(r.get("peft_rss_phases", {}).get("loaded"))}'
+            for r in rows
+        )
+        + '.'
+    )
   pinned = res.get('pinned_train') or res.get('pinned') or {}
   for p, pr in pinned.items():
     rows_p = train_rows({'shapes': res['shapes'], 'train': {p: pr}})
     add('')
-    add(f'Training again with both workers pinned to one core (core {pr.get("core")}) and one '
+    add(
+        f'Training again with both workers pinned to one core (core {pr.get("core")}) and one '
         'thread each (XLA single-threaded, `torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`): '
-        'per-core efficiency, free of thread synchronisation under contention.')
+        'per-core efficiency, free of thread synchronisation under contention.'
+    )
     add('')
-    add('| prompt | ours ex/s | PEFT ex/s | speedup | ours utilisation (`jnp.dot`) '
-        '| PEFT utilisation (`torch.mm`) |')
+    add(
+        '| prompt | ours ex/s | PEFT ex/s | speedup | ours utilisation (`jnp.dot`) '
+        '| PEFT utilisation (`torch.mm`) |'
+    )
     add('|---|---|---|---|---|---|')
     for r in rows_p:
       if 'ours_ex_s' not in r or 'peft_ex_s' not in r:
         add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | |')
         continue
-      add(f'| {r["P"]} | {_fmt(r["ours_ex_s"])} | {_fmt(r["peft_ex_s"])} | '
+      add(
+          f'| {r["P"]} | {_fmt(r["ours_ex_s"])} | {_fmt(r["peft_ex_s"])} | '
           f'{_fmt(r["speedup"])}x ({_paired(r["ours_ex_all"], r["peft_ex_all"])}) | '
-          f'{100 * r["util"]:.0f}% | {100 * r["peft_util"]:.0f}% |')
+          f'{100 * r["util"]:.0f}% | {100 * r["peft_util"]:.0f}% |'
+      )
   # Serving.
   add('')
-  add(f'### 2. Mixed-task serving ({shapes.serve_batch} examples from {shapes.serve_tasks} tasks, '
+  add(
+      f'### 2. Mixed-task serving ({shapes.serve_batch} examples from {shapes.serve_tasks} tasks, '
       f'inputs {shapes.inputs}, targets {shapes.targets}; teacher-forced scoring; '
-      f'{shapes.serve_reps} repetitions)')
+      f'{shapes.serve_reps} repetitions)'
+  )
   add('')
-  add('Work per call: encoder + decoder forward producing the logits, log-softmax and the '
+  add(
+      'Work per call: encoder + decoder forward producing the logits, log-softmax and the '
       'per-example target log-likelihood. Ours: `EncoderDecoderModel.score_batch` jitted through '
       '`PjitPartitioner.partition` (as `runtime/inference.py`), host batch; mixed = '
       f'`PromptEncoderDecoder(num_prompts={shapes.serve_tasks})` (`PromptBank`) with `prompt_ids`, '
       'single = one prompt for the whole batch. PEFT cannot mix prompt adapters in a batch: '
       f'{shapes.serve_tasks} adapters loaded, one forward per task after `set_adapter` '
       f'({shapes.serve_batch // shapes.serve_tasks} examples each); "PEFT single" = one adapter, '
-      'one forward of the whole batch (reference).')
+      'one forward of the whole batch (reference).'
+  )
   add('')
-  add('| prompt | ours mixed ex/s | ours single ex/s | mixed / single | target >= 0.9 '
+  add(
+      '| prompt | ours mixed ex/s | ours single ex/s | mixed / single | target >= 0.9 '
       '| PEFT per-task ex/s | mixed / PEFT per-task (pairs) | target >= 4x | PEFT single ex/s '
-      '| max rel. score diff ours vs PEFT |')
+      '| max rel. score diff ours vs PEFT |'
+  )
   add('|---|---|---|---|---|---|---|---|---|---|')
   for r in serve_rows(res):
     if r.get('error') and 'mixed' not in r:
       add(f'| {r["P"]} | {r["error"]} |' + ' |' * 8)
       continue
-    add(f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["mixed_vs_single"])} '
+    add(
+        f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["mixed_vs_single"])} '
         f'({_paired(r["mixed_all"], r["single_all"])}) | '
         f'{_ok(r["mixed_vs_single"], 0.9)} | {_fmt(r.get("peft_per_task"))} | '
         f'{_fmt(r.get("mixed_vs_peft"))}x ({_paired(r["mixed_all"], r.get("peft_per_task_all", []))}) | '
         f'{_ok(r.get("mixed_vs_peft"), 4.0)} | {_fmt(r.get("peft_single"))} | '
-        f'{r.get("score_diff", float("nan")):.1e} |')
+        f'{r.get("score_diff", float("nan")):.1e} |'
+    )
   gen_rows = [r for r in serve_rows(res) if 'gen' in r]
   if gen_rows:
     add('')
-    add(f'Serving by generation, the same {shapes.serve_batch} examples: greedy decoding of '
+    add(
+        f'Serving by generation, the same {shapes.serve_batch} examples: greedy decoding of '
         f'exactly {shapes.targets} label tokens (KV cache, EOS suppressed). Ours: one '
         '`predict_batch_with_aux` call for the whole mixed-task batch (`prompt_ids`). PEFT: '
         f'`set_adapter` and one `generate` per task ({shapes.serve_tasks} calls). The 4x target '
         'above is stated for scoring; generation is the other common way to serve labels, and its '
-        'decoding steps do little work per call, so per-call overhead weighs more.')
+        'decoding steps do little work per call, so per-call overhead weighs more.'
+    )
     add('')
-    add('| prompt | ours mixed ex/s | PEFT per-task ex/s | ours / PEFT (pairs) | greedy tokens identical |')
+    add(
+        '| prompt | ours mixed ex/s | PEFT per-task ex/s | ours / PEFT (pairs) | greedy tokens identical |'
+    )
     add('|---|---|---|---|---|')
     for r in gen_rows:
       agree = r.get('gen_agree')
-      add(f'| {r["P"]} | {_fmt(r["gen"])} | {_fmt(r.get("peft_gen"))} | '
+      add(
+          f'| {r["P"]} | {_fmt(r["gen"])} | {_fmt(r.get("peft_gen"))} | '
           f'{_fmt(r.get("gen_vs_peft"))}x ({_paired(r["gen_all"], r.get("peft_gen_all", []))}) | '
-          f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |')
+          f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |'
+      )
   for p, pr in (res.get('pinned_serve') or {}).items():
     rows_p = serve_rows({'serve': {p: pr}})
     add('')
-    add(f'Serving again with both workers pinned to one core (core {pr.get("core")}), one thread '
-        'each:')
+    add(
+        f'Serving again with both workers pinned to one core (core {pr.get("core")}), one thread '
+        'each:'
+    )
     add('')
-    add('| prompt | ours mixed ex/s | ours single ex/s | PEFT per-task ex/s | PEFT single ex/s '
-        '| mixed / PEFT per-task | generation: ours mixed / PEFT per-task |')
+    add(
+        '| prompt | ours mixed ex/s | ours single ex/s | PEFT per-task ex/s | PEFT single ex/s '
+        '| mixed / PEFT per-task | generation: ours mixed / PEFT per-task |'
+    )
     add('|---|---|---|---|---|---|---|')
     for r in rows_p:
       if 'mixed' not in r or 'peft_per_task' not in r:
         add(f'| {r["P"]} | {r.get("error") or "failed"} | | | | | |')
         continue
-      gen = (f'{_fmt(r["gen_vs_peft"])}x ({_paired(r["gen_all"], r["peft_gen_all"])})'
-             if 'gen_vs_peft' in r else 'n/a')
-      add(f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["peft_per_task"])} | '
+      gen = (
+          f'{_fmt(r["gen_vs_peft"])}x ({_paired(r["gen_all"], r["peft_gen_all"])})'
+          if 'gen_vs_peft' in r
+          else 'n/a'
+      )
+      add(
+          f'| {r["P"]} | {_fmt(r["mixed"])} | {_fmt(r["single"])} | {_fmt(r["peft_per_task"])} | '
           f'{_fmt(r["peft_single"])} | {_fmt(r["mixed_vs_peft"])}x '
-          f'({_paired(r["mixed_all"], r["peft_per_task_all"])}) | {gen} |')
+          f'({_paired(r["mixed_all"], r["peft_per_task_all"])}) | {gen} |'
+      )
   # Decoding.
   add('')
-  add(f'### 3. Greedy decoding ({shapes.decode_batch} examples, inputs {shapes.inputs}, exactly '
-      f'{shapes.decode_tokens} new tokens, KV cache; {shapes.decode_reps} repetitions)')
+  add(
+      f'### 3. Greedy decoding ({shapes.decode_batch} examples, inputs {shapes.inputs}, exactly '
+      f'{shapes.decode_tokens} new tokens, KV cache; {shapes.decode_reps} repetitions)'
+  )
   add('')
-  add('Ours: `EncoderDecoderModel.predict_batch_with_aux` with `decoding.temperature_sample` '
+  add(
+      'Ours: `EncoderDecoderModel.predict_batch_with_aux` with `decoding.temperature_sample` '
       '(topk=1, EOS logit masked by `logit_callback_fn`), jitted, one call = encoder + cache init + '
       'the decode loop. Transformers: `PeftModelForSeq2SeqLM.generate` (greedy, `num_beams=1`, '
-      '`use_cache=True`, `min_new_tokens = max_new_tokens`), same prompt and inputs.')
+      '`use_cache=True`, `min_new_tokens = max_new_tokens`), same prompt and inputs.'
+  )
   add('')
-  add('| prompt | ours tokens/s | transformers tokens/s | speedup (pairs) | target >= 1.0x '
-      '| greedy tokens identical |')
+  add(
+      '| prompt | ours tokens/s | transformers tokens/s | speedup (pairs) | target >= 1.0x '
+      '| greedy tokens identical |'
+  )
   add('|---|---|---|---|---|---|')
   for r in decode_rows(res):
     if r.get('error') and 'ours_tok_s' not in r:
       add(f'| {r["P"]} | {r["error"]} |' + ' |' * 4)
       continue
     agree = r.get('agree')
-    add(f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r.get("hf_tok_s"))} | '
+    add(
+        f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r.get("hf_tok_s"))} | '
         f'{_fmt(r.get("speedup"))}x ({_paired(r["ours_all"], r.get("hf_all", []))}) | '
         f'{_ok(r.get("speedup"), 1.0)} | '
-        f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |')
+        f'{"n/a" if agree is None else f"{100 * agree:.1f}%"} |'
+    )
   for p, pr in (res.get('pinned_decode') or {}).items():
     rows_p = decode_rows({'decode': {p: pr}})
     add('')
-    add(f'Decoding again with both workers pinned to one core (core {pr.get("core")}), one thread '
-        'each:')
+    add(
+        f'Decoding again with both workers pinned to one core (core {pr.get("core")}), one thread '
+        'each:'
+    )
     add('')
     add('| prompt | ours tokens/s | transformers tokens/s | speedup |')
     add('|---|---|---|---|')
@@ -687,8 +891,10 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
       if 'ours_tok_s' not in r or 'hf_tok_s' not in r:
         add(f'| {r["P"]} | {r.get("error") or "failed"} | | |')
         continue
-      add(f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r["hf_tok_s"])} | '
-          f'{_fmt(r["speedup"])}x ({_paired(r["ours_all"], r["hf_all"])}) |')
+      add(
+          f'| {r["P"]} | {_fmt(r["ours_tok_s"])} | {_fmt(r["hf_tok_s"])} | '
+          f'{_fmt(r["speedup"])}x ({_paired(r["ours_all"], r["hf_all"])}) |'
+      )
   errors = [(k, v) for k, v in _all_workers(res) if _err(v)]
   if errors:
     add('')
@@ -718,8 +924,14 @@ def jax_default_backend() -> str:
   env = dict(os.environ)
   env.pop('JAX_PLATFORMS', None)
   try:
-    out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else 'unknown'
   except (subprocess.TimeoutExpired, IndexError):
     return 'unknown'
@@ -734,30 +946,43 @@ def _add_analysis(meta: Dict[str, Any]) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--quick', action='store_true', help='tiny shapes, one repetition')
-  parser.add_argument('--output', default=None,
-                      help='RESULTS.md path (default benchmarks/RESULTS.md; quick mode: '
-                      'benchmarks/RESULTS.quick.md)')
+  parser.add_argument(
+      '--output',
+      default=None,
+      help='RESULTS.md path (default benchmarks/RESULTS.md; quick mode: '
+      'benchmarks/RESULTS.quick.md)',
+  )
   parser.add_argument('--workdir', default=None, help='scratch dir (default: a temp dir)')
   parser.add_argument('--keep-workdir', action='store_true')
-  parser.add_argument('--pinned', default='train,serve,decode',
-                      help='sections compared again on one core with one thread each '
-                      '(default: train,serve,decode)')
-  parser.add_argument('--torch-omp-active', action='store_true',
-                      help='leave OMP_WAIT_POLICY unset for PEFT (spinning OpenMP threads)')
-  parser.add_argument('--no-pinned', action='store_true',
-                      help='skip the one-core, one-thread comparisons')
-  parser.add_argument('--render-only', action='store_true',
-                      help='re-render the output from its .json (e.g. after editing ANALYSIS.md)')
+  parser.add_argument(
+      '--pinned',
+      default='train,serve,decode',
+      help='sections compared again on one core with one thread each '
+      '(default: train,serve,decode)',
+  )
+  parser.add_argument(
+      '--torch-omp-active',
+      action='store_true',
+      help='leave OMP_WAIT_POLICY unset for PEFT (spinning OpenMP threads)',
+  )
+  parser.add_argument(
+      '--no-pinned', action='store_true', help='skip the one-core, one-thread comparisons'
+  )
+  parser.add_argument(
+      '--render-only',
+      action='store_true',
+      help='re-render the output from its .json (e.g. after editing ANALYSIS.md)',
+  )
   parser.add_argument('--gpu-section-on-cpu', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   t_start = time.time()
   if args.torch_omp_active:
     TORCH_ENV.clear()
-  output = args.output or os.path.join(
-      HERE, 'RESULTS.quick.md' if args.quick else 'RESULTS.md')
+  output = args.output or os.path.join(HERE, 'RESULTS.quick.md' if args.quick else 'RESULTS.md')
   if args.render_only:
     with open(os.path.splitext(output)[0] + '.json') as f:
       raw = json.load(f)
@@ -773,35 +998,52 @@ def main(argv=None) -> int:
   log_dir = os.path.join(workdir, 'logs')
   os.makedirs(log_dir, exist_ok=True)
   print(f'workdir {workdir} (worker logs in {log_dir})')
-  meta = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-          'machine': _machine(), 'quick': args.quick, 'load_start': common.load_avg(),
-          'command': 'python -m benchmarks.run' + (' --quick' if args.quick else ''),
-          'torch_env': dict(TORCH_ENV)}
+  meta = {
+      'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+      'machine': _machine(),
+      'quick': args.quick,
+      'load_start': common.load_avg(),
+      'command': 'python -m benchmarks.run' + (' --quick' if args.quick else ''),
+      'torch_env': dict(TORCH_ENV),
+  }
   meta['backend'] = jax_default_backend()
   results: Dict[str, Any] = {}
   try:
     cpu_shapes = common.SHAPES['quick' if args.quick else 'full']
     results['CPU, T5 1.1 small shape' if not args.quick else 'CPU, tiny'] = run_suite(
-        cpu_shapes, os.path.join(workdir, cpu_shapes.name), 'float32', log_dir,
+        cpu_shapes,
+        os.path.join(workdir, cpu_shapes.name),
+        'float32',
+        log_dir,
         one_process=args.quick,
-        pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')))
+        pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')),
+    )
     on_gpu = meta['backend'] in ('gpu', 'cuda', 'rocm')
     if on_gpu or args.gpu_section_on_cpu:
-      names = ['gpu_tiny'] if (args.gpu_section_on_cpu and not on_gpu) else ['gpu_base',
-                                                                              'gpu_large']
+      names = (
+          ['gpu_tiny'] if (args.gpu_section_on_cpu and not on_gpu) else ['gpu_base', 'gpu_large']
+      )
       for name in names:
         shapes = common.SHAPES[name]
-        results[f'GPU, {name}'] = run_suite(shapes, os.path.join(workdir, name), 'bfloat16',
-                                            log_dir,
-                                            one_process=name == 'gpu_tiny',
-                                            cpu_only=name == 'gpu_tiny')
-      meta['gpu_note'] = ('Ran on ' + meta['backend'] + ' (bfloat16 activations, utilisation vs a '
-                          'bfloat16 matmul); see the GPU tables above.')
+        results[f'GPU, {name}'] = run_suite(
+            shapes,
+            os.path.join(workdir, name),
+            'bfloat16',
+            log_dir,
+            one_process=name == 'gpu_tiny',
+            cpu_only=name == 'gpu_tiny',
+        )
+      meta['gpu_note'] = (
+          'Ran on ' + meta['backend'] + ' (bfloat16 activations, utilisation vs a '
+          'bfloat16 matmul); see the GPU tables above.'
+      )
     else:
-      meta['gpu_note'] = (f'Skipped: JAX sees no GPU (backend `{meta["backend"]}`). On a machine '
-                          'with a GPU (`pip install -e .[gpu,bench]`) the same command also runs '
-                          'the three comparisons for T5 1.1 base and large in bfloat16, with '
-                          'utilisation against a bfloat16 8192x8192 matmul.')
+      meta['gpu_note'] = (
+          f'Skipped: JAX sees no GPU (backend `{meta["backend"]}`). On a machine '
+          'with a GPU (`pip install -e .[gpu,bench]`) the same command also runs '
+          'the three comparisons for T5 1.1 base and large in bfloat16, with '
+          'utilisation against a bfloat16 8192x8192 matmul.'
+      )
       print('GPU section skipped: JAX sees no GPU.')
   finally:
     meta['wall_min'] = (time.time() - t_start) / 60
@@ -811,8 +1053,7 @@ def main(argv=None) -> int:
     text = render(results, meta)
     with open(output, 'w') as f:
       f.write(text)
-    common.write_json(os.path.splitext(output)[0] + '.json',
-                      {'meta': meta, 'results': results})
+    common.write_json(os.path.splitext(output)[0] + '.json', {'meta': meta, 'results': results})
     print(f'wrote {output} ({meta["wall_min"]:.1f} min)')
     if not args.keep_workdir and not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)

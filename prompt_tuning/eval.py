@@ -1,4 +1,5 @@
 """`python -m prompt_tuning.eval --gin_file=... ` (T5X's eval.py; gin: `eval_script.evaluate`)."""
+
 import gin
 
 from prompt_tuning.runtime.eval import evaluate  # pylint: disable=unused-import
@@ -6,12 +7,14 @@ from prompt_tuning.runtime.eval import evaluate  # pylint: disable=unused-import
 
 def main(argv):
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
   evaluate_using_gin = gin.configurable(evaluate)
   launch.main_with_gin(lambda: evaluate_using_gin(), argv)  # pylint: disable=no-value-for-parameter,unnecessary-lambda
 
 
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
+
   launch.define_flags()
   gin_utils.run(main)
 

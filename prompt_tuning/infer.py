@@ -1,4 +1,5 @@
 """`python -m prompt_tuning.infer --gin_file=...` (T5X's infer.py; gin: `infer_script.infer`)."""
+
 import gin
 
 from prompt_tuning.runtime.infer import infer  # pylint: disable=unused-import
@@ -6,12 +7,14 @@ from prompt_tuning.runtime.infer import infer  # pylint: disable=unused-import
 
 def main(argv):
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
   infer_using_gin = gin.configurable(infer)
   launch.main_with_gin(lambda: infer_using_gin(), argv)  # pylint: disable=no-value-for-parameter,unnecessary-lambda
 
 
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
+
   launch.define_flags()
   gin_utils.run(main)
 

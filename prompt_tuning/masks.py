@@ -28,7 +28,8 @@ DType = Any
 
 PACKING_ERROR = (
     'Prompt tuning does not support packed inputs (segment ids were given). '
-    'Set `pack=False` in the DatasetConfig / feature converter.')
+    'Set `pack=False` in the DatasetConfig / feature converter.'
+)
 
 
 def _check_not_packed(*segment_ids: Optional[Array]) -> None:
@@ -36,14 +37,14 @@ def _check_not_packed(*segment_ids: Optional[Array]) -> None:
     raise ValueError(PACKING_ERROR)
 
 
-def make_attention_mask(query_input: Array,
-                        key_input: Array,
-                        pairwise_fn: Callable[[Array, Array], Array] = (
-                            jnp.multiply),
-                        dtype: DType = jnp.float32) -> Array:
+def make_attention_mask(
+    query_input: Array,
+    key_input: Array,
+    pairwise_fn: Callable[[Array, Array], Array] = (jnp.multiply),
+    dtype: DType = jnp.float32,
+) -> Array:
   """`[B, Lq]`, `[B, Lk]` -> `[B, 1, Lq, Lk]`: `pairwise_fn(q_i, k_j)`."""
-  mask = pairwise_fn(
-      jnp.asarray(query_input)[:, :, None], jnp.asarray(key_input)[:, None, :])
+  mask = pairwise_fn(jnp.asarray(query_input)[:, :, None], jnp.asarray(key_input)[:, None, :])
   return mask[:, None].astype(dtype)
 
 
@@ -53,10 +54,12 @@ def make_causal_mask(x: Array, dtype: DType = jnp.float32) -> Array:
   return make_attention_mask(idxs, idxs, jnp.greater_equal, dtype=dtype)
 
 
-def add_fake_prompt(tokens: Array,
-                    prompt_length: int,
-                    fill_value: int = 1,
-                    combine: Optional[Callable[..., Array]] = None) -> Array:
+def add_fake_prompt(
+    tokens: Array,
+    prompt_length: int,
+    fill_value: int = 1,
+    combine: Optional[Callable[..., Array]] = None,
+) -> Array:
   """Adds `prompt_length` non-padding fake tokens where the prompt goes.
 
   Args:
@@ -78,19 +81,21 @@ def add_fake_prompt(tokens: Array,
   return out.astype(tokens.dtype)
 
 
-def prompt_input_mask(tokens: Array,
-                      prompt_length: int,
-                      combine: Optional[Callable[..., Array]] = None) -> Array:
+def prompt_input_mask(
+    tokens: Array, prompt_length: int, combine: Optional[Callable[..., Array]] = None
+) -> Array:
   """`[B, P + L]` bool: prompt positions and real tokens True, padding False."""
   return add_fake_prompt(tokens, prompt_length, combine=combine) > 0
 
 
-def prompt_encoder_mask(encoder_input_tokens: Array,
-                        prompt_length: int,
-                        encoder_segment_ids: Optional[Array] = None,
-                        *,
-                        combine: Optional[Callable[..., Array]] = None,
-                        dtype: DType = jnp.float32) -> Array:
+def prompt_encoder_mask(
+    encoder_input_tokens: Array,
+    prompt_length: int,
+    encoder_segment_ids: Optional[Array] = None,
+    *,
+    combine: Optional[Callable[..., Array]] = None,
+    dtype: DType = jnp.float32,
+) -> Array:
   """Encoder self-attention mask with a fully visible prompt.
 
   Args:
@@ -108,15 +113,17 @@ def prompt_encoder_mask(encoder_input_tokens: Array,
   return make_attention_mask(visible, visible, jnp.logical_and, dtype=dtype)
 
 
-def prompt_encoder_decoder_mask(decoder_target_tokens: Array,
-                                encoder_input_tokens: Array,
-                                prompt_length: int,
-                                encoder_segment_ids: Optional[Array] = None,
-                                decoder_segment_ids: Optional[Array] = None,
-                                *,
-                                decode: bool = False,
-                                combine: Optional[Callable[..., Array]] = None,
-                                dtype: DType = jnp.float32) -> Array:
+def prompt_encoder_decoder_mask(
+    decoder_target_tokens: Array,
+    encoder_input_tokens: Array,
+    prompt_length: int,
+    encoder_segment_ids: Optional[Array] = None,
+    decoder_segment_ids: Optional[Array] = None,
+    *,
+    decode: bool = False,
+    combine: Optional[Callable[..., Array]] = None,
+    dtype: DType = jnp.float32,
+) -> Array:
   """Decoder -> encoder (cross-attention) mask; prompt positions visible.
 
   Args:
@@ -136,15 +143,16 @@ def prompt_encoder_decoder_mask(decoder_target_tokens: Array,
   _check_not_packed(encoder_segment_ids, decoder_segment_ids)
   decoder_target_tokens = jnp.asarray(decoder_target_tokens)
   keys = prompt_input_mask(encoder_input_tokens, prompt_length, combine)
-  queries = (jnp.ones(decoder_target_tokens.shape, bool) if decode else
-             decoder_target_tokens > 0)
+  queries = jnp.ones(decoder_target_tokens.shape, bool) if decode else decoder_target_tokens > 0
   return make_attention_mask(queries, keys, jnp.logical_and, dtype=dtype)
 
 
-def make_decoder_mask(decoder_target_tokens: Array,
-                      decoder_causal_attention: Optional[Array] = None,
-                      decoder_segment_ids: Optional[Array] = None,
-                      dtype: DType = jnp.float32) -> Array:
+def make_decoder_mask(
+    decoder_target_tokens: Array,
+    decoder_causal_attention: Optional[Array] = None,
+    decoder_segment_ids: Optional[Array] = None,
+    dtype: DType = jnp.float32,
+) -> Array:
   """T5X's decoder mask: causal (or prefix-LM) AND non-padding.
 
   Positions `i, j` with `decoder_causal_attention[i] == decoder_causal_attention
@@ -164,19 +172,20 @@ def make_decoder_mask(decoder_target_tokens: Array,
   causal = make_causal_mask(decoder_target_tokens, dtype=bool)
   if decoder_causal_attention is not None:
     prefix = jnp.asarray(decoder_causal_attention) > 0
-    causal = jnp.logical_or(
-        causal, make_attention_mask(prefix, prefix, jnp.logical_and, bool))
+    causal = jnp.logical_or(causal, make_attention_mask(prefix, prefix, jnp.logical_and, bool))
   real = decoder_target_tokens > 0
   padding = make_attention_mask(real, real, jnp.logical_and, bool)
   return jnp.logical_and(causal, padding).astype(dtype)
 
 
-def prompt_decoder_only_mask(decoder_target_tokens: Array,
-                             prompt_length: int,
-                             decoder_causal_attention: Optional[Array] = None,
-                             decoder_segment_ids: Optional[Array] = None,
-                             *,
-                             dtype: DType = jnp.float32) -> Array:
+def prompt_decoder_only_mask(
+    decoder_target_tokens: Array,
+    prompt_length: int,
+    decoder_causal_attention: Optional[Array] = None,
+    decoder_segment_ids: Optional[Array] = None,
+    *,
+    dtype: DType = jnp.float32,
+) -> Array:
   """Decoder-only self-attention mask with the prompt prepended.
 
   The prompt is treated as P extra leading non-padding tokens. Causal LM
@@ -200,55 +209,69 @@ def prompt_decoder_only_mask(decoder_target_tokens: Array,
   targets = add_fake_prompt(decoder_target_tokens, prompt_length)
   causal_attention = None
   if decoder_causal_attention is not None:
-    causal_attention = add_fake_prompt(
-        jnp.asarray(decoder_causal_attention), prompt_length)
+    causal_attention = add_fake_prompt(jnp.asarray(decoder_causal_attention), prompt_length)
   return make_decoder_mask(targets, causal_attention, dtype=dtype)
 
 
-def create_prompt_encoder_mask(prompt_length: int,
-                               combine: Optional[Callable[..., Array]] = None
-                               ) -> Callable[..., Array]:
+def create_prompt_encoder_mask(
+    prompt_length: int, combine: Optional[Callable[..., Array]] = None
+) -> Callable[..., Array]:
   """Binds P: `fn(encoder_input_tokens, encoder_segment_ids=None, dtype=f32)`."""
 
-  def encoder_mask(encoder_input_tokens: Array,
-                   encoder_segment_ids: Optional[Array] = None,
-                   dtype: DType = jnp.float32) -> Array:
-    return prompt_encoder_mask(encoder_input_tokens, prompt_length,
-                               encoder_segment_ids, combine=combine,
-                               dtype=dtype)
+  def encoder_mask(
+      encoder_input_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      dtype: DType = jnp.float32,
+  ) -> Array:
+    return prompt_encoder_mask(
+        encoder_input_tokens, prompt_length, encoder_segment_ids, combine=combine, dtype=dtype
+    )
 
   return encoder_mask
 
 
 def create_prompt_encoder_decoder_mask(
-    prompt_length: int,
-    combine: Optional[Callable[..., Array]] = None) -> Callable[..., Array]:
+    prompt_length: int, combine: Optional[Callable[..., Array]] = None
+) -> Callable[..., Array]:
   """Binds P: `fn(decoder_target_tokens, encoder_input_tokens, ...)`."""
 
-  def encoder_decoder_mask(decoder_target_tokens: Array,
-                           encoder_input_tokens: Array,
-                           encoder_segment_ids: Optional[Array] = None,
-                           decoder_segment_ids: Optional[Array] = None,
-                           decode: bool = False,
-                           dtype: DType = jnp.float32) -> Array:
+  def encoder_decoder_mask(
+      decoder_target_tokens: Array,
+      encoder_input_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      decode: bool = False,
+      dtype: DType = jnp.float32,
+  ) -> Array:
     return prompt_encoder_decoder_mask(
-        decoder_target_tokens, encoder_input_tokens, prompt_length,
-        encoder_segment_ids, decoder_segment_ids, decode=decode,
-        combine=combine, dtype=dtype)
+        decoder_target_tokens,
+        encoder_input_tokens,
+        prompt_length,
+        encoder_segment_ids,
+        decoder_segment_ids,
+        decode=decode,
+        combine=combine,
+        dtype=dtype,
+    )
 
   return encoder_decoder_mask
 
 
-def create_prompt_decoder_only_mask(prompt_length: int
-                                    ) -> Callable[..., Array]:
+def create_prompt_decoder_only_mask(prompt_length: int) -> Callable[..., Array]:
   """Binds P: `fn(decoder_target_tokens, decoder_causal_attention=None, ...)`."""
 
-  def decoder_only_mask(decoder_target_tokens: Array,
-                        decoder_causal_attention: Optional[Array] = None,
-                        decoder_segment_ids: Optional[Array] = None,
-                        dtype: DType = jnp.float32) -> Array:
-    return prompt_decoder_only_mask(decoder_target_tokens, prompt_length,
-                                    decoder_causal_attention,
-                                    decoder_segment_ids, dtype=dtype)
+  def decoder_only_mask(
+      decoder_target_tokens: Array,
+      decoder_causal_attention: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      dtype: DType = jnp.float32,
+  ) -> Array:
+    return prompt_decoder_only_mask(
+        decoder_target_tokens,
+        prompt_length,
+        decoder_causal_attention,
+        decoder_segment_ids,
+        dtype=dtype,
+    )
 
   return decoder_only_mask

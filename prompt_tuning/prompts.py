@@ -83,17 +83,19 @@ def _check_feature_dim(table: Array, shape: Shape, what: str) -> None:
   if len(shape) != 2:
     raise ValueError(
         f'{what} initializes a [length, embed_dim] prompt, but was asked for '
-        f'shape {tuple(shape)}.')
+        f'shape {tuple(shape)}.'
+    )
   if table.ndim != 2:
     raise ValueError(
-        f'{what} needs a [vocab, embed_dim] embedding table, got shape '
-        f'{tuple(table.shape)}.')
+        f'{what} needs a [vocab, embed_dim] embedding table, got shape ' f'{tuple(table.shape)}.'
+    )
   if table.shape[-1] != shape[-1]:
     raise ValueError(
         f'{what}: the embedding table has {table.shape[-1]} features '
         f'(shape {tuple(table.shape)}) but the prompt has {shape[-1]} '
         f'(shape {tuple(shape)}). Use the embedding table of the model the '
-        'prompt is trained for.')
+        'prompt is trained for.'
+    )
 
 
 def expand_to_batch(x: Array, batch_size: int) -> Array:
@@ -110,6 +112,7 @@ def _open(path: str, mode: str = 'rb'):
   """Opens a local path directly and anything with a scheme through gfile."""
   if re.match(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     return tf.io.gfile.GFile(path, mode)
   return open(os.path.expanduser(path), mode)
 
@@ -132,12 +135,10 @@ def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
     with _open(path, 'rb') as f:
       arr = np.load(f, allow_pickle=False)
   except FileNotFoundError as e:
-    raise FileNotFoundError(
-        f'Prompt/embedding file {path!r} does not exist (np_load).') from e
+    raise FileNotFoundError(f'Prompt/embedding file {path!r} does not exist (np_load).') from e
   except Exception as e:  # tf.errors.NotFoundError and friends.
     if type(e).__name__ == 'NotFoundError':
-      raise FileNotFoundError(
-          f'Prompt/embedding file {path!r} does not exist (np_load).') from e
+      raise FileNotFoundError(f'Prompt/embedding file {path!r} does not exist (np_load).') from e
     raise
   if restore_dtype is not None:
     arr = arr.astype(restore_dtype)
@@ -155,8 +156,7 @@ def _lookup_variable(loaded: Any, variable_path: str) -> Optional[Array]:
     return None
   if hasattr(loaded, 'shape'):
     return loaded
-  candidates = [variable_path, 'target/' + variable_path,
-                'params/' + variable_path]
+  candidates = [variable_path, 'target/' + variable_path, 'params/' + variable_path]
   for candidate in candidates:
     if isinstance(loaded, dict) and candidate in loaded:
       return loaded[candidate]
@@ -188,13 +188,14 @@ def _read_variable(checkpoint_path: str, variable_path: str) -> np.ndarray:
       # Orbax checkpoints are owned by the runtime's checkpoint module.
       # pylint: disable-next=g-import-not-at-top
       from prompt_tuning.runtime import checkpoints as runtime_ckpts
+
       load = getattr(runtime_ckpts, 'load_checkpoint_params', None)
       if load is None:
-        raise ValueError(
-            f'Cannot read {variable_path!r} from {checkpoint_path!r}: {e}') from e
+        raise ValueError(f'Cannot read {variable_path!r} from {checkpoint_path!r}: {e}') from e
       loaded = load(checkpoint_path, variables=[variable_path])
   else:
     from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
     loaded = t5x_format.load(checkpoint_path, variables=[variable_path])
   value = _lookup_variable(loaded, variable_path)
   if value is None:
@@ -203,7 +204,8 @@ def _read_variable(checkpoint_path: str, variable_path: str) -> np.ndarray:
       keys = sorted(_flat_keys(loaded))[:10]
     raise KeyError(
         f'Variable {variable_path!r} not found in checkpoint '
-        f'{checkpoint_path!r}. Some variables it holds: {keys}. {errors}')
+        f'{checkpoint_path!r}. Some variables it holds: {keys}. {errors}'
+    )
   if callable(getattr(value, 'get', None)) and not isinstance(value, dict):
     value = value.get()  # Lazy (tensorstore-backed) arrays.
   return np.asarray(value)
@@ -229,8 +231,9 @@ class LazyVariable:
   initializers reads the embedding table once.
   """
 
-  def __init__(self, checkpoint_path: str, variable_path: str,
-               restore_dtype: Optional[DType] = None):
+  def __init__(
+      self, checkpoint_path: str, variable_path: str, restore_dtype: Optional[DType] = None
+  ):
     self.checkpoint_path = checkpoint_path
     self.variable_path = re.sub(r'^/?(target/)?', '', variable_path)
     self.restore_dtype = restore_dtype
@@ -238,8 +241,11 @@ class LazyVariable:
 
   @property
   def _key(self) -> Tuple[str, str, str]:
-    return (str(self.checkpoint_path), self.variable_path,
-            str(np.dtype(self.restore_dtype)) if self.restore_dtype else '')
+    return (
+        str(self.checkpoint_path),
+        self.variable_path,
+        str(np.dtype(self.restore_dtype)) if self.restore_dtype else '',
+    )
 
   def __call__(self) -> np.ndarray:
     if self._value is None:
@@ -260,13 +266,14 @@ class LazyVariable:
 
   def __repr__(self) -> str:
     state = 'loaded' if self._value is not None else 'not loaded'
-    return (f'LazyVariable({self.checkpoint_path!r}, {self.variable_path!r}, '
-            f'{state})')
+    return f'LazyVariable({self.checkpoint_path!r}, {self.variable_path!r}, ' f'{state})'
 
 
-def t5x_load(checkpoint_path: str,
-             variable_path: str = 'token_embedder/embedding',
-             restore_dtype: Optional[DType] = None) -> LazyVariable:
+def t5x_load(
+    checkpoint_path: str,
+    variable_path: str = 'token_embedder/embedding',
+    restore_dtype: Optional[DType] = None,
+) -> LazyVariable:
   """Lazily reads one variable (default: the embedding table) of a checkpoint.
 
   Works for T5X checkpoints (`checkpoint` msgpack + zarr), Hugging Face T5
@@ -351,9 +358,9 @@ def _gather_rows(table: Array, index: Array) -> Array:
 
 
 def from_sample_of_embeddings(
-    embeddings: ArrayOrLoader,
-    population_size: Optional[int] = DEFAULT_POPULATION_SIZE) -> Initializer:
-  """"Sampled vocab" init: each position is a row of the embedding table.
+    embeddings: ArrayOrLoader, population_size: Optional[int] = DEFAULT_POPULATION_SIZE
+) -> Initializer:
+  """ "Sampled vocab" init: each position is a row of the embedding table.
 
   Rows are drawn uniformly *without* replacement from the first
   `population_size` rows (SentencePiece orders pieces by frequency, so these
@@ -369,8 +376,7 @@ def from_sample_of_embeddings(
     `init(rng, shape, dtype=float32)` for a `[P, H]` shape.
   """
   if population_size is not None and population_size <= 0:
-    raise ValueError(
-        f'population_size must be positive, got {population_size}.')
+    raise ValueError(f'population_size must be positive, got {population_size}.')
 
   def init(rng: Array, shape: Shape, dtype: DType = jnp.float32) -> Array:
     table = _resolve(embeddings)
@@ -380,13 +386,18 @@ def from_sample_of_embeddings(
       if population_size > population:
         logger.warning(
             'population_size %d is larger than the embedding table (%d rows);'
-            ' sampling from the whole table.', population_size, population)
+            ' sampling from the whole table.',
+            population_size,
+            population,
+        )
       population = min(population, population_size)
     replace = shape[0] > population
     if replace:
       logger.warning(
-          'Prompt length %d is larger than the population (%d rows); sampling '
-          'with replacement.', shape[0], population)
+          'Prompt length %d is larger than the population (%d rows); sampling ' 'with replacement.',
+          shape[0],
+          population,
+      )
     index = jax.random.choice(rng, population, (shape[0],), replace=replace)
     return _gather_rows(table[:population], index).astype(dtype)
 
@@ -400,7 +411,8 @@ def _embed_text(table: Array, vocab: Any, text: str) -> Tuple[np.ndarray, list]:
   if max(ids) >= table.shape[0]:
     raise ValueError(
         f'Text {text!r} encodes to ids {ids} but the embedding table has only '
-        f'{table.shape[0]} rows; the vocabulary does not match the model.')
+        f'{table.shape[0]} rows; the vocabulary does not match the model.'
+    )
   rows = np.asarray(table)[np.asarray(ids)].astype(np.float32)
   return rows, ids
 
@@ -409,12 +421,13 @@ def _default_fallback(embeddings: ArrayOrLoader) -> Initializer:
   return from_sample_of_embeddings(embeddings, DEFAULT_POPULATION_SIZE)
 
 
-def from_embedded_list(embeddings: ArrayOrLoader,
-                       vocab: Any,
-                       texts: Sequence[str],
-                       initializer: Optional[Initializer] = None
-                       ) -> Initializer:
-  """"Class label" init: position i is the embedding of `texts[i]`.
+def from_embedded_list(
+    embeddings: ArrayOrLoader,
+    vocab: Any,
+    texts: Sequence[str],
+    initializer: Optional[Initializer] = None,
+) -> Initializer:
+  """ "Class label" init: position i is the embedding of `texts[i]`.
 
   A text that the vocabulary splits into several pieces gets the mean of the
   piece embeddings (`vocab.encode(text)`, no EOS). The remaining
@@ -445,10 +458,10 @@ def from_embedded_list(embeddings: ArrayOrLoader,
       raise ValueError(
           f'from_embedded_list got {len(texts)} texts ({texts}) but the '
           f'prompt has only {shape[0]} positions; increase PROMPT_LENGTH or '
-          'pass fewer CLASS_LABELS.')
+          'pass fewer CLASS_LABELS.'
+      )
     rows = [_embed_text(table, vocab, t)[0].mean(axis=0) for t in texts]
-    labels = (jnp.asarray(np.stack(rows)) if rows else
-              jnp.zeros((0, shape[-1]), jnp.float32))
+    labels = jnp.asarray(np.stack(rows)) if rows else jnp.zeros((0, shape[-1]), jnp.float32)
     rest = shape[0] - len(texts)
     if rest == 0:
       return labels.astype(dtype)
@@ -459,11 +472,9 @@ def from_embedded_list(embeddings: ArrayOrLoader,
   return init
 
 
-def from_embedded_string(embeddings: ArrayOrLoader,
-                         vocab: Any,
-                         text: str,
-                         initializer: Optional[Initializer] = None
-                         ) -> Initializer:
+def from_embedded_string(
+    embeddings: ArrayOrLoader, vocab: Any, text: str, initializer: Optional[Initializer] = None
+) -> Initializer:
   """Init from a discrete prompt: position i is the embedding of piece i.
 
   `vocab.encode(text)` (no EOS) gives n pieces; the first `min(n, P)` positions
@@ -489,9 +500,13 @@ def from_embedded_string(embeddings: ArrayOrLoader,
     if len(ids) > shape[0]:
       logger.warning(
           'from_embedded_string: %r encodes to %d pieces but the prompt has %d'
-          ' positions; the last %d pieces are dropped.', text, len(ids),
-          shape[0], len(ids) - shape[0])
-      rows = rows[:shape[0]]
+          ' positions; the last %d pieces are dropped.',
+          text,
+          len(ids),
+          shape[0],
+          len(ids) - shape[0],
+      )
+      rows = rows[: shape[0]]
     head = jnp.asarray(rows)
     rest = shape[0] - rows.shape[0]
     if rest == 0:
@@ -503,9 +518,9 @@ def from_embedded_string(embeddings: ArrayOrLoader,
   return init
 
 
-def from_array(prompt: Optional[ArrayOrLoader] = None,
-               *,
-               array: Optional[ArrayOrLoader] = None) -> Initializer:
+def from_array(
+    prompt: Optional[ArrayOrLoader] = None, *, array: Optional[ArrayOrLoader] = None
+) -> Initializer:
   """Init with a given value, e.g. a trained prompt from `np_load(path)`.
 
   The argument is called `prompt` as in google-research/prompt-tuning's gin
@@ -528,16 +543,18 @@ def from_array(prompt: Optional[ArrayOrLoader] = None,
     del rng
     value = _resolve(source)
     if tuple(value.shape) != tuple(shape):
-      hint = ('Check PROMPT_LENGTH and that the prompt was trained for this '
-              'model size.')
+      hint = 'Check PROMPT_LENGTH and that the prompt was trained for this ' 'model size.'
       if np.ndim(value) == len(shape) + 1:
-        hint = (f'It looks like a bank of {np.shape(value)[0]} prompts: serve it '
-                'with --gin_file=prompts/bank_from_file.gin '
-                f'--gin.NUM_PROMPTS={np.shape(value)[0]}.')
+        hint = (
+            f'It looks like a bank of {np.shape(value)[0]} prompts: serve it '
+            'with --gin_file=prompts/bank_from_file.gin '
+            f'--gin.NUM_PROMPTS={np.shape(value)[0]}.'
+        )
       raise ValueError(
           f'The loaded prompt has shape {tuple(value.shape)} but the model '
           f'expects a prompt of shape {tuple(shape)} (PROMPT_LENGTH, embed '
-          f'dim). {hint}')
+          f'dim). {hint}'
+      )
     return jnp.asarray(value, dtype)
 
   return init
@@ -548,8 +565,9 @@ def from_array(prompt: Optional[ArrayOrLoader] = None,
 # ============================================================================
 
 
-def infer_embed_dim(module: nn.Module, embed_dim: Optional[int],
-                    embedded: Optional[Array], name: str) -> int:
+def infer_embed_dim(
+    module: nn.Module, embed_dim: Optional[int], embedded: Optional[Array], name: str
+) -> int:
   """H: `embed_dim` if given, else the embedded inputs' or the parameter's."""
   if embed_dim is not None:
     return embed_dim
@@ -559,7 +577,8 @@ def infer_embed_dim(module: nn.Module, embed_dim: Optional[int],
     return module.get_variable('params', name).shape[-1]
   raise ValueError(
       f'{type(module).__name__} cannot infer embed_dim: set `embed_dim` or '
-      'call it with the embedded inputs.')
+      'call it with the embedded inputs.'
+  )
 
 
 class Prompt(nn.Module):
@@ -576,6 +595,7 @@ class Prompt(nn.Module):
     dtype: activation dtype the prompt is cast to (the parameter stays f32).
     axis_names: logical axis names of the parameter.
   """
+
   length: int
   prompt_init: Initializer = uniform(0.5)
   embed_dim: Optional[int] = None
@@ -583,10 +603,12 @@ class Prompt(nn.Module):
   axis_names: Tuple[str, str] = PROMPT_AXES
 
   @nn.compact
-  def __call__(self,
-               tokens: Optional[Array] = None,
-               embedded: Optional[Array] = None,
-               prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      tokens: Optional[Array] = None,
+      embedded: Optional[Array] = None,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Returns the prompt `[P, H]` cast to `dtype`.
 
     Args:
@@ -602,12 +624,12 @@ class Prompt(nn.Module):
     def checked_init(rng, shape):
       value = jnp.asarray(init_fn(rng, shape), jnp.float32)
       if value.shape != tuple(shape):
-        raise ValueError(f'prompt_init returned shape {value.shape}, expected '
-                         f'{tuple(shape)}.')
+        raise ValueError(f'prompt_init returned shape {value.shape}, expected ' f'{tuple(shape)}.')
       return value
 
     prompt = partitioning.param_with_axes(
-        'prompt', checked_init, shape, axes=tuple(self.axis_names))
+        'prompt', checked_init, shape, axes=tuple(self.axis_names)
+    )
     return jnp.asarray(prompt, self.dtype)
 
 
@@ -621,19 +643,21 @@ class InferenceOnlyPrompt(nn.Module):
       called with a fixed key, once per trace.
     dtype: activation dtype.
   """
+
   length: int
   embed_dim: int
   prompt_init: Initializer
   dtype: DType = jnp.float32
 
-  def __call__(self,
-               tokens: Optional[Array] = None,
-               embedded: Optional[Array] = None,
-               prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      tokens: Optional[Array] = None,
+      embedded: Optional[Array] = None,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Returns the constant prompt `[P, H]` cast to `dtype`."""
     del tokens, embedded, prompt_ids
-    value = self.prompt_init(jax.random.PRNGKey(0),
-                             (self.length, self.embed_dim))
+    value = self.prompt_init(jax.random.PRNGKey(0), (self.length, self.embed_dim))
     return jnp.asarray(value, self.dtype)
 
 
@@ -687,12 +711,10 @@ def prefix_prompt(prompt: Array, embedded: Array, tokens: Array) -> Array:
     `[B, P + L, H]`.
   """
   del tokens
-  return jnp.concatenate([jnp.asarray(prompt, embedded.dtype), embedded],
-                         axis=1)
+  return jnp.concatenate([jnp.asarray(prompt, embedded.dtype), embedded], axis=1)
 
 
-def prefix_prompt_after_bos(prompt: Array, embedded: Array,
-                            tokens: Array) -> Array:
+def prefix_prompt_after_bos(prompt: Array, embedded: Array, tokens: Array) -> Array:
   """`[inputs[:1], prompt, inputs[1:]]`: the prompt after the first token.
 
   For inputs that start with a BOS token (decoder-only LMs).
@@ -707,8 +729,8 @@ def prefix_prompt_after_bos(prompt: Array, embedded: Array,
   """
   del tokens
   return jnp.concatenate(
-      [embedded[:, :1], jnp.asarray(prompt, embedded.dtype), embedded[:, 1:]],
-      axis=1)
+      [embedded[:, :1], jnp.asarray(prompt, embedded.dtype), embedded[:, 1:]], axis=1
+  )
 
 
 def _suffix_insert_at(tokens: Array, before_eos: bool, eos_id: int) -> Array:
@@ -716,16 +738,13 @@ def _suffix_insert_at(tokens: Array, before_eos: bool, eos_id: int) -> Array:
   if not before_eos:
     return n
   tokens = jnp.asarray(tokens)
-  last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None],
-                             axis=1)[:, 0]
+  last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
   return jnp.where((n > 0) & (last == eos_id), n - 1, n)
 
 
-def suffix_prompt(prompt: Array,
-                  embedded: Array,
-                  tokens: Array,
-                  before_eos: bool = False,
-                  eos_id: int = EOS_ID) -> Array:
+def suffix_prompt(
+    prompt: Array, embedded: Array, tokens: Array, before_eos: bool = False, eos_id: int = EOS_ID
+) -> Array:
   """The prompt right after the real tokens, padding moved after the prompt.
 
   Let `n` be the index after the last non-padding token of a row
@@ -749,8 +768,7 @@ def suffix_prompt(prompt: Array,
   Returns:
     `[B, P + L, H]`.
   """
-  return insert_prompt(prompt, embedded,
-                       _suffix_insert_at(tokens, before_eos, eos_id))
+  return insert_prompt(prompt, embedded, _suffix_insert_at(tokens, before_eos, eos_id))
 
 
 # ----- mask counterparts: `[B, L]` -> `[B, P + L]`, prompt positions True -----
@@ -760,32 +778,28 @@ def _prompt_true(mask: Array, prompt_length: int) -> Array:
   return jnp.ones((mask.shape[0], prompt_length), bool)
 
 
-def prefix_prompt_mask(tokens: Array, mask: Array,
-                       prompt_length: int) -> Array:
+def prefix_prompt_mask(tokens: Array, mask: Array, prompt_length: int) -> Array:
   """Mask layout of `prefix_prompt`: `[True]*P + mask`."""
   del tokens
   mask = jnp.asarray(mask, bool)
   return jnp.concatenate([_prompt_true(mask, prompt_length), mask], axis=1)
 
 
-def prefix_prompt_after_bos_mask(tokens: Array, mask: Array,
-                                 prompt_length: int) -> Array:
+def prefix_prompt_after_bos_mask(tokens: Array, mask: Array, prompt_length: int) -> Array:
   """Mask layout of `prefix_prompt_after_bos`."""
   del tokens
   mask = jnp.asarray(mask, bool)
-  return jnp.concatenate(
-      [mask[:, :1], _prompt_true(mask, prompt_length), mask[:, 1:]], axis=1)
+  return jnp.concatenate([mask[:, :1], _prompt_true(mask, prompt_length), mask[:, 1:]], axis=1)
 
 
-def suffix_prompt_mask(tokens: Array,
-                       mask: Array,
-                       prompt_length: int,
-                       before_eos: bool = False,
-                       eos_id: int = EOS_ID) -> Array:
+def suffix_prompt_mask(
+    tokens: Array, mask: Array, prompt_length: int, before_eos: bool = False, eos_id: int = EOS_ID
+) -> Array:
   """Mask layout of `suffix_prompt` (same `before_eos`/`eos_id`)."""
   mask = jnp.asarray(mask, bool)
-  return insert_prompt(_prompt_true(mask, prompt_length), mask,
-                       _suffix_insert_at(tokens, before_eos, eos_id))
+  return insert_prompt(
+      _prompt_true(mask, prompt_length), mask, _suffix_insert_at(tokens, before_eos, eos_id)
+  )
 
 
 # Known combine functions and their mask counterparts.
@@ -796,8 +810,7 @@ MASK_FUNCTIONS = {
 }
 
 
-def combine_mask(combine: CombineFn, tokens: Array, mask: Array,
-                 prompt_length: int) -> Array:
+def combine_mask(combine: CombineFn, tokens: Array, mask: Array, prompt_length: int) -> Array:
   """Where `combine` puts the prompt: `[B, L]` bool -> `[B, P + L]` bool.
 
   Prompt positions are True and the others carry `mask`. The layout is

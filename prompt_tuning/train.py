@@ -2,6 +2,7 @@
 
 Gin files refer to this module as `import __main__ as train_script` and bind `train_script.train`.
 """
+
 import gin
 
 from prompt_tuning.runtime.train import train  # pylint: disable=unused-import
@@ -9,12 +10,14 @@ from prompt_tuning.runtime.train import train  # pylint: disable=unused-import
 
 def main(argv):
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
   train_using_gin = gin.configurable(train)
   launch.main_with_gin(lambda: train_using_gin(), argv)  # pylint: disable=no-value-for-parameter,unnecessary-lambda
 
 
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
+
   launch.define_flags()
   gin_utils.run(main)
 

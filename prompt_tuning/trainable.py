@@ -32,8 +32,7 @@ def _as_regexes(regexes: Regexes) -> Tuple[str, ...]:
   return tuple(regexes)
 
 
-def flatten_params(params: Mapping[str, Any],
-                   sep: str = '/') -> Dict[str, Any]:
+def flatten_params(params: Mapping[str, Any], sep: str = '/') -> Dict[str, Any]:
   """Nested dict -> `{'a/b/c': leaf}` (no leading separator)."""
   flat = {}
 
@@ -91,7 +90,8 @@ def partition_params(
     params: Mapping[str, Any],
     trainable_regexes: Regexes = DEFAULT_TRAINABLE_REGEXES,
     *,
-    allow_unmatched: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    allow_unmatched: bool = False,
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Splits `params` into `(trainable, frozen)` nested dicts.
 
   Each output holds only its own leaves (a sub-dict with no leaves is absent).
@@ -120,15 +120,15 @@ def partition_params(
         raise ValueError(
             f'Trainable regex {regex!r} matches no parameter. Parameter paths '
             f'look like {sample} ({len(flat)} in all). Fix the regex (they are '
-            'matched with re.fullmatch against the /-joined path).')
+            'matched with re.fullmatch against the /-joined path).'
+        )
   is_trainable = match_any(regexes)
   trainable = {p: v for p, v in flat.items() if is_trainable(p)}
   frozen = {p: v for p, v in flat.items() if not is_trainable(p)}
   return unflatten_params(trainable), unflatten_params(frozen)
 
 
-def merge_params(trainable: Mapping[str, Any],
-                 frozen: Mapping[str, Any]) -> Dict[str, Any]:
+def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> Dict[str, Any]:
   """Inverse of `partition_params`: one nested dict with every leaf.
 
   Raises:
@@ -142,16 +142,17 @@ def merge_params(trainable: Mapping[str, Any],
   return unflatten_params({**flat_f, **flat_t})
 
 
-def trainable_paths(params: Mapping[str, Any],
-                    trainable_regexes: Regexes = DEFAULT_TRAINABLE_REGEXES
-                    ) -> Iterable[str]:
+def trainable_paths(
+    params: Mapping[str, Any], trainable_regexes: Regexes = DEFAULT_TRAINABLE_REGEXES
+) -> Iterable[str]:
   """The flattened paths `partition_params` would put in the trainable tree."""
   is_trainable = match_any(trainable_regexes)
   return [p for p in flatten_params(params) if is_trainable(p)]
 
 
-def value_and_grad_trainable(loss_fn: Callable[..., Any],
-                             has_aux: bool = False) -> Callable[..., Any]:
+def value_and_grad_trainable(
+    loss_fn: Callable[..., Any], has_aux: bool = False
+) -> Callable[..., Any]:
   """`value_and_grad` of `loss_fn(params, *args)` w.r.t. the trainable part.
 
   Args:

@@ -14,6 +14,7 @@ single-threaded and deterministic, so rerunning the script reproduces the commit
 Rebuild it (and retrain any toy backbone) whenever the toy world's word lists or scene template
 change; changes to how tasks sample their examples do not affect it.
 """
+
 import argparse
 import io
 import os
@@ -35,6 +36,7 @@ def training_lines():
   that changing how a task samples its examples does not change the vocabulary.
   """
   from tasks import toy  # pylint: disable=g-import-not-at-top
+
   lines = []
   for split in toy.SPLITS:
     lines.extend(toy.corpus_documents(split))
@@ -49,6 +51,7 @@ def training_lines():
 
 def world_words():
   from tasks import toy  # pylint: disable=g-import-not-at-top
+
   return toy.world_words()
 
 
@@ -81,8 +84,13 @@ def _train(model, vocab_size: int, rules_path: str) -> None:
       model_type='bpe',
       vocab_size=vocab_size,
       character_coverage=1.0,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      pad_piece='<pad>', eos_piece='</s>', unk_piece='<unk>',
+      pad_id=0,
+      eos_id=1,
+      unk_id=2,
+      bos_id=-1,
+      pad_piece='<pad>',
+      eos_piece='</s>',
+      unk_piece='<unk>',
       num_threads=1,
       shuffle_input_sentence=False,
       input_sentence_size=0,
@@ -105,10 +113,14 @@ def check(model_bytes: bytes) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
-      '--output', default=os.path.join(os.path.dirname(HERE), 'tasks', 'toy_data', 'toy_spm.model'))
+      '--output', default=os.path.join(os.path.dirname(HERE), 'tasks', 'toy_data', 'toy_spm.model')
+  )
   parser.add_argument('--vocab_size', type=int, default=300)
-  parser.add_argument('--check_only', action='store_true',
-                      help='check the existing model instead of writing a new one')
+  parser.add_argument(
+      '--check_only',
+      action='store_true',
+      help='check the existing model instead of writing a new one',
+  )
   args = parser.parse_args()
   if args.check_only:
     with open(args.output, 'rb') as f:

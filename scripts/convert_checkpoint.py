@@ -31,8 +31,7 @@ from typing import Any, Sequence
 try:
   import prompt_tuning  # pylint: disable=unused-import
 except ImportError:  # Run from a checkout without installing.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
 from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
@@ -56,31 +55,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Parses command-line flags."""
   p = argparse.ArgumentParser(
       description='Convert T5 checkpoints between T5X legacy (msgpack + zarr) '
-      'and Hugging Face transformers directories.')
-  p.add_argument('--input', required=True,
-                 help='Input checkpoint: a T5X checkpoint_<step> directory (or '
-                 'its "checkpoint" file, or a model directory) or a Hugging '
-                 'Face T5 directory. Local or gs://.')
-  p.add_argument('--output', required=True,
-                 help='Output directory to create (for T5X, the '
-                 'checkpoint_<step> directory itself).')
-  p.add_argument('--to', required=True, choices=TARGETS,
-                 help='Output format.')
-  p.add_argument('--config', default=None,
-                 help='T5Config preset name (prompt_tuning.architectures.t5.'
-                 'get_config), e.g. t5_1_1_base; for T5X -> Hugging Face. '
-                 'Default: inferred from the parameter shapes.')
-  p.add_argument('--head_dim', type=int, default=64,
-                 help='Head size assumed when inferring the configuration and '
-                 'the checkpoint does not fix it (no relpos embedding).')
-  p.add_argument('--step', type=int, default=None,
-                 help='Step stored in a T5X output (default: the input '
-                 "checkpoint's step, or 0).")
-  p.add_argument('--dtype', default=None, choices=_DTYPES,
-                 help='Cast floating-point parameters to this dtype (default: '
-                 'keep the stored dtypes).')
-  p.add_argument('--overwrite', action='store_true',
-                 help='Replace an existing output.')
+      'and Hugging Face transformers directories.'
+  )
+  p.add_argument(
+      '--input',
+      required=True,
+      help='Input checkpoint: a T5X checkpoint_<step> directory (or '
+      'its "checkpoint" file, or a model directory) or a Hugging '
+      'Face T5 directory. Local or gs://.',
+  )
+  p.add_argument(
+      '--output',
+      required=True,
+      help='Output directory to create (for T5X, the ' 'checkpoint_<step> directory itself).',
+  )
+  p.add_argument('--to', required=True, choices=TARGETS, help='Output format.')
+  p.add_argument(
+      '--config',
+      default=None,
+      help='T5Config preset name (prompt_tuning.architectures.t5.'
+      'get_config), e.g. t5_1_1_base; for T5X -> Hugging Face. '
+      'Default: inferred from the parameter shapes.',
+  )
+  p.add_argument(
+      '--head_dim',
+      type=int,
+      default=64,
+      help='Head size assumed when inferring the configuration and '
+      'the checkpoint does not fix it (no relpos embedding).',
+  )
+  p.add_argument(
+      '--step',
+      type=int,
+      default=None,
+      help='Step stored in a T5X output (default: the input ' "checkpoint's step, or 0).",
+  )
+  p.add_argument(
+      '--dtype',
+      default=None,
+      choices=_DTYPES,
+      help='Cast floating-point parameters to this dtype (default: ' 'keep the stored dtypes).',
+  )
+  p.add_argument('--overwrite', action='store_true', help='Replace an existing output.')
   return p.parse_args(argv)
 
 
@@ -92,11 +108,11 @@ def _read_step(path: str) -> int:
   return int(step) if step is not None else 0
 
 
-def _save_huggingface(output: str, config: Any, params: Any,
-                      overwrite: bool) -> None:
+def _save_huggingface(output: str, config: Any, params: Any, overwrite: bool) -> None:
   """Writes through a temporary sibling, then renames (atomic locally)."""
   import shutil  # pylint: disable=g-import-not-at-top
   from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+
   output = os.path.abspath(output)
   tmp = f'{output}.tmp-{int(time.time())}'
   try:
@@ -115,10 +131,17 @@ def _save_huggingface(output: str, config: Any, params: Any,
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(input_path: str, output_path: str, to: str, *,
-            config: str | None = None, head_dim: int = 64,
-            step: int | None = None, dtype: str | None = None,
-            overwrite: bool = False) -> str:
+def convert(
+    input_path: str,
+    output_path: str,
+    to: str,
+    *,
+    config: str | None = None,
+    head_dim: int = 64,
+    step: int | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> str:
   """Converts `input_path` to format `to` at `output_path`; returns it.
 
   Raises:
@@ -132,9 +155,15 @@ def convert(input_path: str, output_path: str, to: str, *,
   if t5x_format._exists(output_path) and not overwrite:  # pylint: disable=protected-access
     raise FileExistsError(
         f'Output {output_path} already exists; refusing to overwrite it. '
-        'Choose another --output or pass --overwrite.')
-  same = (not t5x_format._is_remote(input_path) and  # pylint: disable=protected-access
-          os.path.abspath(input_path) == os.path.abspath(output_path))
+        'Choose another --output or pass --overwrite.'
+    )
+  same = not t5x_format._is_remote(
+      input_path
+  ) and os.path.abspath(  # pylint: disable=protected-access
+      input_path
+  ) == os.path.abspath(
+      output_path
+  )
   if same:
     raise ValueError('--input and --output are the same path.')
 
@@ -144,17 +173,21 @@ def convert(input_path: str, output_path: str, to: str, *,
   if fmt == 'orbax':
     raise NotImplementedError(
         f'{input_path} is an Orbax checkpoint; export its parameters with '
-        'prompt_tuning.runtime.checkpoints first.')
+        'prompt_tuning.runtime.checkpoints first.'
+    )
   source_config = None
   if fmt == 't5x':
     params = t5x_format.load(input_path)
   else:
     from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+
     source_config, params = huggingface.load_t5(input_path)
   _log(f'loaded {_summary(params)} in {time.time() - t0:.1f}s')
   if dtype is not None:
-    flat = {k: formats._cast_any(v, dtype)  # pylint: disable=protected-access
-            for k, v in t5x_format.flatten_params(params).items()}
+    flat = {
+        k: formats._cast_any(v, dtype)  # pylint: disable=protected-access
+        for k, v in t5x_format.flatten_params(params).items()
+    }
     params = t5x_format.unflatten_params(flat)
     _log(f'cast floating-point parameters to {dtype}')
 
@@ -168,24 +201,24 @@ def convert(input_path: str, output_path: str, to: str, *,
     flat = t5x_format.flatten_params(params)
     prompt = [k for k in flat if '/prompt/' in f'/{k}/']
     if prompt:
-      _log(f'dropping {len(prompt)} prompt parameter(s) with no Hugging Face '
-           f'counterpart: {", ".join(prompt)}')
-      params = t5x_format.unflatten_params(
-          {k: v for k, v in flat.items() if k not in prompt})
+      _log(
+          f'dropping {len(prompt)} prompt parameter(s) with no Hugging Face '
+          f'counterpart: {", ".join(prompt)}'
+      )
+      params = t5x_format.unflatten_params({k: v for k, v in flat.items() if k not in prompt})
     if config is not None or source_config is None:
       cfg = formats.infer_t5_config(params, config, head_dim=head_dim)
-      how = f'preset {config!r} (checked against shapes)' if config else (
-          'inferred from shapes')
+      how = f'preset {config!r} (checked against shapes)' if config else ('inferred from shapes')
     else:
       cfg = source_config
       how = 'from the input config.json'
     _log(f'T5 config {how}: {cfg}')
     from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
     t5.check_params(cfg, params, what=f'input checkpoint {input_path}')
     _log(f'writing Hugging Face directory {output_path}')
     _save_huggingface(output_path, cfg, params, overwrite)
-  _log(f'done: wrote {output_path} in {time.time() - t1:.1f}s '
-       f'(total {time.time() - t0:.1f}s)')
+  _log(f'done: wrote {output_path} in {time.time() - t1:.1f}s ' f'(total {time.time() - t0:.1f}s)')
   return output_path
 
 
@@ -193,11 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = parse_args(argv)
   try:
-    convert(args.input, args.output, args.to, config=args.config,
-            head_dim=args.head_dim, step=args.step, dtype=args.dtype,
-            overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError, KeyError,
-          NotImplementedError) as e:
+    convert(
+        args.input,
+        args.output,
+        args.to,
+        config=args.config,
+        head_dim=args.head_dim,
+        step=args.step,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
     print(f'convert_checkpoint: error: {e}', file=sys.stderr, flush=True)
     return 1
   return 0

@@ -1,4 +1,5 @@
 """Prints the demo's result table and writes its plot (called by scripts/demo.sh)."""
+
 import argparse
 import glob
 import os
@@ -22,6 +23,7 @@ def _accuracy(model_dir: str):
 def _majority_rate() -> float:
   import seqio  # pylint: disable=g-import-not-at-top
   import tasks.toy  # pylint: disable=g-import-not-at-top,unused-import
+
   ds = seqio.get_mixture_or_task(TASK).get_dataset(None, split='validation', shuffle=False)
   labels = [ex['targets_pretokenized'].decode() for ex in ds.as_numpy_iterator()]
   return 100.0 * max(labels.count(l) for l in set(labels)) / len(labels)
@@ -37,19 +39,33 @@ def main() -> int:
   pt = _accuracy(args.prompt_tuning)
   mt = _accuracy(args.model_tuning)
   chance = _majority_rate()
-  prompt_npy = sorted(glob.glob(os.path.join(args.prompt_tuning, 'numpy_checkpoints', 'checkpoint_*',
-                                             'encoder.prompt.prompt.prompt.npy')),
-                      key=lambda p: int(p.split('checkpoint_')[-1].split(os.sep)[0]))[-1]
+  prompt_npy = sorted(
+      glob.glob(
+          os.path.join(
+              args.prompt_tuning,
+              'numpy_checkpoints',
+              'checkpoint_*',
+              'encoder.prompt.prompt.prompt.npy',
+          )
+      ),
+      key=lambda p: int(p.split('checkpoint_')[-1].split(os.sep)[0]),
+  )[-1]
   final_prompt = os.path.join(args.output, 'prompt.npy')
   shutil.copyfile(prompt_npy, final_prompt)
   png = os.path.join(args.output, 'demo_metrics.png')
-  plot_metrics.plot({'prompt tuning (frozen backbone)': args.prompt_tuning,
-                     'model tuning (all weights)': args.model_tuning}, png,
-                    title=f'Held-out toy task {TASK}')
+  plot_metrics.plot(
+      {
+          'prompt tuning (frozen backbone)': args.prompt_tuning,
+          'model tuning (all weights)': args.model_tuning,
+      },
+      png,
+      title=f'Held-out toy task {TASK}',
+  )
   fraction = '?'
   log = args.prompt_tuning.rstrip('/') + '.log'
   if os.path.exists(log):
     import re  # pylint: disable=g-import-not-at-top
+
     m = re.search(r'Trainable parameters: (\d+) of (\d+) \(([\d.]+)%\)', open(log).read())
     if m:
       fraction = f'{float(m.group(3)):.2f}% of {int(m.group(2)):,} weights'

@@ -15,6 +15,7 @@ bank with the frozen checkpoint (one model, every task in the same batches):
 The prompts must have one shape. An existing output is kept unless `--overwrite` is given; the bank
 is written to a temporary file and renamed, so a failed run leaves no partial file.
 """
+
 import argparse
 import os
 import sys
@@ -30,19 +31,24 @@ def make_bank(paths):
       raise ValueError(f'{path}: no such prompt file.')
     prompt = np.load(path)
     if prompt.ndim != 2:
-      raise ValueError(f'{path}: a prompt is [length, embed], got shape {prompt.shape}. Pass the '
-                       '`.npy` written under MODEL_DIR/numpy_checkpoints/checkpoint_<step>/.')
+      raise ValueError(
+          f'{path}: a prompt is [length, embed], got shape {prompt.shape}. Pass the '
+          '`.npy` written under MODEL_DIR/numpy_checkpoints/checkpoint_<step>/.'
+      )
     if prompts and prompt.shape != prompts[0].shape:
-      raise ValueError(f'{path}: shape {prompt.shape} differs from {paths[0]}: {prompts[0].shape}. '
-                       'A bank holds prompts of one length and width (train them with one '
-                       'PROMPT_LENGTH).')
+      raise ValueError(
+          f'{path}: shape {prompt.shape} differs from {paths[0]}: {prompts[0].shape}. '
+          'A bank holds prompts of one length and width (train them with one '
+          'PROMPT_LENGTH).'
+      )
     prompts.append(prompt)
   return np.stack(prompts).astype(prompts[0].dtype)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('output', help='the bank to write (.npy)')
   parser.add_argument('prompts', nargs='+', help='prompt files, in prompt-id order')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing output')

@@ -7,6 +7,7 @@ For each run it reads `MODEL_DIR/train` (scalar `loss`) and the inference-eval a
 TensorBoardLogger writes under `MODEL_DIR/inference_eval` (tag `<task>/accuracy`), falling back to the
 teacher-forced token accuracy under `MODEL_DIR/training_eval`.
 """
+
 import argparse
 import glob
 import os
@@ -19,8 +20,11 @@ Series = List[Tuple[int, float]]
 def read_scalars(log_dir: str) -> Dict[str, Series]:
   """All scalar series (tag -> [(step, value)]) in the event files under `log_dir` (recursive)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   out: Dict[str, Series] = {}
-  for path in sorted(glob.glob(os.path.join(log_dir, '**', 'events.out.tfevents.*'), recursive=True)):
+  for path in sorted(
+      glob.glob(os.path.join(log_dir, '**', 'events.out.tfevents.*'), recursive=True)
+  ):
     rel = os.path.relpath(os.path.dirname(path), log_dir)
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
@@ -52,8 +56,10 @@ def _accuracy_series(scalars: Dict[str, Series]) -> Tuple[str, Series]:
 
 def plot(runs: Dict[str, str], output: str, title: str = 'Prompt tuning on CPU') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   acc_label = 'accuracy'
   for name, model_dir in runs.items():
@@ -79,7 +85,9 @@ def plot(runs: Dict[str, str], output: str, title: str = 'Prompt tuning on CPU')
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--run', action='append', required=True, help='NAME=MODEL_DIR (repeatable)')
   parser.add_argument('--output', required=True, help='PNG path to write')
   parser.add_argument('--title', default='Prompt tuning on CPU')

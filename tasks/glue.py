@@ -33,6 +33,7 @@ same names are replaced). The vocabulary comes from
 whose mixtures hold GLUE tasks). Nothing here reads the vocabulary or TFDS
 until a dataset is requested.
 """
+
 import functools
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -58,9 +59,10 @@ GLUE_CONFIGS: Dict[str, Tuple[Optional[Tuple[str, ...]], Tuple[str, ...]]] = {
     'mrpc': (('not_equivalent', 'equivalent'), TRAIN_VALIDATION_TEST),
     'qqp': (('not_duplicate', 'duplicate'), TRAIN_VALIDATION_TEST),
     'stsb': (None, TRAIN_VALIDATION_TEST),
-    'mnli': (('entailment', 'neutral', 'contradiction'),
-             ('train', 'validation_matched', 'validation_mismatched', 'test_matched',
-              'test_mismatched')),
+    'mnli': (
+        ('entailment', 'neutral', 'contradiction'),
+        ('train', 'validation_matched', 'validation_mismatched', 'test_matched', 'test_mismatched'),
+    ),
     'mnli_mismatched': (('entailment', 'neutral', 'contradiction'), ('validation', 'test')),
     'mnli_matched': (('entailment', 'neutral', 'contradiction'), ('validation', 'test')),
     'qnli': (('entailment', 'not_entailment'), TRAIN_VALIDATION_TEST),
@@ -69,11 +71,20 @@ GLUE_CONFIGS: Dict[str, Tuple[Optional[Tuple[str, ...]], Tuple[str, ...]]] = {
     'ax': (('entailment', 'neutral', 'contradiction'), ('test',)),
 }
 GLUE_TASK_INDEX = utils.task_mapping(
-    GLUE_CONFIGS, {'ax': 'mnli', 'mnli_mismatched': 'mnli', 'mnli_matched': 'mnli'})
+    GLUE_CONFIGS, {'ax': 'mnli', 'mnli_mismatched': 'mnli', 'mnli_matched': 'mnli'}
+)
 # T5's GLUE mixing weights (training-set sizes; 0 for evaluation-only configs).
 GLUE_NUM_TRAIN_EXAMPLES = {
-    'cola': 8_551, 'sst2': 67_349, 'mrpc': 3_668, 'qqp': 363_849, 'stsb': 5_749,
-    'mnli': 392_702, 'qnli': 104_743, 'rte': 2_490, 'mnli_mismatched': 0, 'mnli_matched': 0,
+    'cola': 8_551,
+    'sst2': 67_349,
+    'mrpc': 3_668,
+    'qqp': 363_849,
+    'stsb': 5_749,
+    'mnli': 392_702,
+    'qnli': 104_743,
+    'rte': 2_490,
+    'mnli_mismatched': 0,
+    'mnli_matched': 0,
     'ax': 0,
 }
 
@@ -86,21 +97,23 @@ def task_name(prefix: str, base: str, suffix: str = '') -> str:
   return f'{prefix}{base}{suffix}'
 
 
-def register_variants(base: str,
-                      *,
-                      tfds_name: str,
-                      splits,
-                      text_preprocessors: Sequence[Callable],
-                      postprocess_fn: Optional[Callable],
-                      metric_fns: Sequence[Callable],
-                      output_features: Mapping[str, seqio.Feature],
-                      task_index: Optional[int],
-                      display_name: str,
-                      prefixes: Sequence[str] = PREFIXES,
-                      suffixes: Sequence[str] = SUFFIXES,
-                      example_fields: Sequence[str] = (utils.INPUT_TEXT, utils.TARGET_TEXT),
-                      format_fn: Callable = pt_metrics.format_classification,
-                      registered: Optional[List[str]] = None) -> List[str]:
+def register_variants(
+    base: str,
+    *,
+    tfds_name: str,
+    splits,
+    text_preprocessors: Sequence[Callable],
+    postprocess_fn: Optional[Callable],
+    metric_fns: Sequence[Callable],
+    output_features: Mapping[str, seqio.Feature],
+    task_index: Optional[int],
+    display_name: str,
+    prefixes: Sequence[str] = PREFIXES,
+    suffixes: Sequence[str] = SUFFIXES,
+    example_fields: Sequence[str] = (utils.INPUT_TEXT, utils.TARGET_TEXT),
+    format_fn: Callable = pt_metrics.format_classification,
+    registered: Optional[List[str]] = None,
+) -> List[str]:
   """Registers `{prefix}{base}{suffix}` for every prefix and suffix.
 
   Args:
@@ -132,16 +145,23 @@ def register_variants(base: str,
       if prefix == 'task_index_':
         if task_index is None:
           raise ValueError(f'{base} has no task index.')
-        preprocessors.append(functools.partial(pt_preprocessors.add_sentinel_to_beginning,
-                                               field='inputs', offset=task_index))
+        preprocessors.append(
+            functools.partial(
+                pt_preprocessors.add_sentinel_to_beginning, field='inputs', offset=task_index
+            )
+        )
       preprocessors += [seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim]
       if suffix:
-        postprocess = pt_postprocessors.with_examples(postprocess_fn or utils.identity,
-                                                      example_fields)
+        postprocess = pt_postprocessors.with_examples(
+            postprocess_fn or utils.identity, example_fields
+        )
         metrics = [pt_metrics.with_examples(fn) for fn in metric_fns]
         if metrics:
-          metrics.append(functools.partial(pt_metrics.text_examples, task_name=display_name,
-                                           format_fn=format_fn))
+          metrics.append(
+              functools.partial(
+                  pt_metrics.text_examples, task_name=display_name, format_fn=format_fn
+              )
+          )
       else:
         postprocess = postprocess_fn
         metrics = list(metric_fns)
@@ -152,7 +172,8 @@ def register_variants(base: str,
           preprocessors=preprocessors,
           postprocess_fn=postprocess,
           metric_fns=metrics,
-          output_features=output_features)
+          output_features=output_features,
+      )
       names.append(name)
   if registered is not None:
     registered.extend(names)
@@ -161,8 +182,9 @@ def register_variants(base: str,
 
 def proportional_rates(num_examples: Mapping[str, float]) -> Dict[str, float]:
   """T5's examples-proportional rates, capped at `MIXING_RATE_MAXIMUM`."""
-  return {k: utils.rate_num_examples(v, maximum=MIXING_RATE_MAXIMUM)
-          for k, v in num_examples.items()}
+  return {
+      k: utils.rate_num_examples(v, maximum=MIXING_RATE_MAXIMUM) for k, v in num_examples.items()
+  }
 
 
 def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
@@ -186,19 +208,28 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
           output_features=feats,
           task_index=GLUE_TASK_INDEX[config],
           display_name=config,
-          registered=tasks)
+          registered=tasks,
+      )
     for prefix in PREFIXES:
       for suffix in SUFFIXES:
         name = task_name(prefix, f'glue_mnli_and_dev_{ver}', suffix)
         utils.register_mixture(
-            name, [task_name(prefix, f'glue_{c}_{ver}', suffix)
-                   for c in ('mnli', 'mnli_mismatched', 'mnli_matched')],
-            default_rate=1.0)
+            name,
+            [
+                task_name(prefix, f'glue_{c}_{ver}', suffix)
+                for c in ('mnli', 'mnli_mismatched', 'mnli_matched')
+            ],
+            default_rate=1.0,
+        )
         mixtures.append(name)
         name = f'{prefix}glue_{ver}{suffix}_proportional'
         utils.register_mixture(
-            name, [(task_name(prefix, f'glue_{c}_{ver}', suffix), rate)
-                   for c, rate in proportional_rates(GLUE_NUM_TRAIN_EXAMPLES).items()])
+            name,
+            [
+                (task_name(prefix, f'glue_{c}_{ver}', suffix), rate)
+                for c, rate in proportional_rates(GLUE_NUM_TRAIN_EXAMPLES).items()
+            ],
+        )
         mixtures.append(name)
   TASK_NAMES[:] = tasks
   MIXTURE_NAMES[:] = mixtures

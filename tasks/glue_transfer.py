@@ -23,6 +23,7 @@ evaluate zero-shot on the task above.
 prompt that was trained on the source task. (The original prompt-tuning code
 used the target's index, whose prompt is never trained in this setting.)
 """
+
 from typing import List, Optional
 
 import seqio
@@ -67,19 +68,25 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
           splits=('validation',),
           text_preprocessors=pt_preprocessors.get_glue_text_preprocessor(target, label_classes),
           postprocess_fn=pt_postprocessors.sequential(
-              translation, pt_postprocessors.get_glue_postprocess_fn(target, label_classes)),
+              translation, pt_postprocessors.get_glue_postprocess_fn(target, label_classes)
+          ),
           metric_fns=pt_metrics.get_glue_metric(target),
           output_features=feats,
           task_index=glue.GLUE_TASK_INDEX[source],
           display_name=f'{target}_from_{source}',
-          registered=tasks)
+          registered=tasks,
+      )
       for prefix in PREFIXES:
         for suffix in SUFFIXES:
           name = f'{prefix}glue_{target}_from_{source}_zeroshot_{ver}{suffix}'
           utils.register_mixture(
-              name, [f'{prefix}glue_{source}_{ver}',
-                     f'{prefix}glue_{target}_from_{source}_{ver}{suffix}'],
-              default_rate=1.0)
+              name,
+              [
+                  f'{prefix}glue_{source}_{ver}',
+                  f'{prefix}glue_{target}_from_{source}_{ver}{suffix}',
+              ],
+              default_rate=1.0,
+          )
           mixtures.append(name)
   TASK_NAMES[:] = tasks
   MIXTURE_NAMES[:] = mixtures

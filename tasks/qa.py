@@ -19,6 +19,7 @@ tuning paper's domain-shift setup).
 Registration is idempotent and reads neither the vocabulary nor TFDS; see
 `tasks.glue` for choosing the vocabulary.
 """
+
 from typing import List, Optional
 
 import seqio
@@ -35,8 +36,13 @@ SQUAD_TFDS_NAME = 'squad/v1.1:3.0.0'
 MRQA_VERSION = '1.0.0'
 MRQA_IN_DOMAIN = ('news_qa', 'trivia_qa', 'search_qa', 'hotpot_qa', 'natural_questions')
 MRQA_OUT_OF_DOMAIN = ('bio_asq', 'drop', 'duo_rc', 'race', 'relation_extraction', 'textbook_qa')
-QA_EXAMPLE_FIELDS = (utils.INPUT_TEXT, utils.TARGET_TEXT, utils.CONTEXT_TEXT,
-                     utils.QUESTION_TEXT, utils.ANSWERS_TEXT)
+QA_EXAMPLE_FIELDS = (
+    utils.INPUT_TEXT,
+    utils.TARGET_TEXT,
+    utils.CONTEXT_TEXT,
+    utils.QUESTION_TEXT,
+    utils.ANSWERS_TEXT,
+)
 
 TASK_NAMES: List[str] = []
 MIXTURE_NAMES: List[str] = []
@@ -51,19 +57,34 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
   feats = features.output_features(vocabulary)
   tasks: List[str] = []
   mixtures: List[str] = []
-  common = dict(postprocess_fn=pt_postprocessors.qa, metric_fns=[pt_metrics.squad],
-                output_features=feats, task_index=None, prefixes=('',),
-                example_fields=QA_EXAMPLE_FIELDS, format_fn=pt_metrics.format_qa,
-                registered=tasks)
-  glue.register_variants('squad_v010_allanswers', tfds_name=SQUAD_TFDS_NAME,
-                         splits=('train', 'validation'),
-                         text_preprocessors=[pt_preprocessors.squad], display_name='squad',
-                         **common)
+  common = dict(
+      postprocess_fn=pt_postprocessors.qa,
+      metric_fns=[pt_metrics.squad],
+      output_features=feats,
+      task_index=None,
+      prefixes=('',),
+      example_fields=QA_EXAMPLE_FIELDS,
+      format_fn=pt_metrics.format_qa,
+      registered=tasks,
+  )
+  glue.register_variants(
+      'squad_v010_allanswers',
+      tfds_name=SQUAD_TFDS_NAME,
+      splits=('train', 'validation'),
+      text_preprocessors=[pt_preprocessors.squad],
+      display_name='squad',
+      **common,
+  )
   for name in MRQA_IN_DOMAIN + MRQA_OUT_OF_DOMAIN:
     splits = ('train', 'validation') if name in MRQA_IN_DOMAIN else {'validation': 'test'}
-    glue.register_variants(f'mrqa_{name}_v100', tfds_name=f'mrqa/{name}:{MRQA_VERSION}',
-                           splits=splits, text_preprocessors=[pt_preprocessors.mrqa],
-                           display_name=name, **common)
+    glue.register_variants(
+        f'mrqa_{name}_v100',
+        tfds_name=f'mrqa/{name}:{MRQA_VERSION}',
+        splits=splits,
+        text_preprocessors=[pt_preprocessors.mrqa],
+        display_name=name,
+        **common,
+    )
   for suffix in SUFFIXES:
     squad = f'squad_v010_allanswers{suffix}'
     for name in MRQA_OUT_OF_DOMAIN:
@@ -72,8 +93,10 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
       mixtures.append(mixture)
     mixture = f'squad_to_mrqa{suffix}'
     utils.register_mixture(
-        mixture, [squad] + [f'mrqa_{name}_v100{suffix}' for name in MRQA_OUT_OF_DOMAIN],
-        default_rate=1.0)
+        mixture,
+        [squad] + [f'mrqa_{name}_v100{suffix}' for name in MRQA_OUT_OF_DOMAIN],
+        default_rate=1.0,
+    )
     mixtures.append(mixture)
   TASK_NAMES[:] = tasks
   MIXTURE_NAMES[:] = mixtures

@@ -31,6 +31,7 @@ Mixtures:
 Registration is idempotent and reads neither the vocabulary nor TFDS; see
 `tasks.glue` for choosing the vocabulary.
 """
+
 import functools
 from typing import Dict, List, Optional, Tuple
 
@@ -62,7 +63,8 @@ SUPER_GLUE_CONFIGS: Dict[str, Tuple[Optional[Tuple[str, ...]], Tuple[str, ...]]]
 }
 SUPER_GLUE_TASK_INDEX = utils.task_mapping(
     list(SUPER_GLUE_CONFIGS) + ['wsc', 'wsc.fixed'],
-    {'wsc.fixed': 'wsc', 'axb': 'rte', 'axg': 'rte'})
+    {'wsc.fixed': 'wsc', 'axb': 'rte', 'axg': 'rte'},
+)
 SUPER_GLUE_TASK_INDEX['dpr'] = SUPER_GLUE_TASK_INDEX['wsc']
 
 # T5's SuperGLUE mixing weights (training examples per task; the WSC eval task has 0).
@@ -114,35 +116,41 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
         output_features=feats,
         task_index=SUPER_GLUE_TASK_INDEX[config],
         display_name=config,
-        example_fields=QA_EXAMPLE_FIELDS if config == 'record' else (utils.INPUT_TEXT,
-                                                                    utils.TARGET_TEXT),
-        registered=tasks)
+        example_fields=QA_EXAMPLE_FIELDS
+        if config == 'record'
+        else (utils.INPUT_TEXT, utils.TARGET_TEXT),
+        registered=tasks,
+    )
 
   wsc_source = f'super_glue/wsc.fixed:{SUPER_GLUE_VERSION}'
   glue.register_variants(
       'super_glue_wsc_v102_simple_train',
       tfds_name=wsc_source,
       splits=('train',),
-      text_preprocessors=[functools.partial(pt_preprocessors.wsc_simple,
-                                            correct_referent_only=True)],
+      text_preprocessors=[
+          functools.partial(pt_preprocessors.wsc_simple, correct_referent_only=True)
+      ],
       postprocess_fn=None,
       metric_fns=[],
       output_features=feats,
       task_index=SUPER_GLUE_TASK_INDEX['wsc'],
       display_name='wsc',
-      registered=tasks)
+      registered=tasks,
+  )
   glue.register_variants(
       'super_glue_wsc_v102_simple_eval',
       tfds_name=wsc_source,
       splits=('validation', 'test'),
-      text_preprocessors=[functools.partial(pt_preprocessors.wsc_simple,
-                                            correct_referent_only=False)],
+      text_preprocessors=[
+          functools.partial(pt_preprocessors.wsc_simple, correct_referent_only=False)
+      ],
       postprocess_fn=pt_postprocessors.wsc_simple,
       metric_fns=[pt_metrics.accuracy],
       output_features=feats,
       task_index=SUPER_GLUE_TASK_INDEX['wsc'],
       display_name='wsc',
-      registered=tasks)
+      registered=tasks,
+  )
   glue.register_variants(
       'dpr_v001_simple',
       tfds_name=DPR_TFDS_NAME,
@@ -153,23 +161,33 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> List[str]:
       output_features=feats,
       task_index=SUPER_GLUE_TASK_INDEX['dpr'],
       display_name='dpr',
-      registered=tasks)
+      registered=tasks,
+  )
 
   rates = glue.proportional_rates(SUPER_GLUE_NUM_TRAIN_EXAMPLES)
   rates_with_dpr = glue.proportional_rates(
-      {'dpr': DPR_NUM_TRAIN_EXAMPLES, **SUPER_GLUE_NUM_TRAIN_EXAMPLES})
+      {'dpr': DPR_NUM_TRAIN_EXAMPLES, **SUPER_GLUE_NUM_TRAIN_EXAMPLES}
+  )
   for prefix in PREFIXES:
     for suffix in SUFFIXES:
       name = f'{prefix}super_glue_wsc_and_dev_v102_simple{suffix}'
-      utils.register_mixture(name, [_task_for('wsc_simple_train', prefix, suffix),
-                                    _task_for('wsc_simple_eval', prefix, suffix)],
-                             default_rate=1.0)
+      utils.register_mixture(
+          name,
+          [
+              _task_for('wsc_simple_train', prefix, suffix),
+              _task_for('wsc_simple_eval', prefix, suffix),
+          ],
+          default_rate=1.0,
+      )
       mixtures.append(name)
-      for mixture_base, mixture_rates in (('super_glue', rates),
-                                          ('super_glue_with_dpr', rates_with_dpr)):
+      for mixture_base, mixture_rates in (
+          ('super_glue', rates),
+          ('super_glue_with_dpr', rates_with_dpr),
+      ):
         name = f'{prefix}{mixture_base}_v102{suffix}_proportional'
         utils.register_mixture(
-            name, [(_task_for(k, prefix, suffix), r) for k, r in mixture_rates.items()])
+            name, [(_task_for(k, prefix, suffix), r) for k, r in mixture_rates.items()]
+        )
         mixtures.append(name)
   TASK_NAMES[:] = tasks
   MIXTURE_NAMES[:] = mixtures

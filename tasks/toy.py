@@ -82,6 +82,7 @@ demo task. A recipe measured to work on 2 CPU cores (T5X Adafactor throughout):
              100% at step 1000 on the backbones tried; chance is 50%.
   model      all parameters, same task, batch 32, 300 steps, constant lr 1e-3: 99.6-100%.
 """
+
 from __future__ import annotations
 
 import functools
@@ -103,11 +104,25 @@ NUMBERS = ('one', 'two', 'three', 'four', 'five')
 SIZES = ('big', 'small')
 COLOURS = ('red', 'blue', 'green', 'yellow', 'black', 'white')
 # (singular, plural)
-ANIMALS = (('fox', 'foxes'), ('owl', 'owls'), ('cat', 'cats'), ('dog', 'dogs'), ('frog', 'frogs'),
-           ('bear', 'bears'), ('duck', 'ducks'), ('wolf', 'wolves'))
+ANIMALS = (
+    ('fox', 'foxes'),
+    ('owl', 'owls'),
+    ('cat', 'cats'),
+    ('dog', 'dogs'),
+    ('frog', 'frogs'),
+    ('bear', 'bears'),
+    ('duck', 'ducks'),
+    ('wolf', 'wolves'),
+)
 # (singular subject form, plural subject form)
-VERBS = (('sleeps', 'sleep'), ('runs', 'run'), ('sings', 'sing'), ('eats', 'eat'),
-         ('hides', 'hide'), ('jumps', 'jump'))
+VERBS = (
+    ('sleeps', 'sleep'),
+    ('runs', 'run'),
+    ('sings', 'sing'),
+    ('eats', 'eat'),
+    ('hides', 'hide'),
+    ('jumps', 'jump'),
+)
 PREPOSITIONS = ('near', 'in', 'under', 'behind')
 INDOOR_PLACES = ('house', 'barn', 'cave', 'kitchen')
 OUTDOOR_PLACES = ('river', 'forest', 'hill', 'field')
@@ -122,16 +137,24 @@ FUNCTION_WORDS = ('the', 'and', 'or')
 
 def world_words() -> Tuple[str, ...]:
   """Every word that occurs in a toy example (each is a single vocabulary piece)."""
-  words = set(NUMBERS + SIZES + COLOURS + PREPOSITIONS + PLACES + YES_NO + PREFIX_WORDS +
-              FUNCTION_WORDS)
+  words = set(
+      NUMBERS + SIZES + COLOURS + PREPOSITIONS + PLACES + YES_NO + PREFIX_WORDS + FUNCTION_WORDS
+  )
   for pair in ANIMALS + VERBS:
     words.update(pair)
   return tuple(sorted(words))
 
 
 # Sizes of the attribute axes of a scene, in the order of `Scene`'s fields.
-_AXES = (len(NUMBERS), len(SIZES), len(COLOURS), len(ANIMALS), len(VERBS), len(PREPOSITIONS),
-         len(PLACES))
+_AXES = (
+    len(NUMBERS),
+    len(SIZES),
+    len(COLOURS),
+    len(ANIMALS),
+    len(VERBS),
+    len(PREPOSITIONS),
+    len(PLACES),
+)
 NUM_SCENES = int(np.prod(_AXES))
 VALIDATION_POOL_SIZE = 6000
 
@@ -147,7 +170,7 @@ ANIMAL_CLASS_LABELS = ANIMAL_WORDS
 SIZE_CLASS_LABELS = SIZES
 QUESTION_CLASS_LABELS = YES_NO
 COUNT_CLASS_LABELS = NUMBERS
-HELDOUT_CLASS_LABELS = YES_NO          # toy_heldout_indoor: 'yes' = indoors.
+HELDOUT_CLASS_LABELS = YES_NO  # toy_heldout_indoor: 'yes' = indoors.
 INDOOR_CLASS_LABELS = YES_NO
 PLACE_CLASS_LABELS = PLACES
 NUMBER_CLASS_LABELS = NUMBERS
@@ -179,8 +202,16 @@ class Scene(tuple):
 
   def words(self) -> List[str]:
     p = int(self.plural)
-    return [NUMBERS[self.number], SIZES[self.size], COLOURS[self.colour], ANIMALS[self.animal][p],
-            VERBS[self.verb][p], PREPOSITIONS[self.preposition], 'the', PLACES[self.place]]
+    return [
+        NUMBERS[self.number],
+        SIZES[self.size],
+        COLOURS[self.colour],
+        ANIMALS[self.animal][p],
+        VERBS[self.verb][p],
+        PREPOSITIONS[self.preposition],
+        'the',
+        PLACES[self.place],
+    ]
 
   def text(self) -> str:
     return ' '.join(self.words())
@@ -209,6 +240,7 @@ def sample_scenes(name: str, split: str, n: int) -> List[Scene]:
 # Example generators: (name, split) -> list of {'inputs': str, 'targets': str, ...}.
 # --------------------------------------------------------------------------------------------------
 
+
 def _split_size(split: str) -> int:
   return TRAIN_SIZE if split == 'train' else VALIDATION_SIZE
 
@@ -220,6 +252,7 @@ def _attribute_examples(prefix: Optional[str], attribute: Callable[[Scene], str]
       inputs = s.text() if prefix is None else f'{prefix}: {s.text()}'
       out.append({'inputs': inputs, 'targets': attribute(s)})
     return out
+
   return generate
 
 
@@ -262,8 +295,9 @@ def _describe_examples(name: str, split: str) -> List[Dict[str, str]]:
   return out
 
 
-def _word_lists(name: str, split: str, n: int, lengths: Sequence[int],
-                words: Sequence[str]) -> List[List[str]]:
+def _word_lists(
+    name: str, split: str, n: int, lengths: Sequence[int], words: Sequence[str]
+) -> List[List[str]]:
   """`n` word lists; train and validation lists are disjoint (split by a hash of the list)."""
   rng = np.random.default_rng(_stable_seed(name, split, 'lists'))
   want_validation = split == 'validation'
@@ -309,7 +343,7 @@ def corpus_documents(split: str, n: Optional[int] = None) -> List[str]:
   scenes = sample_scenes('corpus', split, int(lengths.sum()))
   docs, start = [], 0
   for k in lengths:
-    docs.append(' and '.join(s.text() for s in scenes[start:start + k]))
+    docs.append(' and '.join(s.text() for s in scenes[start : start + k]))
     start += k
   return docs
 
@@ -330,9 +364,12 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
   return np.bincount(segment_id, minlength=num_segments)
 
 
-def random_spans_noise_mask(length: int, rng: np.random.Generator,
-                            noise_density: float = NOISE_DENSITY,
-                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> np.ndarray:
+def random_spans_noise_mask(
+    length: int,
+    rng: np.random.Generator,
+    noise_density: float = NOISE_DENSITY,
+    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+) -> np.ndarray:
   """T5's noise mask: alternating non-noise/noise spans; starts with non-noise, ends with noise."""
   if length < 2:
     return np.zeros(length, dtype=bool)
@@ -347,13 +384,14 @@ def random_spans_noise_mask(length: int, rng: np.random.Generator,
   pos = 0
   for a, b in zip(nonnoise_lengths, noise_lengths):
     pos += a
-    mask[pos:pos + b] = True
+    mask[pos : pos + b] = True
     pos += b
   return mask
 
 
-def span_corrupt(tokens: Sequence[int], mask: np.ndarray,
-                 sentinel: Callable[[int], int]) -> Tuple[List[int], List[int]]:
+def span_corrupt(
+    tokens: Sequence[int], mask: np.ndarray, sentinel: Callable[[int], int]
+) -> Tuple[List[int], List[int]]:
   """T5's span corruption of `tokens` under `mask` (True = noise) -> (inputs, targets).
 
   `inputs` keeps the non-noise tokens and replaces the k-th noise span by `sentinel(k)`; `targets`
@@ -388,12 +426,15 @@ def _span_corruption_examples(name: str, split: str):
     tokens = sp.EncodeAsIds(doc)
     mask = random_spans_noise_mask(len(tokens), rng)
     inputs, targets = span_corrupt(tokens, mask, lambda k: sentinel_id(vocab, k))
-    out.append({
-        'inputs': np.asarray(inputs, np.int32), 'targets': np.asarray(targets, np.int32),
-        'inputs_pretokenized': _sentinel_text(vocab, inputs),
-        'targets_pretokenized': _sentinel_text(vocab, targets),
-        'text': doc,
-    })
+    out.append(
+        {
+            'inputs': np.asarray(inputs, np.int32),
+            'targets': np.asarray(targets, np.int32),
+            'inputs_pretokenized': _sentinel_text(vocab, inputs),
+            'targets_pretokenized': _sentinel_text(vocab, targets),
+            'text': doc,
+        }
+    )
   return out
 
 
@@ -429,14 +470,19 @@ def get_prompt_ids_output_features() -> Dict[str, seqio.Feature]:
   """Output features of the mixed-task (`prompt_ids`) tasks."""
   features = get_output_features()
   features['prompt_ids'] = seqio.Feature(
-      vocabulary=seqio.PassThroughVocabulary(size=len(MIXED_TASKS)), add_eos=False,
-      required=False, dtype=tf.int32, rank=0)
+      vocabulary=seqio.PassThroughVocabulary(size=len(MIXED_TASKS)),
+      add_eos=False,
+      required=False,
+      dtype=tf.int32,
+      rank=0,
+  )
   return features
 
 
 # --------------------------------------------------------------------------------------------------
 # Postprocessors and metrics (small local implementations; no coupling to the library).
 # --------------------------------------------------------------------------------------------------
+
 
 def _to_str(x) -> str:
   if isinstance(x, bytes):
@@ -484,25 +530,43 @@ _GENERATORS: Dict[str, Tuple[Callable[[str, str], List[Dict]], Optional[Sequence
     'toy_describe': (_describe_examples, None),
     'toy_copy_reverse': (_copy_reverse_examples, None),
     'toy_heldout_indoor': (
-        _attribute_examples(None, lambda s: 'yes' if s.indoor else 'no'), HELDOUT_CLASS_LABELS),
+        _attribute_examples(None, lambda s: 'yes' if s.indoor else 'no'),
+        HELDOUT_CLASS_LABELS,
+    ),
     'toy_heldout_place': (_attribute_examples(None, lambda s: PLACES[s.place]), PLACES),
     'toy_heldout_number': (_attribute_examples(None, lambda s: NUMBERS[s.number]), NUMBERS),
 }
 
 # Taskless tasks of the mixed-task mixture, in `prompt_ids` order.
-MIXED_TASKS = ('toy_taskless_colour', 'toy_taskless_animal', 'toy_taskless_size',
-               'toy_taskless_indoor')
-_GENERATORS.update({
-    'toy_taskless_colour': (_attribute_examples(None, lambda s: COLOURS[s.colour]), COLOURS),
-    'toy_taskless_animal': (
-        _attribute_examples(None, lambda s: ANIMALS[s.animal][0]), ANIMAL_WORDS),
-    'toy_taskless_size': (_attribute_examples(None, lambda s: SIZES[s.size]), SIZES),
-    'toy_taskless_indoor': (
-        _attribute_examples(None, lambda s: 'yes' if s.indoor else 'no'), YES_NO),
-})
+MIXED_TASKS = (
+    'toy_taskless_colour',
+    'toy_taskless_animal',
+    'toy_taskless_size',
+    'toy_taskless_indoor',
+)
+_GENERATORS.update(
+    {
+        'toy_taskless_colour': (_attribute_examples(None, lambda s: COLOURS[s.colour]), COLOURS),
+        'toy_taskless_animal': (
+            _attribute_examples(None, lambda s: ANIMALS[s.animal][0]),
+            ANIMAL_WORDS,
+        ),
+        'toy_taskless_size': (_attribute_examples(None, lambda s: SIZES[s.size]), SIZES),
+        'toy_taskless_indoor': (
+            _attribute_examples(None, lambda s: 'yes' if s.indoor else 'no'),
+            YES_NO,
+        ),
+    }
+)
 
-BACKBONE_SUPERVISED_TASKS = ('toy_colour', 'toy_animal', 'toy_size', 'toy_question', 'toy_count',
-                             'toy_describe')
+BACKBONE_SUPERVISED_TASKS = (
+    'toy_colour',
+    'toy_animal',
+    'toy_size',
+    'toy_question',
+    'toy_count',
+    'toy_describe',
+)
 # Registered but in no mixture: a position-sensitive generation task that tiny backbones do not
 # learn in the demo's budget (a harder target for longer runs).
 EXTRA_TASKS = ('toy_copy_reverse',)
@@ -530,7 +594,8 @@ BACKBONE_RATES = {
 
 # Task name -> label strings (verbalizers) of every classification task, e.g. for `CLASS_LABELS`.
 CLASS_LABELS: Dict[str, Tuple[str, ...]] = {
-    name: tuple(labels) for name, (_, labels) in _GENERATORS.items() if labels is not None}
+    name: tuple(labels) for name, (_, labels) in _GENERATORS.items() if labels is not None
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -556,25 +621,29 @@ def _text_dataset_fn(name: str):
     if 'prompt_ids' in data:
       data['prompt_ids'] = data['prompt_ids'].astype(np.int32)
     return tf.data.Dataset.from_tensor_slices(data)
+
   return dataset_fn
 
 
-def _span_corruption_dataset_fn(split: str, shuffle_files: bool = False,
-                                seed: Optional[int] = None):
+def _span_corruption_dataset_fn(
+    split: str, shuffle_files: bool = False, seed: Optional[int] = None
+):
   del shuffle_files, seed
   examples = generate_examples(SPAN_CORRUPTION_TASK, split)
   data = {}
   for k in ('inputs', 'targets'):
     seqs = [ex[k] for ex in examples]
     data[k] = tf.RaggedTensor.from_row_lengths(
-        np.concatenate(seqs).astype(np.int32), np.asarray([len(s) for s in seqs], np.int64))
+        np.concatenate(seqs).astype(np.int32), np.asarray([len(s) for s in seqs], np.int64)
+    )
   for k in ('inputs_pretokenized', 'targets_pretokenized', 'text'):
     data[k] = np.asarray([ex[k] for ex in examples])
   return tf.data.Dataset.from_tensor_slices(data)
 
 
-def tokenize_text(dataset: tf.data.Dataset,
-                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+def tokenize_text(
+    dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]
+) -> tf.data.Dataset:
   """seqio's `tokenize` restricted to the text features (`prompt_ids` passes through as it is)."""
   text_features = {k: output_features[k] for k in ('inputs', 'targets')}
   return seqio.preprocessors.tokenize(dataset, text_features)
@@ -586,23 +655,35 @@ def _num_examples(name: str) -> Dict[str, int]:
   return {'train': TRAIN_SIZE, 'validation': VALIDATION_SIZE}
 
 
-def _add_task(name: str, source: seqio.DataSource, preprocessors, postprocess_fn, metric_fns,
-              output_features) -> None:
+def _add_task(
+    name: str, source: seqio.DataSource, preprocessors, postprocess_fn, metric_fns, output_features
+) -> None:
   if name in seqio.TaskRegistry.names():
     return
   seqio.TaskRegistry.add(
-      name, source=source, preprocessors=preprocessors, output_features=output_features,
-      postprocess_fn=postprocess_fn, metric_fns=metric_fns)
+      name,
+      source=source,
+      preprocessors=preprocessors,
+      output_features=output_features,
+      postprocess_fn=postprocess_fn,
+      metric_fns=metric_fns,
+  )
 
 
 def register() -> None:
   """Registers every toy task and mixture (idempotent; called on import)."""
   _add_task(
       SPAN_CORRUPTION_TASK,
-      seqio.FunctionDataSource(_span_corruption_dataset_fn, splits=SPLITS,
-                               num_input_examples=_num_examples(SPAN_CORRUPTION_TASK)),
+      seqio.FunctionDataSource(
+          _span_corruption_dataset_fn,
+          splits=SPLITS,
+          num_input_examples=_num_examples(SPAN_CORRUPTION_TASK),
+      ),
       preprocessors=[seqio.preprocessors.append_eos_after_trim],
-      postprocess_fn=None, metric_fns=[], output_features=get_output_features())
+      postprocess_fn=None,
+      metric_fns=[],
+      output_features=get_output_features(),
+  )
   for name, (_, labels) in _GENERATORS.items():
     if labels is None:
       postprocess_fn = strip_postprocessor
@@ -611,10 +692,14 @@ def register() -> None:
     features = get_prompt_ids_output_features() if name in MIXED_TASKS else get_output_features()
     _add_task(
         name,
-        seqio.FunctionDataSource(_text_dataset_fn(name), splits=SPLITS,
-                                 num_input_examples=_num_examples(name)),
+        seqio.FunctionDataSource(
+            _text_dataset_fn(name), splits=SPLITS, num_input_examples=_num_examples(name)
+        ),
         preprocessors=[tokenize_text, seqio.preprocessors.append_eos_after_trim],
-        postprocess_fn=postprocess_fn, metric_fns=[accuracy], output_features=features)
+        postprocess_fn=postprocess_fn,
+        metric_fns=[accuracy],
+        output_features=features,
+    )
 
   mixtures = {
       BACKBONE_MIXTURE: list(BACKBONE_RATES.items()),

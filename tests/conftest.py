@@ -1,4 +1,5 @@
 """Shared pytest setup: CPU only, quiet TensorFlow, no network."""
+
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

@@ -6,6 +6,7 @@ vocabulary. Building a model constructs modules only (no parameters, no vocabula
 files are parsed in a subprocess: gin's dynamic registrations outlive `gin.clear_config()` and would
 leak into other tests of this process.
 """
+
 import glob
 import json
 import os
@@ -17,12 +18,18 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
 # name: (d_model, heads, head_dim, d_ff, layers)
-SIZES = {'small': (512, 6, 64, 1024, 8), 'base': (768, 12, 64, 2048, 12),
-         'large': (1024, 16, 64, 2816, 24), 'xl': (2048, 32, 64, 5120, 24),
-         'xxl': (4096, 64, 64, 10240, 24)}
-MODEL_FILES = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, 'models', '*.gin')))
+SIZES = {
+    'small': (512, 6, 64, 1024, 8),
+    'base': (768, 12, 64, 2048, 12),
+    'large': (1024, 16, 64, 2816, 24),
+    'xl': (2048, 32, 64, 5120, 24),
+    'xxl': (4096, 64, 64, 10240, 24),
+}
+MODEL_FILES = sorted(
+    os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, 'models', '*.gin'))
+)
 
-_PROBE = '''
+_PROBE = """
 import json, sys
 import gin
 from prompt_tuning.runtime import gin_utils
@@ -44,24 +51,41 @@ for key, files, bindings in json.loads(sys.argv[1]):
           'encoder/prompt/prompt/prompt', 'decoder/prompt/prompt/prompt', 'decoder/layers_0/mlp/wi_0/kernel')},
   }
 print('PROBE' + json.dumps(out))
-'''
+"""
 
 
 def _probe(cases, cwd=REPO):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run([sys.executable, '-c', _PROBE, json.dumps(cases)], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  env = dict(
+      os.environ,
+      PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='3',
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', _PROBE, json.dumps(cases)],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('PROBE')][-1]
-  return json.loads(line[len('PROBE'):])
+  return json.loads(line[len('PROBE') :])
 
 
 @pytest.fixture(scope='module')
 def built():
   cases = [[f, [f], []] for f in MODEL_FILES]
-  cases += [['small20', ['models/t5_1_1_prompt.gin'], ['PROMPT_LENGTH = 20', 'include "sizes/small.gin"']],
-            ['causal', ['models/decoder_only_prompt.gin'], ['INPUTS_BIDIRECTIONAL_ATTENTION = False']]]
+  cases += [
+      [
+          'small20',
+          ['models/t5_1_1_prompt.gin'],
+          ['PROMPT_LENGTH = 20', 'include "sizes/small.gin"'],
+      ],
+      ['causal', ['models/decoder_only_prompt.gin'], ['INPUTS_BIDIRECTIONAL_ATTENTION = False']],
+  ]
   return _probe(cases)
 
 
@@ -73,7 +97,7 @@ def test_every_model_file_is_checked():
 @pytest.mark.parametrize('gin_file', MODEL_FILES)
 def test_model_gin_builds_the_published_shape(built, gin_file):
   model = built[gin_file]
-  name = os.path.basename(gin_file)[:-len('.gin')]
+  name = os.path.basename(gin_file)[: -len('.gin')]
   size = next((s for s in SIZES if f'_{s}_' in name), 'base')  # no size file: T5 1.1 base
   d_model, heads, head_dim, d_ff, layers = SIZES[size]
   emb, n_heads, width, mlp, enc_layers, dec_layers = model['sizes']

@@ -16,6 +16,7 @@ V, H = 40, 6
 @pytest.fixture(scope='module')
 def vocab():
   from seqio import test_utils  # pylint: disable=g-import-not-at-top
+
   return test_utils.sentencepiece_vocab()
 
 
@@ -72,14 +73,12 @@ def test_sample_without_replacement_from_population(table):
 
 
 def test_sample_whole_population_is_permutation(table):
-  x = prompts.from_sample_of_embeddings(table, 12)(jax.random.PRNGKey(3),
-                                                   (12, H))
+  x = prompts.from_sample_of_embeddings(table, 12)(jax.random.PRNGKey(3), (12, H))
   assert sorted(_row_ids(x)) == list(range(12))
 
 
 def test_sample_with_replacement_when_prompt_longer(table):
-  x = prompts.from_sample_of_embeddings(table, 5)(jax.random.PRNGKey(0),
-                                                  (30, H))
+  x = prompts.from_sample_of_embeddings(table, 5)(jax.random.PRNGKey(0), (30, H))
   ids = _row_ids(x)
   assert ids.max() < 5 and len(ids) == 30
   assert len(set(ids)) <= 5
@@ -87,11 +86,9 @@ def test_sample_with_replacement_when_prompt_longer(table):
 
 def test_sample_default_population_and_none(table):
   # Default population (5000) is larger than the table: whole table.
-  ids = _row_ids(prompts.from_sample_of_embeddings(table)(
-      jax.random.PRNGKey(0), (V, H)))
+  ids = _row_ids(prompts.from_sample_of_embeddings(table)(jax.random.PRNGKey(0), (V, H)))
   assert sorted(ids) == list(range(V))
-  ids = _row_ids(prompts.from_sample_of_embeddings(table, None)(
-      jax.random.PRNGKey(0), (V, H)))
+  ids = _row_ids(prompts.from_sample_of_embeddings(table, None)(jax.random.PRNGKey(0), (V, H)))
   assert sorted(ids) == list(range(V))
 
 
@@ -142,23 +139,23 @@ def test_class_labels_are_mean_of_pieces(vocab, table):
 
 
 def test_class_labels_default_fallback_is_sampled_vocab(vocab, table):
-  x = np.asarray(prompts.from_embedded_list(table, vocab, ['positive'])(
-      jax.random.PRNGKey(0), (6, H)))
+  x = np.asarray(
+      prompts.from_embedded_list(table, vocab, ['positive'])(jax.random.PRNGKey(0), (6, H))
+  )
   ids = _row_ids(x[1:])
   np.testing.assert_array_equal(x[1:], table[ids])
   assert len(set(ids)) == 5
 
 
 def test_class_labels_fill_every_position(vocab, table):
-  x = prompts.from_embedded_list(table, vocab, ['a', 'b'],
-                                 prompts.uniform())(jax.random.PRNGKey(0),
-                                                    (2, H))
+  x = prompts.from_embedded_list(table, vocab, ['a', 'b'], prompts.uniform())(
+      jax.random.PRNGKey(0), (2, H)
+  )
   assert x.shape == (2, H)
 
 
 def test_class_labels_too_many(vocab, table):
-  init = prompts.from_embedded_list(table, vocab, ['a', 'b', 'c'],
-                                    prompts.uniform())
+  init = prompts.from_embedded_list(table, vocab, ['a', 'b', 'c'], prompts.uniform())
   with pytest.raises(ValueError, match='3 texts.*only 2 positions'):
     init(jax.random.PRNGKey(0), (2, H))
 
@@ -175,16 +172,20 @@ def test_class_labels_empty_text(vocab, table):
 def test_embedded_string(vocab, table):
   ids = vocab.encode('ab c')
   fallback = prompts.zeros()
-  x = np.asarray(prompts.from_embedded_string(table, vocab, 'ab c', fallback)(
-      jax.random.PRNGKey(0), (len(ids) + 2, H)))
-  np.testing.assert_array_equal(x[:len(ids)], table[ids])
-  np.testing.assert_array_equal(x[len(ids):], 0)
+  x = np.asarray(
+      prompts.from_embedded_string(table, vocab, 'ab c', fallback)(
+          jax.random.PRNGKey(0), (len(ids) + 2, H)
+      )
+  )
+  np.testing.assert_array_equal(x[: len(ids)], table[ids])
+  np.testing.assert_array_equal(x[len(ids) :], 0)
 
 
 def test_embedded_string_truncated(vocab, table):
   ids = vocab.encode('a b c d')
-  x = np.asarray(prompts.from_embedded_string(table, vocab, 'a b c d')(
-      jax.random.PRNGKey(0), (3, H)))
+  x = np.asarray(
+      prompts.from_embedded_string(table, vocab, 'a b c d')(jax.random.PRNGKey(0), (3, H))
+  )
   np.testing.assert_array_equal(x, table[ids[:3]])
 
 
@@ -216,14 +217,14 @@ def test_np_load_roundtrip_and_errors(tmp_path, table):
   with open(tmp_path / 'encoder.prompt.prompt.prompt', 'wb') as f:
     np.save(f, table[:4])
   np.testing.assert_array_equal(
-      prompts.np_load(str(tmp_path / 'encoder.prompt.prompt.prompt')),
-      table[:4])
+      prompts.np_load(str(tmp_path / 'encoder.prompt.prompt.prompt')), table[:4]
+  )
   with pytest.raises(FileNotFoundError, match='missing.npy'):
     prompts.np_load(str(tmp_path / 'missing.npy'))
   # Shape mismatch through the Prompt module names both shapes.
-  module = prompts.Prompt(length=5, embed_dim=H,
-                          prompt_init=prompts.from_array(
-                              prompts.np_load(str(path))))
+  module = prompts.Prompt(
+      length=5, embed_dim=H, prompt_init=prompts.from_array(prompts.np_load(str(path)))
+  )
   with pytest.raises(ValueError, match=r'\(4, 6\).*\(5, 6\)'):
     module.init(jax.random.PRNGKey(0))
 
@@ -237,13 +238,13 @@ def fake_formats(monkeypatch, table):
 
   def load_params(path, variables=None):
     calls.append((path, tuple(variables)))
-    return {'token_embedder': {'embedding': table},
-            'encoder': {'layers_0': {'x': np.zeros(2)}}}
+    return {'token_embedder': {'embedding': table}, 'encoder': {'layers_0': {'x': np.zeros(2)}}}
 
   module = types.ModuleType('prompt_tuning.checkpoints.formats')
   module.load_params = load_params
   monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.formats', module)
   import prompt_tuning.checkpoints as ckpts  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(ckpts, 'formats', module, raising=False)
   prompts.clear_cache()
   yield calls
@@ -255,13 +256,11 @@ def test_t5x_load_is_lazy_and_cached(fake_formats, table, vocab):
   loader_b = prompts.t5x_load('/ckpt/checkpoint_3', 'target/token_embedder/embedding')
   assert not fake_formats  # Nothing read yet.
   init = prompts.from_embedded_list(
-      loader_a, vocab, ['positive'],
-      prompts.from_sample_of_embeddings(loader_b, 10))
+      loader_a, vocab, ['positive'], prompts.from_sample_of_embeddings(loader_b, 10)
+  )
   x = np.asarray(init(jax.random.PRNGKey(0), (3, H)))
-  np.testing.assert_allclose(x[0], table[vocab.encode('positive')].mean(0),
-                             rtol=1e-6)
-  assert fake_formats == [('/ckpt/checkpoint_3',
-                           ('token_embedder/embedding',))]
+  np.testing.assert_allclose(x[0], table[vocab.encode('positive')].mean(0), rtol=1e-6)
+  assert fake_formats == [('/ckpt/checkpoint_3', ('token_embedder/embedding',))]
   np.testing.assert_array_equal(np.asarray(loader_b), table)
   assert len(fake_formats) == 1
 
@@ -281,9 +280,9 @@ def test_t5x_load_falls_back_to_t5x_format(monkeypatch, table):
 
   module.load = load
   monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.formats', None)
-  monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.t5x_format',
-                      module)
+  monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.t5x_format', module)
   import prompt_tuning.checkpoints as ckpts  # pylint: disable=g-import-not-at-top
+
   monkeypatch.delattr(ckpts, 'formats', raising=False)
   monkeypatch.setattr(ckpts, 't5x_format', module, raising=False)
   prompts.clear_cache()
@@ -295,8 +294,14 @@ def test_t5x_load_falls_back_to_t5x_format(monkeypatch, table):
 def test_t5x_load_real_t5x_checkpoint(tmp_path, table):
   t5x_format = pytest.importorskip('prompt_tuning.checkpoints.t5x_format')
   path = str(tmp_path / 'checkpoint_3')
-  t5x_format.save(path, {'token_embedder': {'embedding': table},
-                         'encoder': {'encoder_norm': {'scale': np.ones(H, np.float32)}}}, 3)
+  t5x_format.save(
+      path,
+      {
+          'token_embedder': {'embedding': table},
+          'encoder': {'encoder_norm': {'scale': np.ones(H, np.float32)}},
+      },
+      3,
+  )
   prompts.clear_cache()
   loader = prompts.t5x_load(path)
   np.testing.assert_array_equal(loader(), table)
@@ -309,12 +314,14 @@ def test_t5x_load_real_t5x_checkpoint(tmp_path, table):
 def test_t5x_load_huggingface_directory(tmp_path):
   huggingface = pytest.importorskip('prompt_tuning.checkpoints.huggingface')
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
   config = t5.get_config('tiny')
   params = t5.init_variables(config)['params']
   huggingface.save_t5(str(tmp_path), config, params)
   prompts.clear_cache()
-  np.testing.assert_allclose(prompts.t5x_load(str(tmp_path))(),
-                             np.asarray(params['token_embedder']['embedding']))
+  np.testing.assert_allclose(
+      prompts.t5x_load(str(tmp_path))(), np.asarray(params['token_embedder']['embedding'])
+  )
   prompts.clear_cache()
 
 
@@ -324,12 +331,10 @@ def test_t5x_load_huggingface_directory(tmp_path):
 def test_prompt_module_param_and_axes():
   module = prompts.Prompt(length=5, dtype=jnp.bfloat16)
   embedded = jnp.zeros((2, 3, H))
-  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((2, 3), jnp.int32),
-                          embedded)
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((2, 3), jnp.int32), embedded)
   param = variables['params']['prompt']
   assert param.shape == (5, H) and param.dtype == jnp.float32
-  assert variables['params_axes']['prompt_axes'].names == ('prompt',
-                                                           'prompt_embed')
+  assert variables['params_axes']['prompt_axes'].names == ('prompt', 'prompt_embed')
   out = module.apply(variables, None, embedded)
   assert out.dtype == jnp.bfloat16 and out.shape == (5, H)
   # Default init is the paper's U[-0.5, 0.5).
@@ -337,7 +342,8 @@ def test_prompt_module_param_and_axes():
   # Once created, embed_dim is read from the parameter.
   np.testing.assert_array_equal(
       np.asarray(module.apply(variables), np.float32),
-      np.asarray(param.astype(jnp.bfloat16), np.float32))
+      np.asarray(param.astype(jnp.bfloat16), np.float32),
+  )
 
 
 def test_prompt_module_needs_embed_dim():
@@ -346,8 +352,7 @@ def test_prompt_module_needs_embed_dim():
 
 
 def test_prompt_module_with_flax_initializer():
-  module = prompts.Prompt(length=3, embed_dim=4,
-                          prompt_init=jax.nn.initializers.normal(1.0))
+  module = prompts.Prompt(length=3, embed_dim=4, prompt_init=jax.nn.initializers.normal(1.0))
   assert module.init(jax.random.PRNGKey(0))['params']['prompt'].shape == (3, 4)
 
 
@@ -359,7 +364,7 @@ def test_inference_only_prompt(table):
 
 
 def test_expand_to_batch():
-  x = jnp.arange(6.).reshape(2, 3)
+  x = jnp.arange(6.0).reshape(2, 3)
   y = prompts.expand_to_batch(x, 4)
   assert y.shape == (4, 2, 3)
   np.testing.assert_array_equal(np.asarray(y[3]), np.asarray(x))
@@ -367,15 +372,14 @@ def test_expand_to_batch():
 
 # ------------------------------------------------------- combine functions --
 
-TOKENS = np.array([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 11], [0, 0, 0, 0],
-                   [4, 3, 2, 0]])
+TOKENS = np.array([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 11], [0, 0, 0, 0], [4, 3, 2, 0]])
 P = 2
 
 
 def _inputs():
   """Embedded = token id, prompt = 100 + 10 * row + position."""
   b = TOKENS.shape[0]
-  prompt = (100 + 10 * np.arange(b)[:, None] + np.arange(P)[None, :])
+  prompt = 100 + 10 * np.arange(b)[:, None] + np.arange(P)[None, :]
   prompt = jnp.asarray(prompt, jnp.float32)[..., None].repeat(2, axis=-1)
   embedded = jnp.asarray(TOKENS, jnp.float32)[..., None].repeat(2, axis=-1)
   return prompt, embedded, jnp.asarray(TOKENS)
@@ -430,27 +434,54 @@ def test_suffix_prompt_before_eos():
 
 
 def test_suffix_prompt_under_jit():
-  out = jax.jit(prompts.suffix_prompt, static_argnames='before_eos')(
-      *_inputs(), before_eos=True)
+  out = jax.jit(prompts.suffix_prompt, static_argnames='before_eos')(*_inputs(), before_eos=True)
   np.testing.assert_array_equal(
-      np.asarray(out), np.asarray(prompts.suffix_prompt(*_inputs(), True)))
+      np.asarray(out), np.asarray(prompts.suffix_prompt(*_inputs(), True))
+  )
 
 
 MASK = TOKENS > 0
 T, F = True, False
 
 
-@pytest.mark.parametrize('combine,mask_fn,expected', [
-    (prompts.prefix_prompt, prompts.prefix_prompt_mask,
-     [[T, T, T, T, T, F], [T, T, T, T, F, F], [T, T, T, T, T, T],
-      [T, T, F, F, F, F], [T, T, T, T, T, F]]),
-    (prompts.prefix_prompt_after_bos, prompts.prefix_prompt_after_bos_mask,
-     [[T, T, T, T, T, F], [T, T, T, T, F, F], [T, T, T, T, T, T],
-      [F, T, T, F, F, F], [T, T, T, T, T, F]]),
-    (prompts.suffix_prompt, prompts.suffix_prompt_mask,
-     [[T, T, T, T, T, F], [T, T, T, T, F, F], [T, T, T, T, T, T],
-      [T, T, F, F, F, F], [T, T, T, T, T, F]]),
-])
+@pytest.mark.parametrize(
+    'combine,mask_fn,expected',
+    [
+        (
+            prompts.prefix_prompt,
+            prompts.prefix_prompt_mask,
+            [
+                [T, T, T, T, T, F],
+                [T, T, T, T, F, F],
+                [T, T, T, T, T, T],
+                [T, T, F, F, F, F],
+                [T, T, T, T, T, F],
+            ],
+        ),
+        (
+            prompts.prefix_prompt_after_bos,
+            prompts.prefix_prompt_after_bos_mask,
+            [
+                [T, T, T, T, T, F],
+                [T, T, T, T, F, F],
+                [T, T, T, T, T, T],
+                [F, T, T, F, F, F],
+                [T, T, T, T, T, F],
+            ],
+        ),
+        (
+            prompts.suffix_prompt,
+            prompts.suffix_prompt_mask,
+            [
+                [T, T, T, T, T, F],
+                [T, T, T, T, F, F],
+                [T, T, T, T, T, T],
+                [T, T, F, F, F, F],
+                [T, T, T, T, T, F],
+            ],
+        ),
+    ],
+)
 def test_mask_counterparts(combine, mask_fn, expected):
   explicit = np.asarray(mask_fn(TOKENS, MASK, P))
   generic = np.asarray(prompts.combine_mask(combine, TOKENS, MASK, P))
@@ -461,15 +492,20 @@ def test_mask_counterparts(combine, mask_fn, expected):
 
 def test_mask_carries_arbitrary_mask():
   """Prompt positions True; the rest is the given mask, moved like tokens."""
-  mask = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0],
-                   [0, 0, 1, 0]], bool)
+  mask = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]], bool)
   for before_eos in (False, True):
     explicit = prompts.suffix_prompt_mask(TOKENS, mask, P, before_eos)
     generic = prompts.combine_mask(
-        lambda p, e, t, b=before_eos: prompts.suffix_prompt(p, e, t, b),
-        TOKENS, mask, P)
+        lambda p, e, t, b=before_eos: prompts.suffix_prompt(p, e, t, b), TOKENS, mask, P
+    )
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(generic))
   np.testing.assert_array_equal(
       np.asarray(prompts.suffix_prompt_mask(TOKENS, mask, P, True)),
-      [[T, F, T, T, T, F], [F, T, T, T, F, F], [T, T, F, T, T, T],
-       [T, T, F, F, F, F], [F, F, T, T, T, F]])
+      [
+          [T, F, T, T, T, F],
+          [F, T, T, T, F, F],
+          [T, T, F, T, T, T],
+          [T, T, F, F, F, F],
+          [F, F, T, T, T, F],
+      ],
+  )

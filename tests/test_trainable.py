@@ -81,7 +81,8 @@ def test_value_and_grad_trainable_small():
     return jnp.sum(p['w'] * x) * p['prompt']['p'][0], {'aux': 1}
 
   (loss, aux), grads = trainable.value_and_grad_trainable(loss_fn, has_aux=True)(
-      train, frozen, jnp.array([1.0, 1.0]))
+      train, frozen, jnp.array([1.0, 1.0])
+  )
   assert float(loss) == 9.0 and aux == {'aux': 1}
   assert trainable.flatten_params(grads).keys() == {'prompt/p'}
   np.testing.assert_allclose(np.asarray(grads['prompt']['p']), [3.0])
@@ -90,35 +91,57 @@ def test_value_and_grad_trainable_small():
 # ----------------------------------------------------------- prompted model, flops and SGD --
 
 B, L, T, P = 4, 32, 8, 8
-CFG = t5.get_config('tiny', emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
-                    num_encoder_layers=2, num_decoder_layers=2)
+CFG = t5.get_config(
+    'tiny',
+    emb_dim=64,
+    num_heads=4,
+    head_dim=16,
+    mlp_dim=128,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+)
 
 
 def _batch():
   rng = np.random.RandomState(0)
   enc = rng.randint(2, CFG.vocab_size, size=(B, L)).astype(np.int32)
-  enc[:, L - 5:] = 0
+  enc[:, L - 5 :] = 0
   tgt = rng.randint(2, CFG.vocab_size, size=(B, T)).astype(np.int32)
-  tgt[1, T - 2:] = 0
+  tgt[1, T - 2 :] = 0
   dec_in = np.concatenate([np.zeros((B, 1), np.int32), tgt[:, :-1]], axis=1) * (tgt > 0)
-  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec_in,
-          'decoder_target_tokens': tgt, 'decoder_loss_weights': (tgt > 0).astype(np.float32)}
+  return {
+      'encoder_input_tokens': enc,
+      'decoder_input_tokens': dec_in,
+      'decoder_target_tokens': tgt,
+      'decoder_loss_weights': (tgt > 0).astype(np.float32),
+  }
 
 
 @pytest.fixture(scope='module')
 def setup():
   model = prompted.PromptEncoderDecoder(CFG, prompt_length=P)
   batch = _batch()
-  params = jax.jit(lambda r: model.init(
-      r, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-      batch['decoder_target_tokens'], enable_dropout=False))(jax.random.PRNGKey(0))['params']
+  params = jax.jit(
+      lambda r: model.init(
+          r,
+          batch['encoder_input_tokens'],
+          batch['decoder_input_tokens'],
+          batch['decoder_target_tokens'],
+          enable_dropout=False,
+      )
+  )(jax.random.PRNGKey(0))['params']
 
   def loss_fn(params, batch):
-    logits = model.apply({'params': params}, batch['encoder_input_tokens'],
-                         batch['decoder_input_tokens'], batch['decoder_target_tokens'],
-                         enable_dropout=False)
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits),
-                              batch['decoder_target_tokens'][..., None], -1)[..., 0]
+    logits = model.apply(
+        {'params': params},
+        batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'],
+        enable_dropout=False,
+    )
+    ce = -jnp.take_along_axis(
+        jax.nn.log_softmax(logits), batch['decoder_target_tokens'][..., None], -1
+    )[..., 0]
     weights = batch['decoder_loss_weights']
     return jnp.sum(ce * weights) / jnp.sum(weights)
 
@@ -139,8 +162,10 @@ def test_prompt_only_gradient_costs_about_two_forwards(setup):
   prompt_step = _flops(trainable.value_and_grad_trainable(loss_fn), train, frozen, batch)
   full_step = _flops(jax.value_and_grad(loss_fn), params, batch)
   prompt_ratio, full_ratio = prompt_step / forward, full_step / forward
-  print(f'forward {forward:.3g} flops; prompt-only step {prompt_ratio:.2f}x; '
-        f'full step {full_ratio:.2f}x')
+  print(
+      f'forward {forward:.3g} flops; prompt-only step {prompt_ratio:.2f}x; '
+      f'full step {full_ratio:.2f}x'
+  )
   assert prompt_ratio <= 2.3
   assert 2.5 <= full_ratio <= 3.6
   assert prompt_step / full_step < 0.85

@@ -15,6 +15,7 @@ Activations carry logical sharding constraints (`('batch', 'length', 'embed')`,
 `('batch', 'length', 'heads', 'kv')`, `('batch', 'length', 'mlp')`); they are no-ops unless a mesh
 and logical axis rules are active.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,8 +59,11 @@ def to_dtype(dtype: DType) -> jnp.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_attention_mask(query_input: Array, key_input: Array,
-                        pairwise_fn: Callable[[Array, Array], Array] = jnp.logical_and) -> Array:
+def make_attention_mask(
+    query_input: Array,
+    key_input: Array,
+    pairwise_fn: Callable[[Array, Array], Array] = jnp.logical_and,
+) -> Array:
   """Boolean mask `[batch, 1, q_len, k_len]` from per-position query and key inputs."""
   mask = pairwise_fn(jnp.expand_dims(query_input, -1), jnp.expand_dims(key_input, -2))
   return jnp.expand_dims(mask, -3).astype(bool)
@@ -96,9 +100,9 @@ def mask_to_bias(mask: Optional[Array], dtype: DType) -> Optional[Array]:
   """`lax.select(mask > 0, 0, -1e10)` as in flaxformer."""
   if mask is None:
     return None
-  return lax.select(mask > 0,
-                    jnp.full(mask.shape, 0.0).astype(dtype),
-                    jnp.full(mask.shape, NEG_INF).astype(dtype))
+  return lax.select(
+      mask > 0, jnp.full(mask.shape, 0.0).astype(dtype), jnp.full(mask.shape, NEG_INF).astype(dtype)
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +119,7 @@ class DenseGeneral(nn.Module):
     dtype: computation dtype (the kernel is stored float32 and cast).
     kernel_init: kernel initializer `(rng, shape, dtype)`.
   """
+
   features: int
   kernel_axes: Tuple[str, str]
   dtype: DType = jnp.float32
@@ -123,8 +128,13 @@ class DenseGeneral(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     dtype = to_dtype(self.dtype)
-    kernel = param_with_axes('kernel', self.kernel_init, (inputs.shape[-1], self.features),
-                             jnp.float32, axes=self.kernel_axes)
+    kernel = param_with_axes(
+        'kernel',
+        self.kernel_init,
+        (inputs.shape[-1], self.features),
+        jnp.float32,
+        axes=self.kernel_axes,
+    )
     kernel = jnp.asarray(kernel, dtype)
     inputs = jnp.asarray(inputs, dtype)
     return lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
@@ -132,6 +142,7 @@ class DenseGeneral(nn.Module):
 
 class LayerNorm(nn.Module):
   """T5 RMSNorm: `x * rsqrt(mean(x**2) + eps) * scale`, statistics in float32, no bias."""
+
   epsilon: float = 1e-6
   dtype: DType = jnp.float32
   scale_init: Initializer = nn.initializers.ones
@@ -148,6 +159,7 @@ class LayerNorm(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding `[vocab, d_model]` (axes `('vocab', 'embed')`) with a float32 `attend`."""
+
   num_embeddings: int
   features: int
   dtype: DType = jnp.float32
@@ -155,9 +167,13 @@ class Embed(nn.Module):
   embedding_init: Initializer = embedding_init
 
   def setup(self):
-    self.embedding = param_with_axes('embedding', self.embedding_init,
-                                     (self.num_embeddings, self.features), jnp.float32,
-                                     axes=('vocab', 'embed'))
+    self.embedding = param_with_axes(
+        'embedding',
+        self.embedding_init,
+        (self.num_embeddings, self.features),
+        jnp.float32,
+        axes=('vocab', 'embed'),
+    )
 
   def __call__(self, inputs: Array) -> Array:
     """Embeds integer ids `[...]` -> `[..., features]` in `dtype`."""
@@ -174,8 +190,12 @@ class Embed(nn.Module):
     return jnp.dot(jnp.asarray(query, dtype), jnp.asarray(self.embedding, dtype).T)
 
 
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
-                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+def relative_position_bucket(
+    relative_position: np.ndarray,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> np.ndarray:
   """T5 bucketing of `relative_position = memory_position - query_position` (numpy, static).
 
   Exact transcription of flaxformer/T5X `_relative_position_bucket`: half of the buckets (or all,
@@ -195,8 +215,10 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool 
   max_exact = num_buckets // 2
   is_small = n < max_exact
   val_if_large = max_exact + (
-      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
-      np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+      / np.log(max_distance / max_exact)
+      * (num_buckets - max_exact)
+  ).astype(np.int32)
   val_if_large = np.minimum(val_if_large, num_buckets - 1)
   ret += np.where(is_small, n, val_if_large)
   return np.asarray(ret, dtype=np.int32)
@@ -208,6 +230,7 @@ class RelativePositionBiases(nn.Module):
   In decode mode the bias for `max_decode_length x max_decode_length` is computed once and kept
   in the `cache` collection as `cached_bias`; attention layers slice the rows they need.
   """
+
   num_buckets: int
   max_distance: int
   num_heads: int
@@ -215,31 +238,47 @@ class RelativePositionBiases(nn.Module):
   embedding_init: Initializer = relpos_init
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, bidirectional: bool = True,
-               decode: bool = False) -> Array:
+  def __call__(
+      self, qlen: int, klen: int, bidirectional: bool = True, decode: bool = False
+  ) -> Array:
     if decode and self.has_variable('cache', 'cached_bias'):
       return self.get_variable('cache', 'cached_bias')
     context_position = np.arange(qlen, dtype=np.int32)[:, None]
     memory_position = np.arange(klen, dtype=np.int32)[None, :]
-    buckets = relative_position_bucket(memory_position - context_position,
-                                       bidirectional=bidirectional,
-                                       num_buckets=self.num_buckets,
-                                       max_distance=self.max_distance)
-    rel_embedding = param_with_axes('rel_embedding', self.embedding_init,
-                                    (self.num_heads, self.num_buckets), jnp.float32,
-                                    axes=('heads', 'relpos_buckets'))
-    values = jnp.take(jnp.asarray(rel_embedding, to_dtype(self.dtype)), jnp.asarray(buckets),
-                      axis=1)  # [heads, q, k]
+    buckets = relative_position_bucket(
+        memory_position - context_position,
+        bidirectional=bidirectional,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )
+    rel_embedding = param_with_axes(
+        'rel_embedding',
+        self.embedding_init,
+        (self.num_heads, self.num_buckets),
+        jnp.float32,
+        axes=('heads', 'relpos_buckets'),
+    )
+    values = jnp.take(
+        jnp.asarray(rel_embedding, to_dtype(self.dtype)), jnp.asarray(buckets), axis=1
+    )  # [heads, q, k]
     values = values[None]
     if decode:
       self.variable('cache', 'cached_bias', lambda: values)
     return values
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
-                          *, dropout_rng: Optional[Array] = None, dropout_rate: float = 0.0,
-                          deterministic: bool = True, dtype: DType = jnp.float32,
-                          float32_logits: bool = False) -> Array:
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Optional[Array] = None,
+    *,
+    dropout_rng: Optional[Array] = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dtype: DType = jnp.float32,
+    float32_logits: bool = False,
+) -> Array:
   """T5 attention core: no `1/sqrt(d)` scaling; dropout on the weights broadcast over queries.
 
   Args:
@@ -285,6 +324,7 @@ class MultiHeadDotProductAttention(nn.Module):
   `n`. When the cache does not exist yet (the `init` call), it is created with length
   `max_decode_length` (default: the input length) and left empty.
   """
+
   num_heads: int
   head_dim: int
   dtype: DType = jnp.float32
@@ -293,10 +333,18 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel_init: Initializer = attention_kernel_init
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
-               bias: Optional[Array] = None, *, enable_dropout: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None,
-               chunk_mask: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      inputs_q: Array,
+      inputs_kv: Array,
+      mask: Optional[Array] = None,
+      bias: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      chunk_mask: Optional[Array] = None,
+  ) -> Array:
     """Applies attention.
 
     Args:
@@ -323,8 +371,7 @@ class MultiHeadDotProductAttention(nn.Module):
       return self.kernel_init(rng, shape, init_dtype) / np.sqrt(head_dim).astype(np.float32)
 
     def project(name, init, x):
-      y = DenseGeneral(inner, ('embed', 'joined_kv'), dtype=dtype, kernel_init=init,
-                       name=name)(x)
+      y = DenseGeneral(inner, ('embed', 'joined_kv'), dtype=dtype, kernel_init=init, name=name)(x)
       y = y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
       return with_sharding_constraint(y, ('batch', 'length', 'heads', 'kv'))
 
@@ -345,12 +392,15 @@ class MultiHeadDotProductAttention(nn.Module):
         if cached_key.value.shape[0] != batch or n > cache_len:
           raise ValueError(
               f'Decode chunk of shape {query.shape[:2]} does not fit the cache of shape '
-              f'{cached_key.value.shape[:2]} (batch, max_decode_length).')
+              f'{cached_key.value.shape[:2]} (batch, max_decode_length).'
+          )
         idx = cache_index.value
-        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                       (0, idx, 0, 0))
-        value = lax.dynamic_update_slice(cached_value.value,
-                                         value.astype(cached_value.value.dtype), (0, idx, 0, 0))
+        key = lax.dynamic_update_slice(
+            cached_key.value, key.astype(cached_key.value.dtype), (0, idx, 0, 0)
+        )
+        value = lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), (0, idx, 0, 0)
+        )
         cached_key.value = key
         cached_value.value = value
         cache_index.value = idx + n
@@ -360,7 +410,9 @@ class MultiHeadDotProductAttention(nn.Module):
         if chunk_mask is not None:
           extra = lax.dynamic_update_slice(
               jnp.zeros((batch, 1, n, cache_len), bool),
-              jnp.broadcast_to(chunk_mask, (batch, 1, n, n)).astype(bool), (0, 0, 0, idx))
+              jnp.broadcast_to(chunk_mask, (batch, 1, n, n)).astype(bool),
+              (0, 0, 0, idx),
+          )
           allowed = allowed | extra
         mask = combine_masks(mask, allowed)
         if bias is not None:
@@ -372,7 +424,7 @@ class MultiHeadDotProductAttention(nn.Module):
           causal = causal | chunk_mask.astype(bool)
         mask = combine_masks(mask, causal)
         if bias is not None:
-          bias = bias[..., :n, :key.shape[1]]
+          bias = bias[..., :n, : key.shape[1]]
 
     attention_bias = mask_to_bias(mask, dtype)
     if bias is not None:
@@ -383,12 +435,21 @@ class MultiHeadDotProductAttention(nn.Module):
     if not deterministic:
       dropout_rng = self.make_rng('dropout')
 
-    x = dot_product_attention(query, key, value, attention_bias, dropout_rng=dropout_rng,
-                              dropout_rate=self.dropout_rate, deterministic=deterministic,
-                              dtype=dtype, float32_logits=self.float32_logits)
+    x = dot_product_attention(
+        query,
+        key,
+        value,
+        attention_bias,
+        dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate,
+        deterministic=deterministic,
+        dtype=dtype,
+        float32_logits=self.float32_logits,
+    )
     x = x.reshape(x.shape[:-2] + (inner,))
-    out = DenseGeneral(features, ('joined_kv', 'embed'), dtype=dtype,
-                       kernel_init=self.kernel_init, name='out')(x)
+    out = DenseGeneral(
+        features, ('joined_kv', 'embed'), dtype=dtype, kernel_init=self.kernel_init, name='out'
+    )(x)
     return with_sharding_constraint(out, ('batch', 'length', 'embed'))
 
 
@@ -419,6 +480,7 @@ class MlpBlock(nn.Module):
   One activation (T5 1.0 `('relu',)`) names the input kernel `wi`; several (T5 1.1
   `('gelu', 'linear')`, gated GELU) name them `wi_0`, `wi_1`, ....
   """
+
   intermediate_dim: int
   activations: Sequence[str] = ('relu',)
   dtype: DType = jnp.float32
@@ -431,13 +493,20 @@ class MlpBlock(nn.Module):
     hidden = []
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-      h = DenseGeneral(self.intermediate_dim, ('embed', 'mlp'), dtype=dtype,
-                       kernel_init=self.kernel_init, name=name)(inputs)
+      h = DenseGeneral(
+          self.intermediate_dim,
+          ('embed', 'mlp'),
+          dtype=dtype,
+          kernel_init=self.kernel_init,
+          name=name,
+      )(inputs)
       hidden.append(get_activation(act)(h))
     x = functools.reduce(operator.mul, hidden)
     x = with_sharding_constraint(x, ('batch', 'length', 'mlp'))
     x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(
-        x, deterministic=not enable_dropout)
-    out = DenseGeneral(inputs.shape[-1], ('mlp', 'embed'), dtype=dtype,
-                       kernel_init=self.kernel_init, name='wo')(x)
+        x, deterministic=not enable_dropout
+    )
+    out = DenseGeneral(
+        inputs.shape[-1], ('mlp', 'embed'), dtype=dtype, kernel_init=self.kernel_init, name='wo'
+    )(x)
     return with_sharding_constraint(out, ('batch', 'length', 'embed'))

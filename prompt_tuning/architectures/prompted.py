@@ -50,6 +50,7 @@ class PromptBank(nn.Module):
     dtype: activation dtype of the returned prompts.
     bank_init: optional initializer of the whole `[N, P, H]` bank (overrides `prompt_init`).
   """
+
   num_prompts: int
   length: int
   prompt_init: Initializer = prompts.uniform(0.5)
@@ -58,10 +59,12 @@ class PromptBank(nn.Module):
   bank_init: Optional[Initializer] = None
 
   @nn.compact
-  def __call__(self,
-               tokens: Optional[Array] = None,
-               embedded: Optional[Array] = None,
-               prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      tokens: Optional[Array] = None,
+      embedded: Optional[Array] = None,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Returns `[B, P, H]`: `bank[prompt_ids]`.
 
     Args:
@@ -89,8 +92,9 @@ class PromptBank(nn.Module):
     if prompt_ids is None:
       if not self.is_initializing():
         raise ValueError(
-            'A PromptBank needs a `prompt_ids` [batch] feature selecting each example\'s prompt '
-            '(pass prompt_ids=... to apply / add the feature to the batch).')
+            "A PromptBank needs a `prompt_ids` [batch] feature selecting each example's prompt "
+            '(pass prompt_ids=... to apply / add the feature to the batch).'
+        )
       ref = tokens if tokens is not None else embedded
       batch = 1 if ref is None else ref.shape[0]
       prompt_ids = jnp.zeros((batch,), jnp.int32)
@@ -110,6 +114,7 @@ class CombinedPrompt(nn.Module):
       the batch) or `[B, P, H]`, and has a `length` attribute.
     combine: `combine(prompt [B, P, H], embedded [B, L, H], tokens [B, L]) -> [B, P + L, H]`.
   """
+
   prompt: nn.Module
   combine: CombineFn = prompts.prefix_prompt
 
@@ -118,11 +123,13 @@ class CombinedPrompt(nn.Module):
     """The prompt length P."""
     return int(self.prompt.length)
 
-  def get_prompt(self,
-                 batch_size: int,
-                 prompt_ids: Optional[Array] = None,
-                 tokens: Optional[Array] = None,
-                 embedded: Optional[Array] = None) -> Array:
+  def get_prompt(
+      self,
+      batch_size: int,
+      prompt_ids: Optional[Array] = None,
+      tokens: Optional[Array] = None,
+      embedded: Optional[Array] = None,
+  ) -> Array:
     """Returns the batched prompt `[batch_size, P, H]`."""
     kwargs = {} if prompt_ids is None else {'prompt_ids': prompt_ids}
     if tokens is None and prompt_ids is not None:
@@ -131,8 +138,10 @@ class CombinedPrompt(nn.Module):
     if value.ndim == 2:
       value = prompts.expand_to_batch(value, batch_size)
     if value.shape[0] != batch_size:
-      raise ValueError(f'The prompt has batch size {value.shape[0]}, expected {batch_size} '
-                       '(prompt_ids must have one entry per example).')
+      raise ValueError(
+          f'The prompt has batch size {value.shape[0]}, expected {batch_size} '
+          '(prompt_ids must have one entry per example).'
+      )
     return value
 
   def __call__(self, tokens: Array, embedded: Array, prompt_ids: Optional[Array] = None) -> Array:
@@ -145,13 +154,15 @@ class CombinedPrompt(nn.Module):
     return prompts.combine_mask(self.combine, tokens, mask, self.length)
 
 
-def make_prompt_factory(length: int,
-                        prompt_init: Initializer = prompts.uniform(0.5),
-                        combine: CombineFn = prompts.prefix_prompt,
-                        embed_dim: Optional[int] = None,
-                        dtype: DType = jnp.float32,
-                        num_prompts: Optional[int] = None,
-                        bank_init: Optional[Initializer] = None) -> Callable[[], CombinedPrompt]:
+def make_prompt_factory(
+    length: int,
+    prompt_init: Initializer = prompts.uniform(0.5),
+    combine: CombineFn = prompts.prefix_prompt,
+    embed_dim: Optional[int] = None,
+    dtype: DType = jnp.float32,
+    num_prompts: Optional[int] = None,
+    bank_init: Optional[Initializer] = None,
+) -> Callable[[], CombinedPrompt]:
   """A `prompt_factory` for `t5.EncoderDecoder` / `t5.DecoderOnly`.
 
   Args:
@@ -170,11 +181,19 @@ def make_prompt_factory(length: int,
 
   def factory() -> CombinedPrompt:
     if num_prompts is None:
-      generator = prompts.Prompt(length=length, prompt_init=prompt_init, embed_dim=embed_dim,
-                                 dtype=dtype, parent=None)
+      generator = prompts.Prompt(
+          length=length, prompt_init=prompt_init, embed_dim=embed_dim, dtype=dtype, parent=None
+      )
     else:
-      generator = PromptBank(num_prompts=num_prompts, length=length, prompt_init=prompt_init,
-                             embed_dim=embed_dim, dtype=dtype, bank_init=bank_init, parent=None)
+      generator = PromptBank(
+          num_prompts=num_prompts,
+          length=length,
+          prompt_init=prompt_init,
+          embed_dim=embed_dim,
+          dtype=dtype,
+          bank_init=bank_init,
+          parent=None,
+      )
     return CombinedPrompt(prompt=generator, combine=combine)
 
   factory.combine = combine
@@ -196,10 +215,15 @@ def _resolve_prompt_fields(module: nn.Module) -> None:
   if factory is None:
     if length is None:
       raise ValueError(f'{type(module).__name__} needs `prompt_length` (or a `prompt_factory`).')
-    factory = make_prompt_factory(length, module.prompt_init, module.combine,
-                                  embed_dim=module.config.emb_dim,
-                                  dtype=module.config.activation_dtype,
-                                  num_prompts=module.num_prompts, bank_init=module.bank_init)
+    factory = make_prompt_factory(
+        length,
+        module.prompt_init,
+        module.combine,
+        embed_dim=module.config.emb_dim,
+        dtype=module.config.activation_dtype,
+        num_prompts=module.num_prompts,
+        bank_init=module.bank_init,
+    )
   object.__setattr__(module, 'prompt_factory', factory)
   object.__setattr__(module, 'prompt_length', length)
 
@@ -224,6 +248,7 @@ class PromptEncoderDecoder(t5.EncoderDecoder):
     bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank (serving trained
       prompts: `configs/prompts/bank_from_file.gin`).
   """
+
   prompt_length: Optional[int] = None
   prompt_init: Initializer = prompts.uniform(0.5)
   combine: CombineFn = prompts.prefix_prompt
@@ -251,6 +276,7 @@ class PromptDecoderOnly(t5.DecoderOnly):
     num_prompts: if given, a `PromptBank` selected by `prompt_ids`.
     bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank.
   """
+
   prompt_length: Optional[int] = None
   prompt_init: Initializer = prompts.uniform(0.5)
   combine: CombineFn = prompts.prefix_prompt
@@ -261,24 +287,33 @@ class PromptDecoderOnly(t5.DecoderOnly):
     _resolve_prompt_fields(self)
     super().__post_init__()
 
-  def __call__(self,
-               decoder_input_tokens: Array,
-               decoder_target_tokens: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None,
-               decoder_positions: Optional[Array] = None,
-               decoder_causal_attention: Optional[Array] = None,
-               *,
-               enable_dropout: bool = True,
-               decode: bool = False,
-               max_decode_length: Optional[int] = None,
-               prompt_ids: Optional[Array] = None,
-               prefill_prompt: bool = False) -> Array:
+  def __call__(
+      self,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      decoder_positions: Optional[Array] = None,
+      decoder_causal_attention: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      prompt_ids: Optional[Array] = None,
+      prefill_prompt: bool = False,
+  ) -> Array:
     """float32 logits: `[B, L, V]` without decoding (prompt positions removed), else the chunk's."""
     logits = super().__call__(
-        decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decoder_positions,
-        decoder_causal_attention, enable_dropout=enable_dropout, decode=decode,
-        max_decode_length=max_decode_length, prompt_ids=prompt_ids,
-        prefill_prompt=prefill_prompt)
+        decoder_input_tokens,
+        decoder_target_tokens,
+        decoder_segment_ids,
+        decoder_positions,
+        decoder_causal_attention,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+        prompt_ids=prompt_ids,
+        prefill_prompt=prefill_prompt,
+    )
     if decode:
       return logits
     return self.remove_prompt(decoder_input_tokens, logits)
@@ -287,15 +322,16 @@ class PromptDecoderOnly(t5.DecoderOnly):
     """Drops the prompt positions of `x [B, P + L, ...]` -> `[B, L, ...]` (any combine)."""
     length = tokens.shape[1]
     if getattr(self.prompt_factory, 'combine', None) is prompts.prefix_prompt:
-      return x[:, x.shape[1] - length:]
+      return x[:, x.shape[1] - length :]
     is_prompt = self.decoder.prompt.combine_mask(tokens, jnp.zeros(tokens.shape, bool))
     # Stable sort puts the L non-prompt positions first, in order.
     index = jnp.argsort(is_prompt.astype(jnp.int32), axis=1, stable=True)[:, :length]
     index = index.reshape(index.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, index, axis=1)
 
-  def prefill(self, batch_size: int, max_decode_length: int,
-              prompt_ids: Optional[Array] = None) -> Array:
+  def prefill(
+      self, batch_size: int, max_decode_length: int, prompt_ids: Optional[Array] = None
+  ) -> Array:
     """Writes the prompt into the decoding cache (run with `mutable=['cache']`).
 
     Exact for causal LMs: feeding the tokens afterwards gives the logits of the full forward
@@ -307,6 +343,12 @@ class PromptDecoderOnly(t5.DecoderOnly):
     Returns the logits of the prompt positions `[B, P, V]` (usually unused).
     """
     tokens = jnp.zeros((batch_size, 1), jnp.int32)
-    return super().__call__(tokens, tokens, enable_dropout=False, decode=True,
-                            max_decode_length=max_decode_length, prompt_ids=prompt_ids,
-                            prefill_prompt=True)
+    return super().__call__(
+        tokens,
+        tokens,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_decode_length,
+        prompt_ids=prompt_ids,
+        prefill_prompt=True,
+    )

@@ -27,6 +27,7 @@ Prompt hook: with `prompt_factory`, the encoder (or the decoder-only stack) owns
 named `prompt` (see CONTRIBUTING.md, "Prompt modules") that combines a soft prompt into the
 embedded inputs; all masks are built through its `combine_mask`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,11 +47,18 @@ PromptFactory = Callable[[], nn.Module]
 
 PACKING_WITH_PROMPT_ERROR = (
     'Prompt tuning does not support packed inputs (segment ids were passed to a prompted model); '
-    'set pack=False in the DatasetConfig (utils.DatasetConfig.pack = False).')
+    'set pack=False in the DatasetConfig (utils.DatasetConfig.pack = False).'
+)
 
 
 # `T5Config.remat` values -> mode (flaxformer's `layer_remat` names; booleans as before).
-_REMAT_POLICIES = {False: 'none', 'none': 'none', True: 'full', 'full': 'full', 'minimal': 'minimal'}
+_REMAT_POLICIES = {
+    False: 'none',
+    'none': 'none',
+    True: 'full',
+    'full': 'full',
+    'minimal': 'minimal',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,7 @@ class T5Config:
       memory).
     float32_attention_logits: compute attention logits and softmax in float32.
   """
+
   vocab_size: int
   emb_dim: int
   num_heads: int
@@ -108,7 +117,9 @@ class T5Config:
     for act in self.mlp_activations:
       layers.get_activation(act)
     if self.remat not in _REMAT_POLICIES:
-      raise ValueError(f'T5Config.remat must be one of {list(_REMAT_POLICIES)}, got {self.remat!r}.')
+      raise ValueError(
+          f'T5Config.remat must be one of {list(_REMAT_POLICIES)}, got {self.remat!r}.'
+      )
     if not 0.0 <= float(self.dropout_rate) < 1.0:
       raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     layers.to_dtype(self.dtype)
@@ -120,17 +131,37 @@ class T5Config:
 
 
 def _t5_1_0(emb_dim, num_heads, mlp_dim, num_layers, head_dim=64, **kw) -> T5Config:
-  return T5Config(vocab_size=32128, emb_dim=emb_dim, num_heads=num_heads, head_dim=head_dim,
-                  mlp_dim=mlp_dim, num_encoder_layers=num_layers, num_decoder_layers=num_layers,
-                  mlp_activations=('relu',), logits_via_embedding=True, dropout_rate=0.0,
-                  dtype='bfloat16', **kw)
+  return T5Config(
+      vocab_size=32128,
+      emb_dim=emb_dim,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      mlp_dim=mlp_dim,
+      num_encoder_layers=num_layers,
+      num_decoder_layers=num_layers,
+      mlp_activations=('relu',),
+      logits_via_embedding=True,
+      dropout_rate=0.0,
+      dtype='bfloat16',
+      **kw,
+  )
 
 
 def _t5_1_1(emb_dim, num_heads, mlp_dim, num_layers, vocab_size=32128, **kw) -> T5Config:
-  return T5Config(vocab_size=vocab_size, emb_dim=emb_dim, num_heads=num_heads, head_dim=64,
-                  mlp_dim=mlp_dim, num_encoder_layers=num_layers, num_decoder_layers=num_layers,
-                  mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
-                  dropout_rate=0.0, dtype='bfloat16', **kw)
+  return T5Config(
+      vocab_size=vocab_size,
+      emb_dim=emb_dim,
+      num_heads=num_heads,
+      head_dim=64,
+      mlp_dim=mlp_dim,
+      num_encoder_layers=num_layers,
+      num_decoder_layers=num_layers,
+      mlp_activations=('gelu', 'linear'),
+      logits_via_embedding=False,
+      dropout_rate=0.0,
+      dtype='bfloat16',
+      **kw,
+  )
 
 
 PRESETS: Dict[str, T5Config] = {
@@ -153,10 +184,19 @@ PRESETS: Dict[str, T5Config] = {
     'mt5_xl': _t5_1_1(2048, 32, 5120, 24, vocab_size=250112),
     'mt5_xxl': _t5_1_1(4096, 64, 10240, 24, vocab_size=250112),
     # Tiny T5 1.1-style model for tests and the demo.
-    'tiny': T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                     num_encoder_layers=2, num_decoder_layers=2,
-                     mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
-                     dropout_rate=0.0, dtype='float32'),
+    'tiny': T5Config(
+        vocab_size=128,
+        emb_dim=32,
+        num_heads=4,
+        head_dim=8,
+        mlp_dim=64,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        mlp_activations=('gelu', 'linear'),
+        logits_via_embedding=False,
+        dropout_rate=0.0,
+        dtype='float32',
+    ),
 }
 
 
@@ -189,8 +229,12 @@ def _dropout(config: T5Config, name: Optional[str] = None) -> nn.Dropout:
 
 def _attention(config: T5Config) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
-      num_heads=config.num_heads, head_dim=config.head_dim, dtype=config.activation_dtype,
-      dropout_rate=config.dropout_rate, float32_logits=config.float32_attention_logits)
+      num_heads=config.num_heads,
+      head_dim=config.head_dim,
+      dtype=config.activation_dtype,
+      dropout_rate=config.dropout_rate,
+      float32_logits=config.float32_attention_logits,
+  )
 
 
 def _layer_norm(config: T5Config) -> layers.LayerNorm:
@@ -198,16 +242,21 @@ def _layer_norm(config: T5Config) -> layers.LayerNorm:
 
 
 def _mlp(config: T5Config) -> layers.MlpBlock:
-  return layers.MlpBlock(intermediate_dim=config.mlp_dim, activations=config.mlp_activations,
-                         dtype=config.activation_dtype,
-                         intermediate_dropout_rate=config.dropout_rate)
+  return layers.MlpBlock(
+      intermediate_dim=config.mlp_dim,
+      activations=config.mlp_activations,
+      dtype=config.activation_dtype,
+      intermediate_dropout_rate=config.dropout_rate,
+  )
 
 
 def _relpos(config: T5Config) -> layers.RelativePositionBiases:
-  return layers.RelativePositionBiases(num_buckets=config.relative_attention_num_buckets,
-                                       max_distance=config.relative_attention_max_distance,
-                                       num_heads=config.num_heads,
-                                       dtype=config.activation_dtype)
+  return layers.RelativePositionBiases(
+      num_buckets=config.relative_attention_num_buckets,
+      max_distance=config.relative_attention_max_distance,
+      num_heads=config.num_heads,
+      dtype=config.activation_dtype,
+  )
 
 
 def _constrain(x: Array) -> Array:
@@ -216,6 +265,7 @@ def _constrain(x: Array) -> Array:
 
 class EncoderLayer(nn.Module):
   """Pre-LN T5 encoder layer: self-attention and MLP, each with a residual."""
+
   config: T5Config
 
   def setup(self):
@@ -227,8 +277,14 @@ class EncoderLayer(nn.Module):
     self.mlp = _mlp(cfg)
     self.post_mlp_dropout = _dropout(cfg)
 
-  def __call__(self, inputs: Array, mask: Optional[Array], bias: Optional[Array],
-               logit_mask: Optional[Array], enable_dropout: bool = True) -> Array:
+  def __call__(
+      self,
+      inputs: Array,
+      mask: Optional[Array],
+      bias: Optional[Array],
+      logit_mask: Optional[Array],
+      enable_dropout: bool = True,
+  ) -> Array:
     """Arguments are positional so the layer can be rematerialized (`enable_dropout` static)."""
     deterministic = not enable_dropout
     inputs = _constrain(inputs)
@@ -246,6 +302,7 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
   """Pre-LN T5 decoder layer: causal self-attention, cross-attention (unless decoder-only), MLP."""
+
   config: T5Config
   has_cross_attention: bool = True
 
@@ -262,19 +319,35 @@ class DecoderLayer(nn.Module):
     self.mlp = _mlp(cfg)
     self.post_mlp_dropout = _dropout(cfg)
 
-  def __call__(self, inputs: Array, encoded: Optional[Array], self_mask: Optional[Array],
-               cross_mask: Optional[Array], bias: Optional[Array], logit_mask: Optional[Array],
-               enable_dropout: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None,
-               chunk_mask: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      inputs: Array,
+      encoded: Optional[Array],
+      self_mask: Optional[Array],
+      cross_mask: Optional[Array],
+      bias: Optional[Array],
+      logit_mask: Optional[Array],
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      chunk_mask: Optional[Array] = None,
+  ) -> Array:
     """Arguments are positional so the layer can be rematerialized (flags 7-9 static)."""
     deterministic = not enable_dropout
     inputs = _constrain(inputs)
     x = _constrain(self.pre_self_attention_layer_norm(inputs))
     if logit_mask is not None:
       x = logit_mask * x
-    x = self.self_attention(x, x, self_mask, bias, enable_dropout=enable_dropout, decode=decode,
-                            max_decode_length=max_decode_length, chunk_mask=chunk_mask)
+    x = self.self_attention(
+        x,
+        x,
+        self_mask,
+        bias,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+        chunk_mask=chunk_mask,
+    )
     x = _constrain(inputs + self.post_self_attention_dropout(x, deterministic=deterministic))
     if encoded is not None:
       if not self.has_cross_attention:
@@ -282,8 +355,9 @@ class DecoderLayer(nn.Module):
       y = _constrain(self.pre_cross_attention_layer_norm(x))
       if logit_mask is not None:
         y = logit_mask * y
-      y = self.encoder_decoder_attention(y, encoded, cross_mask, None,
-                                         enable_dropout=enable_dropout)
+      y = self.encoder_decoder_attention(
+          y, encoded, cross_mask, None, enable_dropout=enable_dropout
+      )
       x = _constrain(x + self.post_cross_attention_dropout(y, deterministic=deterministic))
     z = _constrain(self.pre_mlp_layer_norm(x))
     if logit_mask is not None:
@@ -293,12 +367,17 @@ class DecoderLayer(nn.Module):
 
 
 def _make_embed(config: T5Config, name: Optional[str] = None) -> layers.Embed:
-  return layers.Embed(num_embeddings=config.vocab_size, features=config.emb_dim,
-                      dtype=config.activation_dtype, name=name)
+  return layers.Embed(
+      num_embeddings=config.vocab_size,
+      features=config.emb_dim,
+      dtype=config.activation_dtype,
+      name=name,
+  )
 
 
 class Encoder(nn.Module):
   """T5 encoder stack (flaxformer `Encoder`), optionally with a prompt child named `prompt`."""
+
   config: T5Config
   shared_embedder: nn.Module
   prompt_factory: Optional[PromptFactory] = None
@@ -321,9 +400,15 @@ class Encoder(nn.Module):
       mask = self.prompt.combine_mask(tokens, mask)
     return mask
 
-  def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
-               positions: Optional[Array] = None, *, enable_dropout: bool = True,
-               prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      tokens: Array,
+      segment_ids: Optional[Array] = None,
+      positions: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Encodes `tokens [B, L]` -> `[B, L', d_model]` (`L' = P + L` with a prompt)."""
     del positions  # Relative position biases only need the (packed) segment masks.
     cfg = self.config
@@ -338,7 +423,8 @@ class Encoder(nn.Module):
     attention_mask = layers.make_attention_mask(mask, mask)
     if segment_ids is not None:
       attention_mask = layers.combine_masks(
-          attention_mask, layers.make_attention_mask(segment_ids, segment_ids, jnp.equal))
+          attention_mask, layers.make_attention_mask(segment_ids, segment_ids, jnp.equal)
+      )
     logit_mask = mask[..., None].astype(cfg.activation_dtype)
     length = x.shape[1]
     bias = self.relpos_bias(length, length, True)
@@ -355,6 +441,7 @@ class Decoder(nn.Module):
   With `decoder_only=True` the stack owns its embedding (`token_embedder`), its layers have no
   cross-attention, and an optional prompt child named `prompt` is combined into the inputs.
   """
+
   config: T5Config
   shared_embedder: Optional[nn.Module] = None
   prompt_factory: Optional[PromptFactory] = None
@@ -371,25 +458,34 @@ class Decoder(nn.Module):
     self.input_dropout = _dropout(cfg)
     self.relpos_bias = _relpos(cfg)
     layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(7, 8, 9))
-    self.layers = [layer_cls(cfg, has_cross_attention=not self.decoder_only)
-                   for _ in range(cfg.num_decoder_layers)]
+    self.layers = [
+        layer_cls(cfg, has_cross_attention=not self.decoder_only)
+        for _ in range(cfg.num_decoder_layers)
+    ]
     self.decoder_norm = _layer_norm(cfg)
     self.output_dropout = _dropout(cfg)
     if not cfg.logits_via_embedding:
-      self.logits_dense = layers.DenseGeneral(cfg.vocab_size, ('embed', 'vocab'),
-                                              dtype=jnp.float32)
+      self.logits_dense = layers.DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32)
 
   def _embedder(self) -> nn.Module:
     return self.shared_embedder if self.shared_embedder is not None else self.token_embedder
 
-  def __call__(self, encoded: Optional[Array], decoder_input_tokens: Array,
-               decoder_target_tokens: Optional[Array] = None, *,
-               encoder_mask: Optional[Array] = None,
-               encoder_segment_ids: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None,
-               decoder_causal_attention: Optional[Array] = None, enable_dropout: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None,
-               prompt_ids: Optional[Array] = None, prefill_prompt: bool = False) -> Array:
+  def __call__(
+      self,
+      encoded: Optional[Array],
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Optional[Array] = None,
+      *,
+      encoder_mask: Optional[Array] = None,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      decoder_causal_attention: Optional[Array] = None,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      prompt_ids: Optional[Array] = None,
+      prefill_prompt: bool = False,
+  ) -> Array:
     """Returns float32 logits `[B, T', vocab]`.
 
     Args:
@@ -467,7 +563,8 @@ class Decoder(nn.Module):
       if decoder_segment_ids is not None:
         self_mask = layers.combine_masks(
             self_mask,
-            layers.make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal))
+            layers.make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal),
+        )
       logit_mask = logit_real[..., None].astype(dtype)
       cross_query = real
 
@@ -481,7 +578,8 @@ class Decoder(nn.Module):
           raise ValueError('Packed inputs (encoder_segment_ids) cannot be used when decoding.')
         cross_mask = layers.combine_masks(
             cross_mask,
-            layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal))
+            layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal),
+        )
 
     # Relative position bias, shared by all layers.
     if decode:
@@ -491,8 +589,18 @@ class Decoder(nn.Module):
       bias = self.relpos_bias(length, length, False)
 
     for layer in self.layers:
-      x = layer(x, encoded, self_mask, cross_mask, bias, logit_mask, enable_dropout, decode,
-                max_decode_length, chunk_mask)
+      x = layer(
+          x,
+          encoded,
+          self_mask,
+          cross_mask,
+          bias,
+          logit_mask,
+          enable_dropout,
+          decode,
+          max_decode_length,
+          chunk_mask,
+      )
 
     x = self.decoder_norm(x)
     x = self.output_dropout(x, deterministic=not enable_dropout)
@@ -512,61 +620,112 @@ class EncoderDecoder(nn.Module):
     config: the backbone hyper-parameters.
     prompt_factory: returns the prompt module stored as `encoder/prompt`.
   """
+
   config: T5Config
   prompt_factory: Optional[PromptFactory] = None
 
   def setup(self):
     cfg = self.config
     self.token_embedder = _make_embed(cfg)
-    self.encoder = Encoder(cfg, shared_embedder=self.token_embedder,
-                           prompt_factory=self.prompt_factory)
+    self.encoder = Encoder(
+        cfg, shared_embedder=self.token_embedder, prompt_factory=self.prompt_factory
+    )
     self.decoder = Decoder(cfg, shared_embedder=self.token_embedder)
 
   def encoder_input_mask(self, encoder_input_tokens: Array) -> Array:
     """Boolean `[B, L']`: which encoded positions are real (prompt positions included)."""
     return self.encoder.input_mask(encoder_input_tokens)
 
-  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-             encoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
-             prompt_ids: Optional[Array] = None) -> Array:
+  def encode(
+      self,
+      encoder_input_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      encoder_positions: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Encodes `[B, L]` tokens -> `[B, L', d_model]`."""
-    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                        enable_dropout=enable_dropout, prompt_ids=prompt_ids)
+    return self.encoder(
+        encoder_input_tokens,
+        encoder_segment_ids,
+        encoder_positions,
+        enable_dropout=enable_dropout,
+        prompt_ids=prompt_ids,
+    )
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-             decoder_segment_ids: Optional[Array] = None,
-             decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
-             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+  def decode(
+      self,
+      encoded: Array,
+      encoder_input_tokens: Array,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      decoder_positions: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+  ) -> Array:
     """Decoder branch -> float32 logits `[B, T, vocab]`.
 
     `encoder_input_tokens` is only used for the cross-attention mask. With `decode=True` the
     call may carry a chunk of `n >= 1` tokens (see `layers.MultiHeadDotProductAttention`).
     """
     del decoder_positions
-    if self.prompt_factory is not None and (encoder_segment_ids is not None or
-                                            decoder_segment_ids is not None):
+    if self.prompt_factory is not None and (
+        encoder_segment_ids is not None or decoder_segment_ids is not None
+    ):
       raise ValueError(PACKING_WITH_PROMPT_ERROR)
     encoder_mask = self.encoder_input_mask(encoder_input_tokens)
-    return self.decoder(encoded, decoder_input_tokens, decoder_target_tokens,
-                        encoder_mask=encoder_mask, encoder_segment_ids=encoder_segment_ids,
-                        decoder_segment_ids=decoder_segment_ids, enable_dropout=enable_dropout,
-                        decode=decode, max_decode_length=max_decode_length)
+    return self.decoder(
+        encoded,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_mask=encoder_mask,
+        encoder_segment_ids=encoder_segment_ids,
+        decoder_segment_ids=decoder_segment_ids,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+    )
 
-  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None,
-               encoder_positions: Optional[Array] = None,
-               decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None,
-               prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      encoder_input_tokens: Array,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      encoder_positions: Optional[Array] = None,
+      decoder_positions: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      prompt_ids: Optional[Array] = None,
+  ) -> Array:
     """Full model -> float32 logits `[B, T, vocab]`."""
-    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                          enable_dropout=enable_dropout, prompt_ids=prompt_ids)
-    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                       decoder_positions, enable_dropout=enable_dropout, decode=decode,
-                       max_decode_length=max_decode_length)
+    encoded = self.encode(
+        encoder_input_tokens,
+        encoder_segment_ids,
+        encoder_positions,
+        enable_dropout=enable_dropout,
+        prompt_ids=prompt_ids,
+    )
+    return self.decode(
+        encoded,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_segment_ids,
+        decoder_segment_ids,
+        decoder_positions,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+    )
 
 
 class DecoderOnly(nn.Module):
@@ -576,19 +735,29 @@ class DecoderOnly(nn.Module):
     config: the backbone hyper-parameters (`num_decoder_layers` layers).
     prompt_factory: returns the prompt module stored as `decoder/prompt`.
   """
+
   config: T5Config
   prompt_factory: Optional[PromptFactory] = None
 
   def setup(self):
-    self.decoder = Decoder(self.config, shared_embedder=None,
-                           prompt_factory=self.prompt_factory, decoder_only=True)
+    self.decoder = Decoder(
+        self.config, shared_embedder=None, prompt_factory=self.prompt_factory, decoder_only=True
+    )
 
-  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None,
-               decoder_positions: Optional[Array] = None,
-               decoder_causal_attention: Optional[Array] = None, *, enable_dropout: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None,
-               prompt_ids: Optional[Array] = None, prefill_prompt: bool = False) -> Array:
+  def __call__(
+      self,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      decoder_positions: Optional[Array] = None,
+      decoder_causal_attention: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+      prompt_ids: Optional[Array] = None,
+      prefill_prompt: bool = False,
+  ) -> Array:
     """Returns float32 logits `[B, T', vocab]` (`T' = P + T` with a prompt and `decode=False`).
 
     Causal LM when `decoder_causal_attention is None`; prefix LM otherwise (positions with
@@ -598,12 +767,18 @@ class DecoderOnly(nn.Module):
     tokens in one chunk.
     """
     del decoder_positions
-    return self.decoder(None, decoder_input_tokens, decoder_target_tokens,
-                        decoder_segment_ids=decoder_segment_ids,
-                        decoder_causal_attention=decoder_causal_attention,
-                        enable_dropout=enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length, prompt_ids=prompt_ids,
-                        prefill_prompt=prefill_prompt)
+    return self.decoder(
+        None,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        decoder_segment_ids=decoder_segment_ids,
+        decoder_causal_attention=decoder_causal_attention,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+        prompt_ids=prompt_ids,
+        prefill_prompt=prefill_prompt,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,16 +796,22 @@ def unflatten_params(flat: Mapping[str, Any]) -> Dict[str, Any]:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def make_model(config: T5Config, *, decoder_only: bool = False,
-               prompt_factory: Optional[PromptFactory] = None) -> nn.Module:
+def make_model(
+    config: T5Config, *, decoder_only: bool = False, prompt_factory: Optional[PromptFactory] = None
+) -> nn.Module:
   """`EncoderDecoder(config)` or `DecoderOnly(config)`."""
   cls = DecoderOnly if decoder_only else EncoderDecoder
   return cls(config, prompt_factory=prompt_factory)
 
 
-def init_variables(config: T5Config, rng: Optional[Array] = None, *,
-                   decoder_only: bool = False, prompt_factory: Optional[PromptFactory] = None,
-                   abstract: bool = False) -> Dict[str, Any]:
+def init_variables(
+    config: T5Config,
+    rng: Optional[Array] = None,
+    *,
+    decoder_only: bool = False,
+    prompt_factory: Optional[PromptFactory] = None,
+    abstract: bool = False,
+) -> Dict[str, Any]:
   """`model.init` on dummy length-1 inputs: `{'params': ..., 'params_axes': ...}`.
 
   With `abstract=True` nothing is computed (`jax.eval_shape`) and leaves are ShapeDtypeStructs.
@@ -658,8 +839,10 @@ def get_token_embedding(params: Mapping[str, Any]) -> Array:
 
 def _describe(params_flat: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
   """Architecture facts read off `{flattened path: shape}` (None where unknown)."""
+
   def shape(path):
     return params_flat.get(path)
+
   emb = shape('token_embedder/embedding') or shape('decoder/token_embedder/embedding')
   info = {'vocab_size': emb[0] if emb else None, 'emb_dim': emb[1] if emb else None}
   for prefix in ('encoder/layers_0/', 'decoder/layers_0/'):
@@ -675,8 +858,9 @@ def _describe(params_flat: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
   info['relu_style'] = any('/mlp/wi/' in p for p in params_flat)
   info['logits_dense'] = 'decoder/logits_dense/kernel' in params_flat
   for stack in ('encoder', 'decoder'):
-    idx = [int(m.group(1)) for p in params_flat
-           for m in [re.match(rf'{stack}/layers_(\d+)/', p)] if m]
+    idx = [
+        int(m.group(1)) for p in params_flat for m in [re.match(rf'{stack}/layers_(\d+)/', p)] if m
+    ]
     info[f'num_{stack}_layers'] = (max(idx) + 1) if idx else 0
   return info
 
@@ -686,17 +870,26 @@ def _matching_presets(info: Mapping[str, Any]) -> list:
   for name, cfg in PRESETS.items():
     if name == 'tiny':
       continue
-    if (info.get('emb_dim') == cfg.emb_dim and info.get('mlp_dim') == cfg.mlp_dim and
-        info.get('inner_dim') in (None, cfg.num_heads * cfg.head_dim) and
-        info.get('num_encoder_layers') in (0, cfg.num_encoder_layers) and
-        info.get('vocab_size') == cfg.vocab_size and
-        info.get('gated') == (len(cfg.mlp_activations) > 1)):
+    if (
+        info.get('emb_dim') == cfg.emb_dim
+        and info.get('mlp_dim') == cfg.mlp_dim
+        and info.get('inner_dim') in (None, cfg.num_heads * cfg.head_dim)
+        and info.get('num_encoder_layers') in (0, cfg.num_encoder_layers)
+        and info.get('vocab_size') == cfg.vocab_size
+        and info.get('gated') == (len(cfg.mlp_activations) > 1)
+    ):
       out.append(name)
   return out
 
 
-def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: bool = False,
-                 ignore: str = r'(.*/)?prompt/.*', what: str = 'checkpoint') -> None:
+def check_params(
+    config: T5Config,
+    params: Mapping[str, Any],
+    *,
+    decoder_only: bool = False,
+    ignore: str = r'(.*/)?prompt/.*',
+    what: str = 'checkpoint',
+) -> None:
   """Checks that `params` has exactly the parameter names and shapes `config` expects.
 
   Args:
@@ -710,8 +903,9 @@ def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: b
     ValueError: naming the first mismatching parameter path, the expected and found shapes, and
       the likely cause (size preset, vocabulary / NUM_EMBEDDINGS, T5 1.0 vs 1.1).
   """
-  expected = flatten_params(init_variables(config, decoder_only=decoder_only,
-                                           abstract=True)['params'])
+  expected = flatten_params(
+      init_variables(config, decoder_only=decoder_only, abstract=True)['params']
+  )
   found = flatten_params(params)
   skip = re.compile(ignore) if ignore else None
   expected = {k: tuple(v.shape) for k, v in expected.items() if not (skip and skip.fullmatch(k))}
@@ -721,7 +915,7 @@ def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: b
 
   info = _describe(found)
   presets = _matching_presets(info)
-  preset_hint = (f' The {what} matches preset(s) {", ".join(presets)}.' if presets else '')
+  preset_hint = f' The {what} matches preset(s) {", ".join(presets)}.' if presets else ''
   cfg_gated = len(config.mlp_activations) > 1
   mismatched, missing, unexpected = [], [], []
   for path in list(expected) + [p for p in found if p not in expected]:  # model order
@@ -729,15 +923,15 @@ def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: b
     if exp == got:
       continue
     if exp is not None and got is not None:
-      mismatched.append(f"parameter '{path}': expected shape {exp} for this config, found "
-                        f'{got} in the {what}')
+      mismatched.append(
+          f"parameter '{path}': expected shape {exp} for this config, found " f'{got} in the {what}'
+      )
     elif got is None:
       missing.append(f"parameter '{path}' (shape {exp}) is missing from the {what}")
     else:
       unexpected.append(f"unexpected parameter '{path}' (shape {got}) in the {what}")
   rank = lambda msg: (0 if 'token_embedder/' in msg else 1 if "'encoder/" in msg else 2)
-  problems = (sorted(mismatched, key=rank) + sorted(missing, key=rank) +
-              sorted(unexpected, key=rank))
+  problems = sorted(mismatched, key=rank) + sorted(missing, key=rank) + sorted(unexpected, key=rank)
 
   causes = []
   if info.get('vocab_size') is not None and info['vocab_size'] != config.vocab_size:
@@ -745,37 +939,59 @@ def check_params(config: T5Config, params: Mapping[str, Any], *, decoder_only: b
         f'Wrong vocabulary size: the {what} has {info["vocab_size"]} embeddings but the config '
         f'has vocab_size={config.vocab_size}. Set NUM_EMBEDDINGS / vocab_size to '
         f'{info["vocab_size"]} (T5 and T5 1.1 use 32128, mT5 250112) and use the matching '
-        'vocabulary.')
-  if (info['gated'] and not cfg_gated) or (info['relu_style'] and cfg_gated) or (
-      info['logits_dense'] == config.logits_via_embedding and
-      any(p.startswith('decoder/') for p in found)):
-    ckpt_kind = ('T5 1.1-style (gated-GELU wi_0/wi_1, separate logits_dense)'
-                 if info['gated'] or info['logits_dense'] else
-                 'T5 1.0-style (ReLU wi, logits tied to the embedding)')
-    cfg_kind = ('T5 1.0 (mlp_activations=("relu",), logits_via_embedding=True)'
-                if config.logits_via_embedding or not cfg_gated else
-                'T5 1.1 (mlp_activations=("gelu","linear"), logits_via_embedding=False)')
-    causes.append(f'T5 1.0 vs 1.1 mismatch: the {what} is {ckpt_kind} but the config is '
-                  f'{cfg_kind}; use a t5_1_0_* preset for T5 1.0 checkpoints and t5_1_1_* / '
-                  'mt5_* for T5 1.1, LM-adapted and mT5 checkpoints.')
-  size_fields = [('emb_dim', config.emb_dim), ('mlp_dim', config.mlp_dim),
-                 ('inner_dim', config.num_heads * config.head_dim),
-                 ('num_heads', config.num_heads),
-                 ('num_encoder_layers', 0 if decoder_only else config.num_encoder_layers),
-                 ('num_decoder_layers', config.num_decoder_layers)]
-  diffs = [f'{k} {info[k]} vs {v}' for k, v in size_fields
-           if info.get(k) is not None and info[k] != v]
+        'vocabulary.'
+    )
+  if (
+      (info['gated'] and not cfg_gated)
+      or (info['relu_style'] and cfg_gated)
+      or (
+          info['logits_dense'] == config.logits_via_embedding
+          and any(p.startswith('decoder/') for p in found)
+      )
+  ):
+    ckpt_kind = (
+        'T5 1.1-style (gated-GELU wi_0/wi_1, separate logits_dense)'
+        if info['gated'] or info['logits_dense']
+        else 'T5 1.0-style (ReLU wi, logits tied to the embedding)'
+    )
+    cfg_kind = (
+        'T5 1.0 (mlp_activations=("relu",), logits_via_embedding=True)'
+        if config.logits_via_embedding or not cfg_gated
+        else 'T5 1.1 (mlp_activations=("gelu","linear"), logits_via_embedding=False)'
+    )
+    causes.append(
+        f'T5 1.0 vs 1.1 mismatch: the {what} is {ckpt_kind} but the config is '
+        f'{cfg_kind}; use a t5_1_0_* preset for T5 1.0 checkpoints and t5_1_1_* / '
+        'mt5_* for T5 1.1, LM-adapted and mT5 checkpoints.'
+    )
+  size_fields = [
+      ('emb_dim', config.emb_dim),
+      ('mlp_dim', config.mlp_dim),
+      ('inner_dim', config.num_heads * config.head_dim),
+      ('num_heads', config.num_heads),
+      ('num_encoder_layers', 0 if decoder_only else config.num_encoder_layers),
+      ('num_decoder_layers', config.num_decoder_layers),
+  ]
+  diffs = [
+      f'{k} {info[k]} vs {v}' for k, v in size_fields if info.get(k) is not None and info[k] != v
+  ]
   if diffs:
-    causes.append(f'Wrong model size preset: {what} vs config differ in '
-                  f'{", ".join(diffs)} (e.g. t5_1_1_base has d_model 768, t5_1_1_large '
-                  f'1024).{preset_hint}')
+    causes.append(
+        f'Wrong model size preset: {what} vs config differ in '
+        f'{", ".join(diffs)} (e.g. t5_1_1_base has d_model 768, t5_1_1_large '
+        f'1024).{preset_hint}'
+    )
   if not causes:
     causes.append(f'The {what} does not have the parameter layout of this config.{preset_hint}')
   shown = problems[:8]
   more = f'\n  ... and {len(problems) - len(shown)} more' if len(problems) > len(shown) else ''
   raise ValueError(
-      f'The {what} does not match the model config: ' + ' '.join(causes) + '\n  ' +
-      '\n  '.join(shown) + more)
+      f'The {what} does not match the model config: '
+      + ' '.join(causes)
+      + '\n  '
+      + '\n  '.join(shown)
+      + more
+  )
 
 
 # T5X's examples/t5/network.py calls the encoder-decoder `Transformer`; the alias lets gin files written

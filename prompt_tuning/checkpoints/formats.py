@@ -25,8 +25,12 @@ from prompt_tuning.checkpoints import t5x_format
 
 Format = Literal['t5x', 'huggingface', 'orbax']
 
-HF_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json',
-                   'pytorch_model.bin', 'pytorch_model.bin.index.json')
+HF_WEIGHT_FILES = (
+    'model.safetensors',
+    'model.safetensors.index.json',
+    'pytorch_model.bin',
+    'pytorch_model.bin.index.json',
+)
 ORBAX_MARKERS = t5x_format._ORBAX_MARKERS  # pylint: disable=protected-access
 
 # pylint: disable=protected-access
@@ -39,8 +43,7 @@ _listdir = t5x_format._listdir
 
 
 def _is_t5x_file(checkpoint_file: str) -> bool:
-  return t5x_format.peek_top_level_keys(checkpoint_file) == {'version',
-                                                             'optimizer'}
+  return t5x_format.peek_top_level_keys(checkpoint_file) == {'version', 'optimizer'}
 
 
 def _detect_dir(directory: str) -> Format | None:
@@ -73,17 +76,18 @@ def detect_format(path: str) -> Format:
   if t5x_format.is_temporary_path(path):
     raise ValueError(
         f'{path} is the temporary directory of an unfinished (interrupted) '
-        'save, not a complete checkpoint.')
+        'save, not a complete checkpoint.'
+    )
   if not _exists(path):
     raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
   if not _isdir(path):
-    if (os.path.basename(path.rstrip('/')) == t5x_format.CHECKPOINT_FILENAME
-        and _is_t5x_file(path)):
+    if os.path.basename(path.rstrip('/')) == t5x_format.CHECKPOINT_FILENAME and _is_t5x_file(path):
       return 't5x'
     raise ValueError(
         f'Cannot detect the checkpoint format of file {path}: expected a T5X '
         '"checkpoint" msgpack file with top-level keys {version, optimizer}, '
-        'or a directory.')
+        'or a directory.'
+    )
   fmt = _detect_dir(path)
   if fmt is not None:
     return fmt
@@ -98,13 +102,13 @@ def detect_format(path: str) -> Format:
       '{version, optimizer}, here or in the latest checkpoint_<step>/); a '
       'Hugging Face T5 directory (config.json plus one of '
       f'{", ".join(HF_WEIGHT_FILES)}); an Orbax checkpoint (one of '
-      f'{", ".join(ORBAX_MARKERS)}, here or one level down).')
+      f'{", ".join(ORBAX_MARKERS)}, here or one level down).'
+  )
 
 
-def load_params(path: str,
-                variables: str | Sequence[str] | None = None,
-                *,
-                dtype: Any | None = None) -> dict[str, Any]:
+def load_params(
+    path: str, variables: str | Sequence[str] | None = None, *, dtype: Any | None = None
+) -> dict[str, Any]:
   """Loads parameters (flaxformer names) from a T5X or Hugging Face checkpoint.
 
   Args:
@@ -126,6 +130,7 @@ def load_params(path: str,
     return t5x_format.load(path, variables, dtype=dtype)
   if fmt == 'huggingface':
     from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+
     _, params = huggingface.load_t5(path)
     flat = t5x_format.flatten_params(params)
     if variables is not None:
@@ -136,12 +141,14 @@ def load_params(path: str,
   raise NotImplementedError(
       f'{path} is an Orbax checkpoint; restore it with '
       'prompt_tuning.runtime.checkpoints (which owns the Orbax layout), not '
-      'with load_params.')
+      'with load_params.'
+  )
 
 
 def _cast_any(x: Any, dtype: Any) -> Any:
   """Casts floating-point numpy / jax arrays to `dtype`; others unchanged."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   if not hasattr(x, 'dtype') or not t5x_format._is_float_dtype(x.dtype):  # pylint: disable=protected-access
     return x
   if isinstance(x, np.ndarray):
@@ -158,15 +165,16 @@ _LAYER_RE = re.compile(r'^(encoder|decoder)/layers_(\d+)/')
 
 def _shapes(params_or_shapes: Any) -> dict[str, tuple[int, ...]]:
   """``{'a/b': shape}`` from a nested param tree or a flat name->shape map."""
-  flat = (params_or_shapes if all(isinstance(k, str) and '/' in k
-                                  for k in params_or_shapes) and
-          params_or_shapes else t5x_format.flatten_params(params_or_shapes))
+  flat = (
+      params_or_shapes
+      if all(isinstance(k, str) and '/' in k for k in params_or_shapes) and params_or_shapes
+      else t5x_format.flatten_params(params_or_shapes)
+  )
   out = {}
   for k, v in flat.items():
     if hasattr(v, 'shape'):
       out[k] = tuple(int(d) for d in v.shape)
-    elif isinstance(v, (tuple, list)) and v and isinstance(v[0], (tuple,
-                                                                  list)):
+    elif isinstance(v, (tuple, list)) and v and isinstance(v[0], (tuple, list)):
       out[k] = tuple(int(d) for d in v[0])  # list_variables: (shape, dtype).
     elif isinstance(v, (tuple, list)):
       out[k] = tuple(int(d) for d in v)
@@ -197,7 +205,8 @@ def infer_t5_shape_fields(params_or_shapes: Any) -> dict[str, Any]:
     raise ValueError(
         'Cannot infer a T5 configuration: the parameters have no '
         '"token_embedder/embedding" or no "encoder/..." (is this a T5 '
-        f'encoder-decoder checkpoint?). Some names: {sorted(shapes)[:5]}.')
+        f'encoder-decoder checkpoint?). Some names: {sorted(shapes)[:5]}.'
+    )
   fields: dict[str, Any] = {'vocab_size': emb[0], 'emb_dim': emb[1]}
   layers = {'encoder': set(), 'decoder': set()}
   for k in shapes:
@@ -206,8 +215,9 @@ def infer_t5_shape_fields(params_or_shapes: Any) -> dict[str, Any]:
       layers[m.group(1)].add(int(m.group(2)))
   fields['num_encoder_layers'] = len(layers['encoder'])
   fields['num_decoder_layers'] = len(layers['decoder'])
-  relpos = (shapes.get('encoder/relpos_bias/rel_embedding') or
-            shapes.get('decoder/relpos_bias/rel_embedding'))
+  relpos = shapes.get('encoder/relpos_bias/rel_embedding') or shapes.get(
+      'decoder/relpos_bias/rel_embedding'
+  )
   query = shapes.get('encoder/layers_0/attention/query/kernel')
   if relpos is not None:
     fields['num_heads'] = relpos[0]
@@ -219,14 +229,16 @@ def infer_t5_shape_fields(params_or_shapes: Any) -> dict[str, Any]:
       raise ValueError(
           f'Attention width {query[1]} is not a multiple of the '
           f'{fields["num_heads"]} heads given by the relative-position '
-          'embedding.')
+          'embedding.'
+      )
     fields['head_dim'] = query[1] // fields['num_heads']
   mlp_prefix = 'encoder/layers_0/mlp/'
   if mlp_prefix + 'wi_0/kernel' in shapes:
     fields['mlp_dim'] = shapes[mlp_prefix + 'wi_0/kernel'][-1]
     n_wi = len([k for k in shapes if k.startswith(mlp_prefix + 'wi_')])
-    fields['mlp_activations'] = ('gelu', 'linear') if n_wi == 2 else tuple(
-        'gelu' for _ in range(n_wi))
+    fields['mlp_activations'] = (
+        ('gelu', 'linear') if n_wi == 2 else tuple('gelu' for _ in range(n_wi))
+    )
   elif mlp_prefix + 'wi/kernel' in shapes:
     fields['mlp_dim'] = shapes[mlp_prefix + 'wi/kernel'][-1]
     fields['mlp_activations'] = ('relu',)
@@ -238,8 +250,9 @@ def _norm(value: Any) -> Any:
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def infer_t5_config(params_or_shapes: Any, preset: str | None = None,
-                    head_dim: int = 64, **overrides: Any) -> Any:
+def infer_t5_config(
+    params_or_shapes: Any, preset: str | None = None, head_dim: int = 64, **overrides: Any
+) -> Any:
   """A ``T5Config`` for a parameter tree: preset, inferred shapes, overrides.
 
   Without `preset`, the T5 1.1 base preset (gated MLP) or T5 1.0 base preset
@@ -265,10 +278,10 @@ def infer_t5_config(params_or_shapes: Any, preset: str | None = None,
   """
   import dataclasses  # pylint: disable=g-import-not-at-top
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
   fields = infer_t5_shape_fields(params_or_shapes)
   heads_known = 'head_dim' in fields
-  width = _shapes(params_or_shapes).get(
-      'encoder/layers_0/attention/query/kernel', (0, 0))[1]
+  width = _shapes(params_or_shapes).get('encoder/layers_0/attention/query/kernel', (0, 0))[1]
   if preset is None:
     if not heads_known and width:
       hd = overrides.get('head_dim', head_dim)
@@ -277,7 +290,8 @@ def infer_t5_config(params_or_shapes: Any, preset: str | None = None,
       if width % hd:
         raise ValueError(
             f'Attention width {width} is not a multiple of head_dim {hd}; '
-            'pass head_dim/num_heads or a --config preset.')
+            'pass head_dim/num_heads or a --config preset.'
+        )
       fields['num_heads'], fields['head_dim'] = width // hd, hd
     gated = len(fields.get('mlp_activations', ('gelu', 'linear'))) > 1
     config = t5.get_config('t5_1_1_base' if gated else 't5_1_0_base')
@@ -295,17 +309,19 @@ def infer_t5_config(params_or_shapes: Any, preset: str | None = None,
         same = _norm(have) == _norm(value)
       if not same:
         mismatches.append(f'{name}: preset {have!r}, checkpoint {value!r}')
-    if not heads_known and width and not (
-        'num_heads' in overrides or 'head_dim' in overrides):
+    if not heads_known and width and not ('num_heads' in overrides or 'head_dim' in overrides):
       if config.num_heads * config.head_dim != width:
         mismatches.append(
             f'num_heads*head_dim: preset {config.num_heads}*'
-            f'{config.head_dim}, checkpoint attention width {width}')
+            f'{config.head_dim}, checkpoint attention width {width}'
+        )
     if mismatches:
       raise ValueError(
           f'The checkpoint does not match preset {preset!r}: '
-          + '; '.join(mismatches) + '. Pick a matching preset, or omit it to '
-          'infer the configuration from the shapes.')
+          + '; '.join(mismatches)
+          + '. Pick a matching preset, or omit it to '
+          'infer the configuration from the shapes.'
+      )
   if overrides:
     config = dataclasses.replace(config, **overrides)
   return config

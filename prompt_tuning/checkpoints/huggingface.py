@@ -37,6 +37,7 @@ decoder.final_layer_norm.weight                          decoder/decoder_norm/sc
 lm_head.weight                                           decoder/logits_dense/kernel (.T)
 ```
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -124,8 +125,9 @@ def hf_scales_decoder_outputs(hf_config: Mapping[str, Any]) -> bool:
   return hf_config.get('tie_word_embeddings', True) is not False
 
 
-def config_from_hf(hf_config: Mapping[str, Any], *, separate_lm_head: Optional[bool] = None,
-                   **overrides: Any) -> T5Config:
+def config_from_hf(
+    hf_config: Mapping[str, Any], *, separate_lm_head: Optional[bool] = None, **overrides: Any
+) -> T5Config:
   """Builds a `T5Config` from a transformers T5 `config.json` dict.
 
   Args:
@@ -137,11 +139,15 @@ def config_from_hf(hf_config: Mapping[str, Any], *, separate_lm_head: Optional[b
   """
   model_type = hf_config.get('model_type', 't5')
   if model_type not in ('t5', 'mt5'):
-    raise ValueError(f'Only T5/mT5 checkpoints are supported, got model_type={model_type!r} '
-                     '(UMT5, LongT5 and others have different parameters).')
+    raise ValueError(
+        f'Only T5/mT5 checkpoints are supported, got model_type={model_type!r} '
+        '(UMT5, LongT5 and others have different parameters).'
+    )
   if hf_config.get('is_encoder_decoder', True) is False:
-    raise ValueError('The HF config describes an encoder-only or decoder-only model; '
-                     'load_t5 needs a T5ForConditionalGeneration checkpoint.')
+    raise ValueError(
+        'The HF config describes an encoder-only or decoder-only model; '
+        'load_t5 needs a T5ForConditionalGeneration checkpoint.'
+    )
   num_layers = int(hf_config.get('num_layers', 6))
   num_decoder_layers = hf_config.get('num_decoder_layers')
   scale = hf_scales_decoder_outputs(hf_config)
@@ -205,14 +211,22 @@ def config_to_hf(config: T5Config) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64, 'I32': np.int32,
-    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+    'F64': np.float64,
+    'F32': np.float32,
+    'F16': np.float16,
+    'I64': np.int64,
+    'I32': np.int32,
+    'I16': np.int16,
+    'I8': np.int8,
+    'U8': np.uint8,
+    'BOOL': np.bool_,
 }
 
 
 def _np_dtype(code: str) -> np.dtype:
   if code == 'BF16':
     import ml_dtypes  # pylint: disable=g-import-not-at-top
+
     return np.dtype(ml_dtypes.bfloat16)
   if code not in _SAFETENSORS_DTYPES:
     raise ValueError(f'Unsupported safetensors dtype {code}.')
@@ -224,7 +238,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   with open(path, 'rb') as f:
     data = f.read()
   (header_len,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8:8 + header_len])
+  header = json.loads(data[8 : 8 + header_len])
   base = 8 + header_len
   out = {}
   for name, info in header.items():
@@ -232,8 +246,9 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
       continue
     start, end = info['data_offsets']
     dtype = _np_dtype(info['dtype'])
-    arr = np.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
-                        offset=base + start).reshape(info['shape'])
+    arr = np.frombuffer(
+        data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
+    ).reshape(info['shape'])
     out[name] = _to_float32(arr)
   return out
 
@@ -250,7 +265,8 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(
         f'{path} is a PyTorch checkpoint and reading it needs torch: `pip install torch` (CPU '
-        'build is enough), or convert the checkpoint to model.safetensors.') from e
+        'build is enough), or convert the checkpoint to model.safetensors.'
+    ) from e
   state = torch.load(path, map_location='cpu', weights_only=True)
   out = {}
   for name, tensor in state.items():
@@ -265,8 +281,12 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads all tensors of a transformers checkpoint directory (or a single weights file)."""
   if os.path.isfile(path):
     return read_safetensors(path) if path.endswith('.safetensors') else _read_torch(path)
-  candidates = [(SAFETENSORS_NAME, read_safetensors), (SAFETENSORS_INDEX_NAME, None),
-                (PYTORCH_NAME, _read_torch), (PYTORCH_INDEX_NAME, None)]
+  candidates = [
+      (SAFETENSORS_NAME, read_safetensors),
+      (SAFETENSORS_INDEX_NAME, None),
+      (PYTORCH_NAME, _read_torch),
+      (PYTORCH_INDEX_NAME, None),
+  ]
   for name, reader in candidates:
     full = os.path.join(path, name)
     if not os.path.exists(full):
@@ -282,7 +302,8 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     return out
   raise FileNotFoundError(
       f'No transformers weights in {path!r}: expected one of {SAFETENSORS_NAME}, '
-      f'{SAFETENSORS_INDEX_NAME}, {PYTORCH_NAME} or {PYTORCH_INDEX_NAME}.')
+      f'{SAFETENSORS_INDEX_NAME}, {PYTORCH_NAME} or {PYTORCH_INDEX_NAME}.'
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,38 +324,62 @@ def _mlp_names(config: T5Config) -> List[Tuple[str, str]]:
 def name_mapping(config: T5Config) -> List[Tuple[str, str, bool]]:
   """`(hf_name, flattened flax path, transpose)` for every parameter except the output head."""
   out = [('shared.weight', 'token_embedder/embedding', False)]
-  for stack, n_layers in (('encoder', config.num_encoder_layers),
-                          ('decoder', config.num_decoder_layers)):
-    out.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
-                f'{stack}/relpos_bias/rel_embedding', True))
+  for stack, n_layers in (
+      ('encoder', config.num_encoder_layers),
+      ('decoder', config.num_decoder_layers),
+  ):
+    out.append(
+        (
+            f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+            f'{stack}/relpos_bias/rel_embedding',
+            True,
+        )
+    )
     for i in range(n_layers):
       hf, fx = f'{stack}.block.{i}.layer', f'{stack}/layers_{i}'
       if stack == 'encoder':
         out.append((f'{hf}.0.layer_norm.weight', f'{fx}/pre_attention_layer_norm/scale', False))
-        out += [(f'{hf}.0.SelfAttention.{a}.weight', f'{fx}/attention/{b}/kernel', True)
-                for a, b in _ATTN]
+        out += [
+            (f'{hf}.0.SelfAttention.{a}.weight', f'{fx}/attention/{b}/kernel', True)
+            for a, b in _ATTN
+        ]
         mlp_layer = 1
       else:
-        out.append((f'{hf}.0.layer_norm.weight', f'{fx}/pre_self_attention_layer_norm/scale',
-                    False))
-        out += [(f'{hf}.0.SelfAttention.{a}.weight', f'{fx}/self_attention/{b}/kernel', True)
-                for a, b in _ATTN]
-        out.append((f'{hf}.1.layer_norm.weight', f'{fx}/pre_cross_attention_layer_norm/scale',
-                    False))
-        out += [(f'{hf}.1.EncDecAttention.{a}.weight',
-                 f'{fx}/encoder_decoder_attention/{b}/kernel', True) for a, b in _ATTN]
+        out.append(
+            (f'{hf}.0.layer_norm.weight', f'{fx}/pre_self_attention_layer_norm/scale', False)
+        )
+        out += [
+            (f'{hf}.0.SelfAttention.{a}.weight', f'{fx}/self_attention/{b}/kernel', True)
+            for a, b in _ATTN
+        ]
+        out.append(
+            (f'{hf}.1.layer_norm.weight', f'{fx}/pre_cross_attention_layer_norm/scale', False)
+        )
+        out += [
+            (
+                f'{hf}.1.EncDecAttention.{a}.weight',
+                f'{fx}/encoder_decoder_attention/{b}/kernel',
+                True,
+            )
+            for a, b in _ATTN
+        ]
         mlp_layer = 2
-      out.append((f'{hf}.{mlp_layer}.layer_norm.weight', f'{fx}/pre_mlp_layer_norm/scale',
-                  False))
-      out += [(f'{hf}.{mlp_layer}.DenseReluDense.{a}.weight', f'{fx}/mlp/{b}/kernel', True)
-              for a, b in _mlp_names(config)]
+      out.append((f'{hf}.{mlp_layer}.layer_norm.weight', f'{fx}/pre_mlp_layer_norm/scale', False))
+      out += [
+          (f'{hf}.{mlp_layer}.DenseReluDense.{a}.weight', f'{fx}/mlp/{b}/kernel', True)
+          for a, b in _mlp_names(config)
+      ]
     norm = 'encoder_norm' if stack == 'encoder' else 'decoder_norm'
     out.append((f'{stack}.final_layer_norm.weight', f'{stack}/{norm}/scale', False))
   return out
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: T5Config, *,
-                         scale_decoder_outputs: Optional[bool] = None) -> Dict[str, Any]:
+def state_dict_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    config: T5Config,
+    *,
+    scale_decoder_outputs: Optional[bool] = None,
+) -> Dict[str, Any]:
   """Maps HF T5 tensors to a flaxformer-named parameter tree (float32 numpy).
 
   Args:
@@ -369,22 +414,28 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: T5Config,
     else:
       kernel = np.asarray(head, np.float32).T
       if scale_decoder_outputs:
-        kernel = kernel * np.float32(config.emb_dim ** -0.5)
+        kernel = kernel * np.float32(config.emb_dim**-0.5)
       flat['decoder/logits_dense/kernel'] = np.ascontiguousarray(kernel)
   used.add('lm_head.weight')
   if missing:
-    raise ValueError(f'The HF checkpoint lacks {len(missing)} tensor(s) this config needs, e.g. '
-                     f'{missing[:5]}; check num_layers / num_decoder_layers / feed_forward_proj '
-                     'in config.json.')
+    raise ValueError(
+        f'The HF checkpoint lacks {len(missing)} tensor(s) this config needs, e.g. '
+        f'{missing[:5]}; check num_layers / num_decoder_layers / feed_forward_proj '
+        'in config.json.'
+    )
   unexpected = sorted(k for k in sd if k not in used)
   if unexpected:
     hint = ''
     if any('relative_attention_bias' in k for k in unexpected):
-      hint = (' Per-layer relative attention biases (UMT5-style) are not supported: T5 shares '
-              'one bias per stack, stored in block 0.')
-    raise ValueError(f'Unexpected tensors in the HF checkpoint: {unexpected[:8]}'
-                     f'{" ..." if len(unexpected) > 8 else ""}; the checkpoint does not match its '
-                     f'config.json (more layers or a different architecture?).{hint}')
+      hint = (
+          ' Per-layer relative attention biases (UMT5-style) are not supported: T5 shares '
+          'one bias per stack, stored in block 0.'
+      )
+    raise ValueError(
+        f'Unexpected tensors in the HF checkpoint: {unexpected[:8]}'
+        f'{" ..." if len(unexpected) > 8 else ""}; the checkpoint does not match its '
+        f'config.json (more layers or a different architecture?).{hint}'
+    )
   return t5.unflatten_params(flat)
 
 
@@ -415,8 +466,9 @@ def read_hf_config(path: str) -> Dict[str, Any]:
     return json.load(f)
 
 
-def load_t5(path: str, config: Optional[T5Config] = None,
-            **overrides: Any) -> Tuple[T5Config, Dict[str, Any]]:
+def load_t5(
+    path: str, config: Optional[T5Config] = None, **overrides: Any
+) -> Tuple[T5Config, Dict[str, Any]]:
   """Loads a transformers T5 directory as `(T5Config, params)`.
 
   Args:
@@ -437,12 +489,16 @@ def load_t5(path: str, config: Optional[T5Config] = None,
   scale = hf_scales_decoder_outputs(hf_config)
   shared = sd.get('shared.weight', sd.get('encoder.embed_tokens.weight'))
   head = sd.get('lm_head.weight')
-  separate = head is not None and (shared is None or head.shape != shared.shape or
-                                   not np.array_equal(head, shared))
+  separate = head is not None and (
+      shared is None or head.shape != shared.shape or not np.array_equal(head, shared)
+  )
   ckpt_config = config_from_hf(hf_config, separate_lm_head=separate)
   if scale and separate:
-    logging.warning('%s: decoder outputs are scaled by d_model**-0.5 but lm_head is not tied to '
-                    'the embedding; folding the scale into decoder/logits_dense.', path)
+    logging.warning(
+        '%s: decoder outputs are scaled by d_model**-0.5 but lm_head is not tied to '
+        'the embedding; folding the scale into decoder/logits_dense.',
+        path,
+    )
   params = state_dict_to_params(sd, ckpt_config, scale_decoder_outputs=scale)
   target = ckpt_config if config is None else config
   if overrides:
@@ -457,6 +513,7 @@ def save_t5(path: str, config: T5Config, params: Mapping[str, Any]) -> None:
   Prompt parameters (if any) are not exported. The weights are float32.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   t5.check_params(config, params, what='parameter tree')
   os.makedirs(path, exist_ok=True)
   sd = params_to_state_dict(params, config)

@@ -84,6 +84,7 @@ def _is_remote(path: str) -> bool:
 
 def _gfile():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.io.gfile
 
 
@@ -159,6 +160,7 @@ def _rmtree(path: str) -> None:
     _gfile().rmtree(path)
   else:
     import shutil  # pylint: disable=g-import-not-at-top
+
     shutil.rmtree(path)
 
 
@@ -186,8 +188,11 @@ def is_temporary_path(path: str) -> bool:
 
 def _is_spec(x: Any) -> bool:
   """Whether a msgpack leaf is a TensorStore spec dict (array stored apart)."""
-  return (isinstance(x, Mapping) and x.get('driver') in _ZARR_DRIVERS and
-          ('kvstore' in x or 'path' in x))
+  return (
+      isinstance(x, Mapping)
+      and x.get('driver') in _ZARR_DRIVERS
+      and ('kvstore' in x or 'path' in x)
+  )
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -222,8 +227,7 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
   return _unflatten({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def select_variables(names: Iterable[str],
-                     variables: str | Sequence[str]) -> list[str]:
+def select_variables(names: Iterable[str], variables: str | Sequence[str]) -> list[str]:
   """Returns the names selected by `variables`, in the order of `names`.
 
   Each entry of `variables` is, in this order of precedence: an exact
@@ -249,7 +253,7 @@ def select_variables(names: Iterable[str],
   for entry in variables:
     entry = str(entry).strip('/')
     if entry.startswith('target/') and entry not in name_set:
-      entry = entry[len('target/'):]
+      entry = entry[len('target/') :]
     if entry in name_set:
       selected.add(entry)
       continue
@@ -266,12 +270,15 @@ def select_variables(names: Iterable[str],
       selected.update(matched)
       continue
     close = difflib.get_close_matches(entry, names, n=5, cutoff=0.5)
-    hint = (f' Close matches: {", ".join(close)}.' if close else
-            f' The checkpoint has {len(names)} variables, e.g. '
-            f'{", ".join(names[:5])}.')
+    hint = (
+        f' Close matches: {", ".join(close)}.'
+        if close
+        else f' The checkpoint has {len(names)} variables, e.g. ' f'{", ".join(names[:5])}.'
+    )
     raise UnknownVariableError(
         f'Variable {entry!r} is not in the checkpoint (it is neither a '
-        f'variable path, a subtree prefix, nor a regex matching one).{hint}')
+        f'variable path, a subtree prefix, nor a regex matching one).{hint}'
+    )
   return [n for n in names if n in selected]
 
 
@@ -326,21 +333,23 @@ def find_checkpoint(path: str, step: int | None = None) -> str:
     CheckpointError: `path` exists but is not a complete T5X checkpoint.
   """
   path = _abspath(os.fspath(path))
-  if is_temporary_path(path) or (is_temporary_path(_dirname(path)) and
-                                 _basename(path) == CHECKPOINT_FILENAME):
+  if is_temporary_path(path) or (
+      is_temporary_path(_dirname(path)) and _basename(path) == CHECKPOINT_FILENAME
+  ):
     raise CheckpointError(
         f'{path} is the temporary directory of an unfinished (interrupted) '
         'save, not a complete checkpoint. Use the directory without the '
-        '".tmp-<timestamp>" suffix, or delete this one.')
+        '".tmp-<timestamp>" suffix, or delete this one.'
+    )
   if not _exists(path):
-    raise FileNotFoundError(
-        f'T5X checkpoint not found: {path} does not exist.')
+    raise FileNotFoundError(f'T5X checkpoint not found: {path} does not exist.')
   if not _isdir(path):
     if _basename(path) == CHECKPOINT_FILENAME:
       return _dirname(path)
     raise CheckpointError(
         f'{path} is a file but not a T5X checkpoint: pass the '
-        'checkpoint_<step> directory or its "checkpoint" file.')
+        'checkpoint_<step> directory or its "checkpoint" file.'
+    )
   if _isfile(_join(path, CHECKPOINT_FILENAME)):
     return path
   steps = checkpoint_steps(path)
@@ -348,20 +357,21 @@ def find_checkpoint(path: str, step: int | None = None) -> str:
     chosen = steps[-1] if step is None else step
     if chosen not in steps:
       raise FileNotFoundError(
-          f'No checkpoint for step {step} in {path}; available steps: '
-          f'{steps}.')
+          f'No checkpoint for step {step} in {path}; available steps: ' f'{steps}.'
+      )
     return _join(path, f'checkpoint_{chosen}')
   entries = set(_listdir(path))
   if _has_orbax_metadata(path):
     raise CheckpointError(
         f'{path} is an Orbax checkpoint, not a T5X legacy checkpoint; load it '
-        'with prompt_tuning.runtime.checkpoints.')
+        'with prompt_tuning.runtime.checkpoints.'
+    )
   tmp = sorted(e for e in entries if is_temporary_path(e))
-  extra = (f' It contains unfinished saves ({", ".join(tmp)}), which are '
-           'ignored.' if tmp else '')
+  extra = f' It contains unfinished saves ({", ".join(tmp)}), which are ' 'ignored.' if tmp else ''
   raise CheckpointError(
       f'{path} is not a T5X checkpoint: it has no "{CHECKPOINT_FILENAME}" '
-      f'file and no checkpoint_<step> subdirectories.{extra}')
+      f'file and no checkpoint_<step> subdirectories.{extra}'
+  )
 
 
 def peek_top_level_keys(checkpoint_file: str) -> set[str] | None:
@@ -375,8 +385,7 @@ def peek_top_level_keys(checkpoint_file: str) -> set[str] | None:
     unpacker.feed(data)
     return _peek_keys(unpacker)
   with open(checkpoint_file, 'rb') as f:
-    unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False,
-                                max_buffer_size=2**31 - 1)
+    unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=2**31 - 1)
     return _peek_keys(unpacker)
 
 
@@ -395,41 +404,47 @@ def _peek_keys(unpacker: msgpack.Unpacker) -> set[str] | None:
 def _read_contents(ckpt_dir: str) -> dict[str, Any]:
   """Parses and validates the msgpack file of a checkpoint directory."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   ckpt_file = _join(ckpt_dir, CHECKPOINT_FILENAME)
   data = _read_bytes(ckpt_file)
   if data.startswith(b'model_checkpoint_path'):
     raise CheckpointError(
         f'{ckpt_file} is a TensorFlow (T5X_TF / Mesh TensorFlow) checkpoint '
-        'index, not a T5X checkpoint; it is not supported.')
+        'index, not a T5X checkpoint; it is not supported.'
+    )
   try:
     contents = serialization.msgpack_restore(data)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'{ckpt_file} is not a T5X checkpoint: it is not a msgpack file '
-        f'({type(e).__name__}: {e}).') from None
-  if not isinstance(contents, dict) or set(contents) != {'version',
-                                                         'optimizer'}:
+        f'({type(e).__name__}: {e}).'
+    ) from None
+  if not isinstance(contents, dict) or set(contents) != {'version', 'optimizer'}:
     keys = sorted(contents) if isinstance(contents, dict) else type(contents)
     raise CheckpointError(
         f'{ckpt_file} is not a T5X checkpoint: expected top-level keys '
-        f"['optimizer', 'version'], found {keys}.")
+        f"['optimizer', 'version'], found {keys}."
+    )
   version = contents['version']
   try:
     version = int(version)
   except (TypeError, ValueError):
-    raise CheckpointError(
-        f'{ckpt_file}: invalid checkpoint version {version!r}.') from None
+    raise CheckpointError(f'{ckpt_file}: invalid checkpoint version {version!r}.') from None
   if version < 2:
     raise CheckpointError(
         f'{ckpt_file} has checkpoint version {version}; versions earlier than '
-        '2 are not supported (as in T5X). Re-save it with a recent T5X.')
+        '2 are not supported (as in T5X). Re-save it with a recent T5X.'
+    )
   if version > VERSION:
-    logging.warning('%s has checkpoint version %d, newer than %d; reading it '
-                    'anyway.', ckpt_file, version, VERSION)
+    logging.warning(
+        '%s has checkpoint version %d, newer than %d; reading it ' 'anyway.',
+        ckpt_file,
+        version,
+        VERSION,
+    )
   optimizer = contents['optimizer']
   if not isinstance(optimizer, dict) or 'target' not in optimizer:
-    raise CheckpointError(
-        f'{ckpt_file} is not a T5X checkpoint: "optimizer" has no "target".')
+    raise CheckpointError(f'{ckpt_file} is not a T5X checkpoint: "optimizer" has no "target".')
   return contents
 
 
@@ -440,7 +455,7 @@ def _read_contents(ckpt_dir: str) -> dict[str, Any]:
 
 def _parse_gs(url: str) -> tuple[str, str]:
   """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
-  rest = url[len('gs://'):]
+  rest = url[len('gs://') :]
   bucket, _, key = rest.partition('/')
   return bucket, key.strip('/')
 
@@ -460,12 +475,13 @@ def _array_dir(ckpt_dir: str, spec: Mapping[str, Any]) -> str:
   kvstore = spec.get('kvstore', {})
   kv_path = kvstore.get('path', '') if isinstance(kvstore, Mapping) else ''
   top_path = spec.get('path', '')
+
   def absolute(p):
     return _is_remote(p) or os.path.isabs(p)
+
   if top_path:
     # Legacy form: the driver-level `path` is appended to the kvstore path.
-    rel = top_path if (not kv_path or absolute(kv_path)) else _join(
-        kv_path, top_path)
+    rel = top_path if (not kv_path or absolute(kv_path)) else _join(kv_path, top_path)
   else:
     rel = kv_path
   rel = str(rel).rstrip('/')
@@ -482,19 +498,18 @@ def _array_dir(ckpt_dir: str, spec: Mapping[str, Any]) -> str:
 
 def _ts():
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
   return ts
 
 
-def _read_specs(ckpt_dir: str,
-                specs: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def _read_specs(ckpt_dir: str, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
   """Reads the arrays behind `specs` (name -> stored spec), concurrently."""
   ts = _ts()
   names = list(specs)
   opened = {}
   for name in names:
     location = _array_dir(ckpt_dir, specs[name])
-    open_spec = {'driver': specs[name].get('driver', 'zarr'),
-                 'kvstore': _kvstore_spec(location)}
+    open_spec = {'driver': specs[name].get('driver', 'zarr'), 'kvstore': _kvstore_spec(location)}
     opened[name] = (location, ts.open(open_spec, open=True, read=True))
   out = {}
   pending: list[tuple[str, Any]] = []
@@ -513,8 +528,8 @@ def _read_specs(ckpt_dir: str,
       store = fut.result()
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(
-          f'Cannot open the array of variable {name!r} at {location}: '
-          f'{e}') from None
+          f'Cannot open the array of variable {name!r} at {location}: ' f'{e}'
+      ) from None
     nbytes = math.prod(store.shape) * store.dtype.numpy_dtype.itemsize
     if pending and inflight + nbytes > _MAX_INFLIGHT_BYTES:
       drain()
@@ -524,8 +539,9 @@ def _read_specs(ckpt_dir: str,
   return out
 
 
-def _choose_chunk_shape(shape: Sequence[int], itemsize: int,
-                        max_chunk_bytes: int = MAX_CHUNK_BYTES) -> list[int]:
+def _choose_chunk_shape(
+    shape: Sequence[int], itemsize: int, max_chunk_bytes: int = MAX_CHUNK_BYTES
+) -> list[int]:
   """Largest chunk shape (dividing `shape`) of at most `max_chunk_bytes`.
 
   Like T5X's ``_choose_chunk_shape``: repeatedly shrink the currently largest
@@ -566,8 +582,7 @@ def _is_float_dtype(dtype: Any) -> bool:
 
 
 def _cast(x: Any, dtype: Any | None) -> Any:
-  if dtype is None or not isinstance(x, np.ndarray) or not _is_float_dtype(
-      x.dtype):
+  if dtype is None or not isinstance(x, np.ndarray) or not _is_float_dtype(x.dtype):
     return x
   dtype = np.dtype(dtype)
   return x if x.dtype == dtype else x.astype(dtype)
@@ -580,14 +595,12 @@ def _to_numpy(x: Any) -> Any:
   return x
 
 
-def _materialize(ckpt_dir: str, flat: Mapping[str, Any],
-                 dtype: Any | None) -> dict[str, Any]:
+def _materialize(ckpt_dir: str, flat: Mapping[str, Any], dtype: Any | None) -> dict[str, Any]:
   specs = {n: v for n, v in flat.items() if _is_spec(v)}
   t0 = time.time()
   arrays = _read_specs(ckpt_dir, specs) if specs else {}
   if specs:
-    logging.info('Read %d arrays from %s in %.1fs.', len(specs), ckpt_dir,
-                 time.time() - t0)
+    logging.info('Read %d arrays from %s in %.1fs.', len(specs), ckpt_dir, time.time() - t0)
   out = {}
   for name, value in flat.items():
     value = arrays[name] if name in arrays else _to_numpy(value)
@@ -596,15 +609,16 @@ def _materialize(ckpt_dir: str, flat: Mapping[str, Any],
 
 
 def _target_flat(contents: Mapping[str, Any]) -> dict[str, Any]:
-  return {'/'.join(k): v
-          for k, v in _flatten(contents['optimizer']['target']).items()}
+  return {'/'.join(k): v for k, v in _flatten(contents['optimizer']['target']).items()}
 
 
-def load(path: str,
-         variables: str | Sequence[str] | None = None,
-         *,
-         dtype: Any | None = None,
-         step: int | None = None) -> Params:
+def load(
+    path: str,
+    variables: str | Sequence[str] | None = None,
+    *,
+    dtype: Any | None = None,
+    step: int | None = None,
+) -> Params:
   """Loads the parameters (``optimizer/target``) of a T5X legacy checkpoint.
 
   Args:
@@ -633,24 +647,25 @@ def load(path: str,
   return unflatten_params(_materialize(ckpt_dir, flat, dtype))
 
 
-def load_variable(path: str, variable: str, *, dtype: Any | None = None,
-                  step: int | None = None) -> np.ndarray:
+def load_variable(
+    path: str, variable: str, *, dtype: Any | None = None, step: int | None = None
+) -> np.ndarray:
   """Loads one parameter (exact ``/``-joined path) of a T5X checkpoint."""
   ckpt_dir = find_checkpoint(path, step)
   flat = _target_flat(_read_contents(ckpt_dir))
   name = variable.strip('/')
   if name not in flat and name.startswith('target/'):
-    name = name[len('target/'):]
+    name = name[len('target/') :]
   if name not in flat:
     close = difflib.get_close_matches(name, list(flat), n=5, cutoff=0.5)
     hint = f' Close matches: {", ".join(close)}.' if close else ''
-    raise UnknownVariableError(
-        f'Variable {variable!r} is not in the checkpoint {ckpt_dir}.{hint}')
+    raise UnknownVariableError(f'Variable {variable!r} is not in the checkpoint {ckpt_dir}.{hint}')
   return _materialize(ckpt_dir, {name: flat[name]}, dtype)[name]
 
 
-def load_t5x_checkpoint(path: str, *, dtype: Any | None = None,
-                        step: int | None = None) -> dict[str, Any]:
+def load_t5x_checkpoint(
+    path: str, *, dtype: Any | None = None, step: int | None = None
+) -> dict[str, Any]:
   """Loads the whole ``optimizer`` tree: ``{'target': ..., 'state': ...}``.
 
   Args:
@@ -677,9 +692,9 @@ def read_step(path: str, *, step: int | None = None) -> int | None:
   return None if value is None else int(np.asarray(value))
 
 
-def load_state_variables(path: str, names: Iterable[str], *,
-                         dtype: Any | None = None,
-                         step: int | None = None) -> dict[str, np.ndarray]:
+def load_state_variables(
+    path: str, names: Iterable[str], *, dtype: Any | None = None, step: int | None = None
+) -> dict[str, np.ndarray]:
   """Loads optimizer-state leaves by name, e.g. ``param_states/encoder/.../kernel/v_row``.
 
   Names are ``/``-joined paths under ``optimizer/state``; those absent from
@@ -692,9 +707,9 @@ def load_state_variables(path: str, names: Iterable[str], *,
   return _materialize(ckpt_dir, wanted, dtype)
 
 
-def list_variables(path: str, *, include_state: bool = False,
-                   step: int | None = None
-                   ) -> dict[str, tuple[tuple[int, ...], str]]:
+def list_variables(
+    path: str, *, include_state: bool = False, step: int | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
   """Names -> (shape, dtype name) of the stored leaves, without reading arrays.
 
   Args:
@@ -705,8 +720,7 @@ def list_variables(path: str, *, include_state: bool = False,
   """
   ckpt_dir = find_checkpoint(path, step)
   contents = _read_contents(ckpt_dir)
-  tree = contents['optimizer'] if include_state else contents['optimizer'][
-      'target']
+  tree = contents['optimizer'] if include_state else contents['optimizer']['target']
   out = {}
   for keys, leaf in _flatten(tree).items():
     name = '/'.join(keys)
@@ -715,12 +729,24 @@ def list_variables(path: str, *, include_state: bool = False,
       shape = meta.get('shape')
       dtype = leaf.get('dtype') or meta.get('dtype')
       if shape is None or dtype is None:  # Incomplete spec: ask the .zarray.
-        store = _ts().open({'driver': leaf.get('driver', 'zarr'),
-                            'kvstore': _kvstore_spec(_array_dir(ckpt_dir,
-                                                                leaf))}).result()
+        store = (
+            _ts()
+            .open(
+                {
+                    'driver': leaf.get('driver', 'zarr'),
+                    'kvstore': _kvstore_spec(_array_dir(ckpt_dir, leaf)),
+                }
+            )
+            .result()
+        )
         shape, dtype = store.shape, store.dtype.numpy_dtype.name
-      dtype = {'<f4': 'float32', '<f2': 'float16', '<i4': 'int32',
-               '<f8': 'float64', '<i8': 'int64'}.get(dtype, dtype)
+      dtype = {
+          '<f4': 'float32',
+          '<f2': 'float16',
+          '<i4': 'int32',
+          '<f8': 'float64',
+          '<i8': 'int64',
+      }.get(dtype, dtype)
       out[name] = (tuple(int(d) for d in shape), str(dtype))
     elif isinstance(leaf, (np.ndarray, np.generic)):
       out[name] = (tuple(leaf.shape), _zarr_dtype_name(leaf.dtype))
@@ -739,6 +765,7 @@ def _state_dict(tree: Any) -> Any:
   if tree is None:
     return None
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   return serialization.to_state_dict(tree)
 
 
@@ -750,15 +777,17 @@ def _leaf_to_numpy(x: Any) -> Any:
   return np.asarray(x)
 
 
-def save(path: str,
-         params: Mapping[str, Any],
-         step: int,
-         *,
-         optimizer_state: Any = None,
-         dtype: Any | None = None,
-         inline_max_size: int = DEFAULT_INLINE_MAX_SIZE,
-         overwrite: bool = False,
-         max_chunk_bytes: int = MAX_CHUNK_BYTES) -> str:
+def save(
+    path: str,
+    params: Mapping[str, Any],
+    step: int,
+    *,
+    optimizer_state: Any = None,
+    dtype: Any | None = None,
+    inline_max_size: int = DEFAULT_INLINE_MAX_SIZE,
+    overwrite: bool = False,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> str:
   """Writes a T5X legacy checkpoint (``VERSION = 3``) to directory `path`.
 
   The checkpoint is assembled in ``<path>.tmp-<timestamp>`` and renamed to
@@ -789,13 +818,13 @@ def save(path: str,
     ValueError: a tree key cannot be stored (contains '/' or collides).
   """
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   ts = _ts()
   path = _abspath(os.fspath(path))
   if is_temporary_path(path):
     raise ValueError(f'Refusing to save to a temporary-looking path {path}.')
   if _exists(path) and not overwrite:
-    raise FileExistsError(
-        f'{path} already exists; pass overwrite=True to replace it.')
+    raise FileExistsError(f'{path} already exists; pass overwrite=True to replace it.')
 
   target = _state_dict(params)
   state_tree = _state_dict(optimizer_state)
@@ -807,15 +836,16 @@ def save(path: str,
     param_states = state_tree if state_tree is not None else {}
   tree = {
       'target': target,
-      'state': {'step': np.asarray(int(step), np.int32),
-                'param_states': param_states},
+      'state': {'step': np.asarray(int(step), np.int32), 'param_states': param_states},
   }
   flat = _flatten(tree)
   for keys in flat:
     bad = [k for k in keys if '/' in k or not k]
     if bad:
-      raise ValueError(f'Cannot save key {bad[0]!r} at {"/".join(keys)}: '
-                       "keys must be non-empty and contain no '/'.")
+      raise ValueError(
+          f'Cannot save key {bad[0]!r} at {"/".join(keys)}: '
+          "keys must be non-empty and contain no '/'."
+      )
 
   tmp = f'{path}.tmp-{int(time.time())}'
   while _exists(tmp):
@@ -833,8 +863,7 @@ def save(path: str,
       leaf = _leaf_to_numpy(leaf)
       if keys[0] == 'target':
         leaf = _cast(leaf, dtype)
-      if (not isinstance(leaf, np.ndarray) or leaf.ndim == 0 or
-          leaf.nbytes <= inline_max_size):
+      if not isinstance(leaf, np.ndarray) or leaf.ndim == 0 or leaf.nbytes <= inline_max_size:
         stored[keys] = leaf
         continue
       if leaf.dtype.hasobject:
@@ -843,19 +872,22 @@ def save(path: str,
       if name in seen_dirs:
         raise ValueError(
             f'Variables {seen_dirs[name]!r} and {"/".join(keys)!r} map to the '
-            f'same array directory {name!r}.')
+            f'same array directory {name!r}.'
+        )
       seen_dirs[name] = '/'.join(keys)
       leaf = np.ascontiguousarray(leaf)
       dtype_name = _zarr_dtype_name(leaf.dtype)
       metadata = {
-          'chunks': _choose_chunk_shape(leaf.shape, leaf.dtype.itemsize,
-                                        max_chunk_bytes),
+          'chunks': _choose_chunk_shape(leaf.shape, leaf.dtype.itemsize, max_chunk_bytes),
           'compressor': {'id': 'gzip', 'level': 1},
           'shape': [int(d) for d in leaf.shape],
       }
-      write_spec = {'driver': 'zarr', 'dtype': dtype_name,
-                    'kvstore': _kvstore_spec(_join(tmp, name)),
-                    'metadata': dict(metadata, order='C')}
+      write_spec = {
+          'driver': 'zarr',
+          'dtype': dtype_name,
+          'kvstore': _kvstore_spec(_join(tmp, name)),
+          'metadata': dict(metadata, order='C'),
+      }
       if inflight + leaf.nbytes > _MAX_INFLIGHT_BYTES and writes:
         for w in writes:
           w.result()
@@ -865,15 +897,22 @@ def save(path: str,
       writes.append(store.write(leaf))
       inflight += leaf.nbytes
       n_arrays += 1
-      kvstore = ({'driver': 'gcs', 'bucket': 't5x-dummy-bucket',
-                  'path': name + '/'} if remote else
-                 {'driver': 'file', 'path': name + '/'})
-      stored[keys] = {'driver': 'zarr', 'dtype': dtype_name,
-                      'kvstore': kvstore, 'metadata': metadata}
+      kvstore = (
+          {'driver': 'gcs', 'bucket': 't5x-dummy-bucket', 'path': name + '/'}
+          if remote
+          else {'driver': 'file', 'path': name + '/'}
+      )
+      stored[keys] = {
+          'driver': 'zarr',
+          'dtype': dtype_name,
+          'kvstore': kvstore,
+          'metadata': metadata,
+      }
     for w in writes:
       w.result()
     data = serialization.msgpack_serialize(
-        {'version': VERSION, 'optimizer': _unflatten(stored)}, in_place=True)
+        {'version': VERSION, 'optimizer': _unflatten(stored)}, in_place=True
+    )
     _write_bytes(_join(tmp, CHECKPOINT_FILENAME), data)  # Written last.
     if _exists(path):  # overwrite=True: move the old one away, then delete.
       old = f'{path}.old-{int(time.time() * 1000)}'
@@ -893,7 +932,11 @@ def save(path: str,
     except Exception:  # pylint: disable=broad-except
       pass
     raise
-  logging.info('Saved T5X checkpoint %s (%d arrays, %d inline leaves) in '
-               '%.1fs.', path, n_arrays, len(stored) - n_arrays,
-               time.time() - t0)
+  logging.info(
+      'Saved T5X checkpoint %s (%d arrays, %d inline leaves) in ' '%.1fs.',
+      path,
+      n_arrays,
+      len(stored) - n_arrays,
+      time.time() - t0,
+  )
   return path

@@ -9,6 +9,7 @@ in one row, which cannot have one prompt each, so `prompt_ids` with `pack=True` 
 
 These are the models' default `FEATURE_CONVERTER_CLS` (`runtime/models.py`).
 """
+
 from typing import Any, Mapping, Tuple
 
 import seqio
@@ -39,17 +40,22 @@ class _PromptIdsMixin:
     args, kwargs = self._init_kwargs()
     return self._SEQIO_CLS(*args, **kwargs)
 
-  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     if PROMPT_IDS not in ds.element_spec:
       return super().__call__(ds, task_feature_lengths)
     if self.pack:
       raise ValueError(
           'The dataset has a `prompt_ids` feature (one prompt per example), which cannot be packed: '
-          'several examples would share a row. Set pack=False (utils.DatasetConfig.pack = False).')
+          'several examples would share a row. Set pack=False (utils.DatasetConfig.pack = False).'
+      )
     shape = ds.element_spec[PROMPT_IDS].shape
     if shape.rank not in (0, 1) or (shape.rank == 1 and shape[0] not in (1, None)):
       raise ValueError(f'`prompt_ids` must be one integer per example, got shape {shape}.')
-    ds = ds.map(lambda ex: dict(ex, **{PROMPT_IDS: tf.reshape(tf.cast(ex[PROMPT_IDS], tf.int32), [1])}))
+    ds = ds.map(
+        lambda ex: dict(ex, **{PROMPT_IDS: tf.reshape(tf.cast(ex[PROMPT_IDS], tf.int32), [1])})
+    )
     lengths = dict(task_feature_lengths, **{PROMPT_IDS: 1})
     converted = self._with_prompt_ids(task_feature_lengths)(ds, lengths)
     return converted.map(lambda ex: dict(ex, **{PROMPT_IDS: tf.reshape(ex[PROMPT_IDS], [])}))

@@ -22,6 +22,7 @@ re-registers every task with the new vocabulary. Constructing a
 first time a piece is encoded or the vocabulary size is asked for, so importing
 the task modules needs neither the network nor the file.
 """
+
 import os
 import threading
 from typing import Dict, Mapping, Optional, Tuple
@@ -39,8 +40,7 @@ _OVERRIDE: Optional[Tuple[str, int]] = None
 _CACHE: Dict[Tuple[str, int], seqio.SentencePieceVocabulary] = {}
 
 
-def set_default_vocabulary(sentencepiece_model_file: Optional[str],
-                           extra_ids: int = 0) -> None:
+def set_default_vocabulary(sentencepiece_model_file: Optional[str], extra_ids: int = 0) -> None:
   """Sets the vocabulary `get_vocabulary()` returns when given no arguments.
 
   It only affects tasks registered afterwards: call it before importing the
@@ -53,12 +53,14 @@ def set_default_vocabulary(sentencepiece_model_file: Optional[str],
   """
   global _OVERRIDE
   with _LOCK:
-    _OVERRIDE = None if sentencepiece_model_file is None else (
-        str(sentencepiece_model_file), int(extra_ids))
+    _OVERRIDE = (
+        None
+        if sentencepiece_model_file is None
+        else (str(sentencepiece_model_file), int(extra_ids))
+    )
 
 
-def _resolve(sentencepiece_model_file: Optional[str],
-             extra_ids: Optional[int]) -> Tuple[str, int]:
+def _resolve(sentencepiece_model_file: Optional[str], extra_ids: Optional[int]) -> Tuple[str, int]:
   """Resolves path and extra ids following the order in the module docstring."""
   if sentencepiece_model_file is None:
     if _OVERRIDE is not None:
@@ -76,8 +78,9 @@ def _resolve(sentencepiece_model_file: Optional[str],
 
 
 @gin.configurable
-def get_vocabulary(sentencepiece_model_file: Optional[str] = None,
-                   extra_ids: Optional[int] = None) -> seqio.SentencePieceVocabulary:
+def get_vocabulary(
+    sentencepiece_model_file: Optional[str] = None, extra_ids: Optional[int] = None
+) -> seqio.SentencePieceVocabulary:
   """Returns the (cached) SentencePiece vocabulary used by the task modules.
 
   Args:
@@ -97,8 +100,9 @@ def get_vocabulary(sentencepiece_model_file: Optional[str] = None,
     return _CACHE[key]
 
 
-def output_features(vocabulary: Optional[seqio.Vocabulary] = None,
-                    add_eos: bool = True) -> Mapping[str, seqio.Feature]:
+def output_features(
+    vocabulary: Optional[seqio.Vocabulary] = None, add_eos: bool = True
+) -> Mapping[str, seqio.Feature]:
   """T5's text-to-text output features: `inputs` and `targets` over one vocab.
 
   Args:
@@ -117,5 +121,6 @@ def output_features(vocabulary: Optional[seqio.Vocabulary] = None,
 
 def seqio_test_vocabulary_path() -> str:
   """Path of the 26-piece SentencePiece model bundled with seqio (for tests)."""
-  return os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
-                      'sentencepiece.model')
+  return os.path.join(
+      os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece', 'sentencepiece.model'
+  )

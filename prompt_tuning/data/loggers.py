@@ -14,6 +14,7 @@ Use it like seqio's loggers, e.g. in gin:
 `seqio.Evaluator.logger_cls = [@seqio.TensorBoardLogger, @loggers.PredictionSamplesLogger]`
 (with `prompt_tuning.data.loggers` imported).
 """
+
 import os
 import random
 import zlib
@@ -49,8 +50,7 @@ def _show(value: Any) -> str:
 class PredictionSamplesLogger(seqio.Logger):
   """Writes TensorBoard text samples (random and wrong) of each task's predictions."""
 
-  def __init__(self, output_dir: str, num_examples: int = 8, seed: int = 0,
-               max_chars: int = 2000):
+  def __init__(self, output_dir: str, num_examples: int = 8, seed: int = 0, max_chars: int = 2000):
     """Creates the logger.
 
     Args:
@@ -73,13 +73,15 @@ class PredictionSamplesLogger(seqio.Logger):
 
   def _clip(self, text: str) -> str:
     if self.max_chars and len(text) > self.max_chars:
-      return text[:self.max_chars] + ' [...]'
+      return text[: self.max_chars] + ' [...]'
     return text
 
   def _format(self, entry: Mapping[str, Any]) -> str:
-    lines = [f'**input:** {self._clip(_show(entry["input"]))}',
-             f'**target:** {_show(entry["target_text"])}',
-             f'**prediction:** {_show(entry["prediction_text"])}']
+    lines = [
+        f'**input:** {self._clip(_show(entry["input"]))}',
+        f'**target:** {_show(entry["target_text"])}',
+        f'**prediction:** {_show(entry["prediction_text"])}',
+    ]
     if _show(entry['target']) != _show(entry['target_text']):
       lines.append(f'**target (postprocessed):** {_show(entry["target"])}')
     if _show(entry['prediction']) != _show(entry['prediction_text']):
@@ -87,9 +89,11 @@ class PredictionSamplesLogger(seqio.Logger):
     return '\n\n'.join(lines)
 
   @staticmethod
-  def collect(dataset: Optional[tf.data.Dataset],
-              inferences: Optional[Mapping[str, Sequence[Any]]],
-              targets: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
+  def collect(
+      dataset: Optional[tf.data.Dataset],
+      inferences: Optional[Mapping[str, Sequence[Any]]],
+      targets: Optional[Sequence[Any]],
+  ) -> List[Dict[str, Any]]:
     """Aligns dataset examples, raw and postprocessed predictions and targets."""
     inferences = inferences or {}
     predictions = inferences.get('prediction')
@@ -110,20 +114,26 @@ class PredictionSamplesLogger(seqio.Logger):
           output = prediction.get(utils.PREDICTION_TEXT)
         prediction = prediction[utils.PREDICTION]
       target_text = ex.get(utils.TARGET_TEXT)
-      entries.append({
-          'input': utils.to_text(ex.get(utils.INPUT_TEXT, '')),
-          'target_text': utils.to_text(target_text) if target_text is not None else '',
-          'target': targets[i] if targets is not None and i < len(targets) else target_text,
-          'prediction_text': utils.to_text(output) if output is not None else prediction,
-          'prediction': prediction,
-      })
+      entries.append(
+          {
+              'input': utils.to_text(ex.get(utils.INPUT_TEXT, '')),
+              'target_text': utils.to_text(target_text) if target_text is not None else '',
+              'target': targets[i] if targets is not None and i < len(targets) else target_text,
+              'prediction_text': utils.to_text(output) if output is not None else prediction,
+              'prediction': prediction,
+          }
+      )
     return entries
 
-  def __call__(self, task_name: str, step: Optional[int],
-               metrics: Mapping[str, seqio.metrics.MetricValue],
-               dataset: Optional[tf.data.Dataset],
-               inferences: Optional[Mapping[str, Sequence[Any]]],
-               targets: Optional[Sequence[Any]]) -> None:
+  def __call__(
+      self,
+      task_name: str,
+      step: Optional[int],
+      metrics: Mapping[str, seqio.metrics.MetricValue],
+      dataset: Optional[tf.data.Dataset],
+      inferences: Optional[Mapping[str, Sequence[Any]]],
+      targets: Optional[Sequence[Any]],
+  ) -> None:
     """Writes the `examples/random` and `examples/wrong` text summaries."""
     del metrics
     step = -1 if step is None else int(step)
@@ -134,9 +144,11 @@ class PredictionSamplesLogger(seqio.Logger):
     wrong = [e for e in entries if pt_metrics.is_wrong(e['target'], e['prediction'])]
     separator = '\n\n---\n\n'
     random_text = separator.join(
-        self._format(entries[i]) for i in pt_metrics.safe_sample(self.num_examples, entries, rng))
+        self._format(entries[i]) for i in pt_metrics.safe_sample(self.num_examples, entries, rng)
+    )
     wrong_text = separator.join(
-        self._format(wrong[i]) for i in pt_metrics.safe_sample(self.num_examples, wrong, rng))
+        self._format(wrong[i]) for i in pt_metrics.safe_sample(self.num_examples, wrong, rng)
+    )
     header = f'{len(wrong)} of {len(entries)} predictions are wrong.\n\n'
     writer = self._writer(task_name)
     with writer.as_default():

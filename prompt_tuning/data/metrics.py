@@ -25,6 +25,7 @@ before calling a metric; `text_examples` returns `seqio.metrics.Text` samples
 logger writes. `get_glue_metric` / `get_super_glue_metric` give T5's metric
 list per TFDS config.
 """
+
 import collections
 import random
 import re
@@ -76,8 +77,9 @@ def f1_score_with_invalid(targets: Sequence[int], predictions: Sequence[int]) ->
   return {'f1': 100.0 * binary_f1(targets, predictions)}
 
 
-def macro_f1(targets: Sequence[int], predictions: Sequence[int],
-             labels: Optional[Sequence[int]] = None) -> float:
+def macro_f1(
+    targets: Sequence[int], predictions: Sequence[int], labels: Optional[Sequence[int]] = None
+) -> float:
   """Unweighted mean of per-class F1 over `labels` (default: all seen labels)."""
   targets = np.asarray(targets)
   predictions = np.asarray(predictions)
@@ -91,8 +93,10 @@ def mean_multiclass_f1(num_classes: int) -> MetricFn:
   """Macro F1 over classes 0..num_classes-1, named `mean_{num_classes}class_f1` (x100)."""
 
   def metric(targets, predictions):
-    return {f'mean_{num_classes}class_f1':
-                100.0 * macro_f1(targets, predictions, labels=range(num_classes))}
+    return {
+        f'mean_{num_classes}class_f1': 100.0
+        * macro_f1(targets, predictions, labels=range(num_classes))
+    }
 
   metric.__name__ = f'mean_{num_classes}class_f1'
   return metric
@@ -112,8 +116,8 @@ def matthews_corrcoef(targets: Sequence[int], predictions: Sequence[int]) -> Dic
   n_correct = np.trace(confusion)
   n_samples = confusion.sum()
   cov_ytyp = n_correct * n_samples - np.dot(t_sum, p_sum)
-  cov_ypyp = n_samples ** 2 - np.dot(p_sum, p_sum)
-  cov_ytyt = n_samples ** 2 - np.dot(t_sum, t_sum)
+  cov_ypyp = n_samples**2 - np.dot(p_sum, p_sum)
+  cov_ytyt = n_samples**2 - np.dot(t_sum, t_sum)
   if cov_ypyp * cov_ytyt == 0:
     return {'matthews_corrcoef': 0.0}
   return {'matthews_corrcoef': 100.0 * float(cov_ytyp / np.sqrt(cov_ytyt * cov_ypyp))}
@@ -188,10 +192,12 @@ def qa_metrics(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> 
     raise ValueError(f'{len(targets)} targets but {len(predictions)} predictions.')
   if not targets:
     return {'em': float('nan'), 'f1': float('nan')}
-  em = np.mean([max((float(p == t) for t in ts), default=0.0)
-                for ts, p in zip(targets, predictions)])
-  f1 = np.mean([max((_token_f1(t, p) for t in ts), default=0.0)
-                for ts, p in zip(targets, predictions)])
+  em = np.mean(
+      [max((float(p == t) for t in ts), default=0.0) for ts, p in zip(targets, predictions)]
+  )
+  f1 = np.mean(
+      [max((_token_f1(t, p) for t in ts), default=0.0) for ts, p in zip(targets, predictions)]
+  )
   return {'em': 100.0 * float(em), 'f1': 100.0 * float(f1)}
 
 
@@ -204,8 +210,13 @@ def squad(targets: Sequence[Any], predictions: Sequence[str]) -> Dict[str, float
 # ========== grouped metrics (MultiRC, ReCoRD) ==========
 def all_match(targets: Sequence[Any], predictions: Sequence[Any]) -> Dict[str, float]:
   """100 if every prediction equals its target, else 0."""
-  return {'exact_match': 100.0 * float(
-      len(targets) == len(predictions) and all(_equal(t, p) for t, p in zip(targets, predictions)))}
+  return {
+      'exact_match': 100.0
+      * float(
+          len(targets) == len(predictions)
+          and all(_equal(t, p) for t, p in zip(targets, predictions))
+      )
+  }
 
 
 def _hashable(x: Any) -> Any:
@@ -214,8 +225,9 @@ def _hashable(x: Any) -> Any:
   return x
 
 
-def mean_group_metric(metric_fn: MetricFn, group_key: str = 'group',
-                      value_key: str = 'value') -> MetricFn:
+def mean_group_metric(
+    metric_fn: MetricFn, group_key: str = 'group', value_key: str = 'value'
+) -> MetricFn:
   """Applies `metric_fn` to each group (by the target's `group_key`) and averages.
 
   Targets and predictions are dicts; values are read at `value_key`. E.g.
@@ -237,8 +249,9 @@ def mean_group_metric(metric_fn: MetricFn, group_key: str = 'group',
   return metric
 
 
-def deduplicate_metric(metric_fn: MetricFn, group_key: str = 'group',
-                       value_key: str = 'value') -> MetricFn:
+def deduplicate_metric(
+    metric_fn: MetricFn, group_key: str = 'group', value_key: str = 'value'
+) -> MetricFn:
   """Keeps one (target, prediction) per target group, then applies `metric_fn`.
 
   ReCoRD repeats a query once per gold answer; the score is per query.
@@ -253,8 +266,9 @@ def deduplicate_metric(metric_fn: MetricFn, group_key: str = 'group',
   return metric
 
 
-def multirc_f1_over_all_answers(targets: Sequence[Mapping[str, Any]],
-                                predictions: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
+def multirc_f1_over_all_answers(
+    targets: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]]
+) -> Dict[str, float]:
   """MultiRC F1a: binary F1 over every answer option (invalid outputs are wrong)."""
   return f1_score_with_invalid([t['value'] for t in targets], [p['value'] for p in predictions])
 
@@ -291,11 +305,16 @@ def get_super_glue_metric(config_name: str) -> List[MetricFn]:
 
 
 # ========== `*_examples` support ==========
-def metric_with_examples(metric_fn: MetricFn, targets: Sequence[Any], predictions: Sequence[Any],
-                         prediction_field: str = utils.PREDICTION) -> Dict[str, Any]:
+def metric_with_examples(
+    metric_fn: MetricFn,
+    targets: Sequence[Any],
+    predictions: Sequence[Any],
+    prediction_field: str = utils.PREDICTION,
+) -> Dict[str, Any]:
   """Calls `metric_fn` on the `prediction_field` of dict predictions."""
-  return metric_fn(targets, [p[prediction_field] if isinstance(p, Mapping) else p
-                             for p in predictions])
+  return metric_fn(
+      targets, [p[prediction_field] if isinstance(p, Mapping) else p for p in predictions]
+  )
 
 
 def with_examples(metric_fn: MetricFn) -> MetricFn:
@@ -308,8 +327,9 @@ def with_examples(metric_fn: MetricFn) -> MetricFn:
   return metric
 
 
-def safe_sample(num_examples: int, population: Sequence[Any],
-                rng: Optional[random.Random] = None) -> List[int]:
+def safe_sample(
+    num_examples: int, population: Sequence[Any], rng: Optional[random.Random] = None
+) -> List[int]:
   """Indices of up to `num_examples` random elements (-1: all), in order."""
   rng = rng or random.Random(0)
   if num_examples < 0 or num_examples >= len(population):
@@ -336,9 +356,11 @@ def is_wrong(target: Any, prediction: Any) -> bool:
 
 def format_classification(example: Mapping[str, Any]) -> str:
   """Markdown block: input, target and prediction of a `*_examples` prediction."""
-  return (f'**input:** {example.get(utils.INPUT_TEXT)}\n\n'
-          f'**target:** {example.get(utils.TARGET_TEXT)}\n\n'
-          f'**prediction:** {example.get(utils.PREDICTION_TEXT)}')
+  return (
+      f'**input:** {example.get(utils.INPUT_TEXT)}\n\n'
+      f'**target:** {example.get(utils.TARGET_TEXT)}\n\n'
+      f'**prediction:** {example.get(utils.PREDICTION_TEXT)}'
+  )
 
 
 def format_qa(example: Mapping[str, Any]) -> str:
@@ -348,17 +370,23 @@ def format_qa(example: Mapping[str, Any]) -> str:
   lines = []
   if example.get(utils.CONTEXT_TEXT) is not None:
     lines.append(f'**context:** {example.get(utils.CONTEXT_TEXT)}')
-  lines += [f'**question:** {example.get(utils.QUESTION_TEXT)}',
-            f'**answers:** {"; ".join(answers)}',
-            f'**prediction:** {example.get(utils.PREDICTION_TEXT)}']
+  lines += [
+      f'**question:** {example.get(utils.QUESTION_TEXT)}',
+      f'**answers:** {"; ".join(answers)}',
+      f'**prediction:** {example.get(utils.PREDICTION_TEXT)}',
+  ]
   return '\n\n'.join(lines)
 
 
-def text_examples(targets: Sequence[Any], predictions: Sequence[Mapping[str, Any]],
-                  task_name: str, num_examples: int = 8, seed: Optional[int] = 0,
-                  find_negative: bool = True,
-                  format_fn: Callable[[Mapping[str, Any]], str] = format_classification
-                  ) -> Dict[str, seqio.metrics.Text]:
+def text_examples(
+    targets: Sequence[Any],
+    predictions: Sequence[Mapping[str, Any]],
+    task_name: str,
+    num_examples: int = 8,
+    seed: Optional[int] = 0,
+    find_negative: bool = True,
+    format_fn: Callable[[Mapping[str, Any]], str] = format_classification,
+) -> Dict[str, seqio.metrics.Text]:
   """TensorBoard text of a random sample of predictions and of wrong ones.
 
   Args:
@@ -377,11 +405,15 @@ def text_examples(targets: Sequence[Any], predictions: Sequence[Mapping[str, Any
   rng = random.Random(seed)
   separator = '\n\n---\n\n'
   indices = safe_sample(num_examples, predictions, rng)
-  result = {f'{task_name} samples': seqio.metrics.Text(
-      textdata=separator.join(format_fn(predictions[i]) for i in indices))}
+  result = {
+      f'{task_name} samples': seqio.metrics.Text(
+          textdata=separator.join(format_fn(predictions[i]) for i in indices)
+      )
+  }
   if find_negative:
     wrong = [p for t, p in zip(targets, predictions) if is_wrong(t, p)]
     indices = safe_sample(num_examples, wrong, rng)
     result[f'{task_name} negative samples'] = seqio.metrics.Text(
-        textdata=separator.join(format_fn(wrong[i]) for i in indices))
+        textdata=separator.join(format_fn(wrong[i]) for i in indices)
+    )
   return result

@@ -18,6 +18,7 @@ that call.
   label words of the task a prompt was trained on to the evaluated task's.
 * `sequential`: chain postprocessors.
 """
+
 import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -35,10 +36,9 @@ def _text(x: Any) -> str:
   return x if isinstance(x, str) else str(x)
 
 
-def string_label_to_class_id(string_label: Any,
-                             label_classes: Sequence[str],
-                             default: int = -1,
-                             **unused_kwargs) -> int:
+def string_label_to_class_id(
+    string_label: Any, label_classes: Sequence[str], default: int = -1, **unused_kwargs
+) -> int:
   """Index of `string_label` in `label_classes`, or `default` when absent."""
   string_label = _text(string_label)
   label_classes = list(label_classes)
@@ -53,8 +53,9 @@ def string_to_float(string: Any, default: float = -1.0, **unused_kwargs) -> floa
     return default
 
 
-def multirc(string_label: Any, example: Optional[Mapping[str, Any]] = None,
-            is_target: bool = False) -> Mapping[str, Any]:
+def multirc(
+    string_label: Any, example: Optional[Mapping[str, Any]] = None, is_target: bool = False
+) -> Mapping[str, Any]:
   """MultiRC answer correctness as {'value': 0|1|-1}, targets add their question group."""
   result = {'value': string_label_to_class_id(string_label, label_classes=('False', 'True'))}
   if is_target and example is not None:
@@ -62,8 +63,9 @@ def multirc(string_label: Any, example: Optional[Mapping[str, Any]] = None,
   return result
 
 
-def record(answer: Any, example: Optional[Mapping[str, Any]] = None,
-           is_target: bool = False) -> Mapping[str, Any]:
+def record(
+    answer: Any, example: Optional[Mapping[str, Any]] = None, is_target: bool = False
+) -> Mapping[str, Any]:
   """ReCoRD: targets are {'value': all gold answers, 'group': (passage, query)}."""
   if is_target and example is not None:
     return {
@@ -73,18 +75,38 @@ def record(answer: Any, example: Optional[Mapping[str, Any]] = None,
   return {'value': _text(answer)}
 
 
-def qa(answer: Any, example: Optional[Mapping[str, Any]] = None,
-       is_target: bool = False) -> Any:
+def qa(answer: Any, example: Optional[Mapping[str, Any]] = None, is_target: bool = False) -> Any:
   """QA: a prediction stays its string; a target becomes the list of gold answers."""
   if is_target and example is not None and 'answers' in example:
     return [_text(a) for a in utils.to_text(example['answers'])]
   return _text(answer)
 
 
-_DETERMINERS = frozenset({
-    'a', 'an', 'few', 'her', 'his', 'each', 'every', 'many', 'much', 'my', 'our', 'some',
-    'that', 'the', 'their', 'these', 'this', 'those', 'which', 'whose', 'your'
-})
+_DETERMINERS = frozenset(
+    {
+        'a',
+        'an',
+        'few',
+        'her',
+        'his',
+        'each',
+        'every',
+        'many',
+        'much',
+        'my',
+        'our',
+        'some',
+        'that',
+        'the',
+        'their',
+        'these',
+        'this',
+        'those',
+        'which',
+        'whose',
+        'your',
+    }
+)
 
 
 def _clean_referent(s: str) -> str:
@@ -93,8 +115,9 @@ def _clean_referent(s: str) -> str:
   return ' '.join(w for w in s.split(' ') if w not in _DETERMINERS)
 
 
-def wsc_simple(prediction: Any, example: Optional[Mapping[str, Any]] = None,
-               is_target: bool = False) -> int:
+def wsc_simple(
+    prediction: Any, example: Optional[Mapping[str, Any]] = None, is_target: bool = False
+) -> int:
   """Simple WSC: 1 if the predicted referent is the candidate, else 0 (-1 if empty).
 
   Targets are the example's label (1 when the candidate is the referent), so
@@ -112,13 +135,15 @@ def wsc_simple(prediction: Any, example: Optional[Mapping[str, Any]] = None,
   else:
     prediction_words = set(prediction.split(' '))
     referent_words = set(referent.split(' '))
-    predicted_referent = (prediction_words.issubset(referent_words) or
-                          referent_words.issubset(prediction_words))
+    predicted_referent = prediction_words.issubset(referent_words) or referent_words.issubset(
+        prediction_words
+    )
   return int(predicted_referent)
 
 
-def get_glue_postprocess_fn(config_name: str,
-                            label_classes: Optional[Sequence[str]] = None) -> PostprocessFn:
+def get_glue_postprocess_fn(
+    config_name: str, label_classes: Optional[Sequence[str]] = None
+) -> PostprocessFn:
   """T5's postprocessor for a GLUE/SuperGLUE TFDS config."""
   if config_name == 'stsb':
     return string_to_float
@@ -131,14 +156,15 @@ def get_glue_postprocess_fn(config_name: str,
   return functools.partial(string_label_to_class_id, label_classes=tuple(label_classes))
 
 
-def postprocess_with_examples(postprocess_func: PostprocessFn,
-                              decoded_model_output: Any,
-                              prediction_field: str = utils.PREDICTION,
-                              prediction_text_field: str = utils.PREDICTION_TEXT,
-                              example_fields: Sequence[str] = (utils.INPUT_TEXT,
-                                                               utils.TARGET_TEXT),
-                              decoded_model_output_field: Optional[str] = None,
-                              **kwargs) -> Any:
+def postprocess_with_examples(
+    postprocess_func: PostprocessFn,
+    decoded_model_output: Any,
+    prediction_field: str = utils.PREDICTION,
+    prediction_text_field: str = utils.PREDICTION_TEXT,
+    example_fields: Sequence[str] = (utils.INPUT_TEXT, utils.TARGET_TEXT),
+    decoded_model_output_field: Optional[str] = None,
+    **kwargs,
+) -> Any:
   """Runs `postprocess_func` and, for predictions, keeps example information.
 
   Args:
@@ -174,12 +200,14 @@ def postprocess_with_examples(postprocess_func: PostprocessFn,
   return result
 
 
-def with_examples(postprocess_func: PostprocessFn,
-                  example_fields: Sequence[str] = (utils.INPUT_TEXT, utils.TARGET_TEXT)
-                  ) -> PostprocessFn:
+def with_examples(
+    postprocess_func: PostprocessFn,
+    example_fields: Sequence[str] = (utils.INPUT_TEXT, utils.TARGET_TEXT),
+) -> PostprocessFn:
   """`postprocess_with_examples` bound to `postprocess_func` (a seqio postprocess_fn)."""
-  return functools.partial(postprocess_with_examples, postprocess_func,
-                           example_fields=tuple(example_fields))
+  return functools.partial(
+      postprocess_with_examples, postprocess_func, example_fields=tuple(example_fields)
+  )
 
 
 def sequential(*funcs: PostprocessFn) -> PostprocessFn:

@@ -34,6 +34,7 @@ Prompt-tuning variants:
   that prepends one token id, `vocab_size - 1 - offset` (`<extra_id_{offset}>`
   for T5's vocabulary), naming the task for multi-task prompts.
 """
+
 import functools
 from typing import Callable, List, Mapping, Optional, Sequence
 
@@ -87,11 +88,13 @@ def glue_benchmark_name(config_name: str) -> str:
 
 # ========== text preprocessors ==========
 @seqio.map_over_dataset
-def glue(x: Mapping[str, tf.Tensor],
-         benchmark_name: str,
-         label_names: Sequence[str],
-         feature_names: Optional[Sequence[str]] = None,
-         id_key: Optional[str] = 'idx') -> Mapping[str, tf.Tensor]:
+def glue(
+    x: Mapping[str, tf.Tensor],
+    benchmark_name: str,
+    label_names: Sequence[str],
+    feature_names: Optional[Sequence[str]] = None,
+    id_key: Optional[str] = 'idx',
+) -> Mapping[str, tf.Tensor]:
   """T5's GLUE/SuperGLUE text-to-text format (see the module docstring).
 
   Args:
@@ -129,12 +132,16 @@ def glue(x: Mapping[str, tf.Tensor],
 @seqio.map_over_dataset
 def stsb(x: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
   """STS-B: target is the similarity rounded to the nearest 0.2, e.g. '3.8'."""
-  joined = tf.strings.join(['stsb sentence1:', x['sentence1'], 'sentence2:', x['sentence2']],
-                           separator=' ')
+  joined = tf.strings.join(
+      ['stsb sentence1:', x['sentence1'], 'sentence2:', x['sentence2']], separator=' '
+  )
   score = tf.cast(x['label'], tf.float32)
   rounded = tf.strings.as_string(tf.round(score * 5) / 5, precision=1)
-  return {'inputs': joined, 'targets': tf.where(score < 0, tf.constant(UNK), rounded),
-          'idx': x['idx']}
+  return {
+      'inputs': joined,
+      'targets': tf.where(score < 0, tf.constant(UNK), rounded),
+      'idx': x['idx'],
+  }
 
 
 def record(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -143,10 +150,17 @@ def record(dataset: tf.data.Dataset) -> tf.data.Dataset:
   def expand(x):
     passage = tf.strings.regex_replace(x['passage'], r'(\.|\?|\!|\"|\')\n@highlight\n', r'\1 ')
     passage = tf.strings.regex_replace(passage, r'\n@highlight\n', '. ')
-    inputs = tf.strings.join([
-        'record query:', x['query'], 'entities:',
-        tf.strings.reduce_join(x['entities'], separator=', '), 'passage:', passage
-    ], separator=' ')
+    inputs = tf.strings.join(
+        [
+            'record query:',
+            x['query'],
+            'entities:',
+            tf.strings.reduce_join(x['entities'], separator=', '),
+            'passage:',
+            passage,
+        ],
+        separator=' ',
+    )
     answers = x['answers']
     targets = tf.cond(tf.size(answers) > 0, lambda: answers, lambda: tf.constant([UNK]))
     n = tf.shape(targets)[0]
@@ -186,8 +200,9 @@ def mark_word(text: tf.Tensor, word: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
   exact = tf.equal(words, word)
   distance = tf.where(exact, tf.abs(tf.range(n) - index), tf.fill([n], tf.int32.max))
   closest = tf.cast(tf.argmin(distance), tf.int32)
-  chosen = tf.where(at_ok, index,
-                    tf.where(tf.reduce_any(exact), closest, tf.where(in_range, index, -1)))
+  chosen = tf.where(
+      at_ok, index, tf.where(tf.reduce_any(exact), closest, tf.where(in_range, index, -1))
+  )
   target = tf.gather(words, tf.maximum(chosen, 0))
   starts = tf.equal(tf.strings.substr(target, 0, word_len), word)
   target_len = tf.strings.length(target)
@@ -196,16 +211,20 @@ def mark_word(text: tf.Tensor, word: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
   marked_prefix = tf.strings.join(['*', word, '*'])
   marked = tf.where(
       starts,
-      tf.where(tf.strings.length(rest) > 0, tf.strings.join([marked_prefix, rest], separator=' '),
-               marked_prefix),
-      tf.strings.join(['*', target, '*']))
+      tf.where(
+          tf.strings.length(rest) > 0,
+          tf.strings.join([marked_prefix, rest], separator=' '),
+          marked_prefix,
+      ),
+      tf.strings.join(['*', target, '*']),
+  )
   updated = tf.tensor_scatter_nd_update(words, [[tf.maximum(chosen, 0)]], tf.expand_dims(marked, 0))
   return tf.where(chosen >= 0, tf.strings.reduce_join(updated, separator=' '), text)
 
 
-def wsc_simple(dataset: tf.data.Dataset,
-               label: str = 'wsc:',
-               correct_referent_only: bool = False) -> tf.data.Dataset:
+def wsc_simple(
+    dataset: tf.data.Dataset, label: str = 'wsc:', correct_referent_only: bool = False
+) -> tf.data.Dataset:
   """T5's simple WSC: `wsc: Mitchell asked Tom if *he* could ...` -> `Tom`.
 
   Args:
@@ -233,14 +252,14 @@ def wsc_simple(dataset: tf.data.Dataset,
 
 
 @seqio.map_over_dataset
-def definite_pronoun_resolution_simple(x: Mapping[str, tf.Tensor],
-                                       label: str = 'wsc:') -> Mapping[str, tf.Tensor]:
+def definite_pronoun_resolution_simple(
+    x: Mapping[str, tf.Tensor], label: str = 'wsc:'
+) -> Mapping[str, tf.Tensor]:
   """DPR in the simple WSC format: the first occurrence of the pronoun is starred."""
   pattern = tf.strings.join([r' (', x['pronoun'], r')( |\.|,)'])
   marked = tf.strings.regex_replace(x['sentence'], pattern, r' *\1*\2', replace_global=False)
   index = tf.cast(x['label'], tf.int64)
-  target = tf.where(index < 0, tf.constant(UNK),
-                    tf.gather(x['candidates'], tf.maximum(index, 0)))
+  target = tf.where(index < 0, tf.constant(UNK), tf.gather(x['candidates'], tf.maximum(index, 0)))
   return {
       'inputs': tf.strings.join([label, marked], separator=' '),
       'targets': target,
@@ -307,10 +326,12 @@ def task_index_token(vocabulary: seqio.Vocabulary, index: int) -> int:
   return token
 
 
-def add_sentinel_to_beginning(dataset: tf.data.Dataset,
-                              output_features: Mapping[str, seqio.Feature],
-                              field: str = 'inputs',
-                              offset: int = 0) -> tf.data.Dataset:
+def add_sentinel_to_beginning(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    field: str = 'inputs',
+    offset: int = 0,
+) -> tf.data.Dataset:
   """Prepends the token `vocab_size - 1 - offset` to the tokenized `field`.
 
   Use after `seqio.preprocessors.tokenize` (and before EOS is appended).
@@ -335,9 +356,9 @@ def add_sentinel_to_beginning(dataset: tf.data.Dataset,
   return dataset.map(add, num_parallel_calls=AUTOTUNE)
 
 
-def get_glue_text_preprocessor(config_name: str,
-                               label_classes: Optional[Sequence[str]] = None
-                               ) -> List[Callable[..., tf.data.Dataset]]:
+def get_glue_text_preprocessor(
+    config_name: str, label_classes: Optional[Sequence[str]] = None
+) -> List[Callable[..., tf.data.Dataset]]:
   """T5's text preprocessor(s) for a GLUE or SuperGLUE TFDS config.
 
   Args:
@@ -358,7 +379,12 @@ def get_glue_text_preprocessor(config_name: str,
   out = []
   if config_name == 'axb':
     out.append(functools.partial(seqio.preprocessors.rekey, key_map=AXB_KEY_MAP))
-  out.append(functools.partial(glue, benchmark_name=glue_benchmark_name(config_name),
-                               label_names=tuple(label_classes),
-                               feature_names=FEATURE_ORDER.get(config_name)))
+  out.append(
+      functools.partial(
+          glue,
+          benchmark_name=glue_benchmark_name(config_name),
+          label_names=tuple(label_classes),
+          feature_names=FEATURE_ORDER.get(config_name),
+      )
+  )
   return out

@@ -4,6 +4,7 @@ Holds the dictionary key names the postprocessors, metrics and loggers agree
 on, the task -> index mapping used by `task_index_*` tasks, T5's
 examples-proportional mixing rate, and idempotent registration helpers.
 """
+
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,8 +32,9 @@ def identity(x: Any, *args, **kwargs) -> Any:  # pylint: disable=unused-argument
   return x
 
 
-def task_mapping(tasks: Iterable[str],
-                 aliases: Optional[Mapping[str, str]] = None) -> Dict[str, int]:
+def task_mapping(
+    tasks: Iterable[str], aliases: Optional[Mapping[str, str]] = None
+) -> Dict[str, int]:
   """Maps task names to indices in sorted-name order; aliases share an index.
 
   Args:
@@ -52,20 +54,22 @@ def task_mapping(tasks: Iterable[str],
   index = {name: i for i, name in enumerate(sorted(names))}
   for alias, target in aliases.items():
     if target not in index:
-      raise ValueError(f'Task alias {alias!r} -> {target!r}: {target!r} is not one of '
-                       f'the tasks {sorted(names)}.')
+      raise ValueError(
+          f'Task alias {alias!r} -> {target!r}: {target!r} is not one of '
+          f'the tasks {sorted(names)}.'
+      )
     index[alias] = index[target]
   return index
 
 
 def remove_prefix(s: str, prefix: str) -> str:
   """Returns `s` without `prefix` when it starts with it."""
-  return s[len(prefix):] if prefix and s.startswith(prefix) else s
+  return s[len(prefix) :] if prefix and s.startswith(prefix) else s
 
 
 def remove_suffix(s: str, suffix: str) -> str:
   """Returns `s` without `suffix` when it ends with it."""
-  return s[:-len(suffix)] if suffix and s.endswith(suffix) else s
+  return s[: -len(suffix)] if suffix and s.endswith(suffix) else s
 
 
 def to_text(x: Any) -> Any:
@@ -92,10 +96,12 @@ def to_text(x: Any) -> Any:
   return x
 
 
-def rate_num_examples(num_examples: float,
-                      maximum: Optional[float] = None,
-                      temperature: float = 1.0,
-                      scale: float = 1.0) -> float:
+def rate_num_examples(
+    num_examples: float,
+    maximum: Optional[float] = None,
+    temperature: float = 1.0,
+    scale: float = 1.0,
+) -> float:
   """T5's examples-proportional mixing rate for a task of `num_examples`.
 
   rate = min(num_examples * scale, maximum) ** (1 / temperature), the formula
@@ -128,10 +134,12 @@ def register_task(name: str, **kwargs) -> seqio.Task:
   return seqio.TaskRegistry.add(name, **kwargs)
 
 
-def register_mixture(name: str,
-                     tasks: Sequence[Union[TaskOrName, Tuple[TaskOrName, RateSpec]]],
-                     default_rate: Optional[RateSpec] = None,
-                     **kwargs) -> seqio.Mixture:
+def register_mixture(
+    name: str,
+    tasks: Sequence[Union[TaskOrName, Tuple[TaskOrName, RateSpec]]],
+    default_rate: Optional[RateSpec] = None,
+    **kwargs,
+) -> seqio.Mixture:
   """`seqio.MixtureRegistry.add` that replaces an existing mixture of that name."""
   seqio.MixtureRegistry.remove(name)
   return seqio.MixtureRegistry.add(name, list(tasks), default_rate=default_rate, **kwargs)

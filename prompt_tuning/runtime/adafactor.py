@@ -28,6 +28,7 @@ given. Higher-rank or batched parameters need an explicit rule, from
 `factor_map` or from `logical_factor_rules` applied to the logical axis names
 passed to `set_param_axes`.
 """
+
 import enum
 import logging
 import re
@@ -51,6 +52,7 @@ LogicalAxes = optimizers.LogicalAxes
 
 class FactorDim(enum.Enum):
   """How Adafactor treats one dimension of a parameter."""
+
   # Don't factorize this dimension.
   NONE = None
   # A batch-like dimension (stacked/scanned layers): never averaged over.
@@ -61,6 +63,7 @@ class FactorDim(enum.Enum):
 
 class HeuristicRule(enum.Enum):
   """Sentinel for the legacy heuristic factorization rule."""
+
   token = 1
 
 
@@ -101,7 +104,8 @@ def standard_logical_factor_rules() -> frozen_dict.FrozenDict:
 
 
 def prompt_logical_factor_rules(
-    rules: Optional[Mapping[str, Any]] = None) -> frozen_dict.FrozenDict:
+    rules: Optional[Mapping[str, Any]] = None,
+) -> frozen_dict.FrozenDict:
   """Adds prompt-tuning's names to `rules` (prompt tuning's `pt_optim` rules).
 
   Args:
@@ -113,8 +117,7 @@ def prompt_logical_factor_rules(
   """
   if rules is None:
     return standard_logical_factor_rules()
-  out = dict(frozen_dict.unfreeze(rules) if isinstance(
-      rules, frozen_dict.FrozenDict) else rules)
+  out = dict(frozen_dict.unfreeze(rules) if isinstance(rules, frozen_dict.FrozenDict) else rules)
   out['prompt'] = FactorDim.NONE
   out['prompt_embed'] = FactorDim.NONE
   out['prompt+embed'] = FactorDim.NONE
@@ -139,8 +142,9 @@ def factor_name_to_factordim(name: Any) -> FactorDim:
       'unfactorized': FactorDim.NONE,
   }
   if key not in table:
-    raise ValueError(f'Unknown Adafactor factor dimension {name!r}; expected '
-                     f'one of {sorted(table)}.')
+    raise ValueError(
+        f'Unknown Adafactor factor dimension {name!r}; expected ' f'one of {sorted(table)}.'
+    )
   return table[key]
 
 
@@ -168,10 +172,10 @@ class HParamMap:
 @struct.dataclass
 class AdafactorHyperParams:
   """Adafactor hyper parameters (structural fields are static)."""
+
   learning_rate: Optional[float]
   factored: bool = struct.field(pytree_node=False)
-  multiply_by_parameter_scale: Union[bool, HParamMap] = struct.field(
-      pytree_node=False)
+  multiply_by_parameter_scale: Union[bool, HParamMap] = struct.field(pytree_node=False)
   beta1: Optional[float]
   decay_rate: float
   step_offset: int
@@ -182,13 +186,10 @@ class AdafactorHyperParams:
   epsilon2: float
   factor_map: Any = struct.field(pytree_node=False, default=None)
   logical_factor_rules: Any = struct.field(pytree_node=False, default=None)
-  weight_decay_rate_lr_exponent: Optional[float] = struct.field(
-      pytree_node=False, default=None)
-  global_norm_clip_threshold: Optional[float] = struct.field(
-      pytree_node=False, default=None)
+  weight_decay_rate_lr_exponent: Optional[float] = struct.field(pytree_node=False, default=None)
+  global_norm_clip_threshold: Optional[float] = struct.field(pytree_node=False, default=None)
   max_parameter_scale: Optional[float] = None
-  skip_nan_updates: Optional[bool] = struct.field(
-      pytree_node=False, default=False)
+  skip_nan_updates: Optional[bool] = struct.field(pytree_node=False, default=False)
 
 
 _AdafactorHyperParams = AdafactorHyperParams
@@ -197,6 +198,7 @@ _AdafactorHyperParams = AdafactorHyperParams
 @struct.dataclass
 class AdafactorParamState:
   """Per-parameter state; unused slots are `zeros((1,))`."""
+
   v_row: Any  # factored second moment (rows)
   v_col: Any  # factored second moment (columns)
   v: Any  # unfactored second moment
@@ -211,25 +213,27 @@ _SLOTS = ('v_row', 'v_col', 'v', 'm')
 class Adafactor(OptimizerDef):
   """Adafactor (https://arxiv.org/abs/1804.04235) as implemented by T5X."""
 
-  def __init__(self,
-               learning_rate: Optional[float] = None,
-               factored: bool = True,
-               multiply_by_parameter_scale: Union[bool, HParamMap] = True,
-               beta1: Optional[float] = None,
-               decay_rate: float = 0.8,
-               step_offset: int = 0,
-               clipping_threshold: Optional[float] = 1.0,
-               weight_decay_rate: Optional[float] = None,
-               min_dim_size_to_factor: int = 128,
-               epsilon1: float = 1e-30,
-               epsilon2: float = 1e-3,
-               dtype_momentum: Dtype = jnp.float32,
-               factor_map: Optional[Union[HParamMap, Mapping[str, Any]]] = None,
-               logical_factor_rules: Optional[Mapping[str, Any]] = None,
-               weight_decay_rate_lr_exponent: Optional[float] = None,
-               global_norm_clip_threshold: Optional[float] = None,
-               max_parameter_scale: Optional[float] = None,
-               skip_nan_updates: Optional[bool] = False):
+  def __init__(
+      self,
+      learning_rate: Optional[float] = None,
+      factored: bool = True,
+      multiply_by_parameter_scale: Union[bool, HParamMap] = True,
+      beta1: Optional[float] = None,
+      decay_rate: float = 0.8,
+      step_offset: int = 0,
+      clipping_threshold: Optional[float] = 1.0,
+      weight_decay_rate: Optional[float] = None,
+      min_dim_size_to_factor: int = 128,
+      epsilon1: float = 1e-30,
+      epsilon2: float = 1e-3,
+      dtype_momentum: Dtype = jnp.float32,
+      factor_map: Optional[Union[HParamMap, Mapping[str, Any]]] = None,
+      logical_factor_rules: Optional[Mapping[str, Any]] = None,
+      weight_decay_rate_lr_exponent: Optional[float] = None,
+      global_norm_clip_threshold: Optional[float] = None,
+      max_parameter_scale: Optional[float] = None,
+      skip_nan_updates: Optional[bool] = False,
+  ):
     """Creates the optimizer definition.
 
     Args:
@@ -259,19 +263,20 @@ class Adafactor(OptimizerDef):
       skip_nan_updates: keep old parameters/states where updates are NaN.
     """
     if not factored and factor_map is not None:
-      raise ValueError('Adafactor factored is False but factorization rules '
-                       'have been provided.')
+      raise ValueError('Adafactor factored is False but factorization rules ' 'have been provided.')
     if not isinstance(multiply_by_parameter_scale, (bool, HParamMap)):
       raise TypeError(
           '`multiply_by_parameter_scale` must be either bool or `HParamMap` '
-          f'type. Got {type(multiply_by_parameter_scale)}')
+          f'type. Got {type(multiply_by_parameter_scale)}'
+      )
     if not isinstance(factor_map, (type(None), HParamMap, Mapping)):
-      raise TypeError('`factor_map` must be None, a mapping or an `HParamMap`. '
-                      f'Got {type(factor_map)}')
+      raise TypeError(
+          '`factor_map` must be None, a mapping or an `HParamMap`. ' f'Got {type(factor_map)}'
+      )
     if isinstance(factor_map, Mapping):
       factor_map = frozen_dict.freeze(
-          {k: tuple(factor_name_to_factordim(d) for d in v)
-           for k, v in factor_map.items()})
+          {k: tuple(factor_name_to_factordim(d) for d in v) for k, v in factor_map.items()}
+      )
     if logical_factor_rules is not None:
       logical_factor_rules = frozen_dict.freeze(dict(logical_factor_rules))
     hyper_params = AdafactorHyperParams(
@@ -291,16 +296,19 @@ class Adafactor(OptimizerDef):
         weight_decay_rate_lr_exponent=weight_decay_rate_lr_exponent,
         global_norm_clip_threshold=global_norm_clip_threshold,
         max_parameter_scale=max_parameter_scale,
-        skip_nan_updates=skip_nan_updates)
+        skip_nan_updates=skip_nan_updates,
+    )
     self.dtype_momentum = jax.dtypes.canonicalize_dtype(dtype_momentum)
     # Parameter shapes seen by init_param_state (to derive v_row/v_col axes).
     self._init_shapes: Dict[str, Tuple[int, ...]] = {}
     super().__init__(hyper_params)
 
   def __eq__(self, other: Any) -> bool:
-    return (isinstance(other, Adafactor) and
-            self.hyper_params == other.hyper_params and
-            self.dtype_momentum == other.dtype_momentum)
+    return (
+        isinstance(other, Adafactor)
+        and self.hyper_params == other.hyper_params
+        and self.dtype_momentum == other.dtype_momentum
+    )
 
   def __hash__(self) -> int:
     return id(self)
@@ -311,7 +319,7 @@ class Adafactor(OptimizerDef):
   def _decay_rate_pow(i: Any, exponent: float = 0.8) -> Any:
     """Second-moment decay `1 - (i + 1) ** -exponent`."""
     t = jnp.asarray(i, jnp.float32) + 1.0
-    return 1.0 - t**(-exponent)
+    return 1.0 - t ** (-exponent)
 
   @staticmethod
   def _parse_rule(
@@ -341,12 +349,15 @@ class Adafactor(OptimizerDef):
         raise ValueError(
             f'A parameter with rank strictly higher than 2 must have an '
             f'explicit factorization rule: {path}, {tuple(shape)}. Pass '
-            'Adafactor(logical_factor_rules=...) or factor_map=...')
+            'Adafactor(logical_factor_rules=...) or factor_map=...'
+        )
       return all_dims, HEURISTIC_RULE
     rule = tuple(factor_name_to_factordim(d) for d in rule)
     if len(rule) != ndim:
-      raise ValueError(f'Factorization rule {rule} has incorrect rank '
-                       f'for param of rank {ndim}: {path}, {tuple(shape)}')
+      raise ValueError(
+          f'Factorization rule {rule} has incorrect rank '
+          f'for param of rank {ndim}: {path}, {tuple(shape)}'
+      )
     row_dims = tuple(i for i, d in enumerate(rule) if d == FactorDim.ROW)
     col_dims = tuple(i for i, d in enumerate(rule) if d == FactorDim.COLUMN)
     batch_dims = tuple(i for i, d in enumerate(rule) if d == FactorDim.BATCH)
@@ -357,12 +368,15 @@ class Adafactor(OptimizerDef):
     if fallback_to_heuristics and ndim <= 2 and not batch_dims:
       logging.debug(
           'Adafactor: parameter %s has rank %d <= 2; the factorization '
-          'heuristic is used and the rule %s is ignored.', path, ndim, rule)
+          'heuristic is used and the rule %s is ignored.',
+          path,
+          ndim,
+          rule,
+      )
       return all_dims, HEURISTIC_RULE
     return averaging_dims, factored_dims
 
-  def _factored_dims(
-      self, shape: Sequence[int]) -> Optional[Tuple[Tuple[int], Tuple[int]]]:
+  def _factored_dims(self, shape: Sequence[int]) -> Optional[Tuple[Tuple[int], Tuple[int]]]:
     """Heuristic: `((second_largest,), (largest,))` or None."""
     if not self.hyper_params.factored or len(shape) < 2:
       return None
@@ -384,8 +398,7 @@ class Adafactor(OptimizerDef):
       return factor_map[path]
     return HEURISTIC_RULE
 
-  def factoring(self, shape: Sequence[int],
-                path: str = '') -> Tuple[Tuple[int, ...], Any]:
+  def factoring(self, shape: Sequence[int], path: str = '') -> Tuple[Tuple[int, ...], Any]:
     """Returns `(averaging_dims, factored_dims)` for a parameter.
 
     `factored_dims` is None (full second moment `v`) or
@@ -395,8 +408,7 @@ class Adafactor(OptimizerDef):
       shape: the parameter shape.
       path: the flattened parameter path (`encoder/prompt/prompt/prompt`).
     """
-    averaging_dims, factored_dims = self._parse_rule(
-        self._factor_rule(path), shape, path)
+    averaging_dims, factored_dims = self._parse_rule(self._factor_rule(path), shape, path)
     if factored_dims is HEURISTIC_RULE:
       factored_dims = self._factored_dims(shape)
     return averaging_dims, factored_dims
@@ -411,10 +423,8 @@ class Adafactor(OptimizerDef):
     _, factored_dims = self.factoring(shape, path)
     if factored_dims is not None:
       row_dims, col_dims = factored_dims
-      state['v_row'] = jnp.zeros(tuple(np.delete(shape, col_dims)),
-                                 dtype=jnp.float32)
-      state['v_col'] = jnp.zeros(tuple(np.delete(shape, row_dims)),
-                                 dtype=jnp.float32)
+      state['v_row'] = jnp.zeros(tuple(np.delete(shape, col_dims)), dtype=jnp.float32)
+      state['v_col'] = jnp.zeros(tuple(np.delete(shape, row_dims)), dtype=jnp.float32)
     else:
       state['v'] = jnp.zeros(shape, dtype=jnp.float32)
     if self.hyper_params.beta1 is not None:
@@ -424,22 +434,28 @@ class Adafactor(OptimizerDef):
   def init_state(self, params: PyTree) -> OptimizerState:
     """State for every (non-None) leaf of `params` (a full tree or subtree)."""
     flat = optimizers.flatten_paths(params)
-    param_states = optimizers.unflatten_paths({
-        p: (None if x is None else self.init_param_state(x, p))
-        for p, x in flat.items()
-    })
+    param_states = optimizers.unflatten_paths(
+        {p: (None if x is None else self.init_param_state(x, p)) for p, x in flat.items()}
+    )
     return OptimizerState(jnp.asarray(0, dtype=jnp.int32), param_states)
 
   # -- update -----------------------------------------------------------------
 
-  def apply_param_gradient(self, step: Any, hyper_params: AdafactorHyperParams,
-                           param: Any, state: AdafactorParamState, grad: Any,
-                           path: str) -> Tuple[Any, AdafactorParamState]:
+  def apply_param_gradient(
+      self,
+      step: Any,
+      hyper_params: AdafactorHyperParams,
+      param: Any,
+      state: AdafactorParamState,
+      grad: Any,
+      path: str,
+  ) -> Tuple[Any, AdafactorParamState]:
     """One Adafactor update of a single parameter."""
     if hyper_params.learning_rate is None:
       raise ValueError(
           'Adafactor has no learning rate: set Adafactor.learning_rate or pass '
-          'one per step (the trainer passes learning_rate_fn(step)).')
+          'one per step (the trainer passes learning_rate_fn(step)).'
+      )
     learning_rate = hyper_params.learning_rate
     beta1 = hyper_params.beta1
     multiply_by_parameter_scale = hyper_params.multiply_by_parameter_scale
@@ -449,27 +465,23 @@ class Adafactor(OptimizerDef):
     if hyper_params.weight_decay_rate_lr_exponent:
       # T5X: `(weight_decay_rate or 1.0) * lr ** exponent`.
       base_rate = weight_decay_rate
-      if base_rate is None or (isinstance(base_rate, (int, float)) and
-                               not base_rate):
+      if base_rate is None or (isinstance(base_rate, (int, float)) and not base_rate):
         base_rate = 1.0
-      weight_decay_rate = (
-          base_rate * learning_rate**hyper_params.weight_decay_rate_lr_exponent)
+      weight_decay_rate = base_rate * learning_rate**hyper_params.weight_decay_rate_lr_exponent
 
     averaging_dims, factored_dims = self.factoring(param.shape, path)
     param_f32 = jnp.asarray(param, jnp.float32)
     grad = jnp.asarray(grad, jnp.float32)
 
     updates = {k: jnp.zeros((1,), jnp.float32) for k in _SLOTS}
-    decay = self._decay_rate_pow(
-        step - hyper_params.step_offset, exponent=hyper_params.decay_rate)
+    decay = self._decay_rate_pow(step - hyper_params.step_offset, exponent=hyper_params.decay_rate)
     mixing_rate = 1.0 - decay
 
     update_scale = learning_rate
     if isinstance(multiply_by_parameter_scale, HParamMap):
       multiply_by_parameter_scale = multiply_by_parameter_scale[path]
     if multiply_by_parameter_scale:
-      param_scale = jnp.sqrt(
-          jnp.mean(param_f32 * param_f32, axis=averaging_dims, keepdims=True))
+      param_scale = jnp.sqrt(jnp.mean(param_f32 * param_f32, axis=averaging_dims, keepdims=True))
       param_scale = jnp.maximum(param_scale, hyper_params.epsilon2)
       if max_parameter_scale is not None:
         param_scale = jnp.minimum(param_scale, max_parameter_scale)
@@ -478,20 +490,20 @@ class Adafactor(OptimizerDef):
     grad_sqr = grad * grad + hyper_params.epsilon1
     if factored_dims is not None:
       row_dims, col_dims = factored_dims
-      new_v_row = decay * state.v_row + mixing_rate * jnp.mean(
-          grad_sqr, axis=col_dims)
-      new_v_col = decay * state.v_col + mixing_rate * jnp.mean(
-          grad_sqr, axis=row_dims)
+      new_v_row = decay * state.v_row + mixing_rate * jnp.mean(grad_sqr, axis=col_dims)
+      new_v_col = decay * state.v_col + mixing_rate * jnp.mean(grad_sqr, axis=row_dims)
       updates['v_row'] = new_v_row
       updates['v_col'] = new_v_col
       # Row dims renumbered after the column dims were reduced away.
-      reduced_row_dims = tuple(
-          d - sum(1 for c in col_dims if c < d) for d in row_dims)
+      reduced_row_dims = tuple(d - sum(1 for c in col_dims if c < d) for d in row_dims)
       row_col_mean = jnp.mean(new_v_row, axis=reduced_row_dims, keepdims=True)
-      row_factor = (new_v_row / row_col_mean)**-0.5
+      row_factor = (new_v_row / row_col_mean) ** -0.5
       col_factor = new_v_col**-0.5
-      y = (grad * jnp.expand_dims(row_factor, axis=col_dims) *
-           jnp.expand_dims(col_factor, axis=row_dims))
+      y = (
+          grad
+          * jnp.expand_dims(row_factor, axis=col_dims)
+          * jnp.expand_dims(col_factor, axis=row_dims)
+      )
     else:
       new_v = decay * state.v + mixing_rate * grad_sqr
       updates['v'] = new_v
@@ -499,9 +511,8 @@ class Adafactor(OptimizerDef):
 
     if clipping_threshold is not None:
       clipping_denom = jnp.maximum(
-          1.0,
-          jnp.sqrt(jnp.mean(y * y, axis=averaging_dims, keepdims=True)) /
-          clipping_threshold)
+          1.0, jnp.sqrt(jnp.mean(y * y, axis=averaging_dims, keepdims=True)) / clipping_threshold
+      )
       y = y / clipping_denom
 
     subtrahend = update_scale * y
@@ -522,9 +533,9 @@ class Adafactor(OptimizerDef):
       new_param = jnp.where(jnp.isnan(new_param), param_f32, new_param)
     return new_param.astype(param.dtype), AdafactorParamState(**updates)
 
-  def apply_gradient(self, hyper_params: AdafactorHyperParams, params: PyTree,
-                     state: OptimizerState,
-                     grads: PyTree) -> Tuple[PyTree, OptimizerState]:
+  def apply_gradient(
+      self, hyper_params: AdafactorHyperParams, params: PyTree, state: OptimizerState, grads: PyTree
+  ) -> Tuple[PyTree, OptimizerState]:
     """Updates every leaf of `params` that has a state.
 
     `params`/`grads` may be a subtree of the tree `state.param_states` was
@@ -561,13 +572,13 @@ class Adafactor(OptimizerDef):
     if missing_states:
       raise ValueError(
           f'No Adafactor state for parameters {missing_states}; the state was '
-          'initialized for a different parameter tree.')
+          'initialized for a different parameter tree.'
+      )
 
     grads_used = {p: flat_grads[p] for p in trained}
     if hyper_params.global_norm_clip_threshold and trained:
       threshold = hyper_params.global_norm_clip_threshold
-      squared = [jnp.sum(jnp.square(jnp.asarray(g, jnp.float32)))
-                 for g in grads_used.values()]
+      squared = [jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads_used.values()]
       global_norm = jnp.sqrt(jnp.sum(jnp.stack(squared)))
       scale = threshold * jnp.minimum(1.0 / threshold, 1.0 / global_norm)
       grads_used = {p: g * scale for p, g in grads_used.items()}
@@ -575,14 +586,12 @@ class Adafactor(OptimizerDef):
     new_flat_params = dict(flat_params)
     new_param_states = optimizers._copy_dicts(state.param_states)  # pylint: disable=protected-access
     for p in trained:
-      new_param, new_st = self.apply_param_gradient(step, hyper_params,
-                                                    flat_params[p],
-                                                    flat_states[p],
-                                                    grads_used[p], p)
+      new_param, new_st = self.apply_param_gradient(
+          step, hyper_params, flat_params[p], flat_states[p], grads_used[p], p
+      )
       new_flat_params[p] = new_param
       optimizers._set_path(new_param_states, p, new_st)  # pylint: disable=protected-access
-    return (optimizers.unflatten_paths(new_flat_params),
-            OptimizerState(step + 1, new_param_states))
+    return (optimizers.unflatten_paths(new_flat_params), OptimizerState(step + 1, new_param_states))
 
   # -- logical axes -----------------------------------------------------------
 
@@ -613,7 +622,8 @@ class Adafactor(OptimizerDef):
           raise ValueError(
               f'Adafactor logical_factor_rules has no rule for the logical '
               f'axis {name!r} of parameter {path!r} (axes {axes}). Add it to '
-              'Adafactor.logical_factor_rules.')
+              'Adafactor.logical_factor_rules.'
+          )
         dims.append(factor_name_to_factordim(rules[name]))
       dims = tuple(dims)
       if row in dims and col in dims and none in dims:
@@ -629,11 +639,11 @@ class Adafactor(OptimizerDef):
       if axes is None:
         continue
       factor_map[path] = apply_rules(path, tuple(axes))
-    self.hyper_params = self.hyper_params.replace(
-        factor_map=frozen_dict.freeze(factor_map))
+    self.hyper_params = self.hyper_params.replace(factor_map=frozen_dict.freeze(factor_map))
 
-  def derive_logical_axes(self, state: OptimizerState,
-                          param_logical_axes: PyTree) -> OptimizerState:
+  def derive_logical_axes(
+      self, state: OptimizerState, param_logical_axes: PyTree
+  ) -> OptimizerState:
     """Logical axes of the Adafactor state.
 
     `v` and `m` (when in use) get the parameter's axes; `v_row`/`v_col` get
@@ -657,13 +667,16 @@ class Adafactor(OptimizerDef):
       if st is None:
         continue
       axes = optimizers.as_logical_axes(axes)
-      optimizers._set_path(new_param_states, path,  # pylint: disable=protected-access
-                           self._param_state_axes(path, axes, st))
-    return OptimizerState(step=LogicalAxes(()),
-                          param_states=new_param_states)
+      optimizers._set_path(
+          new_param_states,
+          path,  # pylint: disable=protected-access
+          self._param_state_axes(path, axes, st),
+      )
+    return OptimizerState(step=LogicalAxes(()), param_states=new_param_states)
 
-  def _param_state_axes(self, path: str, axes: Optional[LogicalAxes],
-                        st: AdafactorParamState) -> AdafactorParamState:
+  def _param_state_axes(
+      self, path: str, axes: Optional[LogicalAxes], st: AdafactorParamState
+  ) -> AdafactorParamState:
     """Axes for one parameter's state."""
 
     def shape_of(x: Any) -> Tuple[int, ...]:
@@ -685,14 +698,13 @@ class Adafactor(OptimizerDef):
       dims = self._recover_factored_dims(path, st, ndim)
       if dims is not None:
         row_dims, col_dims = dims
-        out['v_row'] = LogicalAxes(
-            a for i, a in enumerate(axes) if i not in col_dims)
-        out['v_col'] = LogicalAxes(
-            a for i, a in enumerate(axes) if i not in row_dims)
+        out['v_row'] = LogicalAxes(a for i, a in enumerate(axes) if i not in col_dims)
+        out['v_col'] = LogicalAxes(a for i, a in enumerate(axes) if i not in row_dims)
     return AdafactorParamState(**out)
 
-  def _recover_factored_dims(self, path: str, st: AdafactorParamState,
-                             ndim: int) -> Optional[Tuple[Tuple[int, ...], ...]]:
+  def _recover_factored_dims(
+      self, path: str, st: AdafactorParamState, ndim: int
+  ) -> Optional[Tuple[Tuple[int, ...], ...]]:
     """Factored dims consistent with the state shapes, or None if unknown.
 
     Uses the parameter shape seen by `init_param_state` when available;
@@ -704,8 +716,10 @@ class Adafactor(OptimizerDef):
 
     def state_shapes(shape, dims):
       row_dims, col_dims = dims
-      return (tuple(int(s) for s in np.delete(shape, col_dims)),
-              tuple(int(s) for s in np.delete(shape, row_dims)))
+      return (
+          tuple(int(s) for s in np.delete(shape, col_dims)),
+          tuple(int(s) for s in np.delete(shape, row_dims)),
+      )
 
     shape = self._init_shapes.get(path)
     if shape is not None and len(shape) == ndim:
@@ -718,14 +732,16 @@ class Adafactor(OptimizerDef):
     if isinstance(rule, tuple) and len(rule) == ndim:
       rule = tuple(factor_name_to_factordim(d) for d in rule)
       candidates.append(
-          (tuple(i for i, d in enumerate(rule) if d == FactorDim.ROW),
-           tuple(i for i, d in enumerate(rule) if d == FactorDim.COLUMN)))
+          (
+              tuple(i for i, d in enumerate(rule) if d == FactorDim.ROW),
+              tuple(i for i, d in enumerate(rule) if d == FactorDim.COLUMN),
+          )
+      )
     if ndim == 2:
       candidates.extend([((0,), (1,)), ((1,), (0,))])
     consistent = []
     for row_dims, col_dims in candidates:
-      if (len(v_row) != ndim - len(col_dims) or
-          len(v_col) != ndim - len(row_dims)):
+      if len(v_row) != ndim - len(col_dims) or len(v_col) != ndim - len(row_dims):
         continue
       # Rebuild the parameter shape and check the factoring it would get.
       rebuilt = [None] * ndim
@@ -747,8 +763,14 @@ class Adafactor(OptimizerDef):
 
 
 __all__ = [
-    'FactorDim', 'HeuristicRule', 'HEURISTIC_RULE', 'HParamMap',
-    'standard_logical_factor_rules', 'prompt_logical_factor_rules',
-    'factor_name_to_factordim', 'AdafactorHyperParams', 'AdafactorParamState',
-    'Adafactor'
+    'FactorDim',
+    'HeuristicRule',
+    'HEURISTIC_RULE',
+    'HParamMap',
+    'standard_logical_factor_rules',
+    'prompt_logical_factor_rules',
+    'factor_name_to_factordim',
+    'AdafactorHyperParams',
+    'AdafactorParamState',
+    'Adafactor',
 ]

@@ -10,6 +10,7 @@ A checkpoint is written under `checkpoint_<step>.tmp` and renamed only when comp
 killed mid-write leaves a `.tmp` directory that restore ignores (and the next save removes). Older
 checkpoints beyond `keep` are deleted only after the new one is committed.
 """
+
 import json
 from absl import logging
 import os
@@ -30,6 +31,7 @@ _TMP_RE = re.compile(r'^checkpoint_(\d+)\.tmp.*$')
 
 def _gfile():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.io.gfile
 
 
@@ -85,6 +87,7 @@ def latest_checkpoint_path(model_dir: str) -> Optional[str]:
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -94,6 +97,7 @@ def _fetch(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
     # Sharded over devices of several processes: gather the global value on every process.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
@@ -118,12 +122,19 @@ def _atomic_np_save(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(model_dir: str, state: train_state_lib.TrainState, *,
-                    data_state: Optional[Mapping[str, Any]] = None, keep: Optional[int] = None,
-                    prompt_regex: str = r'.*prompt.*', dtype: Optional[str] = None,
-                    extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
+def save_checkpoint(
+    model_dir: str,
+    state: train_state_lib.TrainState,
+    *,
+    data_state: Optional[Mapping[str, Any]] = None,
+    keep: Optional[int] = None,
+    prompt_regex: str = r'.*prompt.*',
+    dtype: Optional[str] = None,
+    extra_metadata: Optional[Mapping[str, Any]] = None,
+) -> str:
   """Saves the state atomically and exports prompt-like trainable parameters as `.npy`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   step = int(jax.device_get(state.step))
   final = os.path.join(model_dir, f'checkpoint_{step}')
   tmp = final + '.tmp'
@@ -139,15 +150,23 @@ def save_checkpoint(model_dir: str, state: train_state_lib.TrainState, *,
   trainable = _to_host(tree['trainable'])
   if dtype:
     trainable = jax.tree_util.tree_map(lambda x: x.astype(dtype), trainable)
-  payload = {'step': np.asarray(step, np.int64), 'trainable': trainable,
-             'opt_state': _to_host(_drop_none(tree['opt_state'])),
-             'data': {k: np.asarray(v) for k, v in (data_state or {}).items()}}
+  payload = {
+      'step': np.asarray(step, np.int64),
+      'trainable': trainable,
+      'opt_state': _to_host(_drop_none(tree['opt_state'])),
+      'data': {k: np.asarray(v) for k, v in (data_state or {}).items()},
+  }
   ocp.PyTreeCheckpointer().save(tmp, payload)
   _barrier('pt_ckpt_written')
   flat = train_state_lib.flatten(trainable)
   if jax.process_index() == 0:
-    meta = {'step': step, 'format': 'prompt_tuning/orbax-1', 'time': time.time(),
-            'trainable_paths': sorted(flat), **(extra_metadata or {})}
+    meta = {
+        'step': step,
+        'format': 'prompt_tuning/orbax-1',
+        'time': time.time(),
+        'trainable_paths': sorted(flat),
+        **(extra_metadata or {}),
+    }
     with _gfile().GFile(os.path.join(tmp, METADATA_FILE), 'w') as f:
       f.write(json.dumps(meta, indent=1))
     if _exists(final):
@@ -178,16 +197,22 @@ def _drop_none(tree):
 def restore_checkpoint(path: str) -> Dict[str, Any]:
   """Reads a checkpoint written by `save_checkpoint` (raw nested dict)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   if not is_complete_checkpoint(path):
-    raise ValueError(f'{path} is not a complete prompt_tuning checkpoint (no {METADATA_FILE}); it may be '
-                     'a partially written checkpoint from an interrupted run. Point to another checkpoint.')
+    raise ValueError(
+        f'{path} is not a complete prompt_tuning checkpoint (no {METADATA_FILE}); it may be '
+        'a partially written checkpoint from an interrupted run. Point to another checkpoint.'
+    )
   return ocp.PyTreeCheckpointer().restore(path if '://' in path else os.path.abspath(path))
 
 
-def restore_into_state(state: train_state_lib.TrainState, raw: Mapping[str, Any]) -> train_state_lib.TrainState:
+def restore_into_state(
+    state: train_state_lib.TrainState, raw: Mapping[str, Any]
+) -> train_state_lib.TrainState:
   opt_template = jax.tree_util.tree_map(lambda x: x, state.opt_state)
   raw = dict(raw)
   import flax  # pylint: disable=g-import-not-at-top
+
   template_dict = flax.serialization.to_state_dict(opt_template)
   raw['opt_state'] = _fill_none(template_dict, raw.get('opt_state', {}))
   return state.restore_state(raw)
@@ -195,13 +220,19 @@ def restore_into_state(state: train_state_lib.TrainState, raw: Mapping[str, Any]
 
 def _fill_none(template, raw):
   if isinstance(template, dict):
-    return {k: (_fill_none(v, raw.get(k)) if raw is not None and k in raw else
-                (None if v is None else _fill_none(v, None) if isinstance(v, dict) else v))
-            for k, v in template.items()}
+    return {
+        k: (
+            _fill_none(v, raw.get(k))
+            if raw is not None and k in raw
+            else (None if v is None else _fill_none(v, None) if isinstance(v, dict) else v)
+        )
+        for k, v in template.items()
+    }
   return raw if raw is not None else template
 
 
 # ----------------------------------------------------------------------------- initial weights
+
 
 def _detect(path: str) -> str:
   if is_complete_checkpoint(path):
@@ -210,6 +241,7 @@ def _detect(path: str) -> str:
   if latest is not None:
     return 'prompt_tuning_dir'
   from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
+
   return formats.detect_format(path)
 
 
@@ -224,19 +256,23 @@ def checkpoint_step(path: str) -> Optional[int]:
       return None if step is None else int(step)
     if kind == 't5x':
       from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
       return t5x_format.read_step(path)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Could not read the step of checkpoint %s (%s); starting at step 0.', path, e)
   return None
 
 
-def load_checkpoint_params(path: str, variables: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+def load_checkpoint_params(
+    path: str, variables: Optional[Sequence[str]] = None
+) -> Dict[str, np.ndarray]:
   """Flat `{path: array}` parameters from any supported checkpoint (ours, T5X legacy, Hugging Face)."""
   if not _exists(path):
     raise FileNotFoundError(
         f'Checkpoint path {path!r} does not exist. Check INITIAL_CHECKPOINT_PATH / '
         'RestoreCheckpointConfig.path (a T5X checkpoint_<step> directory, a Hugging Face T5 directory or '
-        'one of our checkpoint_<step> directories).')
+        'one of our checkpoint_<step> directories).'
+    )
   kind = _detect(path)
   if kind == 'prompt_tuning_dir':
     path, kind = latest_checkpoint_path(path), 'prompt_tuning'
@@ -245,9 +281,13 @@ def load_checkpoint_params(path: str, variables: Optional[Sequence[str]] = None)
     flat = train_state_lib.flatten(raw['trainable'])
   elif kind == 't5x':
     from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
-    flat = train_state_lib.flatten(t5x_format.load(path, variables=list(variables) if variables else None))
+
+    flat = train_state_lib.flatten(
+        t5x_format.load(path, variables=list(variables) if variables else None)
+    )
   elif kind == 'huggingface':
     from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+
     _, params = huggingface.load_t5(path)
     flat = train_state_lib.flatten(params)
   else:
@@ -259,17 +299,24 @@ def load_checkpoint_params(path: str, variables: Optional[Sequence[str]] = None)
 
 def _likely_cause(path: str, expected, found) -> str:
   if 'embedding' in path or 'logits_dense' in path:
-    return ('the vocabulary size differs: set NUM_EMBEDDINGS / the vocabulary to match the checkpoint '
-            '(T5 and T5 1.1 use 32128, mT5 250112)')
+    return (
+        'the vocabulary size differs: set NUM_EMBEDDINGS / the vocabulary to match the checkpoint '
+        '(T5 and T5 1.1 use 32128, mT5 250112)'
+    )
   if 'prompt' in path:
     return 'PROMPT_LENGTH or the model width differs from the prompt that was saved'
-  return ('the model size differs: pick the size preset/gin file that matches the checkpoint (e.g. '
-          't5_1_1_base vs t5_1_1_large)')
+  return (
+      'the model size differs: pick the size preset/gin file that matches the checkpoint (e.g. '
+      't5_1_1_base vs t5_1_1_large)'
+  )
 
 
-def load_initial_optimizer_state(path: str, opt_state: Any, *,
-                                 assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None
-                                 ) -> Tuple[Any, List[str], List[str]]:
+def load_initial_optimizer_state(
+    path: str,
+    opt_state: Any,
+    *,
+    assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
+) -> Tuple[Any, List[str], List[str]]:
   """Fills the optimizer slots of `opt_state` that a T5X checkpoint at `path` also holds.
 
   As T5X does when it restores a train state: a slot (`param_states/<param>/v_row`, `v_col`, `v`,
@@ -286,6 +333,7 @@ def load_initial_optimizer_state(path: str, opt_state: Any, *,
     return opt_state, [], []
   from flax import serialization  # pylint: disable=g-import-not-at-top
   from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
   state_dict = serialization.to_state_dict(opt_state.param_states)
   if not isinstance(state_dict, Mapping):
     return opt_state, [], []
@@ -297,7 +345,7 @@ def load_initial_optimizer_state(path: str, opt_state: Any, *,
       continue
     param, slot = name.rsplit('/', 1)
     src: Optional[str] = param
-    for regex, repl in (assignment_map or ()):
+    for regex, repl in assignment_map or ():
       if re.fullmatch(regex, param):
         src = None if repl is None else re.sub(regex, repl, param)
         break
@@ -322,18 +370,27 @@ def load_initial_optimizer_state(path: str, opt_state: Any, *,
     node[last] = jax.device_put(value, sharding) if sharding is not None else value
     restored.append(name)
   if kept:
-    logging.info('Optimizer slots not in %s (or of another shape), started fresh: %s', path,
-                 ', '.join(kept[:10]) + (' ...' if len(kept) > 10 else ''))
+    logging.info(
+        'Optimizer slots not in %s (or of another shape), started fresh: %s',
+        path,
+        ', '.join(kept[:10]) + (' ...' if len(kept) > 10 else ''),
+    )
   if restored:
     logging.info('Restored %d optimizer slots from %s.', len(restored), path)
   param_states = serialization.from_state_dict(opt_state.param_states, state_dict)
   return opt_state.replace(param_states=param_states), restored, kept
 
 
-def load_initial_params(path: str, init_params: Mapping[str, Any], *,
-                        assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
-                        fallback_to_scratch: bool = False, dtype: Optional[str] = None,
-                        strict: bool = True, only: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
+def load_initial_params(
+    path: str,
+    init_params: Mapping[str, Any],
+    *,
+    assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
+    fallback_to_scratch: bool = False,
+    dtype: Optional[str] = None,
+    strict: bool = True,
+    only: Optional[Callable[[str], bool]] = None,
+) -> Dict[str, Any]:
   """Fills `init_params` (a nested tree of arrays or shape structs) from the checkpoint at `path`.
 
   Parameters whose path matches an `assignment_map` regex mapped to `None`, or that are absent from
@@ -346,7 +403,7 @@ def load_initial_params(path: str, init_params: Mapping[str, Any], *,
     if only is not None and not only(p):
       continue
     src: Optional[str] = p
-    for regex, repl in (assignment_map or ()):
+    for regex, repl in assignment_map or ():
       if re.fullmatch(regex, p):
         src = None if repl is None else re.sub(regex, repl, p)
         break
@@ -365,11 +422,13 @@ def load_initial_params(path: str, init_params: Mapping[str, Any], *,
     if tuple(value.shape) != tuple(target[p].shape):
       raise ValueError(
           f'Parameter {p!r} has shape {tuple(value.shape)} in checkpoint {path} but the model expects '
-          f'{tuple(target[p].shape)}. Likely cause: {_likely_cause(p, target[p].shape, value.shape)}.')
+          f'{tuple(target[p].shape)}. Likely cause: {_likely_cause(p, target[p].shape, value.shape)}.'
+      )
     out[p] = value.astype(dtype or getattr(target[p], 'dtype', value.dtype))
   if missing and strict:
     raise ValueError(
         f'{len(missing)} parameter(s) are not in checkpoint {path}: {missing[:5]}. To initialize them '
         'instead (e.g. a new prompt), set utils.RestoreCheckpointConfig.fallback_to_scratch = True and '
-        'assignment_map = ((r".*prompt.*", None),).')
+        'assignment_map = ((r".*prompt.*", None),).'
+    )
   return train_state_lib.unflatten(out)

@@ -54,8 +54,7 @@ NEG_INF = np.array(NEG_INF_VALUE, dtype=np.float32)
 MIN_TEMPERATURE = np.array(1e-4, dtype=np.float32)
 
 # Cache leaves that carry no batch axis and are shared by all beams/decodes.
-SHARED_CACHE_LEAF_NAMES = ('cache_index', 'cached_bias',
-                           'position_embedder_index')
+SHARED_CACHE_LEAF_NAMES = ('cache_index', 'cached_bias', 'position_embedder_index')
 
 
 def _is_tracer(value: Any) -> bool:
@@ -78,6 +77,7 @@ class DecodingState:
     cur_token: `[batch * num_decodes, 1]` int32, the token to feed now.
     cache: the (beam-flattened) autoregressive cache.
   """
+
   cur_index: jnp.ndarray
   sequences: jnp.ndarray
   cur_token: jnp.ndarray
@@ -92,9 +92,9 @@ TokensToLogitsFn = Callable[[DecodingState], Tuple[jnp.ndarray, PyTree]]
 # ------------------------------------------------------------------------------
 
 
-def cache_map(fn: Callable[[jnp.ndarray], jnp.ndarray],
-              cache: PyTree,
-              apply_to_index: bool = False) -> PyTree:
+def cache_map(
+    fn: Callable[[jnp.ndarray], jnp.ndarray], cache: PyTree, apply_to_index: bool = False
+) -> PyTree:
   """Maps `fn` over the batch-carrying leaves of a (nested dict) cache.
 
   Leaves named `cached_bias` or `position_embedder_index` are never mapped;
@@ -162,10 +162,7 @@ def flatten_beam_dim(x: Array, offset: int = 0) -> jnp.ndarray:
   return x.reshape(shape)
 
 
-def unflatten_beam_dim(x: Array,
-                       batch_size: int,
-                       beam_size: int,
-                       offset: int = 0) -> jnp.ndarray:
+def unflatten_beam_dim(x: Array, batch_size: int, beam_size: int, offset: int = 0) -> jnp.ndarray:
   """Splits the flat batch axis: `[batch*beam, ...] -> [batch, beam, ...]`."""
   x = jnp.asarray(x)
   if x.ndim == 0:
@@ -173,15 +170,14 @@ def unflatten_beam_dim(x: Array,
   if x.shape[offset] != batch_size * beam_size:
     raise ValueError(
         f'Axis {offset} of shape {x.shape} is not batch_size * beam_size = '
-        f'{batch_size} * {beam_size}.')
+        f'{batch_size} * {beam_size}.'
+    )
   shape = list(x.shape)
-  new_shape = shape[:offset] + [batch_size, beam_size] + shape[offset + 1:]
+  new_shape = shape[:offset] + [batch_size, beam_size] + shape[offset + 1 :]
   return x.reshape(new_shape)
 
 
-def flat_batch_beam_expand(x: Array,
-                           beam_size: int,
-                           offset: int = 0) -> jnp.ndarray:
+def flat_batch_beam_expand(x: Array, beam_size: int, offset: int = 0) -> jnp.ndarray:
   """Repeats each batch element `beam_size` times along the batch axis.
 
   `[batch, ...] -> [batch * beam_size, ...]` with the copies of one element
@@ -190,10 +186,9 @@ def flat_batch_beam_expand(x: Array,
   return flatten_beam_dim(add_beam_dim(x, beam_size, offset), offset)
 
 
-def _gather_beam_axis(x: jnp.ndarray,
-                      beam_indices: jnp.ndarray,
-                      one_hot: bool,
-                      offset: int = 0) -> jnp.ndarray:
+def _gather_beam_axis(
+    x: jnp.ndarray, beam_indices: jnp.ndarray, one_hot: bool, offset: int = 0
+) -> jnp.ndarray:
   """Gathers `x[..., b, beam_indices[b, e], ...]` along the beam axis."""
   x = jnp.asarray(x)
   if x.ndim == 0:
@@ -203,26 +198,30 @@ def _gather_beam_axis(x: jnp.ndarray,
     oh = jax.nn.one_hot(beam_indices, old_beams, dtype=jnp.float32)
     moved = jnp.moveaxis(x, (offset, offset + 1), (0, 1))
     if jnp.issubdtype(moved.dtype, jnp.floating):
-      out = jnp.einsum('beo,bo...->be...', oh.astype(moved.dtype), moved,
-                       precision=lax.Precision.HIGHEST)
+      out = jnp.einsum(
+          'beo,bo...->be...', oh.astype(moved.dtype), moved, precision=lax.Precision.HIGHEST
+      )
     else:
-      out = jnp.einsum('beo,bo...->be...', oh.astype(jnp.int32),
-                       moved.astype(jnp.int32)).astype(moved.dtype)
+      out = jnp.einsum('beo,bo...->be...', oh.astype(jnp.int32), moved.astype(jnp.int32)).astype(
+          moved.dtype
+      )
     return jnp.moveaxis(out, (0, 1), (offset, offset + 1))
-  idx_shape = ([1] * offset + list(beam_indices.shape) + [1] *
-               (x.ndim - offset - 2))
+  idx_shape = [1] * offset + list(beam_indices.shape) + [1] * (x.ndim - offset - 2)
   idx = beam_indices.reshape(idx_shape)
   idx = jnp.broadcast_to(
-      idx, x.shape[:offset + 1] + beam_indices.shape[1:] + x.shape[offset + 2:])
+      idx, x.shape[: offset + 1] + beam_indices.shape[1:] + x.shape[offset + 2 :]
+  )
   return jnp.take_along_axis(x, idx, axis=offset + 1)
 
 
-def gather_beams(nested: PyTree,
-                 beam_indices: jnp.ndarray,
-                 batch_size: int,
-                 old_beam_size: int,
-                 new_beam_size: int,
-                 one_hot: bool = True) -> PyTree:
+def gather_beams(
+    nested: PyTree,
+    beam_indices: jnp.ndarray,
+    batch_size: int,
+    old_beam_size: int,
+    new_beam_size: int,
+    one_hot: bool = True,
+) -> PyTree:
   """Gathers beam slices: `[batch, old_beams, ...] -> [batch, new_beams, ...]`.
 
   Args:
@@ -239,20 +238,22 @@ def gather_beams(nested: PyTree,
   """
   del old_beam_size
   if tuple(beam_indices.shape) != (batch_size, new_beam_size):
-    raise ValueError(f'beam_indices has shape {beam_indices.shape}, expected '
-                     f'{(batch_size, new_beam_size)}.')
-  return jax.tree_util.tree_map(
-      lambda x: _gather_beam_axis(x, beam_indices, one_hot), nested)
+    raise ValueError(
+        f'beam_indices has shape {beam_indices.shape}, expected ' f'{(batch_size, new_beam_size)}.'
+    )
+  return jax.tree_util.tree_map(lambda x: _gather_beam_axis(x, beam_indices, one_hot), nested)
 
 
-def cache_gather_beams(nested: PyTree,
-                       beam_indices: jnp.ndarray,
-                       batch_size: int,
-                       old_beam_size: int,
-                       new_beam_size: int,
-                       one_hot: bool = True,
-                       offset: int = 0,
-                       apply_to_index: bool = False) -> PyTree:
+def cache_gather_beams(
+    nested: PyTree,
+    beam_indices: jnp.ndarray,
+    batch_size: int,
+    old_beam_size: int,
+    new_beam_size: int,
+    one_hot: bool = True,
+    offset: int = 0,
+    apply_to_index: bool = False,
+) -> PyTree:
   """`gather_beams` for a cache: skips shared leaves (see `cache_map`).
 
   Args:
@@ -272,16 +273,17 @@ def cache_gather_beams(nested: PyTree,
   """
   del old_beam_size
   if tuple(beam_indices.shape) != (batch_size, new_beam_size):
-    raise ValueError(f'beam_indices has shape {beam_indices.shape}, expected '
-                     f'{(batch_size, new_beam_size)}.')
+    raise ValueError(
+        f'beam_indices has shape {beam_indices.shape}, expected ' f'{(batch_size, new_beam_size)}.'
+    )
   return _cache_map_with_offset(
-      lambda x, o: _gather_beam_axis(x, beam_indices, one_hot, o), nested,
-      offset, apply_to_index)
+      lambda x, o: _gather_beam_axis(x, beam_indices, one_hot, o), nested, offset, apply_to_index
+  )
 
 
-def _cache_map_with_offset(fn: Callable[[jnp.ndarray, int], jnp.ndarray],
-                           cache: PyTree, offset: int,
-                           apply_to_index: bool) -> PyTree:
+def _cache_map_with_offset(
+    fn: Callable[[jnp.ndarray, int], jnp.ndarray], cache: PyTree, offset: int, apply_to_index: bool
+) -> PyTree:
   """`cache_map` where `cache_index` leaves always use batch axis 0.
 
   A per-example `cache_index` is `[batch]` even when the other cache leaves
@@ -296,10 +298,10 @@ def _cache_map_with_offset(fn: Callable[[jnp.ndarray, int], jnp.ndarray],
     return flax.core.freeze(cache) if frozen else cache
   flat = traverse_util.flatten_dict(dict(cache))
   index_keys = {k for k in flat if k[-1] == 'cache_index'}
-  mapped_other = cache_map(lambda x: fn(x, offset),
-                           traverse_util.unflatten_dict(
-                               {k: v for k, v in flat.items()
-                                if k not in index_keys}))
+  mapped_other = cache_map(
+      lambda x: fn(x, offset),
+      traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in index_keys}),
+  )
   new_flat = traverse_util.flatten_dict(mapped_other) if mapped_other else {}
   for k in index_keys:
     v = flat[k]
@@ -317,8 +319,9 @@ def top_k_two_stage(x: jnp.ndarray, k: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
   return lax.top_k(x, k)
 
 
-def gather_topk_beams(nested: PyTree, score_or_log_prob: jnp.ndarray,
-                      batch_size: int, new_beam_size: int) -> PyTree:
+def gather_topk_beams(
+    nested: PyTree, score_or_log_prob: jnp.ndarray, batch_size: int, new_beam_size: int
+) -> PyTree:
   """Gathers the `new_beam_size` best beams, ordered by increasing score.
 
   Args:
@@ -332,12 +335,12 @@ def gather_topk_beams(nested: PyTree, score_or_log_prob: jnp.ndarray,
   """
   _, topk_indices = lax.top_k(score_or_log_prob, k=new_beam_size)
   topk_indices = jnp.flip(topk_indices, axis=1)
-  return gather_beams(nested, topk_indices, batch_size,
-                      score_or_log_prob.shape[1], new_beam_size, one_hot=False)
+  return gather_beams(
+      nested, topk_indices, batch_size, score_or_log_prob.shape[1], new_beam_size, one_hot=False
+  )
 
 
-def brevity_penalty(alpha: float,
-                    length: Union[int, jnp.ndarray]) -> jnp.ndarray:
+def brevity_penalty(alpha: float, length: Union[int, jnp.ndarray]) -> jnp.ndarray:
   """T5X/GNMT length normalization `((5 + length) / 6) ** alpha`."""
   return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
 
@@ -347,9 +350,9 @@ def brevity_penalty(alpha: float,
 # ------------------------------------------------------------------------------
 
 
-def topk_mask(logits: jnp.ndarray,
-              topk: Union[int, jnp.ndarray],
-              replace_val: float = NEG_INF_VALUE) -> jnp.ndarray:
+def topk_mask(
+    logits: jnp.ndarray, topk: Union[int, jnp.ndarray], replace_val: float = NEG_INF_VALUE
+) -> jnp.ndarray:
   """Replaces logits below the `topk`-th largest (per row) by `replace_val`.
 
   Ties with the `topk`-th largest value are kept. `topk` may be a Python int
@@ -369,9 +372,9 @@ def topk_mask(logits: jnp.ndarray,
   return jnp.where(logits < kth, jnp.asarray(replace_val, logits.dtype), logits)
 
 
-def topp_mask(logits: jnp.ndarray,
-              topp: Union[float, jnp.ndarray],
-              replace_val: float = NEG_INF_VALUE) -> jnp.ndarray:
+def topp_mask(
+    logits: jnp.ndarray, topp: Union[float, jnp.ndarray], replace_val: float = NEG_INF_VALUE
+) -> jnp.ndarray:
   """Nucleus mask: keeps the smallest top set with cumulative prob >= `topp`.
 
   Tokens are taken in order of decreasing probability until their cumulative
@@ -388,17 +391,18 @@ def topp_mask(logits: jnp.ndarray,
   keep = keep.at[..., 0].set(True)
   num_keep = jnp.sum(keep, axis=-1, keepdims=True)
   threshold = jnp.take_along_axis(sorted_desc, num_keep - 1, axis=-1)
-  masked = jnp.where(logits < threshold,
-                     jnp.asarray(replace_val, logits.dtype), logits)
+  masked = jnp.where(logits < threshold, jnp.asarray(replace_val, logits.dtype), logits)
   return jnp.where(topp > 0, masked, logits)
 
 
 def _check_topk_topp(topk: Any, topp: Any) -> None:
   """Raises like T5X when both `topk` and `topp` are (statically) non-zero."""
   if not (_is_tracer(topk) or _is_tracer(topp)) and topk and topp:
-    raise ValueError('At most one of `topp` or `topk` may be non-zero '
-                     f'(got topk={topk}, topp={topp}); set topk=0 to use '
-                     'nucleus sampling.')
+    raise ValueError(
+        'At most one of `topp` or `topk` may be non-zero '
+        f'(got topk={topk}, topp={topp}); set topk=0 to use '
+        'nucleus sampling.'
+    )
 
 
 # ------------------------------------------------------------------------------
@@ -421,6 +425,7 @@ class SamplingLoopState:
     rng: PRNG key.
     log_prob: `[batch * num_decodes]` float32 accumulated log-probabilities.
   """
+
   step: jnp.ndarray
   cur_index: jnp.ndarray
   sequences: jnp.ndarray
@@ -440,9 +445,14 @@ def _token_log_prob(log_probs: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
   return jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 
 
-def _sample_next(logits: jnp.ndarray, rng: jnp.ndarray,
-                 temperature: jnp.ndarray, topk: Any, topp: Any,
-                 rescale_log_probs: bool) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def _sample_next(
+    logits: jnp.ndarray,
+    rng: jnp.ndarray,
+    temperature: jnp.ndarray,
+    topk: Any,
+    topp: Any,
+    rescale_log_probs: bool,
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Draws one token per row; returns `(tokens [n], log_probs [n])`.
 
   `temperature` is a scalar or `[n]`; rows with temperature at or below
@@ -457,14 +467,12 @@ def _sample_next(logits: jnp.ndarray, rng: jnp.ndarray,
       logp = _token_log_prob(jax.nn.log_softmax(logits), token)
     return token, logp
 
-  static_greedy = (not _is_tracer(topk) and not _is_tracer(topp) and
-                   int(topk) == 1 and not topp)
+  static_greedy = not _is_tracer(topk) and not _is_tracer(topp) and int(topk) == 1 and not topp
   if static_greedy:
     # top-1 sampling is argmax at any temperature (first index on ties).
     return greedy(logits)
 
-  def sample(logits: jnp.ndarray,
-             temperature: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  def sample(logits: jnp.ndarray, temperature: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
     temp = jnp.maximum(temperature, MIN_TEMPERATURE)
     if temp.ndim == 1:
       temp = temp[:, None]
@@ -479,14 +487,16 @@ def _sample_next(logits: jnp.ndarray, rng: jnp.ndarray,
     return token, logp
 
   if temperature.ndim == 0:
-    return lax.cond(temperature > MIN_TEMPERATURE,
-                    lambda: sample(logits, temperature),
-                    lambda: greedy(logits))
+    return lax.cond(
+        temperature > MIN_TEMPERATURE, lambda: sample(logits, temperature), lambda: greedy(logits)
+    )
   sampled_token, sampled_logp = sample(logits, temperature)
   greedy_token, greedy_logp = greedy(logits)
   is_greedy = temperature <= MIN_TEMPERATURE
-  return (jnp.where(is_greedy, greedy_token, sampled_token),
-          jnp.where(is_greedy, greedy_logp, sampled_logp))
+  return (
+      jnp.where(is_greedy, greedy_token, sampled_token),
+      jnp.where(is_greedy, greedy_logp, sampled_logp),
+  )
 
 
 def temperature_sample(
@@ -569,33 +579,49 @@ def temperature_sample(
     raise ValueError(f'num_decodes must be >= 1, got {num_decodes}.')
   if decode_rng is None:
     decode_rng = jax.random.PRNGKey(0)
-  if (max_decode_steps_hard_limit is not None and
-      max_decode_steps_hard_limit > 0 and max_decode_steps is not None):
-    max_decode_steps = jnp.minimum(max_decode_steps,
-                                   max_decode_steps_hard_limit)
+  if (
+      max_decode_steps_hard_limit is not None
+      and max_decode_steps_hard_limit > 0
+      and max_decode_steps is not None
+  ):
+    max_decode_steps = jnp.minimum(max_decode_steps, max_decode_steps_hard_limit)
 
   inputs = jnp.asarray(inputs).astype(jnp.int32)
   batch_size = inputs.shape[0]
   temperature = jnp.asarray(temperature, jnp.float32)
   if temperature.ndim > 1:
-    raise ValueError('temperature must be a scalar or a [batch] vector, got '
-                     f'shape {temperature.shape}.')
+    raise ValueError(
+        'temperature must be a scalar or a [batch] vector, got ' f'shape {temperature.shape}.'
+    )
 
   if num_decodes > 1:
     inputs = flat_batch_beam_expand(inputs, num_decodes)
     cache = _cache_map_with_offset(
-        lambda x, o: flat_batch_beam_expand(x, num_decodes, o), cache,
-        cache_offset, apply_to_index=initial_index is not None)
+        lambda x, o: flat_batch_beam_expand(x, num_decodes, o),
+        cache,
+        cache_offset,
+        apply_to_index=initial_index is not None,
+    )
     if initial_index is not None:
-      initial_index = flat_batch_beam_expand(jnp.asarray(initial_index),
-                                             num_decodes)
+      initial_index = flat_batch_beam_expand(jnp.asarray(initial_index), num_decodes)
     if temperature.ndim == 1:
       temperature = jnp.repeat(temperature, num_decodes)
 
   sequences, log_prob = _temperature_sample_single_trial(
-      inputs, cache, tokens_to_logits, eos_id, decode_rng, temperature, topk,
-      topp, initial_index, max_decode_steps, rescale_log_probs,
-      state_callback_fn, logit_callback_fn)
+      inputs,
+      cache,
+      tokens_to_logits,
+      eos_id,
+      decode_rng,
+      temperature,
+      topk,
+      topp,
+      initial_index,
+      max_decode_steps,
+      rescale_log_probs,
+      state_callback_fn,
+      logit_callback_fn,
+  )
 
   sequences = unflatten_beam_dim(sequences, batch_size, num_decodes)
   log_prob = unflatten_beam_dim(log_prob, batch_size, num_decodes)
@@ -627,15 +653,15 @@ def _temperature_sample_single_trial(
   """
   rows, length = inputs.shape
   if max_decode_steps is not None:
-    if not _is_tracer(max_decode_steps) and np.any(
-        np.asarray(max_decode_steps) > length):
+    if not _is_tracer(max_decode_steps) and np.any(np.asarray(max_decode_steps) > length):
       raise ValueError(
           f'max_decode_steps={max_decode_steps} exceeds the decode length '
-          f'{length} (inputs.shape[1]).')
+          f'{length} (inputs.shape[1]).'
+      )
     # Tokens each row may hold: its forced prompt plus `max_decode_steps`.
     max_len = jnp.minimum(
-        length,
-        jnp.sum(inputs != 0, axis=1) + jnp.asarray(max_decode_steps, jnp.int32))
+        length, jnp.sum(inputs != 0, axis=1) + jnp.asarray(max_decode_steps, jnp.int32)
+    )
   else:
     max_len = jnp.full((rows,), length, jnp.int32)
   max_len = max_len.astype(jnp.int32)
@@ -662,7 +688,8 @@ def _temperature_sample_single_trial(
       cur_token=token0,
       ended=jnp.zeros((rows, 1), jnp.bool_),
       rng=rng,
-      log_prob=jnp.zeros((rows,), jnp.float32))
+      log_prob=jnp.zeros((rows,), jnp.float32),
+  )
 
   def cond_fn(state: SamplingLoopState) -> jnp.ndarray:
     return ~jnp.all(state.ended)
@@ -675,28 +702,29 @@ def _temperature_sample_single_trial(
         cur_index=state.cur_index,
         sequences=state.sequences[:, :-2],
         cur_token=state.cur_token,
-        cache=state.cache)
+        cache=state.cache,
+    )
     logits, new_cache = tokens_to_logits(decoding_state)
     if isinstance(state.cache, flax.core.FrozenDict) and not isinstance(
-        new_cache, flax.core.FrozenDict):
+        new_cache, flax.core.FrozenDict
+    ):
       new_cache = flax.core.freeze(new_cache)
     logits = logits.astype(jnp.float32)
     if logit_callback_fn is not None:
       logits = logit_callback_fn(logits, state)
 
-    sampled, sampled_logp = _sample_next(logits, rng_sample, temperature, topk,
-                                         topp, rescale_log_probs)
+    sampled, sampled_logp = _sample_next(
+        logits, rng_sample, temperature, topk, topp, rescale_log_probs
+    )
 
     # Rows at their limit write into the scratch slot (index length + 1).
     i = jnp.minimum(state.cur_index, max_len)
-    forced = jnp.take_along_axis(state.sequences, (i + 1)[:, None], axis=1)[:,
-                                                                            0]
+    forced = jnp.take_along_axis(state.sequences, (i + 1)[:, None], axis=1)[:, 0]
     out_of_prompt = forced == 0
     alive = ~state.ended[:, 0]
     token = jnp.where(out_of_prompt, sampled, forced)
     token = jnp.where(alive, token, 0)
-    log_prob = state.log_prob + jnp.where(out_of_prompt & alive, sampled_logp,
-                                          0.0)
+    log_prob = state.log_prob + jnp.where(out_of_prompt & alive, sampled_logp, 0.0)
     sequences = state.sequences.at[row_ids, i + 1].set(token)
     has_new_eos = jnp.sum(sequences == eos_id, axis=1) > initial_eos_count
     ended = state.ended | (has_new_eos | (i >= max_len - 1))[:, None]
@@ -708,7 +736,8 @@ def _temperature_sample_single_trial(
         cur_token=token[:, None],
         ended=ended,
         rng=rng_next,
-        log_prob=log_prob)
+        log_prob=log_prob,
+    )
 
   final_state = lax.while_loop(cond_fn, body_fn, init_state)
   if state_callback_fn is not None:
@@ -736,6 +765,7 @@ class BeamState:
     finished_flags: `[batch, beams]` bool, which finished slots are real.
     cache: cache with `[batch, beams, ...]` leaves.
   """
+
   cur_index: jnp.ndarray
   live_logprobs: jnp.ndarray
   finished_scores: jnp.ndarray
@@ -745,31 +775,32 @@ class BeamState:
   cache: PyTree
 
 
-def beam_init(batch_size: int,
-              beam_size: int,
-              max_decode_len: int,
-              cache: PyTree,
-              offset: int = 0,
-              live_seqs: Optional[jnp.ndarray] = None,
-              apply_to_index: bool = False) -> BeamState:
+def beam_init(
+    batch_size: int,
+    beam_size: int,
+    max_decode_len: int,
+    cache: PyTree,
+    offset: int = 0,
+    live_seqs: Optional[jnp.ndarray] = None,
+    apply_to_index: bool = False,
+) -> BeamState:
   """Initial `BeamState`: one live beam (log-prob 0), the others dead."""
   live_logprobs0 = jnp.tile(
-      jnp.array([0.0] + [NEG_INF_VALUE] * (beam_size - 1), jnp.float32),
-      (batch_size, 1))
+      jnp.array([0.0] + [NEG_INF_VALUE] * (beam_size - 1), jnp.float32), (batch_size, 1)
+  )
   if live_seqs is None:
     live_seqs = jnp.zeros((batch_size, beam_size, max_decode_len), jnp.int32)
   return BeamState(
       cur_index=jnp.zeros((), jnp.int32),
       live_logprobs=live_logprobs0,
-      finished_scores=jnp.full((batch_size, beam_size), NEG_INF_VALUE,
-                               jnp.float32),
+      finished_scores=jnp.full((batch_size, beam_size), NEG_INF_VALUE, jnp.float32),
       live_seqs=live_seqs,
-      finished_seqs=jnp.zeros((batch_size, beam_size, max_decode_len),
-                              jnp.int32),
+      finished_seqs=jnp.zeros((batch_size, beam_size, max_decode_len), jnp.int32),
       finished_flags=jnp.zeros((batch_size, beam_size), jnp.bool_),
       cache=_cache_map_with_offset(
-          lambda x, o: add_beam_dim(x, beam_size, o), cache, offset,
-          apply_to_index))
+          lambda x, o: add_beam_dim(x, beam_size, o), cache, offset, apply_to_index
+      ),
+  )
 
 
 def beam_search(
@@ -843,10 +874,8 @@ def beam_search(
   prefilled = initial_index is not None
   live_seqs0 = None
   if prefilled:
-    initial_index = jnp.asarray(initial_index, jnp.int32).reshape(
-        (batch_size,))
-    first_token = jnp.take_along_axis(padded_inputs, initial_index[:, None],
-                                      axis=1)
+    initial_index = jnp.asarray(initial_index, jnp.int32).reshape((batch_size,))
+    first_token = jnp.take_along_axis(padded_inputs, initial_index[:, None], axis=1)
     live_seqs0 = jnp.zeros((batch_size, beam_size, buf_len), jnp.int32)
     live_seqs0 = live_seqs0.at[:, :, 0].set(first_token)
     forced = jnp.zeros_like(forced)
@@ -858,8 +887,15 @@ def beam_search(
     min_prompt = jnp.zeros((), jnp.int32)
     max_prompt = jnp.zeros((), jnp.int32)
 
-  init_state = beam_init(batch_size, beam_size, buf_len, cache, cache_offset,
-                         live_seqs=live_seqs0, apply_to_index=prefilled)
+  init_state = beam_init(
+      batch_size,
+      beam_size,
+      buf_len,
+      cache,
+      cache_offset,
+      live_seqs=live_seqs0,
+      apply_to_index=prefilled,
+  )
   # Upper bound on the length normalizer of any sequence still to finish.
   max_brevity_penalty = brevity_penalty(alpha, buf_len + max_prompt)
 
@@ -867,36 +903,36 @@ def beam_search(
     not_at_end = state.cur_index + min_prompt < buf_len - 1
     best_live_scores = state.live_logprobs[:, -1:] / max_brevity_penalty
     worst_finished = jnp.min(state.finished_scores, axis=1, keepdims=True)
-    worst_finished = jnp.where(state.finished_flags, worst_finished,
-                               NEG_INF_VALUE)
+    worst_finished = jnp.where(state.finished_flags, worst_finished, NEG_INF_VALUE)
     search_terminated = jnp.all(worst_finished > best_live_scores)
-    below_min_prob = (jnp.all(state.live_logprobs[:, -1] < min_log_prob) &
-                      (state.cur_index > 0))
-    too_many_steps = (max_decode_step > 0) & (
-        state.cur_index >= max_decode_step)
+    below_min_prob = jnp.all(state.live_logprobs[:, -1] < min_log_prob) & (state.cur_index > 0)
+    too_many_steps = (max_decode_step > 0) & (state.cur_index >= max_decode_step)
     return not_at_end & ~search_terminated & ~below_min_prob & ~too_many_steps
 
   def body_fn(state: BeamState) -> BeamState:
     cur = state.cur_index
     flat_ids = flatten_beam_dim(
-        lax.dynamic_slice(state.live_seqs, (0, 0, cur),
-                          (batch_size, beam_size, 1)))
-    flat_cache = _cache_map_with_offset(flatten_beam_dim, state.cache,
-                                        cache_offset, prefilled)
+        lax.dynamic_slice(state.live_seqs, (0, 0, cur), (batch_size, beam_size, 1))
+    )
+    flat_cache = _cache_map_with_offset(flatten_beam_dim, state.cache, cache_offset, prefilled)
     decoding_state = DecodingState(
         cur_index=cur,
         sequences=flatten_beam_dim(state.live_seqs),
         cur_token=flat_ids,
-        cache=flat_cache)
+        cache=flat_cache,
+    )
     flat_logits, new_flat_cache = tokens_to_logits(decoding_state)
     if isinstance(flat_cache, flax.core.FrozenDict) and not isinstance(
-        new_flat_cache, flax.core.FrozenDict):
+        new_flat_cache, flax.core.FrozenDict
+    ):
       new_flat_cache = flax.core.freeze(new_flat_cache)
-    logits = unflatten_beam_dim(flat_logits.astype(jnp.float32), batch_size,
-                                beam_size)
+    logits = unflatten_beam_dim(flat_logits.astype(jnp.float32), batch_size, beam_size)
     new_cache = _cache_map_with_offset(
         lambda x, o: unflatten_beam_dim(x, batch_size, beam_size, o),
-        new_flat_cache, cache_offset, prefilled)
+        new_flat_cache,
+        cache_offset,
+        prefilled,
+    )
 
     # Finite floor so that -inf logits never turn into NaNs.
     candidate_log_probs = jnp.maximum(jax.nn.log_softmax(logits), NEG_INF)
@@ -905,31 +941,33 @@ def beam_search(
     beams_to_keep = 2 * beam_size
     flat_log_probs = log_probs.reshape((batch_size, beam_size * vocab_size))
     topk_log_probs, topk_indices = top_k_two_stage(
-        flat_log_probs, k=min(beams_to_keep, beam_size * vocab_size))
+        flat_log_probs, k=min(beams_to_keep, beam_size * vocab_size)
+    )
     if topk_log_probs.shape[1] < beams_to_keep:  # Tiny vocabularies.
       pad = beams_to_keep - topk_log_probs.shape[1]
       topk_log_probs = jnp.pad(
-          topk_log_probs, ((0, 0), (0, pad)),
-          constant_values=2 * NEG_INF_VALUE)
+          topk_log_probs, ((0, 0), (0, pad)), constant_values=2 * NEG_INF_VALUE
+      )
       topk_indices = jnp.pad(topk_indices, ((0, 0), (0, pad)))
     topk_ids = topk_indices % vocab_size
     topk_beam_indices = topk_indices // vocab_size
 
     # Teacher forcing: keep only the best beam, extended by the forced token,
     # and reset its log-prob to 0 (forced tokens are not scored).
-    forced_token = lax.dynamic_index_in_dim(
-        forced, cur + 1, axis=1, keepdims=True)  # [batch, 1]
+    forced_token = lax.dynamic_index_in_dim(forced, cur + 1, axis=1, keepdims=True)  # [batch, 1]
     in_prompt = forced_token != 0
-    prompt_log_probs = jnp.concatenate([
-        jnp.zeros((batch_size, 1), jnp.float32),
-        jnp.full((batch_size, beams_to_keep - 1), NEG_INF_VALUE, jnp.float32)
-    ], axis=1)
+    prompt_log_probs = jnp.concatenate(
+        [
+            jnp.zeros((batch_size, 1), jnp.float32),
+            jnp.full((batch_size, beams_to_keep - 1), NEG_INF_VALUE, jnp.float32),
+        ],
+        axis=1,
+    )
     topk_log_probs = jnp.where(in_prompt, prompt_log_probs, topk_log_probs)
     topk_ids = jnp.where(in_prompt, forced_token, topk_ids)
 
     topk_seq = _gather_beam_axis(state.live_seqs, topk_beam_indices, False)
-    topk_seq = lax.dynamic_update_slice(topk_seq, topk_ids[:, :, None],
-                                        (0, 0, cur + 1))
+    topk_seq = lax.dynamic_update_slice(topk_seq, topk_ids[:, :, None], (0, 0, cur + 1))
 
     newly_finished = (topk_ids == eos_id) & ~in_prompt
     new_log_probs = topk_log_probs + newly_finished * NEG_INF
@@ -941,22 +979,26 @@ def beam_search(
     top_alive_log_probs = jnp.take_along_axis(new_log_probs, keep, axis=1)
     top_alive_parents = jnp.take_along_axis(topk_beam_indices, keep, axis=1)
     top_alive_cache = cache_gather_beams(
-        new_cache, top_alive_parents, batch_size, beam_size, beam_size,
-        one_hot=False, offset=cache_offset, apply_to_index=prefilled)
+        new_cache,
+        top_alive_parents,
+        batch_size,
+        beam_size,
+        beam_size,
+        one_hot=False,
+        offset=cache_offset,
+        apply_to_index=prefilled,
+    )
 
     # Finished: merge the new EOS-terminated candidates into the best set.
     lengths = prompt_lengths[:, None] + cur + 1
     new_scores = topk_log_probs / brevity_penalty(alpha, lengths)
-    new_scores = jnp.where(newly_finished, new_scores,
-                           new_scores + NEG_INF_VALUE)
+    new_scores = jnp.where(newly_finished, new_scores, new_scores + NEG_INF_VALUE)
     finished_seqs = jnp.concatenate([state.finished_seqs, topk_seq], axis=1)
-    finished_scores = jnp.concatenate([state.finished_scores, new_scores],
-                                      axis=1)
-    finished_flags = jnp.concatenate([state.finished_flags, newly_finished],
-                                     axis=1)
-    top_finished_seqs, top_finished_scores, top_finished_flags = (
-        gather_topk_beams([finished_seqs, finished_scores, finished_flags],
-                          finished_scores, batch_size, beam_size))
+    finished_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)
+    finished_flags = jnp.concatenate([state.finished_flags, newly_finished], axis=1)
+    top_finished_seqs, top_finished_scores, top_finished_flags = gather_topk_beams(
+        [finished_seqs, finished_scores, finished_flags], finished_scores, batch_size, beam_size
+    )
 
     return BeamState(
         cur_index=cur + 1,
@@ -965,15 +1007,14 @@ def beam_search(
         live_seqs=top_alive_seq,
         finished_seqs=top_finished_seqs,
         finished_flags=top_finished_flags,
-        cache=top_alive_cache)
+        cache=top_alive_cache,
+    )
 
   final_state = lax.while_loop(cond_fn, body_fn, init_state)
 
   any_finished = jnp.any(final_state.finished_flags, axis=1)
-  seqs = jnp.where(any_finished[:, None, None], final_state.finished_seqs,
-                   final_state.live_seqs)
-  scores = jnp.where(any_finished[:, None], final_state.finished_scores,
-                     final_state.live_logprobs)
+  seqs = jnp.where(any_finished[:, None, None], final_state.finished_seqs, final_state.live_seqs)
+  scores = jnp.where(any_finished[:, None], final_state.finished_scores, final_state.live_logprobs)
   # Drop the first fed token (BOS or the last prompt token).
   generated = seqs[:, :, 1:]
   if prefilled:
@@ -981,10 +1022,8 @@ def beam_search(
     positions = jnp.arange(out_len)
     n = initial_index[:, None, None]
     gen_pos = jnp.clip(positions[None, None, :] - n, 0, out_len - 1)
-    gen_part = jnp.take_along_axis(
-        generated, jnp.broadcast_to(gen_pos, generated.shape), axis=2)
-    prompt_part = jnp.broadcast_to(
-        padded_inputs[:, None, 1:out_len + 1], generated.shape)
+    gen_part = jnp.take_along_axis(generated, jnp.broadcast_to(gen_pos, generated.shape), axis=2)
+    prompt_part = jnp.broadcast_to(padded_inputs[:, None, 1 : out_len + 1], generated.shape)
     generated = jnp.where(positions[None, None, :] < n, prompt_part, gen_part)
   return generated, scores
 
@@ -994,9 +1033,11 @@ def beam_search(
 # ------------------------------------------------------------------------------
 
 
-def pad_candidates(candidates: Union[Array, Sequence[Sequence[int]]],
-                   length: Optional[int] = None,
-                   eos_id: Optional[int] = None) -> np.ndarray:
+def pad_candidates(
+    candidates: Union[Array, Sequence[Sequence[int]]],
+    length: Optional[int] = None,
+    eos_id: Optional[int] = None,
+) -> np.ndarray:
   """Stacks candidate target token sequences into a `[C, T]` int32 array.
 
   Args:
@@ -1022,11 +1063,10 @@ def pad_candidates(candidates: Union[Array, Sequence[Sequence[int]]],
   if length is None:
     length = longest
   if longest > length:
-    raise ValueError(f'A candidate has {longest} tokens, more than the '
-                     f'target length {length}.')
+    raise ValueError(f'A candidate has {longest} tokens, more than the ' f'target length {length}.')
   out = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
-    out[i, :len(s)] = s
+    out[i, : len(s)] = s
   return out
 
 
@@ -1097,12 +1137,12 @@ def rank_classification(
   num_cands = expanded['decoder_target_tokens'].shape[0] // batch_size
   scores = np.asarray(score_fn(expanded), np.float32)
   if scores.size != batch_size * num_cands:
-    raise ValueError(f'score_fn returned {scores.shape}, expected '
-                     f'[{batch_size * num_cands}] scores.')
+    raise ValueError(
+        f'score_fn returned {scores.shape}, expected ' f'[{batch_size * num_cands}] scores.'
+    )
   scores = scores.reshape((batch_size, num_cands))
   if normalize_by_length:
-    lengths = expanded['decoder_loss_weights'].sum(axis=1).reshape(
-        (batch_size, num_cands))
+    lengths = expanded['decoder_loss_weights'].sum(axis=1).reshape((batch_size, num_cands))
     scores = scores / np.maximum(lengths, 1)
   best = np.argmax(scores, axis=1).astype(np.int32)
   return best, scores

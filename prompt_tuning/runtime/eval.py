@@ -5,6 +5,7 @@ For prompt tuning the usual setup (`runs/prompt_eval.gin`) restores the frozen b
 `PROMPT_FILE` through its gin initializer (`prompts.np_load`), so a saved `.npy` prompt plus the frozen
 checkpoint reproduce the metrics seen during training.
 """
+
 import json
 from absl import logging
 import os
@@ -24,21 +25,34 @@ from prompt_tuning.runtime import utils
 
 def dummy_input_shapes(model, batch_size: int, length: int = 8) -> Mapping[str, tuple]:
   if 'EncDec' in getattr(model.FEATURE_CONVERTER_CLS, '__name__', ''):
-    return {'encoder_input_tokens': (batch_size, length), 'decoder_input_tokens': (batch_size, length),
-            'decoder_target_tokens': (batch_size, length)}
-  return {'decoder_input_tokens': (batch_size, length), 'decoder_target_tokens': (batch_size, length)}
+    return {
+        'encoder_input_tokens': (batch_size, length),
+        'decoder_input_tokens': (batch_size, length),
+        'decoder_target_tokens': (batch_size, length),
+    }
+  return {
+      'decoder_input_tokens': (batch_size, length),
+      'decoder_target_tokens': (batch_size, length),
+  }
 
 
 def params_mesh_axes(model, partitioner, batch_size: int, length: int = 8):
   """Mesh PartitionSpecs of the model's parameters (from their logical axis names)."""
   shapes = dummy_input_shapes(model, batch_size, length)
-  variables = jax.eval_shape(lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0))
+  variables = jax.eval_shape(
+      lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0)
+  )
   logical = train_state_lib.logical_axes(variables.get('params_axes'), variables['params'])
   return partitioner.logical_to_mesh_axes(logical)
 
 
-def restore_params(model, restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig], partitioner,
-                   batch_size: int, fallback_init_rng: Optional[int] = 0):
+def restore_params(
+    model,
+    restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
+    partitioner,
+    batch_size: int,
+    fallback_init_rng: Optional[int] = 0,
+):
   """Parameters for inference: fresh init (seeded) filled from the checkpoint per the restore config.
 
   Returns the parameters placed on the partitioner's mesh (sharded by their logical axes).
@@ -48,32 +62,54 @@ def restore_params(model, restore_checkpoint_cfg: Optional[utils.RestoreCheckpoi
   if isinstance(path, (list, tuple)):
     path = path[0] if path else None
   if not path and fallback_init_rng is None:
-    raise ValueError('No checkpoint to evaluate: set CHECKPOINT_PATH (utils.RestoreCheckpointConfig.path) '
-                     'or fallback_init_rng to evaluate a freshly initialized model.')
+    raise ValueError(
+        'No checkpoint to evaluate: set CHECKPOINT_PATH (utils.RestoreCheckpointConfig.path) '
+        'or fallback_init_rng to evaluate a freshly initialized model.'
+    )
   if path and not checkpoints.path_exists(str(path)):
     raise FileNotFoundError(
         f'CHECKPOINT_PATH {str(path)!r} does not exist. Point --gin.CHECKPOINT_PATH at a T5X '
-        'checkpoint_<step> directory, a Hugging Face T5 directory or one of our checkpoint_<step> directories.')
+        'checkpoint_<step> directory, a Hugging Face T5 directory or one of our checkpoint_<step> directories.'
+    )
   rng = jax.random.PRNGKey(fallback_init_rng or 0)
   params = jax.jit(lambda r: model.get_initial_variables(r, shapes)['params'])(rng)
   if path:
     if restore_checkpoint_cfg.mode == 'latest' and checkpoints.latest_checkpoint_path(path):
       path = checkpoints.latest_checkpoint_path(path)
     params = checkpoints.load_initial_params(
-        path, jax.device_get(params), assignment_map=restore_checkpoint_cfg.assignment_map,
-        fallback_to_scratch=restore_checkpoint_cfg.fallback_to_scratch, dtype=restore_checkpoint_cfg.dtype,
-        strict=restore_checkpoint_cfg.strict)
+        path,
+        jax.device_get(params),
+        assignment_map=restore_checkpoint_cfg.assignment_map,
+        fallback_to_scratch=restore_checkpoint_cfg.fallback_to_scratch,
+        dtype=restore_checkpoint_cfg.dtype,
+        strict=restore_checkpoint_cfg.strict,
+    )
   axes = params_mesh_axes(model, partitioner, batch_size)
-  return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), jax.device_get(params),
-                                partitioner.mesh_axes_to_sharding(axes)), axes
+  return (
+      jax.tree_util.tree_map(
+          lambda x, s: jax.device_put(np.asarray(x), s),
+          jax.device_get(params),
+          partitioner.mesh_axes_to_sharding(axes),
+      ),
+      axes,
+  )
 
 
-def evaluate(*, model, dataset_cfg: utils.DatasetConfig,
-             restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
-             partitioner: Optional[partitioning.PjitPartitioner] = None, output_dir: str,
-             inference_evaluator_cls=seqio.Evaluator, summarize_config_fn: Optional[Callable] = None,
-             fallback_init_rng: Optional[int] = None, training_evaluator_cls=None, use_orbax: bool = True,
-             train_state_initializer_cls=None, train_eval_get_dataset_fn=None) -> Mapping[str, Any]:
+def evaluate(
+    *,
+    model,
+    dataset_cfg: utils.DatasetConfig,
+    restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
+    partitioner: Optional[partitioning.PjitPartitioner] = None,
+    output_dir: str,
+    inference_evaluator_cls=seqio.Evaluator,
+    summarize_config_fn: Optional[Callable] = None,
+    fallback_init_rng: Optional[int] = None,
+    training_evaluator_cls=None,
+    use_orbax: bool = True,
+    train_state_initializer_cls=None,
+    train_eval_get_dataset_fn=None,
+) -> Mapping[str, Any]:
   """Runs seqio evaluation of the restored parameters; writes metrics under `output_dir`."""
   del training_evaluator_cls, use_orbax, train_state_initializer_cls, train_eval_get_dataset_fn
   if output_dir is None:
@@ -81,20 +117,28 @@ def evaluate(*, model, dataset_cfg: utils.DatasetConfig,
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
   utils.import_module(dataset_cfg.module)
   utils.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
-  params, axes = restore_params(model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size,
-                                fallback_init_rng)
+  params, axes = restore_params(
+      model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size, fallback_init_rng
+  )
   if jax.process_index() == 0:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.io.gfile.makedirs(os.path.join(output_dir, 'inference_eval'))
     if summarize_config_fn is not None:
       summarize_config_fn(output_dir, None, 0)
-  evaluator = inference.InferenceEvaluator(dataset_cfg, inference_evaluator_cls, model, partitioner,
-                                           log_dir=output_dir, params_axes=axes)
+  evaluator = inference.InferenceEvaluator(
+      dataset_cfg, inference_evaluator_cls, model, partitioner, log_dir=output_dir, params_axes=axes
+  )
   results = evaluator.evaluate(params, step=0)
   if jax.process_index() == 0:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-      json.dump({k: {m: float(np.asarray(v)) for m, v in d.items()} for k, d in results.items()}, f, indent=1)
+      json.dump(
+          {k: {m: float(np.asarray(v)) for m, v in d.items()} for k, d in results.items()},
+          f,
+          indent=1,
+      )
   for task, metrics in results.items():
     logging.info('eval %s: %s', task, metrics)
   return results

@@ -1,4 +1,5 @@
 """Gin helpers with T5X's names: flag rewriting, parsing with search paths, config summaries."""
+
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ def default_search_paths() -> Sequence[str]:
   paths = [os.path.join(os.path.dirname(here), 'configs'), os.path.join(here, 'configs')]
   try:
     import prompt_tuning.configs as installed  # pylint: disable=g-import-not-at-top
+
     paths.append(os.path.dirname(os.path.abspath(installed.__file__)))
   except ImportError:
     pass
@@ -36,6 +38,7 @@ def _package_file_exists(path: str) -> bool:
   of moving on to the search paths.
   """
   from gin import resource_reader  # pylint: disable=g-import-not-at-top
+
   try:
     return resource_reader.system_path_file_exists(path)
   except TypeError:
@@ -45,6 +48,7 @@ def _package_file_exists(path: str) -> bool:
 def _guard_package_reader() -> None:
   from gin import config as gin_config  # pylint: disable=g-import-not-at-top
   from gin import resource_reader  # pylint: disable=g-import-not-at-top
+
   readers = gin_config._FILE_READERS  # pylint: disable=protected-access
   for i, (reader, exists) in enumerate(readers):
     if exists is resource_reader.system_path_file_exists:
@@ -74,9 +78,13 @@ class GinConfigError(ValueError):
   """A gin file or binding could not be parsed."""
 
 
-def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
-                    gin_bindings: Sequence[str], skip_unknown: bool = False,
-                    finalize_config: bool = True) -> None:
+def parse_gin_flags(
+    gin_search_paths: Sequence[str],
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    skip_unknown: bool = False,
+    finalize_config: bool = True,
+) -> None:
   """Parses gin files and bindings, with clear errors for unknown names and missing files."""
   _guard_package_reader()
   for path in list(gin_search_paths) + list(default_search_paths()):
@@ -86,34 +94,56 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
   noise = _GinSearchNoise()
   logging.getLogger().addFilter(noise)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=skip_unknown,
-                                        finalize_config=finalize_config)
+    gin.parse_config_files_and_bindings(
+        list(gin_files),
+        list(gin_bindings),
+        skip_unknown=skip_unknown,
+        finalize_config=finalize_config,
+    )
   except (ValueError, IOError, OSError, AttributeError, ImportError, SyntaxError) as e:
     msg = str(e)
     if isinstance(e, ImportError):
-      hint = ('a module imported by a gin file (or MIXTURE_OR_TASK_MODULE) could not be imported: check the '
-              'module path and that its package is installed / on PYTHONPATH.')
+      hint = (
+          'a module imported by a gin file (or MIXTURE_OR_TASK_MODULE) could not be imported: check the '
+          'module path and that its package is installed / on PYTHONPATH.'
+      )
     elif isinstance(e, SyntaxError):
       hint = 'fix the gin syntax at the reported file and line.'
-    elif ('No configurable matching' in msg or 'No configurable' in msg or "Couldn't resolve selector" in msg
-          or 'has no attribute' in msg):
-      hint = ('a gin name is unknown: check its spelling and that the gin file imports the module that '
-              'defines it (e.g. `from prompt_tuning.runtime import utils`).')
+    elif (
+        'No configurable matching' in msg
+        or 'No configurable' in msg
+        or "Couldn't resolve selector" in msg
+        or 'has no attribute' in msg
+    ):
+      hint = (
+          'a gin name is unknown: check its spelling and that the gin file imports the module that '
+          'defines it (e.g. `from prompt_tuning.runtime import utils`).'
+      )
     elif "doesn't have a parameter" in msg or 'has no parameter' in msg or 'not a parameter' in msg:
-      hint = ('a bound parameter name is unknown: check its spelling against the signature of the '
-              'configurable named in the message.')
+      hint = (
+          'a bound parameter name is unknown: check its spelling against the signature of the '
+          'configurable named in the message.'
+      )
     elif 'Unable to find' in msg and 'include' in msg.lower():
-      hint = (f'an included gin file was not found; search paths: '
-              f'{list(gin_search_paths) + list(default_search_paths())}.')
+      hint = (
+          f'an included gin file was not found; search paths: '
+          f'{list(gin_search_paths) + list(default_search_paths())}.'
+      )
     elif 'Unable to open file' in msg or 'No such file' in msg or 'not found' in msg.lower():
-      hint = (f'a gin file was not found; search paths: {list(gin_search_paths) + list(default_search_paths())}. '
-              'Pass --gin_search_paths=DIR or use a path relative to configs/.')
+      hint = (
+          f'a gin file was not found; search paths: {list(gin_search_paths) + list(default_search_paths())}. '
+          'Pass --gin_search_paths=DIR or use a path relative to configs/.'
+      )
     elif 'MACRO' in msg.upper() or 'REQUIRED' in msg:
       hint = 'a required macro is unset: pass it with --gin.NAME=VALUE.'
     else:
       hint = 'check the gin syntax near the reported line.'
     lines = [l for l in msg.splitlines() if l.strip()]
-    where = [l.strip() for l in lines[1:] if l.strip().startswith('In file') or l.strip().startswith('In bindings')]
+    where = [
+        l.strip()
+        for l in lines[1:]
+        if l.strip().startswith('In file') or l.strip().startswith('In bindings')
+    ]
     text = lines[0] if lines else repr(e)
     if where:
       text += f' ({where[0]})'
@@ -125,19 +155,24 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str],
 def summarize_gin_config(model_dir: str, summary_writer=None, step: int = 0) -> None:
   """Writes the operative config to `MODEL_DIR/config.gin` (and as TensorBoard text)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   config_str = gin.operative_config_str()
   tf.io.gfile.makedirs(model_dir)
   with tf.io.gfile.GFile(os.path.join(model_dir, 'config.gin'), 'w') as f:
     f.write(config_str)
   if summary_writer is not None:
     with summary_writer.as_default():
-      tf.summary.text('gin/operative_config', gin.markdown(config_str) if hasattr(gin, 'markdown')
-                      else config_str, step=step)
+      tf.summary.text(
+          'gin/operative_config',
+          gin.markdown(config_str) if hasattr(gin, 'markdown') else config_str,
+          step=step,
+      )
     summary_writer.flush()
 
 
 def run(main, argv: Optional[Sequence[str]] = None) -> None:
   """`absl.app.run` after rewriting `--gin.NAME=VALUE` flags."""
   from absl import app  # pylint: disable=g-import-not-at-top
+
   argv = list(sys.argv if argv is None else argv)
   app.run(main, argv=[argv[0]] + list(rewrite_gin_args(argv[1:])))

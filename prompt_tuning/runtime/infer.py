@@ -4,6 +4,7 @@
 writes `INFER_OUTPUT_DIR/<task>-<split>.jsonl`, one line per example: the pretokenized `inputs`, the
 decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them.
 """
+
 import json
 from absl import logging
 import os
@@ -23,18 +24,32 @@ from prompt_tuning.runtime import utils
 def _decode(vocab, tokens):
   tokens = [int(t) for t in tokens]
   if vocab.eos_id in tokens:
-    tokens = tokens[:tokens.index(vocab.eos_id)]
+    tokens = tokens[: tokens.index(vocab.eos_id)]
   return vocab.decode([t for t in tokens if t > 0])
 
 
-def infer(*, mode: str, model, dataset_cfg: utils.DatasetConfig,
-          restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
-          partitioner: Optional[partitioning.PjitPartitioner] = None, output_dir: str,
-          checkpoint_period: int = 100, shard_id: int = 0, num_shards: int = 1,
-          merge_chunked_results: bool = True, write_fn=None, checkpoint_ds_iter: bool = True,
-          fallback_init_rng: Optional[int] = None, output_vocab_feature_name: str = 'targets',
-          file_extension: str = 'jsonl', keep_aux_as_numpy: bool = False, use_orbax: bool = True,
-          summarize_config_fn=None, train_state_initializer_cls=None) -> str:
+def infer(
+    *,
+    mode: str,
+    model,
+    dataset_cfg: utils.DatasetConfig,
+    restore_checkpoint_cfg: Optional[utils.RestoreCheckpointConfig],
+    partitioner: Optional[partitioning.PjitPartitioner] = None,
+    output_dir: str,
+    checkpoint_period: int = 100,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    merge_chunked_results: bool = True,
+    write_fn=None,
+    checkpoint_ds_iter: bool = True,
+    fallback_init_rng: Optional[int] = None,
+    output_vocab_feature_name: str = 'targets',
+    file_extension: str = 'jsonl',
+    keep_aux_as_numpy: bool = False,
+    use_orbax: bool = True,
+    summarize_config_fn=None,
+    train_state_initializer_cls=None,
+) -> str:
   """Predicts or scores every example of `dataset_cfg` and writes JSONL. Returns the output path."""
   del checkpoint_period, merge_chunked_results, write_fn, checkpoint_ds_iter, use_orbax
   del summarize_config_fn, train_state_initializer_cls, keep_aux_as_numpy
@@ -45,29 +60,49 @@ def infer(*, mode: str, model, dataset_cfg: utils.DatasetConfig,
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
   utils.import_module(dataset_cfg.module)
   provider = utils.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
-  params, axes = eval_lib.restore_params(model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size,
-                                         fallback_init_rng)
+  params, axes = eval_lib.restore_params(
+      model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size, fallback_init_rng
+  )
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   if jax.process_index() == 0:
     tf.io.gfile.makedirs(output_dir)
   fc = model.FEATURE_CONVERTER_CLS(pack=False)
   last_path = None
   for task in tasks:
-    task_ds = task.get_dataset(sequence_length=dataset_cfg.task_feature_lengths, split=dataset_cfg.split,
-                               shuffle=False, num_epochs=1, seed=dataset_cfg.seed,
-                               shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
-                               use_cached=dataset_cfg.use_cached)
+    task_ds = task.get_dataset(
+        sequence_length=dataset_cfg.task_feature_lengths,
+        split=dataset_cfg.split,
+        shuffle=False,
+        num_epochs=1,
+        seed=dataset_cfg.seed,
+        shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
+        use_cached=dataset_cfg.use_cached,
+    )
     examples = list(task_ds.as_numpy_iterator())
     lengths = dataset_cfg.task_feature_lengths
     if lengths is None:
-      lengths = {k: max(len(e[k]) for e in examples) for k in ('inputs', 'targets') if examples and k in examples[0]}
+      lengths = {
+          k: max(len(e[k]) for e in examples)
+          for k in ('inputs', 'targets')
+          if examples and k in examples[0]
+      }
     model_ds = fc(task_ds, lengths).enumerate()
     if mode == 'score':
-      fn = inference.get_infer_fn(lambda p, b: model.score_batch(p, b), dataset_cfg.batch_size, partitioner,
-                                  params, state_axes=axes)
+      fn = inference.get_infer_fn(
+          lambda p, b: model.score_batch(p, b),
+          dataset_cfg.batch_size,
+          partitioner,
+          params,
+          state_axes=axes,
+      )
     else:
-      fn = inference.get_infer_fn(lambda p, b: model.predict_batch_with_aux(p, b), dataset_cfg.batch_size,
-                                  partitioner, params, state_axes=axes)
+      fn = inference.get_infer_fn(
+          lambda p, b: model.predict_batch_with_aux(p, b),
+          dataset_cfg.batch_size,
+          partitioner,
+          params,
+          state_axes=axes,
+      )
     out = fn(model_ds)
     results = out[0] if isinstance(out, tuple) else out
     aux = out[1] if isinstance(out, tuple) else {}

@@ -1,4 +1,5 @@
 """Batched inference over enumerated seqio datasets, and T5X's `InferenceEvaluator`."""
+
 from absl import logging
 import os
 from typing import Any, Callable, List, Mapping, Optional, Tuple
@@ -11,15 +12,26 @@ import tensorflow as tf
 from prompt_tuning.runtime import utils
 
 
-def _pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> Tuple[Mapping[str, np.ndarray], int]:
+def _pad_batch(
+    batch: Mapping[str, np.ndarray], batch_size: int
+) -> Tuple[Mapping[str, np.ndarray], int]:
   n = next(iter(batch.values())).shape[0]
   if n == batch_size:
     return batch, n
-  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}, n
+  return {
+      k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+      for k, v in batch.items()
+  }, n
 
 
-def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state=None,
-                 keep_aux_as_numpy: bool = False, state_axes: Any = None) -> Callable:
+def get_infer_fn(
+    infer_step: Callable,
+    batch_size: int,
+    partitioner,
+    state=None,
+    keep_aux_as_numpy: bool = False,
+    state_axes: Any = None,
+) -> Callable:
   """Returns `fn(enumerated_ds, state=state) -> [(index, output)]` (and aux) running `infer_step(state, batch)`.
 
   The step is compiled once (per batch shape) and reused for every call. Every process iterates the whole
@@ -29,8 +41,11 @@ def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state=None,
   `state_axes` (mesh PartitionSpecs matching `state`, default replicated) keeps model-parallel
   parameters sharded during inference.
   """
-  jitted = partitioner.partition(infer_step, in_axis_resources=(state_axes, partitioner.data_partition_spec),
-                                 out_axis_resources=None)
+  jitted = partitioner.partition(
+      infer_step,
+      in_axis_resources=(state_axes, partitioner.data_partition_spec),
+      out_axis_resources=None,
+  )
   layout = partitioner.get_data_layout(batch_size)
   local_bs = batch_size // layout.num_shards
   lo = layout.shard_id * local_bs
@@ -41,7 +56,7 @@ def get_infer_fn(infer_step: Callable, batch_size: int, partitioner, state=None,
     aux_all = {}
     for indices, batch in ds.batch(batch_size).as_numpy_iterator():
       padded, n = _pad_batch(dict(batch), batch_size)
-      local = {k: v[lo:lo + local_bs] for k, v in padded.items()}
+      local = {k: v[lo : lo + local_bs] for k, v in padded.items()}
       result = jitted(state, partitioner.shard_host_batch(local))
       if isinstance(result, tuple):
         out, aux = result
@@ -67,8 +82,15 @@ class InferenceEvaluator:
   The decoding and scoring steps are compiled once and reused at every evaluation.
   """
 
-  def __init__(self, infer_eval_dataset_cfg: utils.DatasetConfig, inference_evaluator_cls, model,
-               partitioner, log_dir: Optional[str] = None, params_axes: Any = None):
+  def __init__(
+      self,
+      infer_eval_dataset_cfg: utils.DatasetConfig,
+      inference_evaluator_cls,
+      model,
+      partitioner,
+      log_dir: Optional[str] = None,
+      params_axes: Any = None,
+  ):
     self._cfg = infer_eval_dataset_cfg
     self._model = model
     self._partitioner = partitioner
@@ -84,10 +106,14 @@ class InferenceEvaluator:
         seed=infer_eval_dataset_cfg.seed,
         sequence_length=infer_eval_dataset_cfg.task_feature_lengths,
         log_dir=os.path.join(log_dir, 'inference_eval') if log_dir else None,
-        use_memory_cache=infer_eval_dataset_cfg.use_memory_cache)
+        use_memory_cache=infer_eval_dataset_cfg.use_memory_cache,
+    )
     if not self._evaluator.eval_tasks:
-      logging.warning('No task of %s has metric_fns for split %s: inference evaluation is skipped.',
-                      infer_eval_dataset_cfg.mixture_or_task_name, infer_eval_dataset_cfg.split)
+      logging.warning(
+          'No task of %s has metric_fns for split %s: inference evaluation is skipped.',
+          infer_eval_dataset_cfg.mixture_or_task_name,
+          infer_eval_dataset_cfg.split,
+      )
 
     def predict_step(p, batch):
       return model.predict_batch_with_aux(p, batch)
@@ -117,6 +143,10 @@ class InferenceEvaluator:
       return self._score_fn(ds, state=params)
 
     all_metrics, _ = self._evaluator.evaluate(
-        compute_metrics=jax.process_index() == 0, step=step, predict_fn=predict_tokens, score_fn=score)
+        compute_metrics=jax.process_index() == 0,
+        step=step,
+        predict_fn=predict_tokens,
+        score_fn=score,
+    )
     results = all_metrics.result() if hasattr(all_metrics, 'result') else all_metrics
     return results or {}

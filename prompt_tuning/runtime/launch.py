@@ -1,4 +1,5 @@
 """Shared command-line handling of the train/eval/infer entry points (T5X's flags)."""
+
 import logging as py_logging
 import os
 import re
@@ -14,30 +15,58 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   if 'gin_file' in FLAGS:
     return
-  flags.DEFINE_multi_string('gin_file', default=[], help='Gin files (searched in --gin_search_paths and configs/).')
-  flags.DEFINE_multi_string('gin_bindings', default=[], help='Individual gin bindings; --gin.NAME=VALUE also works.')
-  flags.DEFINE_list('gin_search_paths', default=['.'], help='Comma-separated directories searched for gin files.')
+  flags.DEFINE_multi_string(
+      'gin_file', default=[], help='Gin files (searched in --gin_search_paths and configs/).'
+  )
+  flags.DEFINE_multi_string(
+      'gin_bindings', default=[], help='Individual gin bindings; --gin.NAME=VALUE also works.'
+  )
+  flags.DEFINE_list(
+      'gin_search_paths', default=['.'], help='Comma-separated directories searched for gin files.'
+  )
   flags.DEFINE_string('tfds_data_dir', None, 'TFDS data directory (local or gs://).')
-  flags.DEFINE_list('seqio_additional_cache_dirs', [], 'Directories searched for cached seqio tasks.')
-  flags.DEFINE_boolean('multiprocess_gpu', False, 'Initialize jax.distributed for multi-process GPU/CPU runs.')
-  flags.DEFINE_string('coordinator_address', None, 'IP:port of process 0 (with --multiprocess_gpu).')
+  flags.DEFINE_list(
+      'seqio_additional_cache_dirs', [], 'Directories searched for cached seqio tasks.'
+  )
+  flags.DEFINE_boolean(
+      'multiprocess_gpu', False, 'Initialize jax.distributed for multi-process GPU/CPU runs.'
+  )
+  flags.DEFINE_string(
+      'coordinator_address', None, 'IP:port of process 0 (with --multiprocess_gpu).'
+  )
   flags.DEFINE_integer('process_count', None, 'Number of processes (with --multiprocess_gpu).')
   flags.DEFINE_integer('process_index', None, 'Index of this process (with --multiprocess_gpu).')
-  flags.DEFINE_boolean('tpu_multihost', False, 'Call jax.distributed.initialize() with no arguments (TPU pods).')
-  flags.DEFINE_string('cpu_collectives', 'gloo', 'CPU collectives implementation for multi-process CPU runs.')
+  flags.DEFINE_boolean(
+      'tpu_multihost', False, 'Call jax.distributed.initialize() with no arguments (TPU pods).'
+  )
+  flags.DEFINE_string(
+      'cpu_collectives', 'gloo', 'CPU collectives implementation for multi-process CPU runs.'
+  )
 
 
 def initialize_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   if FLAGS.multiprocess_gpu:
-    if FLAGS.coordinator_address is None or FLAGS.process_count is None or FLAGS.process_index is None:
-      raise ValueError('--multiprocess_gpu needs --coordinator_address, --process_count and --process_index.')
+    if (
+        FLAGS.coordinator_address is None
+        or FLAGS.process_count is None
+        or FLAGS.process_index is None
+    ):
+      raise ValueError(
+          '--multiprocess_gpu needs --coordinator_address, --process_count and --process_index.'
+      )
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
       jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)
-    logging.info('jax.distributed.initialize(%s, %d, %d)', FLAGS.coordinator_address, FLAGS.process_count,
-                 FLAGS.process_index)
-    jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.process_count,
-                               process_id=FLAGS.process_index)
+    logging.info(
+        'jax.distributed.initialize(%s, %d, %d)',
+        FLAGS.coordinator_address,
+        FLAGS.process_count,
+        FLAGS.process_index,
+    )
+    jax.distributed.initialize(
+        FLAGS.coordinator_address, num_processes=FLAGS.process_count, process_id=FLAGS.process_index
+    )
   elif FLAGS.tpu_multihost:
     jax.distributed.initialize()
 
@@ -46,10 +75,19 @@ def _user_error_types():
   """Exceptions shown as one `ERROR:` line (config, data, checkpoint and NaN errors raised for the user)."""
   from prompt_tuning.runtime import trainer  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import utils  # pylint: disable=g-import-not-at-top
-  types = [ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError, trainer.NanLossError,
-           utils.FeatureLengthError]
+
+  types = [
+      ValueError,
+      FileNotFoundError,
+      KeyError,
+      TypeError,
+      RuntimeError,
+      trainer.NanLossError,
+      utils.FeatureLengthError,
+  ]
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     types.append(tf.errors.OpError)
   except ImportError:
     pass
@@ -61,7 +99,7 @@ def _message(e: BaseException) -> str:
   if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
     msg = e.args[0]
   # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: keep the name, drop the address.
-  return re.sub(r" \(<(?:function|class|bound method) [^>]*>\)", '', msg)
+  return re.sub(r' \(<(?:function|class|bound method) [^>]*>\)', '', msg)
 
 
 def main_with_gin(fn: Callable, argv) -> None:
@@ -74,14 +112,17 @@ def main_with_gin(fn: Callable, argv) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import gin_utils  # pylint: disable=g-import-not-at-top
+
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.set_verbosity(logging.INFO)
   py_logging.getLogger('absl').setLevel(py_logging.INFO)
   if FLAGS.tfds_data_dir:
     import seqio  # pylint: disable=g-import-not-at-top
+
     seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
   if FLAGS.seqio_additional_cache_dirs:
     import seqio  # pylint: disable=g-import-not-at-top
+
     seqio.add_global_cache_dirs(FLAGS.seqio_additional_cache_dirs)
   traceback_wanted = bool(os.environ.get('PROMPT_TUNING_TRACEBACK'))
   try:
@@ -98,6 +139,8 @@ def main_with_gin(fn: Callable, argv) -> None:
     if traceback_wanted:
       raise
     logging.error('%s: %s', type(e).__name__, _message(e))
-    print(f'\nERROR: {type(e).__name__}: {_message(e)}\n(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)',
-          file=sys.stderr)
+    print(
+        f'\nERROR: {type(e).__name__}: {_message(e)}\n(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)',
+        file=sys.stderr,
+    )
     sys.exit(1)

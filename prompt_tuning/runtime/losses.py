@@ -6,6 +6,7 @@ per-token weights and an optional loss normalizing factor; and
 `get_loss_normalizing_factor_and_weights` resolves T5X's "special" loss
 normalizing factors (given as an enum or, from gin, as a string).
 """
+
 import enum
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -14,12 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = Any
-LossNormalizingFactor = Optional[
-    Union[float, int, str, 'SpecialLossNormalizingFactor', Array]]
+LossNormalizingFactor = Optional[Union[float, int, str, 'SpecialLossNormalizingFactor', Array]]
 
 
-def _log_softmax_parts(
-    logits: Array) -> Tuple[Array, Array, Array, Array]:
+def _log_softmax_parts(logits: Array) -> Tuple[Array, Array, Array, Array]:
   """Returns (exp_shifted, sum_exp, log_softmax, log_z) for the last axis."""
   max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   shifted = logits - max_logit
@@ -32,8 +31,7 @@ def _log_softmax_parts(
 
 
 @jax.custom_vjp
-def cross_entropy_with_logits(logits: Array, targets: Array,
-                              z_loss: float) -> Tuple[Array, Array]:
+def cross_entropy_with_logits(logits: Array, targets: Array, z_loss: float) -> Tuple[Array, Array]:
   """Cross entropy with an auxiliary z-loss and a stable custom gradient.
 
   Computes `-sum(targets * log_softmax(logits), -1) + z_loss * log(Z)**2`
@@ -57,14 +55,12 @@ def cross_entropy_with_logits(logits: Array, targets: Array,
   return loss + total_z_loss, total_z_loss
 
 
-def _cross_entropy_with_logits_fwd(logits: Array, targets: Array,
-                                   z_loss: float):
+def _cross_entropy_with_logits_fwd(logits: Array, targets: Array, z_loss: float):
   """Forward pass of `cross_entropy_with_logits`, saving residuals."""
   exp_shifted, sum_exp, log_softmax, log_z = _log_softmax_parts(logits)
   loss = -jnp.sum(targets * log_softmax, axis=-1)
   total_z_loss = z_loss * jax.lax.square(log_z)
-  residuals = (logits, targets, z_loss, exp_shifted, sum_exp, log_softmax,
-               log_z)
+  residuals = (logits, targets, z_loss, exp_shifted, sum_exp, log_softmax, log_z)
   return (loss + total_z_loss, total_z_loss), residuals
 
 
@@ -76,17 +72,17 @@ def _cross_entropy_with_logits_bwd(residuals, cotangents):
   deriv = jnp.expand_dims(1.0 + 2.0 * z_loss * log_z, -1) * softmax - targets
   g_logits = jnp.expand_dims(g, -1) * deriv
   g_targets = -jnp.expand_dims(g, -1) * log_softmax
-  return (jnp.asarray(g_logits, logits.dtype),
-          jnp.asarray(g_targets, targets.dtype),
-          jnp.zeros_like(jnp.asarray(z_loss, jnp.float32)))
+  return (
+      jnp.asarray(g_logits, logits.dtype),
+      jnp.asarray(g_targets, targets.dtype),
+      jnp.zeros_like(jnp.asarray(z_loss, jnp.float32)),
+  )
 
 
-cross_entropy_with_logits.defvjp(_cross_entropy_with_logits_fwd,
-                                 _cross_entropy_with_logits_bwd)
+cross_entropy_with_logits.defvjp(_cross_entropy_with_logits_fwd, _cross_entropy_with_logits_bwd)
 
 
-def _onehot(labels: Array, num_classes: int, on_value: float,
-            off_value: float) -> Array:
+def _onehot(labels: Array, num_classes: int, on_value: float, off_value: float) -> Array:
   """One-hot float32 encoding with custom on/off values (flax common_utils)."""
   hot = labels[..., None] == jnp.arange(num_classes, dtype=labels.dtype)
   return jnp.where(hot, on_value, off_value).astype(jnp.float32)
@@ -122,20 +118,22 @@ def compute_weighted_cross_entropy(
   if logits.ndim != targets.ndim + 1:
     raise ValueError(
         f'Incorrect shapes. Got shape {logits.shape} logits and '
-        f'{targets.shape} targets; logits must have exactly one more axis.')
+        f'{targets.shape} targets; logits must have exactly one more axis.'
+    )
   if isinstance(loss_normalizing_factor, (str, SpecialLossNormalizingFactor)):
     raise ValueError(
         f'loss_normalizing_factor={loss_normalizing_factor!r} must be resolved '
-        'to a number first with get_loss_normalizing_factor_and_weights().')
+        'to a number first with get_loss_normalizing_factor_and_weights().'
+    )
   vocab_size = logits.shape[-1]
   confidence = 1.0 - label_smoothing
   low_confidence = (1.0 - confidence) / (vocab_size - 1)
   normalizing_constant = -(
-      confidence * jnp.log(confidence) +
-      (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20))
+      confidence * jnp.log(confidence)
+      + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+  )
   soft_targets = _onehot(targets, vocab_size, confidence, low_confidence)
-  total_loss, total_z_loss = cross_entropy_with_logits(logits, soft_targets,
-                                                       z_loss)
+  total_loss, total_z_loss = cross_entropy_with_logits(logits, soft_targets, z_loss)
   total_loss = total_loss - normalizing_constant
 
   weight_sum = np.prod(targets.shape)
@@ -162,13 +160,13 @@ class SpecialLossNormalizingFactor(enum.Enum):
     AVERAGE_PER_SEQUENCE: average the loss over each sequence's real tokens,
       then over the sequences (each sequence weighs the same).
   """
+
   NUM_REAL_TARGET_TOKENS = 1
   NUM_TOTAL_TARGET_TOKENS = 2
   AVERAGE_PER_SEQUENCE = 3
 
 
-def convert_special_loss_normalizing_factor_to_enum(
-    x: str) -> SpecialLossNormalizingFactor:
+def convert_special_loss_normalizing_factor_to_enum(x: str) -> SpecialLossNormalizingFactor:
   """Converts a (case-insensitive) string to a `SpecialLossNormalizingFactor`.
 
   Gin cannot bind enum members directly, so configs pass e.g.
@@ -185,14 +183,15 @@ def convert_special_loss_normalizing_factor_to_enum(
   """
   name = x.strip().upper()
   if name.startswith('SPECIALLOSSNORMALIZINGFACTOR.'):
-    name = name[len('SPECIALLOSSNORMALIZINGFACTOR.'):]
+    name = name[len('SPECIALLOSSNORMALIZINGFACTOR.') :]
   try:
     return SpecialLossNormalizingFactor[name]
   except KeyError:
     valid = ', '.join(m.name for m in SpecialLossNormalizingFactor)
     raise ValueError(
         f'Could not convert string "{x}" to SpecialLossNormalizingFactor; '
-        f'expected one of: {valid} (or a number).') from None
+        f'expected one of: {valid} (or a number).'
+    ) from None
 
 
 def _sum_weights_per_segment(segment_ids: Array, weights: Array) -> Array:
@@ -227,38 +226,35 @@ def get_loss_normalizing_factor_and_weights(
     `(factor, loss_weights)`.
   """
   loss_weights = batch.get('decoder_loss_weights', None)
-  if (loss_normalizing_factor is None or not isinstance(
-      loss_normalizing_factor, (str, SpecialLossNormalizingFactor))):
+  if loss_normalizing_factor is None or not isinstance(
+      loss_normalizing_factor, (str, SpecialLossNormalizingFactor)
+  ):
     return loss_normalizing_factor, loss_weights
 
   if isinstance(loss_normalizing_factor, str):
     loss_normalizing_factor = convert_special_loss_normalizing_factor_to_enum(
-        loss_normalizing_factor)
+        loss_normalizing_factor
+    )
 
   if loss_weights is None:
     loss_weights = jnp.asarray(batch['decoder_target_tokens'] > 0, jnp.float32)
   else:
     loss_weights = jnp.asarray(loss_weights)
 
-  if (loss_normalizing_factor ==
-      SpecialLossNormalizingFactor.NUM_REAL_TARGET_TOKENS):
+  if loss_normalizing_factor == SpecialLossNormalizingFactor.NUM_REAL_TARGET_TOKENS:
     factor = jnp.sum(loss_weights)
-  elif (loss_normalizing_factor ==
-        SpecialLossNormalizingFactor.NUM_TOTAL_TARGET_TOKENS):
+  elif loss_normalizing_factor == SpecialLossNormalizingFactor.NUM_TOTAL_TARGET_TOKENS:
     factor = np.prod(batch['decoder_target_tokens'].shape)
-  elif (loss_normalizing_factor ==
-        SpecialLossNormalizingFactor.AVERAGE_PER_SEQUENCE):
+  elif loss_normalizing_factor == SpecialLossNormalizingFactor.AVERAGE_PER_SEQUENCE:
     loss_weights = loss_weights.astype(jnp.float32)
     if batch.get('decoder_segment_ids', None) is not None:  # packed
-      norm_vec = _sum_weights_per_segment(
-          jnp.asarray(batch['decoder_segment_ids']), loss_weights)
+      norm_vec = _sum_weights_per_segment(jnp.asarray(batch['decoder_segment_ids']), loss_weights)
     else:
       norm_vec = jnp.sum(loss_weights, axis=-1, keepdims=True)
-    loss_weights = jnp.nan_to_num(
-        loss_weights / norm_vec, nan=0.0, posinf=0.0, neginf=0.0)
+    loss_weights = jnp.nan_to_num(loss_weights / norm_vec, nan=0.0, posinf=0.0, neginf=0.0)
     factor = jnp.sum(loss_weights)
   else:
     raise ValueError(
-        f'Unsupported value of loss_normalizing_factor: '
-        f'{loss_normalizing_factor!r}')
+        f'Unsupported value of loss_normalizing_factor: ' f'{loss_normalizing_factor!r}'
+    )
   return factor, loss_weights

@@ -6,6 +6,7 @@
 `prompt_ids` feature (one prompt per example, for prompt banks / mixed-task batches); it is passed to the
 module when present.
 """
+
 import dataclasses
 from typing import Any, Callable, Mapping, MutableMapping, Optional, Tuple, Union
 
@@ -45,6 +46,7 @@ class _LazyClass:
 
   def __get__(self, obj, objtype=None):
     import importlib  # pylint: disable=g-import-not-at-top
+
     return getattr(importlib.import_module(self._module), self._name)
 
 
@@ -56,10 +58,18 @@ class BaseTransformerModel:
 
   FEATURE_CONVERTER_CLS = None
 
-  def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None, decode_fn=None,
-               label_smoothing: float = 0.0, z_loss: float = 0.0,
-               loss_normalizing_factor: Optional[Union[float, int, str]] = None,
-               feature_converter_cls=None):
+  def __init__(
+      self,
+      module,
+      input_vocabulary,
+      output_vocabulary,
+      optimizer_def=None,
+      decode_fn=None,
+      label_smoothing: float = 0.0,
+      z_loss: float = 0.0,
+      loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+      feature_converter_cls=None,
+  ):
     self.module = module
     self._input_vocabulary = input_vocabulary
     self._output_vocabulary = output_vocabulary
@@ -90,16 +100,22 @@ class BaseTransformerModel:
   def _compute_logits(self, params, batch, dropout_rng=None):
     raise NotImplementedError
 
-  def loss_fn(self, params: PyTree, batch: Mapping[str, Array],
-              dropout_rng: Optional[jax.Array]) -> Tuple[jnp.ndarray, MutableMapping[str, jnp.ndarray]]:
+  def loss_fn(
+      self, params: PyTree, batch: Mapping[str, Array], dropout_rng: Optional[jax.Array]
+  ) -> Tuple[jnp.ndarray, MutableMapping[str, jnp.ndarray]]:
     """T5X's loss: summed token cross entropy with z-loss, optionally normalized; plus metrics."""
     logits = self._compute_logits(params, batch, dropout_rng)
     loss_normalizing_factor, weights = losses.get_loss_normalizing_factor_and_weights(
-        self._loss_normalizing_factor, batch)
+        self._loss_normalizing_factor, batch
+    )
     loss, z_loss, weight_sum = losses.compute_weighted_cross_entropy(
-        logits, targets=batch['decoder_target_tokens'], weights=weights,
-        label_smoothing=self._label_smoothing, z_loss=self._z_loss,
-        loss_normalizing_factor=loss_normalizing_factor)
+        logits,
+        targets=batch['decoder_target_tokens'],
+        weights=weights,
+        label_smoothing=self._label_smoothing,
+        z_loss=self._z_loss,
+        loss_normalizing_factor=loss_normalizing_factor,
+    )
     metrics = self._compute_metrics(logits, batch['decoder_target_tokens'], weights, loss, z_loss)
     return loss, metrics
 
@@ -125,10 +141,14 @@ class BaseTransformerModel:
   def eval_fn(self, params: PyTree, batch: Mapping[str, Array]):
     return self.loss_fn(params, batch, dropout_rng=None)
 
-  def predict_batch(self, params: PyTree, batch: Mapping[str, Array], rng: Optional[jax.Array] = None):
+  def predict_batch(
+      self, params: PyTree, batch: Mapping[str, Array], rng: Optional[jax.Array] = None
+  ):
     return self.predict_batch_with_aux(params, batch, rng=rng)[0]
 
-  def score_batch(self, params: PyTree, batch: Mapping[str, Array], return_intermediates: bool = False):
+  def score_batch(
+      self, params: PyTree, batch: Mapping[str, Array], return_intermediates: bool = False
+  ):
     """Per-sequence log-likelihood of the targets: sum over tokens of -CE, weighted, no z-loss."""
     if return_intermediates:
       raise NotImplementedError('return_intermediates=True is not supported.')
@@ -136,7 +156,7 @@ class BaseTransformerModel:
     targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights')
     if weights is None:
-      weights = (targets > 0)
+      weights = targets > 0
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
     token_loss, _ = losses.cross_entropy_with_logits(logits.astype(jnp.float32), onehot, 0.0)
     return -jnp.sum(token_loss * weights.astype(jnp.float32), axis=-1)
@@ -147,17 +167,38 @@ class EncoderDecoderModel(BaseTransformerModel):
 
   FEATURE_CONVERTER_CLS = _LazyClass(_CONVERTERS, 'EncDecFeatureConverter')
 
-  def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def=None,
-               decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
-               label_smoothing: float = 0.0, z_loss: float = 0.0,
-               loss_normalizing_factor: Optional[Union[float, int, str]] = None,
-               default_decoder_params: Optional[DecoderParams] = None):
-    super().__init__(module, input_vocabulary, output_vocabulary, optimizer_def, decode_fn,
-                     label_smoothing, z_loss, loss_normalizing_factor, feature_converter_cls)
+  def __init__(
+      self,
+      module,
+      input_vocabulary,
+      output_vocabulary,
+      optimizer_def=None,
+      decode_fn: Callable = decoding.beam_search,
+      feature_converter_cls=None,
+      label_smoothing: float = 0.0,
+      z_loss: float = 0.0,
+      loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+      default_decoder_params: Optional[DecoderParams] = None,
+  ):
+    super().__init__(
+        module,
+        input_vocabulary,
+        output_vocabulary,
+        optimizer_def,
+        decode_fn,
+        label_smoothing,
+        z_loss,
+        loss_normalizing_factor,
+        feature_converter_cls,
+    )
     self._default_decoder_params = default_decoder_params or DecoderParams()
 
-  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Tuple[int, ...]],
-                            input_types: Optional[Mapping[str, Any]] = None) -> Mapping[str, PyTree]:
+  def get_initial_variables(
+      self,
+      rng: jax.Array,
+      input_shapes: Mapping[str, Tuple[int, ...]],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> Mapping[str, PyTree]:
     input_types = input_types or {}
     enc_shape = input_shapes['encoder_input_tokens']
     dec_shape = input_shapes['decoder_input_tokens']
@@ -169,30 +210,48 @@ class EncoderDecoderModel(BaseTransformerModel):
         jnp.ones(enc_shape, input_types.get('encoder_input_tokens', jnp.int32)),
         jnp.ones(dec_shape, input_types.get('decoder_input_tokens', jnp.int32)),
         jnp.ones(dec_shape, input_types.get('decoder_target_tokens', jnp.int32)),
-        enable_dropout=False, **kwargs)
+        enable_dropout=False,
+        **kwargs,
+    )
     return {k: v for k, v in variables.items() if k in ('params', 'params_axes')}
 
   def _compute_logits(self, params, batch, dropout_rng=None):
     rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
     return self.module.apply(
         {'params': params},
-        batch['encoder_input_tokens'], batch['decoder_input_tokens'], batch['decoder_target_tokens'],
-        enable_dropout=dropout_rng is not None, rngs=rngs, **_prompt_kwargs(batch))
+        batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'],
+        enable_dropout=dropout_rng is not None,
+        rngs=rngs,
+        **_prompt_kwargs(batch),
+    )
 
   def _init_cache(self, params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs):
     """A zero decoding cache of length `decoder_input_tokens.shape[1]`."""
     _, variables = self.module.apply(
-        {'params': params}, jnp.ones_like(encoder_input_tokens), jnp.ones_like(decoder_input_tokens),
-        jnp.ones_like(decoder_input_tokens), enable_dropout=False, decode=True,
-        max_decode_length=decoder_input_tokens.shape[1], mutable=['cache'], **prompt_kwargs)
+        {'params': params},
+        jnp.ones_like(encoder_input_tokens),
+        jnp.ones_like(decoder_input_tokens),
+        jnp.ones_like(decoder_input_tokens),
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=decoder_input_tokens.shape[1],
+        mutable=['cache'],
+        **prompt_kwargs,
+    )
     return variables['cache']
 
-  def predict_batch_with_aux(self, params: PyTree, batch: Mapping[str, Array],
-                             rng: Optional[jax.Array] = None,
-                             decoder_params: Optional[MutableMapping[str, Any]] = None,
-                             return_all_decodes: Optional[bool] = None,
-                             num_decodes: Optional[int] = None,
-                             prompt_with_targets: bool = False) -> Tuple[jnp.ndarray, Mapping[str, jnp.ndarray]]:
+  def predict_batch_with_aux(
+      self,
+      params: PyTree,
+      batch: Mapping[str, Array],
+      rng: Optional[jax.Array] = None,
+      decoder_params: Optional[MutableMapping[str, Any]] = None,
+      return_all_decodes: Optional[bool] = None,
+      num_decodes: Optional[int] = None,
+      prompt_with_targets: bool = False,
+  ) -> Tuple[jnp.ndarray, Mapping[str, jnp.ndarray]]:
     """Decodes the batch with `decode_fn` (beam search by default) over the KV cache.
 
     Returns the best decode per example `[B, T]` (or all `[B, num_decodes, T]` when
@@ -205,8 +264,13 @@ class EncoderDecoderModel(BaseTransformerModel):
     prompt_kwargs = _prompt_kwargs(batch)
     encoder_input_tokens = batch['encoder_input_tokens']
     decoder_input_tokens = batch['decoder_input_tokens']
-    encoded = self.module.apply({'params': params}, encoder_input_tokens, enable_dropout=False,
-                                method=self.module.encode, **prompt_kwargs)
+    encoded = self.module.apply(
+        {'params': params},
+        encoder_input_tokens,
+        enable_dropout=False,
+        method=self.module.encode,
+        **prompt_kwargs,
+    )
     cache = self._init_cache(params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs)
     encoded = decoding.flat_batch_beam_expand(encoded, num_decodes)
     expanded_tokens = decoding.flat_batch_beam_expand(encoder_input_tokens, num_decodes)
@@ -217,9 +281,17 @@ class EncoderDecoderModel(BaseTransformerModel):
       if flat_ids.ndim == 1:
         flat_ids = flat_ids[:, None]
       logits, new_vars = self.module.apply(
-          {'params': params, 'cache': state.cache}, encoded, expanded_tokens, flat_ids, flat_ids,
-          enable_dropout=False, decode=True, max_decode_length=max_decode_length, mutable=['cache'],
-          method=self.module.decode)
+          {'params': params, 'cache': state.cache},
+          encoded,
+          expanded_tokens,
+          flat_ids,
+          flat_ids,
+          enable_dropout=False,
+          decode=True,
+          max_decode_length=max_decode_length,
+          mutable=['cache'],
+          method=self.module.decode,
+      )
       return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
 
     if prompt_with_targets:
@@ -231,9 +303,14 @@ class EncoderDecoderModel(BaseTransformerModel):
       decoder_params['decode_rng'] = rng
     eos_id = self.output_vocabulary.eos_id if self.output_vocabulary is not None else 1
     decodes, scores = self._decode_fn(
-        inputs=decoder_prompt_inputs, cache=cache, tokens_to_logits=tokens_ids_to_logits,
-        eos_id=eos_id if eos_id is not None else 1, num_decodes=num_decodes, cache_offset=0,
-        **decoder_params)
+        inputs=decoder_prompt_inputs,
+        cache=cache,
+        tokens_to_logits=tokens_ids_to_logits,
+        eos_id=eos_id if eos_id is not None else 1,
+        num_decodes=num_decodes,
+        cache_offset=0,
+        **decoder_params,
+    )
     if return_all_decodes:
       return decodes, {'scores': scores}
     return decodes[:, -1, :], {'scores': scores[:, -1]}
@@ -250,13 +327,29 @@ class DecoderOnlyModel(BaseTransformerModel):
 
   FEATURE_CONVERTER_CLS = _LazyClass(_CONVERTERS, 'DecoderFeatureConverter')
 
-  def __init__(self, module, vocabulary, optimizer_def=None,
-               decode_fn: Callable = decoding.temperature_sample,
-               inputs_bidirectional_attention: bool = False, feature_converter_cls=None,
-               label_smoothing: float = 0.0, z_loss: float = 0.0,
-               loss_normalizing_factor: Optional[Union[float, int, str]] = None):
-    super().__init__(module, vocabulary, vocabulary, optimizer_def, decode_fn, label_smoothing, z_loss,
-                     loss_normalizing_factor, feature_converter_cls)
+  def __init__(
+      self,
+      module,
+      vocabulary,
+      optimizer_def=None,
+      decode_fn: Callable = decoding.temperature_sample,
+      inputs_bidirectional_attention: bool = False,
+      feature_converter_cls=None,
+      label_smoothing: float = 0.0,
+      z_loss: float = 0.0,
+      loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+  ):
+    super().__init__(
+        module,
+        vocabulary,
+        vocabulary,
+        optimizer_def,
+        decode_fn,
+        label_smoothing,
+        z_loss,
+        loss_normalizing_factor,
+        feature_converter_cls,
+    )
     self._inputs_bidirectional_attention = inputs_bidirectional_attention
 
   @property
@@ -270,26 +363,47 @@ class DecoderOnlyModel(BaseTransformerModel):
       kwargs['prompt_ids'] = jnp.zeros(input_shapes['prompt_ids'], jnp.int32)
     if self._inputs_bidirectional_attention:
       kwargs['decoder_causal_attention'] = jnp.ones(shape, jnp.int32)
-    variables = self.module.init({'params': rng, 'dropout': rng}, jnp.ones(shape, jnp.int32),
-                                 jnp.ones(shape, jnp.int32), enable_dropout=False, **kwargs)
+    variables = self.module.init(
+        {'params': rng, 'dropout': rng},
+        jnp.ones(shape, jnp.int32),
+        jnp.ones(shape, jnp.int32),
+        enable_dropout=False,
+        **kwargs,
+    )
     return {k: v for k, v in variables.items() if k in ('params', 'params_axes')}
 
   def _causal_kwargs(self, batch):
     if self._inputs_bidirectional_attention:
       if 'decoder_causal_attention' not in batch:
-        raise ValueError('inputs_bidirectional_attention=True needs the `decoder_causal_attention` '
-                         'feature; use seqio.PrefixLMFeatureConverter (DecoderFeatureConverter with inputs).')
+        raise ValueError(
+            'inputs_bidirectional_attention=True needs the `decoder_causal_attention` '
+            'feature; use seqio.PrefixLMFeatureConverter (DecoderFeatureConverter with inputs).'
+        )
       return {'decoder_causal_attention': batch['decoder_causal_attention']}
     return {}
 
   def _compute_logits(self, params, batch, dropout_rng=None):
     rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
-    return self.module.apply({'params': params}, batch['decoder_input_tokens'],
-                             batch['decoder_target_tokens'], enable_dropout=dropout_rng is not None,
-                             rngs=rngs, **self._causal_kwargs(batch), **_prompt_kwargs(batch))
+    return self.module.apply(
+        {'params': params},
+        batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'],
+        enable_dropout=dropout_rng is not None,
+        rngs=rngs,
+        **self._causal_kwargs(batch),
+        **_prompt_kwargs(batch),
+    )
 
-  def predict_batch_with_aux(self, params, batch, rng=None, *, return_all_decodes: bool = False,
-                             num_decodes: int = 1, decoder_params=None):
+  def predict_batch_with_aux(
+      self,
+      params,
+      batch,
+      rng=None,
+      *,
+      return_all_decodes: bool = False,
+      num_decodes: int = 1,
+      decoder_params=None,
+  ):
     """Continues each example's inputs (the `decoder_causal_attention` prefix) by sampling."""
     tokens = batch['decoder_input_tokens']
     if 'decoder_causal_attention' in batch:
@@ -301,9 +415,16 @@ class DecoderOnlyModel(BaseTransformerModel):
     p = self.prompt_length
     length = tokens.shape[1]
     max_len = length + p
-    _, variables = self.module.apply({'params': params}, jnp.ones_like(tokens), jnp.ones_like(tokens),
-                                     enable_dropout=False, decode=True, max_decode_length=max_len,
-                                     mutable=['cache'], **prompt_kwargs)
+    _, variables = self.module.apply(
+        {'params': params},
+        jnp.ones_like(tokens),
+        jnp.ones_like(tokens),
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        mutable=['cache'],
+        **prompt_kwargs,
+    )
     cache = variables['cache']
     prefix_len = None
     if self._inputs_bidirectional_attention:
@@ -312,25 +433,46 @@ class DecoderOnlyModel(BaseTransformerModel):
       # prompt; while a row is still inside its prefix, its forced tokens are fed but their
       # (causal-only) keys and values do not replace the prefilled ones.
       causal_attention = self._causal_kwargs(batch)['decoder_causal_attention']
-      _, variables = self.module.apply({'params': params, 'cache': cache}, inputs, inputs,
-                                       decoder_causal_attention=causal_attention,
-                                       enable_dropout=False, decode=True, max_decode_length=max_len,
-                                       mutable=['cache'], **(dict(prefill_prompt=True) if p else {}),
-                                       **prompt_kwargs)
+      _, variables = self.module.apply(
+          {'params': params, 'cache': cache},
+          inputs,
+          inputs,
+          decoder_causal_attention=causal_attention,
+          enable_dropout=False,
+          decode=True,
+          max_decode_length=max_len,
+          mutable=['cache'],
+          **(dict(prefill_prompt=True) if p else {}),
+          **prompt_kwargs,
+      )
       cache = _set_cache_index(variables['cache'], p)
       # Shifted-right layout: BOS, then the inputs; the last input token sits at `prefix_len`.
       prefix_len = jnp.sum(causal_attention > 0, axis=1).astype(jnp.int32) - 1
     elif p:
-      _, variables = self.module.apply({'params': params, 'cache': cache}, tokens, tokens,
-                                       enable_dropout=False, decode=True, max_decode_length=max_len,
-                                       prefill_prompt=True, mutable=['cache'], **prompt_kwargs)
+      _, variables = self.module.apply(
+          {'params': params, 'cache': cache},
+          tokens,
+          tokens,
+          enable_dropout=False,
+          decode=True,
+          max_decode_length=max_len,
+          prefill_prompt=True,
+          mutable=['cache'],
+          **prompt_kwargs,
+      )
       cache = variables['cache']
 
     def tokens_to_logits(state: decoding.DecodingState):
       ids = state.cur_token if state.cur_token.ndim == 2 else state.cur_token[:, None]
-      logits, new_vars = self.module.apply({'params': params, 'cache': state.cache}, ids, ids,
-                                           enable_dropout=False, decode=True,
-                                           max_decode_length=max_len, mutable=['cache'])
+      logits, new_vars = self.module.apply(
+          {'params': params, 'cache': state.cache},
+          ids,
+          ids,
+          enable_dropout=False,
+          decode=True,
+          max_decode_length=max_len,
+          mutable=['cache'],
+      )
       new_cache = new_vars['cache']
       if prefix_len is not None:
         rows = ids.shape[0]
@@ -344,9 +486,14 @@ class DecoderOnlyModel(BaseTransformerModel):
     if rng is not None:
       decoder_params['decode_rng'] = rng
     eos_id = self.output_vocabulary.eos_id if self.output_vocabulary is not None else 1
-    decodes, scores = self._decode_fn(inputs=decode_inputs, cache=cache, tokens_to_logits=tokens_to_logits,
-                                      eos_id=eos_id if eos_id is not None else 1,
-                                      num_decodes=num_decodes, **decoder_params)
+    decodes, scores = self._decode_fn(
+        inputs=decode_inputs,
+        cache=cache,
+        tokens_to_logits=tokens_to_logits,
+        eos_id=eos_id if eos_id is not None else 1,
+        num_decodes=num_decodes,
+        **decoder_params,
+    )
     # Remove the forced prefix from the outputs (left-align the generated continuation).
     prefix_len = jnp.sum(decode_inputs != 0, axis=-1)
     decodes = _remove_prefix(decodes, prefix_len)
@@ -357,9 +504,19 @@ class DecoderOnlyModel(BaseTransformerModel):
 
 def _set_cache_index(cache: PyTree, index: int) -> PyTree:
   """The cache with every layer's `cache_index` set to `index`."""
+
   def visit(tree):
-    return {k: (jnp.full_like(v, index) if k == 'cache_index' else
-                visit(v) if isinstance(v, Mapping) else v) for k, v in tree.items()}
+    return {
+        k: (
+            jnp.full_like(v, index)
+            if k == 'cache_index'
+            else visit(v)
+            if isinstance(v, Mapping)
+            else v
+        )
+        for k, v in tree.items()
+    }
+
   return visit(cache)
 
 
@@ -369,6 +526,7 @@ def _keep_cached_rows(new: PyTree, old: PyTree, keep: jnp.ndarray) -> PyTree:
   The write went to position `old cache_index` of every layer's `cached_key`/`cached_value`
   `[rows, length, heads, head_dim]`; only that position is touched.
   """
+
   def visit(n, o):
     if 'cached_key' not in n:
       return {k: visit(n[k], o[k]) if isinstance(n[k], Mapping) else n[k] for k in n}
@@ -382,6 +540,7 @@ def _keep_cached_rows(new: PyTree, old: PyTree, keep: jnp.ndarray) -> PyTree:
       mask = keep.reshape((-1,) + (1,) * (n[k].ndim - 1))
       out[k] = jax.lax.dynamic_update_slice(n[k], jnp.where(mask, before, fresh), start)
     return out
+
   return visit(new, old)
 
 

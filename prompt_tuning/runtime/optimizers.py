@@ -28,10 +28,10 @@ are `LogicalAxes` (a `tuple` of logical axis names, one per array dimension,
 `LogicalAxes` is a tuple subclass that JAX treats as a pytree *leaf*, so plain
 `jax.tree_util.tree_map` visits one leaf per state array.
 """
+
 import functools
 import re
-from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
 
 from flax import serialization
 from flax import struct
@@ -76,8 +76,9 @@ def as_logical_axes(axes: Any) -> Optional[LogicalAxes]:
 
 
 def _is_axes_leaf(x: Any) -> bool:
-  return (x is None or isinstance(x, (tuple, list, jax.sharding.PartitionSpec))
-          or hasattr(x, 'names'))
+  return (
+      x is None or isinstance(x, (tuple, list, jax.sharding.PartitionSpec)) or hasattr(x, 'names')
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -85,9 +86,7 @@ def _is_axes_leaf(x: Any) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def flatten_paths(tree: Any,
-                  is_leaf: Optional[Callable[[Any], bool]] = None
-                 ) -> Dict[str, Any]:
+def flatten_paths(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> Dict[str, Any]:
   """Flattens nested mappings to `{'a/b/c': leaf}` (no leading slash).
 
   Only `Mapping`s are descended into; anything else (arrays, None, state
@@ -170,6 +169,7 @@ def _with_slash(path: str) -> str:
 @struct.dataclass
 class OptimizerState:
   """Optimizer state: the step counter and per-parameter (or optax) states."""
+
   step: Any
   param_states: Any
 
@@ -195,9 +195,9 @@ class OptimizerDef:
     """Returns the initial `OptimizerState` for `params`."""
     raise NotImplementedError()
 
-  def apply_gradient(self, hyper_params: Any, params: PyTree,
-                     state: OptimizerState,
-                     grads: PyTree) -> Tuple[PyTree, OptimizerState]:
+  def apply_gradient(
+      self, hyper_params: Any, params: PyTree, state: OptimizerState, grads: PyTree
+  ) -> Tuple[PyTree, OptimizerState]:
     """Applies `grads`; returns `(new_params, new_state)`."""
     raise NotImplementedError()
 
@@ -227,8 +227,9 @@ class OptimizerDef:
     del path, value
     return True
 
-  def derive_logical_axes(self, state: OptimizerState,
-                          param_logical_axes: PyTree) -> OptimizerState:
+  def derive_logical_axes(
+      self, state: OptimizerState, param_logical_axes: PyTree
+  ) -> OptimizerState:
     """Logical axes of `state` (generic rule for per-parameter states).
 
     Each array inside a parameter's state gets the parameter's axes when it
@@ -242,8 +243,7 @@ class OptimizerDef:
       An `OptimizerState` of `LogicalAxes`.
     """
     flat_axes = {
-        p: as_logical_axes(a)
-        for p, a in flatten_paths(param_logical_axes, _is_axes_leaf).items()
+        p: as_logical_axes(a) for p, a in flatten_paths(param_logical_axes, _is_axes_leaf).items()
     }
     param_states = _copy_dicts(state.param_states)
     for path, axes in flat_axes.items():
@@ -266,17 +266,15 @@ class OptimizerDef:
 
   def state_dict(self, target: PyTree, state: OptimizerState) -> Dict[str, Any]:
     """T5X's checkpoint layout: `{'target': ..., 'state': {...}}`."""
-    return serialization.to_state_dict({
-        'target': serialization.to_state_dict(target),
-        'state': serialization.to_state_dict(state)
-    })
+    return serialization.to_state_dict(
+        {'target': serialization.to_state_dict(target), 'state': serialization.to_state_dict(state)}
+    )
 
-  def restore_state(self, opt_target: PyTree, opt_state: OptimizerState,
-                    state_dict: Mapping[str, Any]
-                   ) -> Tuple[PyTree, OptimizerState]:
+  def restore_state(
+      self, opt_target: PyTree, opt_state: OptimizerState, state_dict: Mapping[str, Any]
+  ) -> Tuple[PyTree, OptimizerState]:
     """Restores target and state from a `state_dict`."""
-    opt_target = serialization.from_state_dict(opt_target,
-                                               state_dict['target'])
+    opt_target = serialization.from_state_dict(opt_target, state_dict['target'])
     opt_state = serialization.from_state_dict(opt_state, state_dict['state'])
     return opt_target, opt_state
 
@@ -288,21 +286,19 @@ class Optimizer(struct.PyTreeNode):
   state: Any = struct.field(pytree_node=True)
   target: Any = struct.field(pytree_node=True)
 
-  def apply_gradient(self, grads: PyTree,
-                     **hyper_param_overrides: Any) -> 'Optimizer':
+  def apply_gradient(self, grads: PyTree, **hyper_param_overrides: Any) -> 'Optimizer':
     """Returns a new `Optimizer` after one update with `grads`."""
-    hyper_params = self.optimizer_def.update_hyper_params(
-        **hyper_param_overrides)
+    hyper_params = self.optimizer_def.update_hyper_params(**hyper_param_overrides)
     new_target, new_state = self.optimizer_def.apply_gradient(
-        hyper_params, self.target, self.state, grads)
+        hyper_params, self.target, self.state, grads
+    )
     return self.replace(target=new_target, state=new_state)
 
   def state_dict(self) -> Dict[str, Any]:
     return self.optimizer_def.state_dict(self.target, self.state)
 
   def restore_state(self, state: Mapping[str, Any]) -> 'Optimizer':
-    target, state = self.optimizer_def.restore_state(self.target, self.state,
-                                                     state)
+    target, state = self.optimizer_def.restore_state(self.target, self.state, state)
     return self.replace(target=target, state=state)
 
 
@@ -314,6 +310,7 @@ class Optimizer(struct.PyTreeNode):
 @struct.dataclass
 class OptaxWrapperHyperParams:
   """Placeholder hyper parameters: optax keeps its schedule internally."""
+
   learning_rate: Optional[float] = None
 
 
@@ -324,8 +321,7 @@ def _is_optax_named_state(x: Any) -> bool:
   return isinstance(x, tuple) and hasattr(x, '_fields')
 
 
-def derive_optax_logical_axes(optax_state: Any,
-                              param_logical_axes: PyTree) -> Any:
+def derive_optax_logical_axes(optax_state: Any, param_logical_axes: PyTree) -> Any:
   """Maps an optax state to logical axes.
 
   Mappings inside the state whose key paths are parameter paths (e.g.
@@ -342,15 +338,14 @@ def derive_optax_logical_axes(optax_state: Any,
     The same structure with `LogicalAxes` leaves.
   """
   flat_axes = {
-      p: as_logical_axes(a)
-      for p, a in flatten_paths(param_logical_axes, _is_axes_leaf).items()
+      p: as_logical_axes(a) for p, a in flatten_paths(param_logical_axes, _is_axes_leaf).items()
   }
-  factored_state = getattr(getattr(optax, 'transforms', None), 'FactoredState',
-                           None) or getattr(optax, 'FactoredState', None)
+  factored_state = getattr(getattr(optax, 'transforms', None), 'FactoredState', None) or getattr(
+      optax, 'FactoredState', None
+  )
 
   def replicate_all(node: Any) -> Any:
-    return jax.tree_util.tree_map(
-        lambda x: _replicated(len(getattr(x, 'shape', ()))), node)
+    return jax.tree_util.tree_map(lambda x: _replicated(len(getattr(x, 'shape', ()))), node)
 
   def rec(node: Any, path: Tuple[str, ...]) -> Any:
     if node is None or isinstance(node, optax.MaskedNode):
@@ -392,31 +387,30 @@ class OptaxWrapper(OptimizerDef):
   def init_state(self, params: PyTree) -> OptimizerState:
     """`OptimizerState(step=0, param_states=tx.init(params))`."""
     return OptimizerState(
-        step=jnp.asarray(0, dtype=jnp.int32),
-        param_states=self.optax_optimizer.init(params))
+        step=jnp.asarray(0, dtype=jnp.int32), param_states=self.optax_optimizer.init(params)
+    )
 
-  def apply_gradient(self, hyper_params: Any, params: PyTree,
-                     state: OptimizerState,
-                     grads: PyTree) -> Tuple[PyTree, OptimizerState]:
+  def apply_gradient(
+      self, hyper_params: Any, params: PyTree, state: OptimizerState, grads: PyTree
+  ) -> Tuple[PyTree, OptimizerState]:
     """`tx.update` followed by `optax.apply_updates`."""
     del hyper_params
-    updates, new_optax_state = self.optax_optimizer.update(
-        grads, state.param_states, params)
+    updates, new_optax_state = self.optax_optimizer.update(grads, state.param_states, params)
     new_params = optax.apply_updates(params, updates)
-    return new_params, OptimizerState(
-        step=state.step + 1, param_states=new_optax_state)
+    return new_params, OptimizerState(step=state.step + 1, param_states=new_optax_state)
 
-  def derive_logical_axes(self, state: OptimizerState,
-                          param_logical_axes: PyTree) -> OptimizerState:
+  def derive_logical_axes(
+      self, state: OptimizerState, param_logical_axes: PyTree
+  ) -> OptimizerState:
     """See `derive_optax_logical_axes`; `step` gets `()`."""
     return OptimizerState(
         step=LogicalAxes(()),
-        param_states=derive_optax_logical_axes(state.param_states,
-                                               param_logical_axes))
+        param_states=derive_optax_logical_axes(state.param_states, param_logical_axes),
+    )
 
 
 def wrap_optax_optimizer(
-    optax_optimizer: Callable[..., optax.GradientTransformation]
+    optax_optimizer: Callable[..., optax.GradientTransformation],
 ) -> Callable[..., OptaxWrapper]:
   """Turns an optax constructor into one returning an `OptaxWrapper`.
 
@@ -434,9 +428,7 @@ def wrap_optax_optimizer(
   return wrapped_optimizer
 
 
-def _chain(
-    transformations: Sequence[optax.GradientTransformation]
-) -> optax.GradientTransformation:
+def _chain(transformations: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
   """`optax.chain(*transformations)` taking one sequence (gin-friendly)."""
   return optax.chain(*transformations)
 
@@ -475,8 +467,7 @@ class ModelParamTraversal:
 
   def __init__(self, filter_fn: FilterFn):
     if not callable(filter_fn):
-      raise TypeError(
-          f'ModelParamTraversal.filter_fn must be callable, got {filter_fn!r}')
+      raise TypeError(f'ModelParamTraversal.filter_fn must be callable, got {filter_fn!r}')
     self.filter_fn = filter_fn
 
   @property
@@ -496,10 +487,9 @@ class ModelParamTraversal:
   def update(self, fn: Callable[[Any], Any], inputs: PyTree) -> PyTree:
     """Returns `inputs` with `fn` applied to the selected leaves."""
     flat = flatten_paths(inputs)
-    return unflatten_paths({
-        p: (fn(v) if self.filter_fn('/' + p, v) else v)
-        for p, v in flat.items()
-    })
+    return unflatten_paths(
+        {p: (fn(v) if self.filter_fn('/' + p, v) else v) for p, v in flat.items()}
+    )
 
   def __repr__(self) -> str:
     return f'ModelParamTraversal({self.filter_fn!r})'
@@ -537,8 +527,7 @@ def _filter_fn_of(traversal: Any) -> FilterFn:
   """Extracts the `filter_fn(path, value)` of a traversal-like object."""
   if isinstance(traversal, ModelParamTraversal):
     return traversal.filter_fn
-  fn = getattr(traversal, '_filter_fn', None) or getattr(
-      traversal, 'filter_fn', None)
+  fn = getattr(traversal, '_filter_fn', None) or getattr(traversal, 'filter_fn', None)
   if fn is not None and callable(fn):
     return fn
   if callable(traversal) and not hasattr(traversal, 'iterate'):
@@ -546,7 +535,8 @@ def _filter_fn_of(traversal: Any) -> FilterFn:
   raise TypeError(
       f'Unsupported traversal {traversal!r}: expected a ModelParamTraversal '
       '(prompt_tuning.runtime.optimizers or flax.traverse_util) or a '
-      'filter_fn(path, value).')
+      'filter_fn(path, value).'
+  )
 
 
 class MultiOptimizer(OptimizerDef):
@@ -565,22 +555,22 @@ class MultiOptimizer(OptimizerDef):
   holding only the trainable leaves; both give the same updates.
   """
 
-  def __init__(self, traversals_and_optimizers: Sequence[Tuple[Any,
-                                                                OptimizerDef]]):
+  def __init__(self, traversals_and_optimizers: Sequence[Tuple[Any, OptimizerDef]]):
     pairs = list(traversals_and_optimizers)
     if not pairs:
-      raise ValueError('MultiOptimizer needs at least one '
-                       '(traversal, optimizer) pair.')
+      raise ValueError('MultiOptimizer needs at least one ' '(traversal, optimizer) pair.')
     for pair in pairs:
       if len(pair) != 2:
         raise ValueError(
             'MultiOptimizer.traversals_and_optimizers must hold (traversal, '
-            f'optimizer) pairs; got {pair!r}.')
+            f'optimizer) pairs; got {pair!r}.'
+        )
     self.traversals = tuple(t for t, _ in pairs)
     self.sub_optimizers = tuple(o for _, o in pairs)
     self._filters = tuple(_filter_fn_of(t) for t in self.traversals)
     self.param_shaped_state = all(
-        getattr(o, 'param_shaped_state', True) for o in self.sub_optimizers)
+        getattr(o, 'param_shaped_state', True) for o in self.sub_optimizers
+    )
 
   @property
   def hyper_params(self) -> List[Any]:
@@ -591,8 +581,7 @@ class MultiOptimizer(OptimizerDef):
   def hyper_params(self, value: Sequence[Any]) -> None:
     value = list(value)
     if len(value) != len(self.sub_optimizers):
-      raise ValueError(f'Expected {len(self.sub_optimizers)} hyper params, '
-                       f'got {len(value)}.')
+      raise ValueError(f'Expected {len(self.sub_optimizers)} hyper params, ' f'got {len(value)}.')
     for opt, hp in zip(self.sub_optimizers, value):
       opt.hyper_params = hp
 
@@ -604,7 +593,8 @@ class MultiOptimizer(OptimizerDef):
     if len(hits) > 1:
       raise ValueError(
           f'Multiple optimizers match the same leaf {path!r}: traversals '
-          f'{hits}. Make the MultiOptimizer traversals disjoint.')
+          f'{hits}. Make the MultiOptimizer traversals disjoint.'
+      )
     return hits[0] if hits else None
 
   def _partition(self, flat: Mapping[str, Any]) -> List[List[str]]:
@@ -639,9 +629,9 @@ class MultiOptimizer(OptimizerDef):
       param_states = tuple(sub_states)
     return OptimizerState(jnp.asarray(0, dtype=jnp.int32), param_states)
 
-  def apply_gradient(self, hyper_params: Sequence[Any], params: PyTree,
-                     state: OptimizerState,
-                     grads: PyTree) -> Tuple[PyTree, OptimizerState]:
+  def apply_gradient(
+      self, hyper_params: Sequence[Any], params: PyTree, state: OptimizerState, grads: PyTree
+  ) -> Tuple[PyTree, OptimizerState]:
     """Updates each matched subset with its sub-optimizer."""
     hyper_params = list(hyper_params)
     flat_params = flatten_paths(params)
@@ -653,8 +643,7 @@ class MultiOptimizer(OptimizerDef):
     else:
       new_param_states = list(state.param_states)
 
-    for i, (opt, hp, paths) in enumerate(
-        zip(self.sub_optimizers, hyper_params, groups)):
+    for i, (opt, hp, paths) in enumerate(zip(self.sub_optimizers, hyper_params, groups)):
       if not paths:
         continue
       missing = [p for p in paths if p not in flat_grads]
@@ -669,26 +658,24 @@ class MultiOptimizer(OptimizerDef):
           if st is _MISSING or st is None:
             raise ValueError(
                 f'No optimizer state for trained parameter {p!r}; was the '
-                'state initialized for a different parameter tree?')
+                'state initialized for a different parameter tree?'
+            )
           sub_ss[p] = st
         sub_state = OptimizerState(state.step, unflatten_paths(sub_ss))
       else:
         sub_state = OptimizerState(state.step, state.param_states[i])
-      new_sub_params, new_sub_state = opt.apply_gradient(
-          hp, sub_params, sub_state, sub_grads)
+      new_sub_params, new_sub_state = opt.apply_gradient(hp, sub_params, sub_state, sub_grads)
       for p in paths:
         new_flat_params[p] = get_path(new_sub_params, p)
       if self.param_shaped_state:
         for p in paths:
-          _set_path(new_param_states, p,
-                    get_path(new_sub_state.param_states, p))
+          _set_path(new_param_states, p, get_path(new_sub_state.param_states, p))
       else:
         new_param_states[i] = new_sub_state.param_states
 
     if not self.param_shaped_state:
       new_param_states = tuple(new_param_states)
-    return (unflatten_paths(new_flat_params),
-            OptimizerState(state.step + 1, new_param_states))
+    return (unflatten_paths(new_flat_params), OptimizerState(state.step + 1, new_param_states))
 
   def update_hyper_params(self, **hyper_param_overrides: Any) -> List[Any]:
     """Applies the overrides (e.g. `learning_rate`) to every sub-optimizer."""
@@ -699,8 +686,7 @@ class MultiOptimizer(OptimizerDef):
 
   # -- axes -------------------------------------------------------------------
 
-  def _axes_groups(self, param_logical_axes: PyTree
-                  ) -> Tuple[Dict[str, Any], List[List[str]]]:
+  def _axes_groups(self, param_logical_axes: PyTree) -> Tuple[Dict[str, Any], List[List[str]]]:
     flat_axes = flatten_paths(param_logical_axes, _is_axes_leaf)
     groups: List[List[str]] = [[] for _ in self.sub_optimizers]
     for path, axes in flat_axes.items():
@@ -716,33 +702,28 @@ class MultiOptimizer(OptimizerDef):
       if hasattr(opt, 'set_param_axes'):
         opt.set_param_axes(unflatten_paths({p: flat_axes[p] for p in paths}))
 
-  def derive_logical_axes(self, state: OptimizerState,
-                          param_logical_axes: PyTree) -> OptimizerState:
+  def derive_logical_axes(
+      self, state: OptimizerState, param_logical_axes: PyTree
+  ) -> OptimizerState:
     """Sub-optimizers' axes for their leaves; None for untrained leaves."""
     flat_axes, groups = self._axes_groups(param_logical_axes)
     if self.param_shaped_state:
       new_param_states = _copy_dicts(state.param_states)
       # Untrained leaves (None state) keep None.
       for i, (opt, paths) in enumerate(zip(self.sub_optimizers, groups)):
-        present = [
-            p for p in paths
-            if get_path(state.param_states, p, None) is not None
-        ]
+        present = [p for p in paths if get_path(state.param_states, p, None) is not None]
         if not present:
           continue
         sub_axes = unflatten_paths({p: flat_axes[p] for p in present})
-        sub_ss = unflatten_paths(
-            {p: get_path(state.param_states, p) for p in present})
-        derived = opt.derive_logical_axes(OptimizerState(None, sub_ss),
-                                          sub_axes)
+        sub_ss = unflatten_paths({p: get_path(state.param_states, p) for p in present})
+        derived = opt.derive_logical_axes(OptimizerState(None, sub_ss), sub_axes)
         for p in present:
           _set_path(new_param_states, p, get_path(derived.param_states, p))
     else:
       derived_list = []
       for i, (opt, paths) in enumerate(zip(self.sub_optimizers, groups)):
         sub_axes = unflatten_paths({p: flat_axes[p] for p in paths})
-        derived = opt.derive_logical_axes(
-            OptimizerState(None, state.param_states[i]), sub_axes)
+        derived = opt.derive_logical_axes(OptimizerState(None, state.param_states[i]), sub_axes)
         derived_list.append(derived.param_states)
       new_param_states = tuple(derived_list)
     return OptimizerState(step=LogicalAxes(()), param_states=new_param_states)
@@ -756,11 +737,35 @@ def traversal_from_flax(traversal: Any) -> ModelParamTraversal:
 
 
 __all__ = [
-    'LogicalAxes', 'as_logical_axes', 'flatten_paths', 'unflatten_paths',
-    'get_path', 'OptimizerState', 'OptimizerDef', 'Optimizer',
-    'OptaxWrapperHyperParams', 'OptaxWrapper', 'derive_optax_logical_axes',
-    'wrap_optax_optimizer', 'chain', 'adabelief', 'adafactor', 'adagrad',
-    'adam', 'adamw', 'fromage', 'lamb', 'lars', 'lion', 'noisy_sgd', 'radam',
-    'rmsprop', 'sgd', 'yogi', 'ModelParamTraversal', 'match_any',
-    'MultiOptimizer', 'traversal_from_flax'
+    'LogicalAxes',
+    'as_logical_axes',
+    'flatten_paths',
+    'unflatten_paths',
+    'get_path',
+    'OptimizerState',
+    'OptimizerDef',
+    'Optimizer',
+    'OptaxWrapperHyperParams',
+    'OptaxWrapper',
+    'derive_optax_logical_axes',
+    'wrap_optax_optimizer',
+    'chain',
+    'adabelief',
+    'adafactor',
+    'adagrad',
+    'adam',
+    'adamw',
+    'fromage',
+    'lamb',
+    'lars',
+    'lion',
+    'noisy_sgd',
+    'radam',
+    'rmsprop',
+    'sgd',
+    'yogi',
+    'ModelParamTraversal',
+    'match_any',
+    'MultiOptimizer',
+    'traversal_from_flax',
 ]

@@ -7,6 +7,7 @@
 Logical axis names on parameters (`vocab`, `embed`, `mlp`, `heads`, `joined_kv`, `prompt`, ...) are
 mapped to mesh axes by `standard_logical_axis_rules`, exactly as in T5X.
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -25,7 +26,8 @@ LogicalAxisRules = Sequence[Tuple[str, Optional[str]]]
 def standard_logical_axis_rules(
     activation_partitioning_dims: int = 1,
     parameter_partitioning_dims: int = 1,
-    additional_rules: Optional[LogicalAxisRules] = None) -> LogicalAxisRules:
+    additional_rules: Optional[LogicalAxisRules] = None,
+) -> LogicalAxisRules:
   """T5X's default logical-to-mesh axis rules.
 
   With (1, 1) the model axis shards `vocab`, `mlp`, `heads` and `joined_kv`; the batch is sharded over
@@ -33,23 +35,59 @@ def standard_logical_axis_rules(
   shards `embed` over `data` (fully sharded parameters).
   """
   if activation_partitioning_dims == 1 and parameter_partitioning_dims == 1:
-    rules = [('batch', 'data'), ('vocab', 'model'), ('embed', None), ('mlp', 'model'),
-             ('heads', 'model'), ('kv', None), ('joined_kv', 'model')]
+    rules = [
+        ('batch', 'data'),
+        ('vocab', 'model'),
+        ('embed', None),
+        ('mlp', 'model'),
+        ('heads', 'model'),
+        ('kv', None),
+        ('joined_kv', 'model'),
+    ]
   elif activation_partitioning_dims == 2 and parameter_partitioning_dims == 1:
-    rules = [('batch', 'data'), ('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
-             ('kv', None), ('joined_kv', 'model'), ('embed', 'model')]
+    rules = [
+        ('batch', 'data'),
+        ('vocab', 'model'),
+        ('mlp', 'model'),
+        ('heads', 'model'),
+        ('kv', None),
+        ('joined_kv', 'model'),
+        ('embed', 'model'),
+    ]
   elif activation_partitioning_dims == 1 and parameter_partitioning_dims == 2:
-    rules = [('batch', 'data'), ('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
-             ('kv', None), ('joined_kv', 'model'), ('embed', 'data')]
+    rules = [
+        ('batch', 'data'),
+        ('vocab', 'model'),
+        ('mlp', 'model'),
+        ('heads', 'model'),
+        ('kv', None),
+        ('joined_kv', 'model'),
+        ('embed', 'data'),
+    ]
   elif activation_partitioning_dims == 2 and parameter_partitioning_dims == 2:
-    rules = [('batch', 'data'), ('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
-             ('kv', None), ('joined_kv', 'model'), ('embed', 'model'), ('embed', 'data')]
+    rules = [
+        ('batch', 'data'),
+        ('vocab', 'model'),
+        ('mlp', 'model'),
+        ('heads', 'model'),
+        ('kv', None),
+        ('joined_kv', 'model'),
+        ('embed', 'model'),
+        ('embed', 'data'),
+    ]
   else:
     raise ValueError(
         f'activation_partitioning_dims={activation_partitioning_dims} and parameter_partitioning_dims='
-        f'{parameter_partitioning_dims} are not supported; each must be 1 or 2.')
-  replicated = [('relpos_buckets', None), ('abspos_buckets', None), ('length', None), ('layers', None),
-                ('stack', None), ('mlp_activations', None)]
+        f'{parameter_partitioning_dims} are not supported; each must be 1 or 2.'
+    )
+  replicated = [
+      ('relpos_buckets', None),
+      ('abspos_buckets', None),
+      ('length', None),
+      ('layers', None),
+      ('stack', None),
+      ('mlp_activations', None),
+  ]
   return rules + replicated + list(additional_rules or [])
 
 
@@ -61,6 +99,7 @@ def prompt_logical_axis_rules() -> LogicalAxisRules:
 @dataclasses.dataclass
 class DataLayout:
   """How the global batch is split over processes (T5X's `DataLayout`)."""
+
   batch_size: int
   shard_id: int
   num_shards: int
@@ -73,9 +112,11 @@ def _ordered_devices(backend: Optional[str] = None):
   return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
-def default_mesh(num_partitions: int,
-                 model_parallel_submesh: Optional[Tuple[int, ...]] = None,
-                 backend: Optional[str] = None) -> Mesh:
+def default_mesh(
+    num_partitions: int,
+    model_parallel_submesh: Optional[Tuple[int, ...]] = None,
+    backend: Optional[str] = None,
+) -> Mesh:
   """A ('data', 'model') mesh over every device; model parallelism stays inside a host when possible."""
   devices = _ordered_devices(backend)
   n = len(devices)
@@ -84,16 +125,19 @@ def default_mesh(num_partitions: int,
   if num_partitions < 1 or n % num_partitions:
     raise ValueError(
         f'num_partitions={num_partitions} does not divide the {n} available devices; choose a divisor '
-        f'of {n} (e.g. num_partitions=1 for pure data parallelism).')
+        f'of {n} (e.g. num_partitions=1 for pure data parallelism).'
+    )
   data = n // num_partitions
   platform = devices[0].platform
   if platform in ('tpu', 'gpu', 'cuda', 'rocm') and n > 1:
     try:
       from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
       local = jax.local_device_count(backend)
       if jax.process_count() > 1 and num_partitions <= local and local % num_partitions == 0:
         grid = mesh_utils.create_hybrid_device_mesh(
-            (local // num_partitions, num_partitions), (jax.process_count(), 1), devices=devices)
+            (local // num_partitions, num_partitions), (jax.process_count(), 1), devices=devices
+        )
       else:
         grid = mesh_utils.create_device_mesh((data, num_partitions), devices=devices)
       return Mesh(grid, ('data', 'model'))
@@ -109,14 +153,16 @@ class PjitPartitioner:
   shape whose product is the model-axis size) should be set; neither means `num_partitions=1`.
   """
 
-  def __init__(self,
-               num_partitions: Optional[int] = None,
-               model_parallel_submesh: Optional[Tuple[int, ...]] = None,
-               params_on_devices: bool = True,
-               backend: Optional[str] = None,
-               ici_mesh_shape: Optional[Tuple[int, ...]] = None,
-               dcn_mesh_shape: Optional[Tuple[int, ...]] = None,
-               logical_axis_rules: Optional[LogicalAxisRules] = None):
+  def __init__(
+      self,
+      num_partitions: Optional[int] = None,
+      model_parallel_submesh: Optional[Tuple[int, ...]] = None,
+      params_on_devices: bool = True,
+      backend: Optional[str] = None,
+      ici_mesh_shape: Optional[Tuple[int, ...]] = None,
+      dcn_mesh_shape: Optional[Tuple[int, ...]] = None,
+      logical_axis_rules: Optional[LogicalAxisRules] = None,
+  ):
     if num_partitions is not None and model_parallel_submesh is not None:
       raise ValueError('Set only one of `num_partitions` and `model_parallel_submesh`, not both.')
     del params_on_devices, ici_mesh_shape, dcn_mesh_shape
@@ -149,7 +195,9 @@ class PjitPartitioner:
   def data_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, self.data_partition_spec)
 
-  def get_data_layout(self, batch_size: Optional[int] = None, host_index: Optional[int] = None) -> DataLayout:
+  def get_data_layout(
+      self, batch_size: Optional[int] = None, host_index: Optional[int] = None
+  ) -> DataLayout:
     """Which rows of each global batch this process feeds (T5X's `DataLayout`).
 
     Processes whose devices hold the same rows of the `data` axis (model parallelism across processes)
@@ -160,25 +208,39 @@ class PjitPartitioner:
       raise ValueError(
           f'Batch size {batch_size} must be divisible by the data-parallel size {data_size} '
           f'({jax.device_count()} devices / num_partitions={self.mesh.shape["model"]}); change BATCH_SIZE '
-          'or num_partitions.')
+          'or num_partitions.'
+      )
     if host_index is not None:
       return DataLayout(batch_size=batch_size, shard_id=host_index, num_shards=jax.process_count())
     if jax.process_count() == 1:
       return DataLayout(batch_size=batch_size, shard_id=0, num_shards=1)
     # Rows of the data axis held by this process's devices.
-    rows = sorted({i[0] for i, d in np.ndenumerate(self.mesh.devices)
-                   if d.process_index == jax.process_index()})
+    rows = sorted(
+        {
+            i[0]
+            for i, d in np.ndenumerate(self.mesh.devices)
+            if d.process_index == jax.process_index()
+        }
+    )
     per = len(rows)
     if rows != list(range(rows[0], rows[0] + per)) or data_size % per or rows[0] % per:
-      raise ValueError(f'Process {jax.process_index()} holds non-contiguous data rows {rows} of the mesh; '
-                       'use a mesh whose data axis is split by process.')
+      raise ValueError(
+          f'Process {jax.process_index()} holds non-contiguous data rows {rows} of the mesh; '
+          'use a mesh whose data axis is split by process.'
+      )
     num_shards = data_size // per
     shard_id = rows[0] // per
     if batch_size is not None and batch_size % num_shards:
-      raise ValueError(f'Batch size {batch_size} is not divisible by the number of data shards {num_shards}.')
+      raise ValueError(
+          f'Batch size {batch_size} is not divisible by the number of data shards {num_shards}.'
+      )
     first = min(d.process_index for i, d in np.ndenumerate(self.mesh.devices) if i[0] in rows)
-    return DataLayout(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                      is_first_host_in_replica_set=first == jax.process_index())
+    return DataLayout(
+        batch_size=batch_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        is_first_host_in_replica_set=first == jax.process_index(),
+    )
 
   @contextlib.contextmanager
   def context(self):
@@ -188,33 +250,56 @@ class PjitPartitioner:
 
   def logical_to_mesh_axes(self, logical_axes: Any) -> Any:
     """Maps a tree of logical `PartitionSpec`s (or None) to mesh `PartitionSpec`s."""
+
     def one(x):
       if x is None:
         return PartitionSpec()
       return nn_partitioning.logical_to_mesh_axes(tuple(x), self._logical_axis_rules)
-    return jax.tree_util.tree_map(one, logical_axes,
-                                  is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+
+    return jax.tree_util.tree_map(
+        one, logical_axes, is_leaf=lambda x: x is None or isinstance(x, PartitionSpec)
+    )
 
   def get_mesh_axes(self, logical_axes: Any) -> Any:
     return self.logical_to_mesh_axes(logical_axes)
 
   def mesh_axes_to_sharding(self, mesh_axes: Any) -> Any:
-    return jax.tree_util.tree_map(lambda p: NamedSharding(self.mesh, p), mesh_axes,
-                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree_util.tree_map(
+        lambda p: NamedSharding(self.mesh, p),
+        mesh_axes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
   def logical_to_sharding(self, logical_axes: Any) -> Any:
     return self.mesh_axes_to_sharding(self.logical_to_mesh_axes(logical_axes))
 
-  def partition(self, fn: Callable, in_axis_resources, out_axis_resources,
-                static_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()) -> 'PartitionedFn':
+  def partition(
+      self,
+      fn: Callable,
+      in_axis_resources,
+      out_axis_resources,
+      static_argnums: Sequence[int] = (),
+      donate_argnums: Sequence[int] = (),
+  ) -> 'PartitionedFn':
     """jit `fn` with shardings given as trees of mesh PartitionSpecs or NamedShardings (None = replicated)."""
-    to_sharding = lambda tree: None if tree is None else jax.tree_util.tree_map(
-        lambda p: p if isinstance(p, NamedSharding) else NamedSharding(self.mesh, p if p is not None
-                                                                       else PartitionSpec()),
-        tree, is_leaf=lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding)))
-    jitted = jax.jit(fn, in_shardings=to_sharding(in_axis_resources),
-                     out_shardings=to_sharding(out_axis_resources),
-                     static_argnums=static_argnums, donate_argnums=donate_argnums)
+    to_sharding = (
+        lambda tree: None
+        if tree is None
+        else jax.tree_util.tree_map(
+            lambda p: p
+            if isinstance(p, NamedSharding)
+            else NamedSharding(self.mesh, p if p is not None else PartitionSpec()),
+            tree,
+            is_leaf=lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding)),
+        )
+    )
+    jitted = jax.jit(
+        fn,
+        in_shardings=to_sharding(in_axis_resources),
+        out_shardings=to_sharding(out_axis_resources),
+        static_argnums=static_argnums,
+        donate_argnums=donate_argnums,
+    )
     return PartitionedFn(jitted, self)
 
   def compile(self, partitioned_fn: 'PartitionedFn', *args):
@@ -231,6 +316,7 @@ class PjitPartitioner:
       x = np.asarray(x)
       global_shape = (x.shape[0] * num_shards,) + x.shape[1:]
       return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
     return jax.tree_util.tree_map(one, batch)
 
 

@@ -1,10 +1,18 @@
 """Learning-rate schedules (`t5x.utils.create_learning_rate_scheduler`)."""
+
 from typing import Any, Callable
 
 import jax.numpy as jnp
 
-_KNOWN_FACTORS = ('constant', 'linear_warmup', 'linear_decay', 'rsqrt_decay',
-                  'rsqrt_normalized_decay', 'decay_every', 'cosine_decay')
+_KNOWN_FACTORS = (
+    'constant',
+    'linear_warmup',
+    'linear_decay',
+    'rsqrt_decay',
+    'rsqrt_normalized_decay',
+    'decay_every',
+    'cosine_decay',
+)
 
 
 def create_learning_rate_scheduler(
@@ -56,7 +64,8 @@ def create_learning_rate_scheduler(
     if name not in _KNOWN_FACTORS:
       raise ValueError(
           f'Unknown factor {name!r} in learning-rate schedule {factors!r}; '
-          f'known factors: {", ".join(_KNOWN_FACTORS)}.')
+          f'known factors: {", ".join(_KNOWN_FACTORS)}.'
+      )
 
   def step_fn(step: Any) -> Any:
     """Step to learning rate."""
@@ -69,19 +78,18 @@ def create_learning_rate_scheduler(
         ret *= jnp.minimum(1.0, step / warmup_steps)
       elif name == 'linear_decay':
         ret *= base_learning_rate * jnp.minimum(
-            step / warmup_steps, 1.0 + decay_factor * (warmup_steps - step))
+            step / warmup_steps, 1.0 + decay_factor * (warmup_steps - step)
+        )
       elif name == 'rsqrt_decay':
         ret /= jnp.sqrt(jnp.maximum(step, warmup_steps))
       elif name == 'rsqrt_normalized_decay':
         ret *= jnp.sqrt(warmup_steps)
         ret /= jnp.sqrt(jnp.maximum(step, warmup_steps))
       elif name == 'decay_every':
-        ret *= decay_factor**(step // steps_per_decay)
+        ret *= decay_factor ** (step // steps_per_decay)
       elif name == 'cosine_decay':
-        progress = jnp.maximum(0.0,
-                               (step - warmup_steps) / float(steps_per_cycle))
-        ret *= jnp.maximum(0.0,
-                           0.5 * (1.0 + jnp.cos(jnp.pi * (progress % 1.0))))
+        progress = jnp.maximum(0.0, (step - warmup_steps) / float(steps_per_cycle))
+        ret *= jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * (progress % 1.0))))
     ret = jnp.maximum(ret, min_learning_rate)
     return jnp.asarray(ret, dtype=jnp.float32)
 

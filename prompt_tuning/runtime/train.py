@@ -11,6 +11,7 @@ TRAIN_STEPS counts the pre-training steps (TRAIN_STEPS_RELATIVE counts only the 
 run skips the batches already consumed (recorded in the checkpoint) and reuses the recorded random
 seed when RANDOM_SEED is unset, so it sees the same data and dropout as an uninterrupted run.
 """
+
 import functools
 from absl import logging
 import os
@@ -58,8 +59,12 @@ def _initial_path(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> Optio
   return str(paths) if paths else None
 
 
-def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCheckpointConfig], init_rng,
-                    only_frozen: bool):
+def _restore_params(
+    builder: StateBuilder,
+    restore_cfg: Optional[utils.RestoreCheckpointConfig],
+    init_rng,
+    only_frozen: bool,
+):
   """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh."""
   params = builder.init_params(init_rng)
   paths = _initial_path(restore_cfg)
@@ -68,38 +73,45 @@ def _restore_params(builder: StateBuilder, restore_cfg: Optional[utils.RestoreCh
   only = (lambda p: not builder.is_trainable(p)) if only_frozen else None
   logging.info('Restoring %s parameters from %s', 'frozen' if only_frozen else 'all', paths)
   return checkpoints.load_initial_params(
-      paths, jax.device_get(params), assignment_map=restore_cfg.assignment_map,
+      paths,
+      jax.device_get(params),
+      assignment_map=restore_cfg.assignment_map,
       fallback_to_scratch=restore_cfg.fallback_to_scratch,
-      dtype=restore_cfg.dtype, strict=restore_cfg.strict, only=only)
+      dtype=restore_cfg.dtype,
+      strict=restore_cfg.strict,
+      only=only,
+  )
 
 
-def train(*,
-          model,
-          train_dataset_cfg: utils.DatasetConfig,
-          train_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
-          infer_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
-          checkpoint_cfg: utils.CheckpointConfig = utils.CheckpointConfig(),
-          partitioner: Optional[partitioning.PjitPartitioner] = None,
-          trainer_cls: Callable = trainer_lib.Trainer,
-          model_dir: str,
-          total_steps: int,
-          eval_steps: int = 10,
-          eval_period: int = 1000,
-          relative_steps: Optional[int] = None,
-          stats_period: Optional[int] = None,
-          random_seed: Optional[int] = None,
-          use_hardware_rng: bool = False,
-          summarize_config_fn: Optional[Callable] = gin_utils.summarize_gin_config,
-          inference_evaluator_cls=seqio.Evaluator,
-          get_dataset_fn: Callable = utils.get_dataset,
-          concurrent_metrics: bool = True,
-          actions: Optional[Mapping[str, Sequence[trainer_lib.BaseAction]]] = None,
-          train_eval_get_dataset_fn: Callable = utils.get_training_eval_datasets,
-          run_eval_before_training: bool = False,
-          use_orbax: bool = True,
-          gc_period: int = 0,
-          train_state_initializer_cls=None,
-          verify_matching_vocabs_fn=None):
+def train(
+    *,
+    model,
+    train_dataset_cfg: utils.DatasetConfig,
+    train_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+    infer_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+    checkpoint_cfg: utils.CheckpointConfig = utils.CheckpointConfig(),
+    partitioner: Optional[partitioning.PjitPartitioner] = None,
+    trainer_cls: Callable = trainer_lib.Trainer,
+    model_dir: str,
+    total_steps: int,
+    eval_steps: int = 10,
+    eval_period: int = 1000,
+    relative_steps: Optional[int] = None,
+    stats_period: Optional[int] = None,
+    random_seed: Optional[int] = None,
+    use_hardware_rng: bool = False,
+    summarize_config_fn: Optional[Callable] = gin_utils.summarize_gin_config,
+    inference_evaluator_cls=seqio.Evaluator,
+    get_dataset_fn: Callable = utils.get_dataset,
+    concurrent_metrics: bool = True,
+    actions: Optional[Mapping[str, Sequence[trainer_lib.BaseAction]]] = None,
+    train_eval_get_dataset_fn: Callable = utils.get_training_eval_datasets,
+    run_eval_before_training: bool = False,
+    use_orbax: bool = True,
+    gc_period: int = 0,
+    train_state_initializer_cls=None,
+    verify_matching_vocabs_fn=None,
+):
   """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`."""
   del use_hardware_rng, concurrent_metrics, use_orbax, gc_period, train_state_initializer_cls
   del verify_matching_vocabs_fn
@@ -121,12 +133,17 @@ def train(*,
       logging.info('Resuming with the random seed %d recorded in %s.', random_seed, latest)
   if random_seed is None:
     random_seed = _broadcast_seed(int(time.time() * 1000) % (2**31))
-    logging.warning('No RANDOM_SEED given: using %d. Set RANDOM_SEED for reproducible runs (the training '
-                    'data order and dropout derive from it).', random_seed)
+    logging.warning(
+        'No RANDOM_SEED given: using %d. Set RANDOM_SEED for reproducible runs (the training '
+        'data order and dropout derive from it).',
+        random_seed,
+    )
   rng = jax.random.PRNGKey(random_seed)
   init_rng, trainer_rng = jax.random.split(rng)
   if model.optimizer_def is None:
-    raise ValueError('The model has no optimizer_def; bind models.EncoderDecoderModel.optimizer_def = %OPTIMIZER.')
+    raise ValueError(
+        'The model has no optimizer_def; bind models.EncoderDecoderModel.optimizer_def = %OPTIMIZER.'
+    )
 
   layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
   fc = model.FEATURE_CONVERTER_CLS
@@ -134,8 +151,13 @@ def train(*,
   builder = StateBuilder(model, partitioner, input_shapes, input_types)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(builder.trainable_shape))
   n_all = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(builder.params_shape))
-  logging.info('Trainable parameters: %d of %d (%.4f%%): %s', n_train, n_all, 100.0 * n_train / max(n_all, 1),
-               ', '.join(train_state_lib.flatten(builder.trainable_shape))[:500])
+  logging.info(
+      'Trainable parameters: %d of %d (%.4f%%): %s',
+      n_train,
+      n_all,
+      100.0 * n_train / max(n_all, 1),
+      ', '.join(train_state_lib.flatten(builder.trainable_shape))[:500],
+  )
 
   if latest is not None:
     logging.info('Resuming from %s', latest)
@@ -143,11 +165,16 @@ def train(*,
     state = builder.build(params)
     raw = checkpoints.restore_checkpoint(latest)
     state = checkpoints.restore_into_state(state, raw)
-    state = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), state,
-                                   partitioner.mesh_axes_to_sharding(builder.state_axes))
+    state = jax.tree_util.tree_map(
+        lambda x, s: jax.device_put(x, s),
+        state,
+        partitioner.mesh_axes_to_sharding(builder.state_axes),
+    )
     data = raw.get('data', {})
     data_start_step = int(np.asarray(data.get('start_step', 0)))
-    batches_consumed = int(np.asarray(data.get('batches_consumed', int(state.step) - data_start_step)))
+    batches_consumed = int(
+        np.asarray(data.get('batches_consumed', int(state.step) - data_start_step))
+    )
     if relative_steps is not None:
       recorded = checkpoints.read_metadata(latest).get('total_steps')
       total_steps = int(recorded) if recorded is not None else data_start_step + relative_steps
@@ -161,7 +188,8 @@ def train(*,
       # As T5X restoring a train state: optimizer slots the checkpoint holds (a T5X checkpoint's
       # Adafactor statistics, when model tuning continues from it) are restored too.
       opt_state, _, _ = checkpoints.load_initial_optimizer_state(
-          _initial_path(restore_cfg), state.opt_state, assignment_map=restore_cfg.assignment_map)
+          _initial_path(restore_cfg), state.opt_state, assignment_map=restore_cfg.assignment_map
+      )
       state = state.replace(opt_state=opt_state)
     data_start_step = initial_step
     batches_consumed = 0
@@ -172,37 +200,59 @@ def train(*,
           f'TRAIN_STEPS={total_steps} is not beyond the step of INITIAL_CHECKPOINT_PATH ({initial_step}): as '
           'in T5X, TRAIN_STEPS includes the pre-training steps. Set TRAIN_STEPS to '
           f'{initial_step} + the number of steps to train (e.g. {initial_step + 1000}), or set '
-          'TRAIN_STEPS_RELATIVE instead.')
+          'TRAIN_STEPS_RELATIVE instead.'
+      )
     if initial_step:
-      logging.info('Starting at step %d, the step of the initial checkpoint; training until step %d.',
-                   initial_step, total_steps)
+      logging.info(
+          'Starting at step %d, the step of the initial checkpoint; training until step %d.',
+          initial_step,
+          total_steps,
+      )
   host_step = int(jax.device_get(state.step))
   if host_step >= total_steps:
-    logging.info('Step %d already reaches total_steps=%d; nothing to train.', host_step, total_steps)
+    logging.info(
+        'Step %d already reaches total_steps=%d; nothing to train.', host_step, total_steps
+    )
 
   ds_seed = train_dataset_cfg.seed if train_dataset_cfg.seed is not None else random_seed
-  train_ds = get_dataset_fn(train_dataset_cfg, layout.shard_id, layout.num_shards, fc, num_epochs=None,
-                            seed=ds_seed) if get_dataset_fn is utils.get_dataset else get_dataset_fn(
-                                train_dataset_cfg, layout.shard_id, layout.num_shards, fc)
+  train_ds = (
+      get_dataset_fn(
+          train_dataset_cfg, layout.shard_id, layout.num_shards, fc, num_epochs=None, seed=ds_seed
+      )
+      if get_dataset_fn is utils.get_dataset
+      else get_dataset_fn(train_dataset_cfg, layout.shard_id, layout.num_shards, fc)
+  )
   if batches_consumed:
     train_ds = train_ds.skip(batches_consumed)
   train_iter = train_ds.as_numpy_iterator()
 
   train_eval_iters = {}
   if train_eval_dataset_cfg is not None and eval_steps:
-    train_eval_iters = train_eval_get_dataset_fn(train_eval_dataset_cfg, layout.shard_id, layout.num_shards,
-                                                 eval_steps, fc)
+    train_eval_iters = train_eval_get_dataset_fn(
+        train_eval_dataset_cfg, layout.shard_id, layout.num_shards, eval_steps, fc
+    )
   evaluator = None
   if infer_eval_dataset_cfg is not None:
-    evaluator = inference.InferenceEvaluator(infer_eval_dataset_cfg, inference_evaluator_cls, model,
-                                             partitioner, log_dir=model_dir,
-                                             params_axes=builder.params_mesh_axes)
+    evaluator = inference.InferenceEvaluator(
+        infer_eval_dataset_cfg,
+        inference_evaluator_cls,
+        model,
+        partitioner,
+        log_dir=model_dir,
+        params_axes=builder.params_mesh_axes,
+    )
     if not evaluator.eval_tasks:
       evaluator = None
 
-  trainer = trainer_cls(model=model, train_state=state, partitioner=partitioner,
-                        eval_names=list(train_eval_iters), summary_dir=model_dir,
-                        train_state_axes=builder.state_axes, rng=trainer_rng)
+  trainer = trainer_cls(
+      model=model,
+      train_state=state,
+      partitioner=partitioner,
+      eval_names=list(train_eval_iters),
+      summary_dir=model_dir,
+      train_state_axes=builder.state_axes,
+      rng=trainer_rng,
+  )
   if summarize_config_fn is not None and jax.process_index() == 0:
     summarize_config_fn(model_dir, None, host_step)
   actions = actions or {}
@@ -217,17 +267,25 @@ def train(*,
     if save_cfg is None:
       return
     step = int(jax.device_get(step_state.step))
-    checkpoints.save_checkpoint(model_dir, step_state,
-                                data_state={'batches_consumed': step - data_start_step,
-                                            'start_step': data_start_step},
-                                keep=keep, dtype=save_dtype,
-                                extra_metadata={'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
-                                                'random_seed': int(random_seed), 'total_steps': int(total_steps)})
+    checkpoints.save_checkpoint(
+        model_dir,
+        step_state,
+        data_state={'batches_consumed': step - data_start_step, 'start_step': data_start_step},
+        keep=keep,
+        dtype=save_dtype,
+        extra_metadata={
+            'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
+            'random_seed': int(random_seed),
+            'total_steps': int(total_steps),
+        },
+    )
 
   def run_evals(step):
     results = {}
     if train_eval_iters:
-      results.update(trainer.eval({k: v.as_numpy_iterator() for k, v in train_eval_iters.items()}, step))
+      results.update(
+          trainer.eval({k: v.as_numpy_iterator() for k, v in train_eval_iters.items()}, step)
+      )
     if evaluator is not None:
       infer = evaluator.evaluate(trainer.train_state.params, step)
       for task, metrics in infer.items():
@@ -255,10 +313,13 @@ def train(*,
     except trainer_lib.NanLossError as e:
       last_good = checkpoints.latest_checkpoint_path(model_dir)
       raise trainer_lib.NanLossError(
-          f'{e} Last good checkpoint: {last_good or "none (no checkpoint was written yet)"}.') from None
+          f'{e} Last good checkpoint: {last_good or "none (no checkpoint was written yet)"}.'
+      ) from None
     new_step = int(jax.device_get(trainer.train_state.step))
     if new_step == host_step:
-      logging.warning('The training data ran out at step %d (before TRAIN_STEPS=%d).', host_step, total_steps)
+      logging.warning(
+          'The training data ran out at step %d (before TRAIN_STEPS=%d).', host_step, total_steps
+      )
       break
     for mode, acts in actions.items():
       if (mode.name if hasattr(mode, 'name') else str(mode)) == 'TRAIN':
@@ -287,6 +348,7 @@ def _broadcast_seed(seed: int) -> int:
   if jax.process_count() == 1:
     return seed
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return int(multihost_utils.broadcast_one_to_all(np.asarray(seed, np.int32)))
 
 
@@ -306,4 +368,5 @@ def _check_restore_path(restore_cfg: Optional[utils.RestoreCheckpointConfig]) ->
           f'INITIAL_CHECKPOINT_PATH {str(path)!r} does not exist. Point --gin.INITIAL_CHECKPOINT_PATH '
           '(utils.RestoreCheckpointConfig.path) at a T5X checkpoint_<step> directory, a Hugging Face T5 '
           'directory or one of our checkpoint_<step> directories; to train from scratch instead, bind '
-          'utils.CheckpointConfig.restore = None.')
+          'utils.CheckpointConfig.restore = None.'
+      )

@@ -9,6 +9,7 @@ optimizer state.
 module imports neither seqio nor TensorFlow, so a process that trains from host arrays (the
 benchmarks, a notebook) does not pay their ~800 MiB of resident memory.
 """
+
 import functools
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -32,7 +33,9 @@ def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def split_params(params: Mapping[str, Any], is_trainable: Callable[[str], bool]) -> Tuple[dict, dict]:
+def split_params(
+    params: Mapping[str, Any], is_trainable: Callable[[str], bool]
+) -> Tuple[dict, dict]:
   """Splits a nested parameter dict into (trainable, frozen) nested dicts by flattened path."""
   flat = flatten(params)
   trainable = {k: v for k, v in flat.items() if is_trainable(k)}
@@ -40,9 +43,10 @@ def split_params(params: Mapping[str, Any], is_trainable: Callable[[str], bool])
   if not trainable:
     sample = ', '.join(list(flat)[:6])
     raise ValueError(
-        'No parameter is trainable: the optimizer\'s traversal/regex matched none of the parameter paths '
+        "No parameter is trainable: the optimizer's traversal/regex matched none of the parameter paths "
         f'(e.g. {sample}). For prompt tuning use PROMPT_REGEX = [".*/prompt/.*"] and a model with a '
-        'prompt; for model tuning use [".*"].')
+        'prompt; for model tuning use [".*"].'
+    )
   return unflatten(trainable), (unflatten(frozen) if frozen else {})
 
 
@@ -55,6 +59,7 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> Dic
 @flax.struct.dataclass
 class TrainState:
   """Everything a training step reads and writes. `opt_state` covers `trainable` only."""
+
   step: jnp.ndarray
   trainable: PyTree
   frozen: PyTree
@@ -69,15 +74,22 @@ class TrainState:
 
   def state_dict(self) -> Dict[str, Any]:
     """The part saved in checkpoints (frozen weights come from their own source)."""
-    return {'step': self.step, 'trainable': self.trainable,
-            'opt_state': flax.serialization.to_state_dict(self.opt_state)}
+    return {
+        'step': self.step,
+        'trainable': self.trainable,
+        'opt_state': flax.serialization.to_state_dict(self.opt_state),
+    }
 
   def restore_state(self, state_dict: Mapping[str, Any]) -> 'TrainState':
     opt_state = flax.serialization.from_state_dict(self.opt_state, state_dict['opt_state'])
-    trainable = jax.tree_util.tree_map(lambda ref, x: jnp.asarray(x, ref.dtype).reshape(ref.shape),
-                                       self.trainable, dict(state_dict['trainable']))
-    return self.replace(step=jnp.asarray(state_dict['step'], jnp.int32), trainable=trainable,
-                        opt_state=opt_state)
+    trainable = jax.tree_util.tree_map(
+        lambda ref, x: jnp.asarray(x, ref.dtype).reshape(ref.shape),
+        self.trainable,
+        dict(state_dict['trainable']),
+    )
+    return self.replace(
+        step=jnp.asarray(state_dict['step'], jnp.int32), trainable=trainable, opt_state=opt_state
+    )
 
 
 def logical_axes(params_axes, params_shape):
@@ -109,20 +121,29 @@ def _opt_logical_axes(opt_def, opt_state_shape, trainable_axes):
     if x is None:
       return P()
     return P(*x)
+
   from prompt_tuning.runtime import optimizers  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map(to_spec, axes,
-                                is_leaf=lambda x: x is None or isinstance(x, (P, optimizers.LogicalAxes)))
+
+  return jax.tree_util.tree_map(
+      to_spec, axes, is_leaf=lambda x: x is None or isinstance(x, (P, optimizers.LogicalAxes))
+  )
 
 
 class StateBuilder:
   """Initializes, restores and shards the train state (T5X's `TrainStateInitializer`)."""
 
-  def __init__(self, model, partitioner: 'partitioning.PjitPartitioner', input_shapes, input_types=None):
+  def __init__(
+      self, model, partitioner: 'partitioning.PjitPartitioner', input_shapes, input_types=None
+  ):
     self.model = model
     self.partitioner = partitioner
     opt = model.optimizer_def
-    self.is_trainable = (getattr(opt, 'trainable_filter', None) or (lambda p: True)) if opt else (lambda p: False)
-    init = functools.partial(model.get_initial_variables, input_shapes=input_shapes, input_types=input_types)
+    self.is_trainable = (
+        (getattr(opt, 'trainable_filter', None) or (lambda p: True)) if opt else (lambda p: False)
+    )
+    init = functools.partial(
+        model.get_initial_variables, input_shapes=input_shapes, input_types=input_types
+    )
     self._init = init
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     self.params_shape = shapes['params']
@@ -133,24 +154,36 @@ class StateBuilder:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('set_param_axes failed: %s', e)
     self.trainable_shape, self.frozen_shape = split_params(self.params_shape, self.is_trainable)
-    self.trainable_logical, self.frozen_logical = split_params(self.params_logical,
-                                                                               self.is_trainable)
+    self.trainable_logical, self.frozen_logical = split_params(
+        self.params_logical, self.is_trainable
+    )
     opt_shape = jax.eval_shape(opt.init_state, self.trainable_shape) if opt else None
     self.opt_logical = _opt_logical_axes(opt, opt_shape, self.trainable_logical) if opt else None
     to_mesh = partitioner.logical_to_mesh_axes
     self.state_axes = TrainState(
-        step=P(), trainable=to_mesh(self.trainable_logical), frozen=to_mesh(self.frozen_logical),
-        opt_state=self.opt_logical and to_mesh(self.opt_logical))
+        step=P(),
+        trainable=to_mesh(self.trainable_logical),
+        frozen=to_mesh(self.frozen_logical),
+        opt_state=self.opt_logical and to_mesh(self.opt_logical),
+    )
     self.params_mesh_axes = to_mesh(self.params_logical)
 
   def _shard(self, tree, axes):
     shardings = self.partitioner.mesh_axes_to_sharding(axes)
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s) if not isinstance(x, jax.Array)
-                                  else jax.device_put(x, s), tree, shardings)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.device_put(np.asarray(x), s)
+        if not isinstance(x, jax.Array)
+        else jax.device_put(x, s),
+        tree,
+        shardings,
+    )
 
   def init_params(self, rng):
-    fn = self.partitioner.partition(lambda r: self._init(r)['params'], in_axis_resources=None,
-                                    out_axis_resources=self.params_mesh_axes)
+    fn = self.partitioner.partition(
+        lambda r: self._init(r)['params'],
+        in_axis_resources=None,
+        out_axis_resources=self.params_mesh_axes,
+    )
     return fn(rng)
 
   def build(self, params, step: int = 0) -> TrainState:
@@ -158,12 +191,18 @@ class StateBuilder:
     params = self._shard(params, self.params_mesh_axes)
     trainable, frozen = split_params(params, self.is_trainable)
     opt = self.model.optimizer_def
-    init_opt = self.partitioner.partition(opt.init_state, in_axis_resources=(self.state_axes.trainable,),
-                                          out_axis_resources=self.state_axes.opt_state)
+    init_opt = self.partitioner.partition(
+        opt.init_state,
+        in_axis_resources=(self.state_axes.trainable,),
+        out_axis_resources=self.state_axes.opt_state,
+    )
     opt_state = init_opt(trainable)
     if step and hasattr(opt_state, 'step') and hasattr(opt_state, 'replace'):
-      opt_state = opt_state.replace(step=jax.device_put(np.full(np.shape(opt_state.step), step, np.int32),
-                                                        opt_state.step.sharding))
+      opt_state = opt_state.replace(
+          step=jax.device_put(
+              np.full(np.shape(opt_state.step), step, np.int32), opt_state.step.sharding
+          )
+      )
     # The step is placed like every other leaf (replicated over the mesh): an unplaced scalar has a
     # different jit cache key than the step the train step returns, which recompiled the step once.
     step = jax.device_put(np.asarray(step, np.int32), self.partitioner.mesh_axes_to_sharding(P()))

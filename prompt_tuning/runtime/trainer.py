@@ -1,4 +1,5 @@
 """T5X-style `Trainer`: the jitted train/eval steps, microbatching, metrics, progress and actions."""
+
 import enum
 from absl import logging
 import os
@@ -32,7 +33,9 @@ class BaseAction:
 class EarlyStoppingAction(BaseAction):
   """Stops when `metric = (task, name)` has not improved for `patience` evaluations."""
 
-  def __init__(self, metric, mode: str = 'max', patience: int = 3, atol: float = 0., rtol: float = 0.):
+  def __init__(
+      self, metric, mode: str = 'max', patience: int = 3, atol: float = 0.0, rtol: float = 0.0
+  ):
     if mode not in ('min', 'max'):
       raise ValueError(f"EarlyStoppingAction mode must be 'min' or 'max', got {mode!r}.")
     self._task, self._name = metric
@@ -56,8 +59,12 @@ class EarlyStoppingAction(BaseAction):
     else:
       self._bad += 1
     if self._bad >= self._patience:
-      logging.info('Early stopping: %s/%s did not improve for %d evaluations.', self._task, self._name,
-                   self._patience)
+      logging.info(
+          'Early stopping: %s/%s did not improve for %d evaluations.',
+          self._task,
+          self._name,
+          self._patience,
+      )
       return True
     return False
 
@@ -78,7 +85,8 @@ class TerminateOnNanAction(BaseAction):
       raise NanLossError(
           f'{self._task}/{self._metric} is {value} at step {int(train_state.step)}: training stopped. '
           'The last good checkpoint is kept. Lower the learning rate, check the data, or use float32 '
-          'activations (ACTIVATION_DTYPE = "float32").')
+          'activations (ACTIVATION_DTYPE = "float32").'
+      )
     return False
 
 
@@ -90,7 +98,9 @@ class _Prefetch:
   batches at every eval/checkpoint boundary and made resumed runs see different data).
   """
 
-  def __init__(self, iterator: Iterator, place: Callable, size: int = 2, limit: Optional[int] = None):
+  def __init__(
+      self, iterator: Iterator, place: Callable, size: int = 2, limit: Optional[int] = None
+  ):
     self._it, self._place, self._limit = iterator, place, limit
     self._q: queue.Queue = queue.Queue(maxsize=size)
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -126,6 +136,7 @@ def _summary_writer(path: Optional[str]):
   if path is None or jax.process_index() != 0:
     return None
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.summary.create_file_writer(path)
 
 
@@ -133,6 +144,7 @@ def write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
   if writer is None:
     return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   with writer.as_default():
     for k, v in scalars.items():
       tf.summary.scalar(k, float(v), step=step)
@@ -142,10 +154,20 @@ def write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
 class Trainer:
   """Runs the partitioned training and evaluation steps (T5X's `trainer.Trainer`)."""
 
-  def __init__(self, model, train_state: train_state_lib.TrainState, partitioner, eval_names: Sequence[str],
-               summary_dir: Optional[str], train_state_axes: Any, rng: jax.Array,
-               learning_rate_fn: Callable[[Any], Any], num_microbatches: Optional[int] = None,
-               log_period: int = 10, weight_metrics_computer=None):
+  def __init__(
+      self,
+      model,
+      train_state: train_state_lib.TrainState,
+      partitioner,
+      eval_names: Sequence[str],
+      summary_dir: Optional[str],
+      train_state_axes: Any,
+      rng: jax.Array,
+      learning_rate_fn: Callable[[Any], Any],
+      num_microbatches: Optional[int] = None,
+      log_period: int = 10,
+      weight_metrics_computer=None,
+  ):
     del weight_metrics_computer
     self._model = model
     self.train_state = train_state
@@ -158,7 +180,9 @@ class Trainer:
     self._num_microbatches = num_microbatches
     self._log_period = max(1, int(log_period))
     self.stop_training = False
-    self._train_writer = _summary_writer(os.path.join(summary_dir, 'train') if summary_dir else None)
+    self._train_writer = _summary_writer(
+        os.path.join(summary_dir, 'train') if summary_dir else None
+    )
     self._eval_writers: Dict[str, Any] = {}
     self._partitioned_train_step = None
     self._partitioned_eval_step = None
@@ -197,21 +221,29 @@ class Trainer:
         mb0 = jax.tree_util.tree_map(lambda x: x[0], mbs)
         metric_shapes = jax.eval_shape(lambda: loss_of(state.trainable, mb0, dropout_rng)[1])
         zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), zero_metrics),
-                                                 jnp.arange(nmb))
+        (grads, loss, metrics), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros((), jnp.float32), zero_metrics), jnp.arange(nmb)
+        )
         # Ratios are averaged over microbatches; sums (loss, counts) stay sums.
-        for k in ('accuracy', 'loss_per_nonpadding_target_token', 'loss_per_all_target_tokens',
-                  'nonpadding_fraction'):
+        for k in (
+            'accuracy',
+            'loss_per_nonpadding_target_token',
+            'loss_per_all_target_tokens',
+            'nonpadding_fraction',
+        ):
           if k in metrics:
             metrics[k] = metrics[k] / nmb
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
       hyper_params = opt.update_hyper_params(learning_rate=lr)
-      new_trainable, new_opt_state = opt.apply_gradient(hyper_params, state.trainable, state.opt_state,
-                                                         grads)
+      new_trainable, new_opt_state = opt.apply_gradient(
+          hyper_params, state.trainable, state.opt_state, grads
+      )
       metrics = dict(metrics)
       metrics['learning_rate'] = lr
       metrics['loss'] = loss
-      new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state)
+      new_state = state.replace(
+          step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state
+      )
       return new_state, metrics
 
     return train_step
@@ -225,7 +257,8 @@ class Trainer:
           self._make_train_step(),
           in_axis_resources=(self._train_state_axes, self._batch_sharding(batch), None),
           out_axis_resources=(self._train_state_axes, None),
-          donate_argnums=(0,))
+          donate_argnums=(0,),
+      )
     return self._partitioned_train_step
 
   def compile_train(self, batch) -> None:
@@ -244,8 +277,13 @@ class Trainer:
   def place_batch(self, batch: Mapping[str, Any]):
     return self._partitioner.shard_host_batch({k: np.asarray(v) for k, v in batch.items()})
 
-  def train(self, batch_iter: Iterator, num_steps: int, start_step: Optional[int] = None,
-            total_steps: Optional[int] = None) -> Dict[str, float]:
+  def train(
+      self,
+      batch_iter: Iterator,
+      num_steps: int,
+      start_step: Optional[int] = None,
+      total_steps: Optional[int] = None,
+  ) -> Dict[str, float]:
     """Runs `num_steps` steps. Logs step, loss, steps/s, examples/s and ETA every `log_period` steps."""
     start_step = int(self.train_state.step) if start_step is None else start_step
     it = _Prefetch(batch_iter, self.place_batch, limit=num_steps)
@@ -271,21 +309,36 @@ class Trainer:
         steps_per_sec = (step_now - step_last) / max(now - t_last, 1e-9)
         batch_size = next(iter(batch.values())).shape[0]
         eta = (total_steps - step_now) / max(steps_per_sec, 1e-9)
-        summary.update({'timing/steps_per_second': steps_per_sec,
-                        'timing/seqs_per_second': steps_per_sec * batch_size})
-        write_scalars(self._train_writer, step_now, {k: v for k, v in summary.items()
-                                                     if k.startswith('timing/')})
-        logging.info('step %d/%d: loss=%.4f accuracy=%.4f lr=%.3g | %.2f steps/s, %.1f examples/s, ETA %s',
-                     step_now, total_steps, summary.get('loss', float('nan')),
-                     summary.get('accuracy', float('nan')), summary.get('learning_rate', float('nan')),
-                     steps_per_sec, steps_per_sec * batch_size, _fmt_eta(eta))
+        summary.update(
+            {
+                'timing/steps_per_second': steps_per_sec,
+                'timing/seqs_per_second': steps_per_sec * batch_size,
+            }
+        )
+        write_scalars(
+            self._train_writer,
+            step_now,
+            {k: v for k, v in summary.items() if k.startswith('timing/')},
+        )
+        logging.info(
+            'step %d/%d: loss=%.4f accuracy=%.4f lr=%.3g | %.2f steps/s, %.1f examples/s, ETA %s',
+            step_now,
+            total_steps,
+            summary.get('loss', float('nan')),
+            summary.get('accuracy', float('nan')),
+            summary.get('learning_rate', float('nan')),
+            steps_per_sec,
+            steps_per_sec * batch_size,
+            _fmt_eta(eta),
+        )
         t_last, step_last = now, step_now
         if not np.isfinite(summary.get('loss', 0.0)):
           bad = [s for s, l in self.loss_history.items() if not np.isfinite(l)]
           raise NanLossError(
               f'The training loss became {summary.get("loss")} at step {min(bad) if bad else step_now}: '
               'training stopped and the last good checkpoint is kept. Lower the learning rate, check the '
-              'inputs, or use float32 activations (--gin.ACTIVATION_DTYPE="\'float32\'").')
+              'inputs, or use float32 activations (--gin.ACTIVATION_DTYPE="\'float32\'").'
+          )
         if self.stop_training:
           break
     return summary
@@ -300,12 +353,16 @@ class Trainer:
       last = scalars
     return last
 
-  def eval(self, batch_iters: Mapping[str, Iterator], step: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+  def eval(
+      self, batch_iters: Mapping[str, Iterator], step: Optional[int] = None
+  ) -> Dict[str, Dict[str, float]]:
     """Teacher-forced evaluation: metrics averaged over each task's batches."""
     if self._partitioned_eval_step is None:
       self._partitioned_eval_step = self._partitioner.partition(
-          self._make_eval_step(), in_axis_resources=(self._train_state_axes, self._partitioner.data_partition_spec),
-          out_axis_resources=None)
+          self._make_eval_step(),
+          in_axis_resources=(self._train_state_axes, self._partitioner.data_partition_spec),
+          out_axis_resources=None,
+      )
     step = int(self.train_state.step) if step is None else step
     results = {}
     for name, batches in batch_iters.items():
@@ -321,10 +378,16 @@ class Trainer:
       results[name] = {k: v / n for k, v in totals.items()}
       if self._summary_dir:
         if name not in self._eval_writers:
-          self._eval_writers[name] = _summary_writer(os.path.join(self._summary_dir, 'training_eval', name))
+          self._eval_writers[name] = _summary_writer(
+              os.path.join(self._summary_dir, 'training_eval', name)
+          )
         write_scalars(self._eval_writers[name], step, results[name])
-      logging.info('training eval %s at step %d: %s', name, step,
-                   ', '.join(f'{k}={v:.4f}' for k, v in sorted(results[name].items())))
+      logging.info(
+          'training eval %s at step %d: %s',
+          name,
+          step,
+          ', '.join(f'{k}={v:.4f}' for k, v in sorted(results[name].items())),
+      )
     return results
 
   def close(self):

@@ -1,4 +1,5 @@
 """T5X's `utils` vocabulary: dataset/checkpoint configs, learning-rate schedules and dataset helpers."""
+
 import dataclasses
 import importlib
 from absl import logging
@@ -16,6 +17,7 @@ from prompt_tuning.runtime.schedules import create_learning_rate_scheduler  # py
 @dataclasses.dataclass
 class DatasetConfig:
   """Configuration for one seqio dataset (T5X's `utils.DatasetConfig`). `batch_size` is global."""
+
   mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture]
   task_feature_lengths: Optional[Mapping[str, int]]
   split: str
@@ -38,6 +40,7 @@ class DatasetConfig:
 @dataclasses.dataclass
 class SaveCheckpointConfig:
   """When and what to save (T5X's `utils.SaveCheckpointConfig`)."""
+
   dtype: str = 'float32'
   period: Optional[int] = None
   checkpoint_steps: Optional[Sequence[int]] = None
@@ -58,6 +61,7 @@ class RestoreCheckpointConfig:
   parameter whose path matches a regex mapped to `None` is not read from the checkpoint (with
   `fallback_to_scratch=True` it keeps its initializer's value, e.g. the prompt).
   """
+
   path: Union[str, Sequence[str], None]
   mode: str = 'latest'
   assignment_map: Optional[Sequence[Tuple[str, Optional[str]]]] = None
@@ -71,7 +75,9 @@ class RestoreCheckpointConfig:
 
   def __post_init__(self):
     if self.mode not in ('specific', 'latest', 'all'):
-      raise ValueError(f"RestoreCheckpointConfig.mode must be 'specific', 'latest' or 'all', got {self.mode!r}.")
+      raise ValueError(
+          f"RestoreCheckpointConfig.mode must be 'specific', 'latest' or 'all', got {self.mode!r}."
+      )
 
 
 @dataclasses.dataclass
@@ -93,21 +99,25 @@ def get_mixture_or_task(name_or_obj) -> Union[seqio.Task, seqio.Mixture]:
     return seqio.get_mixture_or_task(name_or_obj)
   except ValueError:
     import difflib  # pylint: disable=g-import-not-at-top
+
     names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
     close = difflib.get_close_matches(str(name_or_obj), names, n=5)
     hint = f' Close matches: {close}.' if close else ''
     raise ValueError(
         f'Unknown seqio task or mixture {name_or_obj!r}.{hint} Import the module that registers it, e.g. '
-        f"--gin.MIXTURE_OR_TASK_MODULE=\"'tasks.glue'\" or an `import tasks.glue` line in your gin file "
-        f'({len(names)} tasks/mixtures are registered now).') from None
+        f'--gin.MIXTURE_OR_TASK_MODULE="\'tasks.glue\'" or an `import tasks.glue` line in your gin file '
+        f'({len(names)} tasks/mixtures are registered now).'
+    ) from None
 
 
 def get_vocabulary(cfg: DatasetConfig) -> Tuple[seqio.Vocabulary, seqio.Vocabulary]:
   import_module(cfg.module)
   provider = get_mixture_or_task(cfg.mixture_or_task_name)
   features = provider.output_features
-  return features['inputs'].vocabulary if 'inputs' in features else features['targets'].vocabulary, \
-      features['targets'].vocabulary
+  return (
+      features['inputs'].vocabulary if 'inputs' in features else features['targets'].vocabulary,
+      features['targets'].vocabulary,
+  )
 
 
 class FeatureLengthError(ValueError):
@@ -123,19 +133,24 @@ def _check_lengths(cfg: DatasetConfig, feature_converter) -> None:
   features = provider.output_features
   missing = sorted(k for k in features if k in needed and k not in cfg.task_feature_lengths)
   if missing:
-    example = {k: cfg.task_feature_lengths.get(k, 512 if k == 'inputs' else 16) for k in sorted(needed)
-               if k in features}
+    example = {
+        k: cfg.task_feature_lengths.get(k, 512 if k == 'inputs' else 16)
+        for k in sorted(needed)
+        if k in features
+    }
     raise FeatureLengthError(
         f'TASK_FEATURE_LENGTHS {dict(cfg.task_feature_lengths)} has no length for feature(s) {missing} of '
-        f'{provider.name!r}. Give every feature a length, e.g. --gin.TASK_FEATURE_LENGTHS="{example}".')
+        f'{provider.name!r}. Give every feature a length, e.g. --gin.TASK_FEATURE_LENGTHS="{example}".'
+    )
 
 
 _LENGTHS_CHECKED = set()
 
 
 @gin.configurable(module='prompt_tuning.runtime.utils')
-def check_feature_lengths(cfg: DatasetConfig, max_examples: int = 256,
-                          error_features: Sequence[str] = ('targets',)) -> None:
+def check_feature_lengths(
+    cfg: DatasetConfig, max_examples: int = 256, error_features: Sequence[str] = ('targets',)
+) -> None:
   """Fails when TASK_FEATURE_LENGTHS would silently cut targets short.
 
   seqio trims every feature to its length without a word; for targets this drops the EOS (or, with
@@ -157,8 +172,14 @@ def check_feature_lengths(cfg: DatasetConfig, max_examples: int = 256,
     try:
       if cfg.split not in task.splits:
         continue
-      ds = task.get_dataset(sequence_length=None, split=cfg.split, shuffle=False, num_epochs=1,
-                            use_cached=cfg.use_cached, trim_output_features=False)
+      ds = task.get_dataset(
+          sequence_length=None,
+          split=cfg.split,
+          shuffle=False,
+          num_epochs=1,
+          use_cached=cfg.use_cached,
+          trim_output_features=False,
+      )
       longest: dict = {}
       for ex in ds.take(max_examples).as_numpy_iterator():
         for k in lengths:
@@ -176,28 +197,47 @@ def check_feature_lengths(cfg: DatasetConfig, max_examples: int = 256,
             f'TASK_FEATURE_LENGTHS[{k!r}] = {lengths[k]} is too short for task {task.name!r} ({cfg.split} '
             f'split): some {k} have {n} tokens including EOS, so seqio would cut them and drop the EOS. '
             f'Raise it, e.g. --gin.TASK_FEATURE_LENGTHS="{dict(lengths, **{k: n})}" (or turn this check off '
-            'with --gin.utils.check_feature_lengths.max_examples=0 to truncate on purpose).')
-      logging.warning('TASK_FEATURE_LENGTHS[%r] = %d truncates some %s of task %s (up to %d tokens seen).',
-                      k, lengths[k], k, task.name, n)
+            'with --gin.utils.check_feature_lengths.max_examples=0 to truncate on purpose).'
+        )
+      logging.warning(
+          'TASK_FEATURE_LENGTHS[%r] = %d truncates some %s of task %s (up to %d tokens seen).',
+          k,
+          lengths[k],
+          k,
+          task.name,
+          n,
+      )
 
 
-def get_dataset(cfg: DatasetConfig, shard_id: int, num_shards: int, feature_converter_cls,
-                num_epochs: Optional[int] = None, continue_from_last_checkpoint: bool = False,
-                seed: Optional[int] = None) -> tf.data.Dataset:
+def get_dataset(
+    cfg: DatasetConfig,
+    shard_id: int,
+    num_shards: int,
+    feature_converter_cls,
+    num_epochs: Optional[int] = None,
+    continue_from_last_checkpoint: bool = False,
+    seed: Optional[int] = None,
+) -> tf.data.Dataset:
   """Host-local batched dataset (T5X's `utils.get_dataset`); batch size is `cfg.batch_size // num_shards`."""
   del continue_from_last_checkpoint
   import_module(cfg.module)
   if cfg.batch_size % num_shards:
-    raise ValueError(f'Batch size ({cfg.batch_size}) must be divisible by the number of shards ({num_shards}).')
-  feature_converter = feature_converter_cls(pack=cfg.pack, use_custom_packing_ops=cfg.use_custom_packing_ops)
+    raise ValueError(
+        f'Batch size ({cfg.batch_size}) must be divisible by the number of shards ({num_shards}).'
+    )
+  feature_converter = feature_converter_cls(
+      pack=cfg.pack, use_custom_packing_ops=cfg.use_custom_packing_ops
+  )
   provider = get_mixture_or_task(cfg.mixture_or_task_name)
   try:
     splits = list(provider.splits)
   except Exception:  # pylint: disable=broad-except
     splits = None  # e.g. TFDS metadata that is not available yet; seqio reports it below.
   if splits is not None and cfg.split not in splits:
-    raise ValueError(f'{provider.name!r} has no split {cfg.split!r} (it has {splits}); set the DatasetConfig '
-                     'split to one of them.')
+    raise ValueError(
+        f'{provider.name!r} has no split {cfg.split!r} (it has {splits}); set the DatasetConfig '
+        'split to one of them.'
+    )
   _check_lengths(cfg, feature_converter)
   if cfg.trim_output_features:
     check_feature_lengths(cfg)
@@ -214,20 +254,24 @@ def get_dataset(cfg: DatasetConfig, shard_id: int, num_shards: int, feature_conv
       use_cached=cfg.use_cached,
       seed=ds_seed,
       trim_output_features=cfg.trim_output_features,
-      batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards)
+      batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards,
+  )
   if slice_batches:
     local = cfg.batch_size // num_shards
     lo = shard_id * local
-    ds = ds.map(lambda b: {k: v[lo:lo + local] for k, v in b.items()})
+    ds = ds.map(lambda b: {k: v[lo : lo + local] for k, v in b.items()})
   return ds
 
 
-def get_training_eval_datasets(cfg: DatasetConfig, shard_id: int, num_shards: int, eval_steps: int,
-                               feature_converter_cls) -> Mapping[str, tf.data.Dataset]:
+def get_training_eval_datasets(
+    cfg: DatasetConfig, shard_id: int, num_shards: int, eval_steps: int, feature_converter_cls
+) -> Mapping[str, tf.data.Dataset]:
   """Teacher-forced eval datasets, one per task of a mixture (plus the mixture itself)."""
   import_module(cfg.module)
   provider = get_mixture_or_task(cfg.mixture_or_task_name)
-  names = [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
+  names = (
+      [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
+  )
   out = {}
   for name in names + ([provider.name] if isinstance(provider, seqio.Mixture) else []):
     task = seqio.get_mixture_or_task(name)
@@ -254,4 +298,5 @@ def multihost_assert_equal(value: Any, message: str = '') -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   multihost_utils.assert_equal(value, message)

@@ -27,10 +27,22 @@ VOCAB = 100
 
 def _hf_model():
   config = transformers.T5Config(
-      vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-      num_heads=4, feed_forward_proj='gated-gelu', tie_word_embeddings=False, dropout_rate=0.0,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128, pad_token_id=0,
-      eos_token_id=1, decoder_start_token_id=0)
+      vocab_size=VOCAB,
+      d_model=32,
+      d_kv=8,
+      d_ff=64,
+      num_layers=2,
+      num_decoder_layers=2,
+      num_heads=4,
+      feed_forward_proj='gated-gelu',
+      tie_word_embeddings=False,
+      dropout_rate=0.0,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
+      pad_token_id=0,
+      eos_token_id=1,
+      decoder_start_token_id=0,
+  )
   torch.manual_seed(0)
   model = transformers.T5ForConditionalGeneration(config)
   model.eval()
@@ -56,8 +68,9 @@ def models(tmp_path_factory):
   config, params = huggingface.load_t5(path)
   prompt = np.random.RandomState(1).uniform(-0.5, 0.5, size=(P, config.emb_dim))
   prompt = prompt.astype(np.float32)
-  peft_config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM,
-                                        num_virtual_tokens=P, num_transformer_submodules=1)
+  peft_config = peft.PromptTuningConfig(
+      task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P, num_transformer_submodules=1
+  )
   peft_model = peft.get_peft_model(hf, peft_config)
   peft_model.eval()
   embedding = peft_model.prompt_encoder['default'].embedding
@@ -74,8 +87,11 @@ def test_loss_and_prompt_gradient_match_peft(models):
   # PEFT / PyTorch.
   labels = torch.from_numpy(np.where(tgt > 0, tgt, -100))
   peft_model.zero_grad()
-  out = peft_model(input_ids=torch.from_numpy(enc),
-                   attention_mask=torch.from_numpy((enc > 0).astype(np.int64)), labels=labels)
+  out = peft_model(
+      input_ids=torch.from_numpy(enc),
+      attention_mask=torch.from_numpy((enc > 0).astype(np.int64)),
+      labels=labels,
+  )
   out.loss.backward()
   peft_loss = float(out.loss.detach())
   peft_grad = peft_model.prompt_encoder['default'].embedding.weight.grad.detach().numpy()
@@ -90,8 +106,13 @@ def test_loss_and_prompt_gradient_match_peft(models):
   weights = (tgt > 0).astype(np.float32)
 
   def loss_fn(p):
-    logits = model.apply({'params': p}, enc.astype(np.int32), dec_in.astype(np.int32),
-                         tgt.astype(np.int32), enable_dropout=False)
+    logits = model.apply(
+        {'params': p},
+        enc.astype(np.int32),
+        dec_in.astype(np.int32),
+        tgt.astype(np.int32),
+        enable_dropout=False,
+    )
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tgt)[..., None], -1)[..., 0]
     return jnp.sum(ce * weights) / jnp.sum(weights)
 

@@ -34,8 +34,9 @@ def encdec():
 def test_param_tree(encdec):
   _, variables, _ = encdec
   flat = trainable.flatten_params(variables['params'])
-  backbone = t5.EncoderDecoder(CFG).init(jax.random.PRNGKey(0), ENC, DEC_IN, DEC_TGT,
-                                         enable_dropout=False)
+  backbone = t5.EncoderDecoder(CFG).init(
+      jax.random.PRNGKey(0), ENC, DEC_IN, DEC_TGT, enable_dropout=False
+  )
   backbone_flat = trainable.flatten_params(backbone['params'])
   assert set(flat) == set(backbone_flat) | {'encoder/prompt/prompt/prompt'}
   for path, value in backbone_flat.items():
@@ -54,8 +55,9 @@ def test_logits_and_encoded_shapes(encdec):
   encoded = model.apply(variables, ENC, enable_dropout=False, method=model.encode)
   assert encoded.shape == (3, P + ENC.shape[1], CFG.emb_dim)
   mask = model.apply(variables, ENC, method=model.encoder_input_mask)
-  np.testing.assert_array_equal(np.asarray(mask),
-                                np.concatenate([np.ones((3, P), bool), ENC > 0], axis=1))
+  np.testing.assert_array_equal(
+      np.asarray(mask), np.concatenate([np.ones((3, P), bool), ENC > 0], axis=1)
+  )
   assert model.prompt_length == P
   assert prompted.PromptEncoderDecoder(CFG, P).prompt_length == P
 
@@ -68,8 +70,12 @@ def test_prompt_is_used_and_padding_is_invisible(encdec):
   # (Compared at real target positions; padded query rows attend to nothing.)
   padded = np.pad(ENC, ((0, 0), (0, 5)))
   real = DEC_TGT > 0
-  np.testing.assert_allclose(np.asarray(fwd(params, padded, DEC_IN, DEC_TGT))[real],
-                             np.asarray(logits)[real], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(fwd(params, padded, DEC_IN, DEC_TGT))[real],
+      np.asarray(logits)[real],
+      atol=1e-5,
+      rtol=1e-5,
+  )
   # A different prompt changes the logits.
   flat = trainable.flatten_params(params)
   flat['encoder/prompt/prompt/prompt'] = flat['encoder/prompt/prompt/prompt'] + 1.0
@@ -82,8 +88,9 @@ def test_decoder_cross_attends_to_prompt(encdec):
   model, variables, _ = encdec
   encoded = model.apply(variables, ENC, enable_dropout=False, method=model.encode)
   # Zero the encoded prompt positions: logits must change.
-  dec = lambda e: model.apply(variables, e, ENC, DEC_IN, DEC_TGT, enable_dropout=False,
-                              method=model.decode)
+  dec = lambda e: model.apply(
+      variables, e, ENC, DEC_IN, DEC_TGT, enable_dropout=False, method=model.decode
+  )
   zeroed = encoded.at[:, :P].set(0.0)
   assert float(jnp.max(jnp.abs(dec(zeroed) - dec(encoded)))) > 1e-4
 
@@ -94,7 +101,7 @@ def _greedy_uncached(fwd, params, enc, steps, **kw):
   step_logits = []
   for t in range(steps):
     dec_in = np.concatenate([np.zeros((batch, 1), np.int32), out[:, :-1]], axis=1)
-    dec_in[:, t + 1:] = 0
+    dec_in[:, t + 1 :] = 0
     logits = np.asarray(fwd(params, enc, dec_in, np.ones_like(dec_in), **kw))
     out[:, t] = logits[:, t].argmax(-1)
     step_logits.append(logits[:, t])
@@ -104,16 +111,34 @@ def _greedy_uncached(fwd, params, enc, steps, **kw):
 def _greedy_cached(model, params, enc, steps, **kw):
   batch = enc.shape[0]
   ones = jnp.ones((batch, steps), jnp.int32)
-  _, variables = model.apply({'params': params}, enc, ones, ones, enable_dropout=False,
-                             decode=True, max_decode_length=steps, mutable=['cache'], **kw)
+  _, variables = model.apply(
+      {'params': params},
+      enc,
+      ones,
+      ones,
+      enable_dropout=False,
+      decode=True,
+      max_decode_length=steps,
+      mutable=['cache'],
+      **kw,
+  )
   cache = variables['cache']
   encoded = model.apply({'params': params}, enc, enable_dropout=False, method=model.encode, **kw)
 
   @jax.jit
   def step(cache, token):
     logits, new_vars = model.apply(
-        {'params': params, 'cache': cache}, encoded, enc, token, token, enable_dropout=False,
-        decode=True, max_decode_length=steps, mutable=['cache'], method=model.decode)
+        {'params': params, 'cache': cache},
+        encoded,
+        enc,
+        token,
+        token,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=steps,
+        mutable=['cache'],
+        method=model.decode,
+    )
     return logits[:, -1], new_vars['cache']
 
   token = jnp.zeros((batch, 1), jnp.int32)
@@ -145,7 +170,10 @@ def test_suffix_prompt_model():
   real = DEC_TGT > 0
   np.testing.assert_allclose(
       np.asarray(fwd(variables['params'], padded, DEC_IN, DEC_TGT))[real],
-      np.asarray(logits)[real], atol=1e-5, rtol=1e-5)
+      np.asarray(logits)[real],
+      atol=1e-5,
+      rtol=1e-5,
+  )
   mask = np.asarray(model.apply(variables, ENC, method=model.encoder_input_mask))
   np.testing.assert_array_equal(mask[2], [True] * 5 + [False] * 4)
 
@@ -154,13 +182,16 @@ def test_bfloat16_activations_float32_prompt():
   cfg = t5.get_config('tiny', dtype='bfloat16')
   model = prompted.PromptEncoderDecoder(cfg, prompt_length=P)
   variables = jax.eval_shape(
-      lambda r: model.init(r, ENC, DEC_IN, DEC_TGT, enable_dropout=False), jax.random.PRNGKey(0))
+      lambda r: model.init(r, ENC, DEC_IN, DEC_TGT, enable_dropout=False), jax.random.PRNGKey(0)
+  )
   assert variables['params']['encoder']['prompt']['prompt']['prompt'].dtype == jnp.float32
   encoded = jax.eval_shape(
-      lambda v: model.apply(v, ENC, enable_dropout=False, method=model.encode), variables)
+      lambda v: model.apply(v, ENC, enable_dropout=False, method=model.encode), variables
+  )
   assert encoded.dtype == jnp.bfloat16 and encoded.shape == (3, P + 6, cfg.emb_dim)
-  logits = jax.eval_shape(functools.partial(_forward, model), variables['params'], ENC, DEC_IN,
-                          DEC_TGT)
+  logits = jax.eval_shape(
+      functools.partial(_forward, model), variables['params'], ENC, DEC_IN, DEC_TGT
+  )
   assert logits.dtype == jnp.float32
 
 
@@ -173,8 +204,15 @@ def test_packing_rejected(encdec):
   model, variables, _ = encdec
   seg = np.ones_like(ENC)
   with pytest.raises(ValueError, match='pack'):
-    model.apply(variables, ENC, DEC_IN, DEC_TGT, encoder_segment_ids=seg,
-                decoder_segment_ids=np.ones_like(DEC_IN), enable_dropout=False)
+    model.apply(
+        variables,
+        ENC,
+        DEC_IN,
+        DEC_TGT,
+        encoder_segment_ids=seg,
+        decoder_segment_ids=np.ones_like(DEC_IN),
+        enable_dropout=False,
+    )
 
 
 # ---------------------------------------------------------------------------- prompt banks --
@@ -184,8 +222,9 @@ def test_prompt_bank_mixed_batch_equals_single_prompts():
   num_prompts = 3
   bank_model = prompted.PromptEncoderDecoder(CFG, prompt_length=P, num_prompts=num_prompts)
   ids = np.array([2, 0, 2], np.int32)
-  variables = bank_model.init(jax.random.PRNGKey(0), ENC, DEC_IN, DEC_TGT, enable_dropout=False,
-                              prompt_ids=ids)
+  variables = bank_model.init(
+      jax.random.PRNGKey(0), ENC, DEC_IN, DEC_TGT, enable_dropout=False, prompt_ids=ids
+  )
   bank = variables['params']['encoder']['prompt']['prompt']['prompt']
   assert bank.shape == (num_prompts, P, CFG.emb_dim)
   axes = variables['params_axes']['encoder']['prompt']['prompt']['prompt_axes']
@@ -193,7 +232,8 @@ def test_prompt_bank_mixed_batch_equals_single_prompts():
   # Distinct prompts (each gets its own key).
   assert float(jnp.max(jnp.abs(bank[0] - bank[1]))) > 1e-3
   mixed = jax.jit(functools.partial(_forward, bank_model))(
-      variables['params'], ENC, DEC_IN, DEC_TGT, prompt_ids=ids)
+      variables['params'], ENC, DEC_IN, DEC_TGT, prompt_ids=ids
+  )
   assert mixed.shape == (3, 4, CFG.vocab_size)
 
   single = prompted.PromptEncoderDecoder(CFG, prompt_length=P)
@@ -202,30 +242,37 @@ def test_prompt_bank_mixed_batch_equals_single_prompts():
   for b, k in enumerate(ids):
     flat_k = dict(flat)
     flat_k['encoder/prompt/prompt/prompt'] = bank[k]
-    alone = single_fwd(trainable.unflatten_params(flat_k), ENC[b:b + 1], DEC_IN[b:b + 1],
-                       DEC_TGT[b:b + 1])
-    np.testing.assert_allclose(np.asarray(mixed[b:b + 1]), np.asarray(alone), atol=1e-5,
-                               rtol=1e-5)
+    alone = single_fwd(
+        trainable.unflatten_params(flat_k), ENC[b : b + 1], DEC_IN[b : b + 1], DEC_TGT[b : b + 1]
+    )
+    np.testing.assert_allclose(
+        np.asarray(mixed[b : b + 1]), np.asarray(alone), atol=1e-5, rtol=1e-5
+    )
   with pytest.raises(ValueError, match='prompt_ids'):
     bank_model.apply(variables, ENC, DEC_IN, DEC_TGT, enable_dropout=False)
 
 
 def test_prompt_bank_module_directly():
-  bank = prompted.PromptBank(num_prompts=4, length=2, embed_dim=3,
-                             prompt_init=prompts.uniform(0.5))
+  bank = prompted.PromptBank(num_prompts=4, length=2, embed_dim=3, prompt_init=prompts.uniform(0.5))
   variables = bank.init(jax.random.PRNGKey(0), prompt_ids=np.array([0]))
   table = variables['params']['prompt']
   out = bank.apply(variables, prompt_ids=np.array([3, 1, 3]))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[[3, 1, 3]])
-  custom = prompted.PromptBank(num_prompts=2, length=2, embed_dim=3,
-                               bank_init=lambda rng, shape: jnp.arange(12.).reshape(shape))
+  custom = prompted.PromptBank(
+      num_prompts=2,
+      length=2,
+      embed_dim=3,
+      bank_init=lambda rng, shape: jnp.arange(12.0).reshape(shape),
+  )
   np.testing.assert_array_equal(
-      np.asarray(custom.init(jax.random.PRNGKey(0))['params']['prompt']).ravel(), np.arange(12.))
+      np.asarray(custom.init(jax.random.PRNGKey(0))['params']['prompt']).ravel(), np.arange(12.0)
+  )
 
 
 def test_combined_prompt_hook():
-  module = prompted.CombinedPrompt(prompt=prompts.Prompt(length=2, embed_dim=3),
-                                   combine=prompts.suffix_prompt)
+  module = prompted.CombinedPrompt(
+      prompt=prompts.Prompt(length=2, embed_dim=3), combine=prompts.suffix_prompt
+  )
   tokens = np.array([[4, 1, 0], [5, 6, 1]])
   embedded = jnp.ones((2, 3, 3))
   variables = module.init(jax.random.PRNGKey(0), tokens, embedded)
@@ -274,21 +321,39 @@ def test_decoder_only_cache_contains_prompt(lm):
   batch, length = LM_TOKENS.shape
   max_len = P + length
   ones = jnp.ones((batch, length), jnp.int32)
-  _, cache_vars = model.apply({'params': params}, ones, ones, enable_dropout=False, decode=True,
-                              max_decode_length=max_len, mutable=['cache'])
-  _, cache_vars = model.apply({'params': params, 'cache': cache_vars['cache']}, batch, max_len,
-                              method=model.prefill, mutable=['cache'])
+  _, cache_vars = model.apply(
+      {'params': params},
+      ones,
+      ones,
+      enable_dropout=False,
+      decode=True,
+      max_decode_length=max_len,
+      mutable=['cache'],
+  )
+  _, cache_vars = model.apply(
+      {'params': params, 'cache': cache_vars['cache']},
+      batch,
+      max_len,
+      method=model.prefill,
+      mutable=['cache'],
+  )
   cache = cache_vars['cache']
 
   @jax.jit
   def step(cache, token):
-    logits, new_vars = model.apply({'params': params, 'cache': cache}, token, token,
-                                   enable_dropout=False, decode=True, max_decode_length=max_len,
-                                   mutable=['cache'])
+    logits, new_vars = model.apply(
+        {'params': params, 'cache': cache},
+        token,
+        token,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        mutable=['cache'],
+    )
     return logits[:, -1], new_vars['cache']
 
   for t in range(length):
-    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t:t + 1]))
+    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t : t + 1]))
     real = LM_TARGETS[:, t] > 0
     np.testing.assert_allclose(np.asarray(logits)[real], full[real, t], atol=1e-5, rtol=1e-5)
 
@@ -296,8 +361,13 @@ def test_decoder_only_cache_contains_prompt(lm):
 def test_decoder_only_prefix_lm(lm):
   model, variables = lm
   causal_attention = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], np.int32)
-  logits = model.apply(variables, LM_TOKENS, LM_TARGETS, decoder_causal_attention=causal_attention,
-                       enable_dropout=False)
+  logits = model.apply(
+      variables,
+      LM_TOKENS,
+      LM_TARGETS,
+      decoder_causal_attention=causal_attention,
+      enable_dropout=False,
+  )
   assert logits.shape == (2, LM_TOKENS.shape[1], CFG.vocab_size)
   causal = model.apply(variables, LM_TOKENS, LM_TARGETS, enable_dropout=False)
   # Bidirectional prefix changes the prefix positions' logits.
@@ -305,8 +375,7 @@ def test_decoder_only_prefix_lm(lm):
 
 
 def test_decoder_only_remove_prompt_any_layout():
-  model = prompted.PromptDecoderOnly(CFG, prompt_length=2,
-                                     combine=prompts.prefix_prompt_after_bos)
+  model = prompted.PromptDecoderOnly(CFG, prompt_length=2, combine=prompts.prefix_prompt_after_bos)
   variables = model.init(jax.random.PRNGKey(0), LM_TOKENS, LM_TARGETS, enable_dropout=False)
   x = jnp.arange(2 * (2 + 6), dtype=jnp.float32).reshape(2, 8)
   out = model.apply(variables, LM_TOKENS, x, method=model.remove_prompt)

@@ -1,4 +1,5 @@
 """Tests of the Flax T5 backbone against flaxformer facts and transformers' PyTorch T5."""
+
 import dataclasses
 import functools
 
@@ -24,13 +25,18 @@ transformers = pytest.importorskip('transformers')
 
 class PrefixPrompt(nn.Module):
   """Prepends a learned `[P, H]` prompt to the embedded inputs."""
+
   length: int
   features: int
 
   def setup(self):
     self.prompt = nn_partitioning.param_with_axes(
-        'prompt', nn.initializers.normal(1.0), (self.length, self.features), jnp.float32,
-        axes=('prompt', 'prompt_embed'))
+        'prompt',
+        nn.initializers.normal(1.0),
+        (self.length, self.features),
+        jnp.float32,
+        axes=('prompt', 'prompt_embed'),
+    )
 
   def get_prompt(self, batch_size, prompt_ids=None):
     del prompt_ids
@@ -41,8 +47,9 @@ class PrefixPrompt(nn.Module):
     return jnp.concatenate([prompt, embedded], axis=1)
 
   def combine_mask(self, tokens, mask):
-    return jnp.concatenate([jnp.ones((tokens.shape[0], self.length), bool), mask.astype(bool)],
-                           axis=1)
+    return jnp.concatenate(
+        [jnp.ones((tokens.shape[0], self.length), bool), mask.astype(bool)], axis=1
+    )
 
 
 P = 3
@@ -59,8 +66,9 @@ def prompt_factory():
 
 
 def test_relpos_bucket_test_vectors():
-  rel = np.array([-200, -128, -127, -64, -32, -16, -8, -7, -1, 0, 1, 7, 8, 16, 32, 64, 127, 128,
-                  200])
+  rel = np.array(
+      [-200, -128, -127, -64, -32, -16, -8, -7, -1, 0, 1, 7, 8, 16, 32, 64, 127, 128, 200]
+  )
   bidi = [15, 15, 15, 14, 12, 10, 8, 7, 1, 0, 17, 23, 24, 26, 28, 30, 31, 31, 31]
   causal = [31, 31, 31, 26, 21, 16, 8, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
   np.testing.assert_array_equal(layers.relative_position_bucket(rel, True, 32, 128), bidi)
@@ -69,8 +77,12 @@ def test_relpos_bucket_test_vectors():
 
 def test_presets():
   base = t5.get_config('t5_1_1_base')
-  assert (base.emb_dim, base.num_heads, base.mlp_dim, base.num_encoder_layers) == (768, 12, 2048,
-                                                                                   12)
+  assert (base.emb_dim, base.num_heads, base.mlp_dim, base.num_encoder_layers) == (
+      768,
+      12,
+      2048,
+      12,
+  )
   assert base.mlp_activations == ('gelu', 'linear') and not base.logits_via_embedding
   t3b = t5.get_config('t5_1_0_3b')
   assert (t3b.emb_dim, t3b.num_heads, t3b.head_dim, t3b.mlp_dim) == (1024, 32, 128, 16384)
@@ -78,8 +90,9 @@ def test_presets():
   assert t5.get_config('mt5_xl').vocab_size == 250112
   assert t5.get_config('mt5_large').mlp_dim == 2816
   cfg = t5.get_config('tiny', dropout_rate=0.1, mlp_activations=['relu'])
-  assert cfg.mlp_activations == ('relu',) and hash(cfg) == hash(t5.get_config(
-      'tiny', dropout_rate=0.1, mlp_activations=('relu',)))
+  assert cfg.mlp_activations == ('relu',) and hash(cfg) == hash(
+      t5.get_config('tiny', dropout_rate=0.1, mlp_activations=('relu',))
+  )
   with pytest.raises(ValueError, match='Unknown T5 config'):
     t5.get_config('t5_1_1_huge')
   with pytest.raises(ValueError, match='Unknown T5Config field'):
@@ -99,8 +112,7 @@ def _expected_paths(enc_layers, dec_layers, mlp, logits_dense):
     paths += [p + 'pre_self_attention_layer_norm/scale']
     paths += [p + f'self_attention/{n}/kernel' for n in ('query', 'key', 'value', 'out')]
     paths += [p + 'pre_cross_attention_layer_norm/scale']
-    paths += [p + f'encoder_decoder_attention/{n}/kernel'
-              for n in ('query', 'key', 'value', 'out')]
+    paths += [p + f'encoder_decoder_attention/{n}/kernel' for n in ('query', 'key', 'value', 'out')]
     paths += [p + 'pre_mlp_layer_norm/scale'] + [p + f'mlp/{n}/kernel' for n in mlp]
   paths += ['decoder/decoder_norm/scale']
   if logits_dense:
@@ -114,8 +126,14 @@ def test_parameter_names_shapes_and_axes(variant):
     cfg = t5.get_config('tiny', num_heads=2, head_dim=12, num_decoder_layers=3)
     mlp = ('wi_0', 'wi_1', 'wo')
   else:
-    cfg = t5.get_config('tiny', num_heads=2, head_dim=12, num_decoder_layers=3,
-                        mlp_activations=('relu',), logits_via_embedding=True)
+    cfg = t5.get_config(
+        'tiny',
+        num_heads=2,
+        head_dim=12,
+        num_decoder_layers=3,
+        mlp_activations=('relu',),
+        logits_via_embedding=True,
+    )
     mlp = ('wi', 'wo')
   variables = t5.init_variables(cfg, abstract=True)
   flat = t5.flatten_params(variables['params'])
@@ -132,8 +150,9 @@ def test_parameter_names_shapes_and_axes(variant):
     assert flat['decoder/logits_dense/kernel'].shape == (d, v)
   assert all(x.dtype == jnp.float32 for x in flat.values())
   # params_axes: one `<leaf>_axes` entry per parameter, with the logical names.
-  axes = {k[:-len('_axes')]: a.names for k, a in t5.flatten_params(
-      variables['params_axes']).items()}
+  axes = {
+      k[: -len('_axes')]: a.names for k, a in t5.flatten_params(variables['params_axes']).items()
+  }
   assert sorted(axes) == sorted(flat)
   assert axes['token_embedder/embedding'] == ('vocab', 'embed')
   assert axes['encoder/relpos_bias/rel_embedding'] == ('heads', 'relpos_buckets')
@@ -149,15 +168,19 @@ def test_parameter_names_shapes_and_axes(variant):
 
 def test_decoder_only_names_and_prompt_path():
   cfg = TINY
-  flat = t5.flatten_params(t5.init_variables(cfg, decoder_only=True, abstract=True,
-                                             prompt_factory=prompt_factory)['params'])
+  flat = t5.flatten_params(
+      t5.init_variables(cfg, decoder_only=True, abstract=True, prompt_factory=prompt_factory)[
+          'params'
+      ]
+  )
   assert 'decoder/token_embedder/embedding' in flat
   assert 'decoder/prompt/prompt' in flat and flat['decoder/prompt/prompt'].shape == (P, 32)
   assert 'decoder/layers_0/self_attention/query/kernel' in flat
   assert not any('cross' in k or 'encoder' in k for k in flat)
   assert 'decoder/logits_dense/kernel' in flat
-  enc_dec = t5.flatten_params(t5.init_variables(cfg, abstract=True,
-                                                prompt_factory=prompt_factory)['params'])
+  enc_dec = t5.flatten_params(
+      t5.init_variables(cfg, abstract=True, prompt_factory=prompt_factory)['params']
+  )
   assert enc_dec['encoder/prompt/prompt'].shape == (P, 32)
 
 
@@ -172,16 +195,26 @@ def test_initializers_fold_query_scale():
   params = t5.flatten_params(attention.init(jax.random.PRNGKey(1), x, x)['params'])
   q = np.std(params['query/kernel'])
   k = np.std(params['key/kernel'])
-  np.testing.assert_allclose(k, 256 ** -0.5, rtol=0.05)
-  np.testing.assert_allclose(q, 256 ** -0.5 / 8, rtol=0.05)
+  np.testing.assert_allclose(k, 256**-0.5, rtol=0.05)
+  np.testing.assert_allclose(q, 256**-0.5 / 8, rtol=0.05)
 
 
 # ----------------------------------------------------------------------------------------------
 # Against transformers T5 (random weights, built here)
 # ----------------------------------------------------------------------------------------------
 
-HF_SIZES = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
+HF_SIZES = dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    decoder_start_token_id=0,
+    eos_token_id=1,
+    pad_token_id=0,
+    dropout_rate=0.0,
+)
 
 
 def _randomize(model, seed):
@@ -200,11 +233,13 @@ def _randomize(model, seed):
 def _build_hf(kind):
   torch.manual_seed(0)
   if kind == 't5_1_0':
-    cfg = transformers.T5Config(feed_forward_proj='relu', tie_word_embeddings=True,
-                                num_decoder_layers=3, **HF_SIZES)
+    cfg = transformers.T5Config(
+        feed_forward_proj='relu', tie_word_embeddings=True, num_decoder_layers=3, **HF_SIZES
+    )
   else:
-    cfg = transformers.T5Config(feed_forward_proj='gated-gelu', tie_word_embeddings=False,
-                                **HF_SIZES)
+    cfg = transformers.T5Config(
+        feed_forward_proj='gated-gelu', tie_word_embeddings=False, **HF_SIZES
+    )
   model = transformers.T5ForConditionalGeneration(cfg)
   if kind == 't5_1_1':  # transformers 5 ties lm_head to shared; untie it (T5 1.1 layout).
     model.lm_head.weight = torch.nn.Parameter(torch.zeros(cfg.vocab_size, cfg.d_model))
@@ -215,19 +250,25 @@ def _build_hf(kind):
 
 def _hf_to_ours(model, kind):
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  cfg = huggingface.config_from_hf(model.config.to_dict(),
-                                   separate_lm_head=(kind == 't5_1_1'), dropout_rate=0.0)
+  cfg = huggingface.config_from_hf(
+      model.config.to_dict(), separate_lm_head=(kind == 't5_1_1'), dropout_rate=0.0
+  )
   params = huggingface.state_dict_to_params(sd, cfg)
   t5.check_params(cfg, params)
   return cfg, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-ENC = np.array([[5, 9, 17, 33, 2, 41, 7, 1, 0, 0, 0, 0],
-                [12, 3, 88, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-                [4, 60, 71, 22, 9, 9, 13, 50, 3, 8, 77, 1]], np.int32)
-DEC_TARGET = np.array([[6, 7, 8, 9, 1, 0, 0],
-                       [19, 20, 1, 0, 0, 0, 0],
-                       [30, 31, 32, 33, 34, 35, 1]], np.int32)
+ENC = np.array(
+    [
+        [5, 9, 17, 33, 2, 41, 7, 1, 0, 0, 0, 0],
+        [12, 3, 88, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [4, 60, 71, 22, 9, 9, 13, 50, 3, 8, 77, 1],
+    ],
+    np.int32,
+)
+DEC_TARGET = np.array(
+    [[6, 7, 8, 9, 1, 0, 0], [19, 20, 1, 0, 0, 0, 0], [30, 31, 32, 33, 34, 35, 1]], np.int32
+)
 DEC_INPUT = np.concatenate([np.zeros((3, 1), np.int32), DEC_TARGET[:, :-1]], axis=1)
 GEN_LEN = 7  # = decoder length, so the uncached loop reuses the compiled forward
 
@@ -246,16 +287,34 @@ def _jitted(cfg):
 
   @functools.partial(jax.jit, static_argnames='max_len')
   def step(params, cache, encoded, enc, tokens, max_len):
-    logits, mutated = model.apply({'params': params, 'cache': cache}, encoded, enc, tokens, tokens,
-                                  enable_dropout=False, decode=True, max_decode_length=max_len,
-                                  method=model.decode, mutable=['cache'])
+    logits, mutated = model.apply(
+        {'params': params, 'cache': cache},
+        encoded,
+        enc,
+        tokens,
+        tokens,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        method=model.decode,
+        mutable=['cache'],
+    )
     return logits, mutated['cache']
 
   def new_cache(params, encoded, enc, max_len):
     tokens = jnp.zeros((enc.shape[0], 1), jnp.int32)
-    _, mutated = model.apply({'params': params}, encoded, enc, tokens, tokens,
-                             enable_dropout=False, decode=True, max_decode_length=max_len,
-                             method=model.decode, mutable=['cache'])
+    _, mutated = model.apply(
+        {'params': params},
+        encoded,
+        enc,
+        tokens,
+        tokens,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        method=model.decode,
+        mutable=['cache'],
+    )
     return mutated['cache']
 
   return model, forward, encode, step, new_cache
@@ -324,9 +383,11 @@ def test_logits_match_transformers(hf_pair):
   _, forward, _, _, _ = _jitted(cfg)
   ours = np.asarray(forward(params, ENC, DEC_INPUT, DEC_TARGET))
   with torch.no_grad():
-    ref = model(input_ids=torch.tensor(ENC, dtype=torch.long),
-                attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
-                decoder_input_ids=torch.tensor(DEC_INPUT, dtype=torch.long)).logits.numpy()
+    ref = model(
+        input_ids=torch.tensor(ENC, dtype=torch.long),
+        attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
+        decoder_input_ids=torch.tensor(DEC_INPUT, dtype=torch.long),
+    ).logits.numpy()
   real = DEC_TARGET > 0
   assert ours.shape == ref.shape == DEC_TARGET.shape + (cfg.vocab_size,)
   assert np.abs(ours - ref)[real].max() < 1e-4
@@ -338,16 +399,23 @@ def test_greedy_decode_matches_generate_and_uncached(hf_pair):
   uncached = _greedy_uncached(cfg, params, jnp.asarray(ENC), GEN_LEN)
   np.testing.assert_array_equal(cached, uncached)
   with torch.no_grad():
-    gen = model.generate(input_ids=torch.tensor(ENC, dtype=torch.long),
-                         attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
-                         max_new_tokens=GEN_LEN, do_sample=False, num_beams=1,
-                         decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
-                         suppress_tokens=[0], use_cache=False).numpy()  # HF's cache assumes num_decoder_layers ==
+    gen = model.generate(
+        input_ids=torch.tensor(ENC, dtype=torch.long),
+        attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
+        max_new_tokens=GEN_LEN,
+        do_sample=False,
+        num_beams=1,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        suppress_tokens=[0],
+        use_cache=False,
+    ).numpy()  # HF's cache assumes num_decoder_layers ==
     # num_layers; without it generate recomputes every step (still greedy).
   assert (gen[:, 0] == 0).all()
   gen = gen[:, 1:]
-  np.testing.assert_array_equal(cached[:, :gen.shape[1]], gen)
-  assert (cached[:, gen.shape[1]:] == 0).all()  # generate stops once every row hit EOS.
+  np.testing.assert_array_equal(cached[:, : gen.shape[1]], gen)
+  assert (cached[:, gen.shape[1] :] == 0).all()  # generate stops once every row hit EOS.
   assert len(set(map(tuple, cached.tolist()))) > 1
 
 
@@ -356,8 +424,9 @@ def test_chunked_decode_equals_step_by_step_and_full(hf_pair):
   model, forward, encode, step, new_cache = _jitted(cfg)
   enc = jnp.asarray(ENC)
   # A decoder input without padding: compare every position.
-  dec_in = np.array([[0, 5, 6, 7, 8, 9, 10], [0, 11, 12, 13, 14, 15, 16],
-                     [0, 17, 18, 19, 20, 21, 22]], np.int32)
+  dec_in = np.array(
+      [[0, 5, 6, 7, 8, 9, 10], [0, 11, 12, 13, 14, 15, 16], [0, 17, 18, 19, 20, 21, 22]], np.int32
+  )
   length = dec_in.shape[1]
   full = np.asarray(forward(params, enc, dec_in, np.ones_like(dec_in)))
   encoded = encode(params, enc)
@@ -365,7 +434,7 @@ def test_chunked_decode_equals_step_by_step_and_full(hf_pair):
   cache = new_cache(params, encoded, enc, length)
   steps = []
   for t in range(length):
-    logits, cache = step(params, cache, encoded, enc, jnp.asarray(dec_in[:, t:t + 1]), length)
+    logits, cache = step(params, cache, encoded, enc, jnp.asarray(dec_in[:, t : t + 1]), length)
     steps.append(np.asarray(logits[:, 0]))
   steps = np.stack(steps, 1)
   assert int(cache['decoder']['layers_0']['self_attention']['cache_index']) == length
@@ -382,8 +451,7 @@ def test_chunked_decode_equals_step_by_step_and_full(hf_pair):
   layer_cache = cache['decoder']['layers_0']['self_attention']
   assert layer_cache['cached_key'].shape == (3, length, cfg.num_heads, cfg.head_dim)
   assert layer_cache['cache_index'].shape == () and layer_cache['cache_index'].dtype == jnp.int32
-  assert cache['decoder']['relpos_bias']['cached_bias'].shape == (1, cfg.num_heads, length,
-                                                                   length)
+  assert cache['decoder']['relpos_bias']['cached_bias'].shape == (1, cfg.num_heads, length, length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +461,12 @@ def test_chunked_decode_equals_step_by_step_and_full(hf_pair):
 
 def random_params(cfg, seed, decoder_only=False, prompt=False):
   """Random parameters of the right shapes (numpy; much cheaper than running `init`)."""
-  abstract = t5.init_variables(cfg, decoder_only=decoder_only, abstract=True,
-                               prompt_factory=prompt_factory if prompt else None)['params']
+  abstract = t5.init_variables(
+      cfg,
+      decoder_only=decoder_only,
+      abstract=True,
+      prompt_factory=prompt_factory if prompt else None,
+  )['params']
   rng = np.random.default_rng(seed)
 
   def make(path, x):
@@ -423,8 +495,9 @@ def test_packed_equals_separate(tiny_params):
   dec_in = np.array([[0, 10, 11, 0, 12, 0]], np.int32)
   dec_seg = np.array([[1, 1, 1, 2, 2, 0]], np.int32)
   dec_pos = np.array([[0, 1, 2, 0, 1, 0]], np.int32)
-  packed = np.asarray(apply({'params': tiny_params}, enc, dec_in, tgt, enc_seg, dec_seg, enc_pos,
-                            dec_pos))
+  packed = np.asarray(
+      apply({'params': tiny_params}, enc, dec_in, tgt, enc_seg, dec_seg, enc_pos, dec_pos)
+  )
 
   # The two sequences unpacked, as one padded batch.
   enc = np.array([a_enc, b_enc + [0]], np.int32)
@@ -442,9 +515,15 @@ def test_remat_bf16_and_dropout():
 
   def loss(params, config, rng=None):
     model = t5.EncoderDecoder(config)
-    logits = model.apply({'params': params}, enc, dec_in, tgt, enable_dropout=rng is not None,
-                         rngs=None if rng is None else {'dropout': rng})
-    return jnp.sum(logits ** 2), logits
+    logits = model.apply(
+        {'params': params},
+        enc,
+        dec_in,
+        tgt,
+        enable_dropout=rng is not None,
+        rngs=None if rng is None else {'dropout': rng},
+    )
+    return jnp.sum(logits**2), logits
 
   grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
   g0, base = grad(params, cfg)
@@ -453,6 +532,7 @@ def test_remat_bf16_and_dropout():
     np.testing.assert_allclose(logits, base, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
   # What the backward pass keeps: everything > 'minimal' (weight matmul outputs) > 'full' (inputs).
   def saved_floats(remat):  # the residuals a VJP closes over, in numbers
     _, vjp = jax.vjp(lambda p: loss(p, dataclasses.replace(cfg, remat=remat))[0], params)
@@ -487,12 +567,18 @@ def test_encoder_decoder_prompt_hook(tiny_params):
   # Padding positions of the encoder output are zero, prompt positions are not.
   assert np.all(np.asarray(encoded)[~np.asarray(mask)] == 0)
   assert np.abs(np.asarray(encoded)[:, :P]).min() > 0
-  logits = model.apply({'params': params}, enc, DEC_INPUT[:2], DEC_TARGET[:2],
-                       enable_dropout=False)
+  logits = model.apply({'params': params}, enc, DEC_INPUT[:2], DEC_TARGET[:2], enable_dropout=False)
   assert logits.shape == DEC_TARGET[:2].shape + (TINY.vocab_size,)
   with pytest.raises(ValueError, match='pack=False'):
-    model.apply({'params': params}, enc, DEC_INPUT[:2], DEC_TARGET[:2], np.ones_like(enc),
-                np.ones_like(DEC_TARGET[:2]), enable_dropout=False)
+    model.apply(
+        {'params': params},
+        enc,
+        DEC_INPUT[:2],
+        DEC_TARGET[:2],
+        np.ones_like(enc),
+        np.ones_like(DEC_TARGET[:2]),
+        enable_dropout=False,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -502,20 +588,39 @@ def lm():
 
   @functools.partial(jax.jit, static_argnames=('causal',))
   def forward(params, tokens, dca=None, causal=True):
-    return model.apply({'params': params}, tokens, None,
-                       decoder_causal_attention=None if causal else dca, enable_dropout=False)
+    return model.apply(
+        {'params': params},
+        tokens,
+        None,
+        decoder_causal_attention=None if causal else dca,
+        enable_dropout=False,
+    )
 
   @functools.partial(jax.jit, static_argnames=('max_len',))
   def step(params, cache, tokens, dca, max_len):
-    logits, mutated = model.apply({'params': params, 'cache': cache}, tokens, None,
-                                  decoder_causal_attention=dca, enable_dropout=False,
-                                  decode=True, max_decode_length=max_len, mutable=['cache'])
+    logits, mutated = model.apply(
+        {'params': params, 'cache': cache},
+        tokens,
+        None,
+        decoder_causal_attention=dca,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        mutable=['cache'],
+    )
     return logits, mutated['cache']
 
   def new_cache(params, batch, max_len):
     tokens = jnp.zeros((batch, 1), jnp.int32)
-    _, mutated = model.apply({'params': params}, tokens, None, enable_dropout=False,
-                             decode=True, max_decode_length=max_len, mutable=['cache'])
+    _, mutated = model.apply(
+        {'params': params},
+        tokens,
+        None,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_len,
+        mutable=['cache'],
+    )
     return mutated['cache']
 
   return model, params, forward, step, new_cache
@@ -536,7 +641,7 @@ def test_decoder_only_cached_equals_uncached(lm):
     logits, cache = step(params, cache, jnp.asarray(LM_TOKENS[:, :4]), dca, length)
     out = [np.asarray(logits)]
     for t in range(4, length):
-      logits, cache = step(params, cache, jnp.asarray(LM_TOKENS[:, t:t + 1]), None, length)
+      logits, cache = step(params, cache, jnp.asarray(LM_TOKENS[:, t : t + 1]), None, length)
       out.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(out, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -567,8 +672,9 @@ def test_decoder_only_prompt_prefill(lm):
   _, base_params, _, _, _ = lm
   params = dict(base_params)
   params['decoder'] = dict(base_params['decoder'])
-  params['decoder']['prompt'] = {'prompt': jax.random.normal(jax.random.PRNGKey(4),
-                                                             (P, TINY.emb_dim))}
+  params['decoder']['prompt'] = {
+      'prompt': jax.random.normal(jax.random.PRNGKey(4), (P, TINY.emb_dim))
+  }
   t5.check_params(TINY, params, decoder_only=True)
   length = LM_TOKENS.shape[1]
   full = np.asarray(model.apply({'params': params}, LM_TOKENS, None, enable_dropout=False))
@@ -577,45 +683,73 @@ def test_decoder_only_prompt_prefill(lm):
 
   @functools.partial(jax.jit, static_argnames='prefill')
   def step(cache, tokens, prefill=False):
-    logits, mutated = model.apply({'params': params, 'cache': cache}, tokens, None,
-                                  enable_dropout=False, decode=True, prefill_prompt=prefill,
-                                  max_decode_length=max_len, mutable=['cache'])
+    logits, mutated = model.apply(
+        {'params': params, 'cache': cache},
+        tokens,
+        None,
+        enable_dropout=False,
+        decode=True,
+        prefill_prompt=prefill,
+        max_decode_length=max_len,
+        mutable=['cache'],
+    )
     return logits, mutated['cache']
 
   tokens = jnp.zeros((2, 1), jnp.int32)
-  _, mutated = model.apply({'params': params}, tokens, None, enable_dropout=False, decode=True,
-                           max_decode_length=max_len, mutable=['cache'])
+  _, mutated = model.apply(
+      {'params': params},
+      tokens,
+      None,
+      enable_dropout=False,
+      decode=True,
+      max_decode_length=max_len,
+      mutable=['cache'],
+  )
   logits, cache = step(mutated['cache'], tokens, prefill=True)
   assert logits.shape == (2, P, TINY.vocab_size)
   np.testing.assert_allclose(logits, full[:, :P], atol=1e-5, rtol=1e-5)
   assert int(cache['decoder']['layers_0']['self_attention']['cache_index']) == P
   out = []
   for t in range(length):
-    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t:t + 1]))
+    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t : t + 1]))
     out.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(out, 1), full[:, P:], atol=1e-5, rtol=1e-5)
   # Prefix LM with a prompt keeps the P + L layout; the prompt and the prefix go into the cache
   # in one chunk (they attend to each other), then the rest token by token.
-  prefix = model.apply({'params': params}, LM_TOKENS, None, decoder_causal_attention=LM_DCA,
-                       enable_dropout=False)
+  prefix = model.apply(
+      {'params': params}, LM_TOKENS, None, decoder_causal_attention=LM_DCA, enable_dropout=False
+  )
   assert prefix.shape == full.shape
-  _, mutated = model.apply({'params': params}, tokens, None, enable_dropout=False, decode=True,
-                           max_decode_length=max_len, mutable=['cache'])
-  logits, mutated = model.apply({'params': params, 'cache': mutated['cache']}, LM_TOKENS[:, :4],
-                                None, decoder_causal_attention=LM_DCA[:, :4], enable_dropout=False,
-                                decode=True, prefill_prompt=True, max_decode_length=max_len,
-                                mutable=['cache'])
+  _, mutated = model.apply(
+      {'params': params},
+      tokens,
+      None,
+      enable_dropout=False,
+      decode=True,
+      max_decode_length=max_len,
+      mutable=['cache'],
+  )
+  logits, mutated = model.apply(
+      {'params': params, 'cache': mutated['cache']},
+      LM_TOKENS[:, :4],
+      None,
+      decoder_causal_attention=LM_DCA[:, :4],
+      enable_dropout=False,
+      decode=True,
+      prefill_prompt=True,
+      max_decode_length=max_len,
+      mutable=['cache'],
+  )
   cache = mutated['cache']
   assert int(cache['decoder']['layers_0']['self_attention']['cache_index']) == P + 4
   out = [np.asarray(logits)]
   for t in range(4, length):
-    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t:t + 1]))
+    logits, cache = step(cache, jnp.asarray(LM_TOKENS[:, t : t + 1]))
     out.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(out, 1), np.asarray(prefix), atol=1e-5, rtol=1e-5)
   assert np.abs(np.asarray(prefix)[:, :P] - full[:, :P]).max() > 1e-4  # the prompt saw the prefix
   with pytest.raises(ValueError, match='pack=False'):
-    model.apply({'params': params}, LM_TOKENS, None, np.ones_like(LM_TOKENS),
-                enable_dropout=False)
+    model.apply({'params': params}, LM_TOKENS, None, np.ones_like(LM_TOKENS), enable_dropout=False)
 
 
 def test_check_params_messages(tiny_params):
@@ -628,6 +762,7 @@ def test_check_params_messages(tiny_params):
     t5.check_params(t5.get_config('tiny', vocab_size=256), tiny_params)
   assert 'vocab' in str(e.value).lower() and 'NUM_EMBEDDINGS' in str(e.value)
   with pytest.raises(ValueError) as e:
-    t5.check_params(t5.get_config('tiny', mlp_activations=('relu',),
-                                  logits_via_embedding=True), tiny_params)
+    t5.check_params(
+        t5.get_config('tiny', mlp_activations=('relu',), logits_via_embedding=True), tiny_params
+    )
   assert 'T5 1.0 vs 1.1' in str(e.value) and 'mlp/wi/kernel' in str(e.value)

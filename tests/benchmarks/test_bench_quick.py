@@ -1,4 +1,5 @@
 """Smoke test of the benchmark suite: `python -m benchmarks.run --quick` into a temp dir."""
+
 import json
 import os
 import re
@@ -20,7 +21,7 @@ def _table(text, header_start):
   for i, line in enumerate(lines):
     if line.startswith(header_start):
       rows = []
-      for row in lines[i + 2:]:
+      for row in lines[i + 2 :]:
         if not row.startswith('|'):
           break
         rows.append([c.strip() for c in row.strip('|').split('|')])
@@ -39,8 +40,22 @@ def test_quick_benchmark_writes_results(tmp_path):
   out = tmp_path / 'RESULTS.md'
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.run', '--quick', '--output', str(out), '--workdir',
-       str(tmp_path / 'work')], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          '-m',
+          'benchmarks.run',
+          '--quick',
+          '--output',
+          str(out),
+          '--workdir',
+          str(tmp_path / 'work'),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
   assert 'quick mode' in text

@@ -17,8 +17,7 @@ import pytest
 from prompt_tuning.checkpoints import formats
 from prompt_tuning.checkpoints import t5x_format
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, 'scripts', 'convert_checkpoint.py')
 
 huggingface = pytest.importorskip('prompt_tuning.checkpoints.huggingface')
@@ -45,15 +44,23 @@ def assert_trees_bit_equal(a, b):
 
 
 def shape_fields(config):
-  names = ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim',
-           'num_encoder_layers', 'num_decoder_layers', 'logits_via_embedding',
-           'relative_attention_num_buckets')
-  return {n: getattr(config, n) for n in names} | {
-      'gated': len(config.mlp_activations) > 1}
+  names = (
+      'vocab_size',
+      'emb_dim',
+      'num_heads',
+      'head_dim',
+      'mlp_dim',
+      'num_encoder_layers',
+      'num_decoder_layers',
+      'logits_via_embedding',
+      'relative_attention_num_buckets',
+  )
+  return {n: getattr(config, n) for n in names} | {'gated': len(config.mlp_activations) > 1}
 
 
 def safetensors_state(directory):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   out = {}
   for f in sorted(glob.glob(os.path.join(directory, '*.safetensors'))):
     out.update(load_file(f))
@@ -64,6 +71,7 @@ def safetensors_state(directory):
 def tiny(tmp_path_factory):
   """(config, numpy params, HF directory written by save_t5)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   config = t5.get_config('tiny')
   params = t5.init_variables(config, jax.random.PRNGKey(3))['params']
   params = jax.tree_util.tree_map(np.asarray, params)
@@ -79,10 +87,10 @@ def round_trip(tiny):
   base = os.path.dirname(hf_dir)
   t5x_dir = os.path.join(base, 't5x', 'checkpoint_0')
   hf_out = os.path.join(base, 'hf_out')
-  assert convert_checkpoint.main(['--input', hf_dir, '--output', t5x_dir,
-                                  '--to', 't5x']) == 0
-  assert convert_checkpoint.main(['--input', t5x_dir, '--output', hf_out,
-                                  '--to', 'huggingface']) == 0
+  assert convert_checkpoint.main(['--input', hf_dir, '--output', t5x_dir, '--to', 't5x']) == 0
+  assert (
+      convert_checkpoint.main(['--input', t5x_dir, '--output', hf_out, '--to', 'huggingface']) == 0
+  )
   return hf_dir, t5x_dir, hf_out
 
 
@@ -110,8 +118,12 @@ def test_explicit_config_preset(tiny, round_trip, tmp_path):
   _, params, _ = tiny
   _, t5x_dir, _ = round_trip
   out = str(tmp_path / 'hf_tiny')
-  assert convert_checkpoint.main(['--input', t5x_dir, '--output', out, '--to',
-                                  'huggingface', '--config', 'tiny']) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--input', t5x_dir, '--output', out, '--to', 'huggingface', '--config', 'tiny']
+      )
+      == 0
+  )
   _, params2 = huggingface.load_t5(out)
   assert_trees_bit_equal(params2, params)
 
@@ -119,8 +131,9 @@ def test_explicit_config_preset(tiny, round_trip, tmp_path):
 def test_wrong_preset_is_refused(round_trip, tmp_path, capsys):
   _, t5x_dir, _ = round_trip
   out = str(tmp_path / 'bad')
-  rc = convert_checkpoint.main(['--input', t5x_dir, '--output', out, '--to',
-                                'huggingface', '--config', 't5_1_1_base'])
+  rc = convert_checkpoint.main(
+      ['--input', t5x_dir, '--output', out, '--to', 'huggingface', '--config', 't5_1_1_base']
+  )
   assert rc == 1
   err = capsys.readouterr().err
   assert "does not match preset 't5_1_1_base'" in err
@@ -134,13 +147,12 @@ def test_infer_config_matches_preset(tiny):
   assert shape_fields(inferred) == shape_fields(config)
   assert tuple(inferred.mlp_activations) == ('gelu', 'linear')
   # From shapes only (no array read), as listed by list_variables.
-  assert shape_fields(formats.infer_t5_config(
-      {k: v.shape for k, v in t5x_format.flatten_params(params).items()})
-                     ) == shape_fields(config)
+  assert shape_fields(
+      formats.infer_t5_config({k: v.shape for k, v in t5x_format.flatten_params(params).items()})
+  ) == shape_fields(config)
   assert formats.infer_t5_config(params, 'tiny') == config
   # Without a relpos embedding the head split comes from head_dim.
-  flat = {k: v.shape for k, v in t5x_format.flatten_params(params).items()
-          if 'relpos' not in k}
+  flat = {k: v.shape for k, v in t5x_format.flatten_params(params).items() if 'relpos' not in k}
   c = formats.infer_t5_config(flat, head_dim=16)
   assert (c.num_heads, c.head_dim) == (2, 16)
   with pytest.raises(ValueError, match='no "token_embedder/embedding"'):
@@ -152,51 +164,60 @@ def test_refuses_to_overwrite(round_trip, tmp_path, capsys):
   out = str(tmp_path / 'exists')
   os.makedirs(out)
   (tmp_path / 'exists' / 'keep.txt').write_text('precious')
-  rc = convert_checkpoint.main(['--input', hf_dir, '--output', out, '--to',
-                                't5x'])
+  rc = convert_checkpoint.main(['--input', hf_dir, '--output', out, '--to', 't5x'])
   assert rc == 1
   assert 'already exists; refusing to overwrite' in capsys.readouterr().err
   assert os.listdir(out) == ['keep.txt']
-  assert convert_checkpoint.main(['--input', hf_dir, '--output', out, '--to',
-                                  't5x', '--overwrite', '--step', '12']) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--input', hf_dir, '--output', out, '--to', 't5x', '--overwrite', '--step', '12']
+      )
+      == 0
+  )
   assert 'keep.txt' not in os.listdir(out)
   full = t5x_format.load_t5x_checkpoint(out)
   assert int(full['state']['step']) == 12
-  rc = convert_checkpoint.main(['--input', t5x_dir, '--output', out, '--to',
-                                'huggingface', '--overwrite'])
+  rc = convert_checkpoint.main(
+      ['--input', t5x_dir, '--output', out, '--to', 'huggingface', '--overwrite']
+  )
   assert rc == 0 and formats.detect_format(out) == 'huggingface'
 
 
 def test_prompt_dropped_and_bf16(tiny, tmp_path):
   config, params, _ = tiny
   with_prompt = dict(params)
-  with_prompt['encoder'] = dict(params['encoder'], prompt={'prompt': {
-      'prompt': np.ones((3, config.emb_dim), np.float32)}})
+  with_prompt['encoder'] = dict(
+      params['encoder'], prompt={'prompt': {'prompt': np.ones((3, config.emb_dim), np.float32)}}
+  )
   src = t5x_format.save(str(tmp_path / 'checkpoint_77'), with_prompt, 77)
   t5x_bf16 = str(tmp_path / 'bf16' / 'checkpoint_77')
-  assert convert_checkpoint.main(['--input', src, '--output', t5x_bf16,
-                                  '--to', 't5x', '--dtype', 'bfloat16']) == 0
+  assert (
+      convert_checkpoint.main(
+          ['--input', src, '--output', t5x_bf16, '--to', 't5x', '--dtype', 'bfloat16']
+      )
+      == 0
+  )
   full = t5x_format.load_t5x_checkpoint(t5x_bf16)
   assert int(full['state']['step']) == 77  # Step carried over.
   assert full['target']['token_embedder']['embedding'].dtype.name == 'bfloat16'
   out = str(tmp_path / 'hf')
-  assert convert_checkpoint.main(['--input', src, '--output', out, '--to',
-                                  'huggingface']) == 0
+  assert convert_checkpoint.main(['--input', src, '--output', out, '--to', 'huggingface']) == 0
   _, params2 = huggingface.load_t5(out)
   assert_trees_bit_equal(params2, params)
 
 
 def test_missing_input_and_orbax(tmp_path, capsys):
-  rc = convert_checkpoint.main(['--input', str(tmp_path / 'nope'), '--output',
-                                str(tmp_path / 'out'), '--to', 't5x'])
+  rc = convert_checkpoint.main(
+      ['--input', str(tmp_path / 'nope'), '--output', str(tmp_path / 'out'), '--to', 't5x']
+  )
   assert rc == 1
   assert 'does not exist' in capsys.readouterr().err
   ob = tmp_path / 'orbax' / 'state'
   ob.mkdir(parents=True)
   (ob / '_CHECKPOINT_METADATA').write_text('{}')
-  rc = convert_checkpoint.main(['--input', str(tmp_path / 'orbax'),
-                                '--output', str(tmp_path / 'out'), '--to',
-                                't5x'])
+  rc = convert_checkpoint.main(
+      ['--input', str(tmp_path / 'orbax'), '--output', str(tmp_path / 'out'), '--to', 't5x']
+  )
   assert rc == 1
   assert 'Orbax' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'out')
@@ -207,9 +228,13 @@ def test_command_line(round_trip, tmp_path):
   out = str(tmp_path / 'cli' / 'checkpoint_0')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   proc = subprocess.run(
-      [sys.executable, SCRIPT, '--input', hf_dir, '--output', out, '--to',
-       't5x'], env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+      [sys.executable, SCRIPT, '--input', hf_dir, '--output', out, '--to', 't5x'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '[convert_checkpoint] input' in proc.stdout
   assert '[convert_checkpoint] done' in proc.stdout

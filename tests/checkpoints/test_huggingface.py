@@ -1,4 +1,5 @@
 """transformers T5 directories <-> flaxformer-named parameters (`checkpoints/huggingface.py`)."""
+
 import functools
 import json
 import os
@@ -17,8 +18,18 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
-SIZES = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-             decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
+SIZES = dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    decoder_start_token_id=0,
+    eos_token_id=1,
+    pad_token_id=0,
+    dropout_rate=0.0,
+)
 ENC = np.array([[5, 9, 17, 33, 2, 41, 7, 1, 0, 0], [12, 3, 88, 1, 0, 0, 0, 0, 0, 0]], np.int32)
 TGT = np.array([[6, 7, 8, 9, 1, 0], [19, 20, 1, 0, 0, 0]], np.int32)
 DEC = np.concatenate([np.zeros((2, 1), np.int32), TGT[:, :-1]], axis=1)
@@ -28,11 +39,11 @@ def _build(kind, seed=0):
   """Random transformers T5 models in the three head layouts."""
   torch.manual_seed(seed)
   if kind == 't5_1_0':  # ReLU, tied + scaled logits
-    cfg = transformers.T5Config(feed_forward_proj='relu', tie_word_embeddings=True,
-                                num_decoder_layers=3, **SIZES)
+    cfg = transformers.T5Config(
+        feed_forward_proj='relu', tie_word_embeddings=True, num_decoder_layers=3, **SIZES
+    )
   else:  # gated GELU, unscaled logits
-    cfg = transformers.T5Config(feed_forward_proj='gated-gelu', tie_word_embeddings=False,
-                                **SIZES)
+    cfg = transformers.T5Config(feed_forward_proj='gated-gelu', tie_word_embeddings=False, **SIZES)
   model = transformers.T5ForConditionalGeneration(cfg)
   if kind == 't5_1_1':  # separate lm_head (the T5 1.1 checkpoints)
     model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * 0.3)
@@ -47,9 +58,11 @@ def _build(kind, seed=0):
 
 def _torch_logits(model):
   with torch.no_grad():
-    return model(input_ids=torch.tensor(ENC, dtype=torch.long),
-                 attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
-                 decoder_input_ids=torch.tensor(DEC, dtype=torch.long)).logits.numpy()
+    return model(
+        input_ids=torch.tensor(ENC, dtype=torch.long),
+        attention_mask=torch.tensor(ENC > 0, dtype=torch.long),
+        decoder_input_ids=torch.tensor(DEC, dtype=torch.long),
+    ).logits.numpy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,11 +117,16 @@ def test_load_save_pretrained_dirs(saved, kind):
   np.testing.assert_array_equal(params['token_embedder']['embedding'], shared)
   np.testing.assert_array_equal(
       params['encoder']['relpos_bias']['rel_embedding'],
-      model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.detach()
-      .numpy().T)
+      model.encoder.block[0]
+      .layer[0]
+      .SelfAttention.relative_attention_bias.weight.detach()
+      .numpy()
+      .T,
+  )
   np.testing.assert_array_equal(
       params['decoder']['layers_1']['encoder_decoder_attention']['query']['kernel'],
-      model.decoder.block[1].layer[1].EncDecAttention.q.weight.detach().numpy().T)
+      model.decoder.block[1].layer[1].EncDecAttention.q.weight.detach().numpy().T,
+  )
   assert cfg.dtype == 'float32'
   _assert_logits_close(cfg, params, ref)
 
@@ -161,8 +179,9 @@ def test_bfloat16_safetensors(saved, tmp_path):
   model, path, _ = saved['t5_1_1']
   _, reference = hf.load_t5(path)
   half = str(tmp_path / 'bf16')
-  transformers.T5ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16) \
-      .save_pretrained(half)
+  transformers.T5ForConditionalGeneration.from_pretrained(
+      path, dtype=torch.bfloat16
+  ).save_pretrained(half)
   _, params = hf.load_t5(half)
   for k, v in t5.flatten_params(params).items():
     assert v.dtype == np.float32
@@ -172,14 +191,20 @@ def test_bfloat16_safetensors(saved, tmp_path):
 @pytest.mark.parametrize('variant', ['t5_1_0', 't5_1_1'])
 def test_round_trip_ours(variant, tmp_path):
   if variant == 't5_1_0':
-    cfg = t5.get_config('tiny', mlp_activations=('relu',), logits_via_embedding=True,
-                        num_decoder_layers=3, vocab_size=96)
+    cfg = t5.get_config(
+        'tiny',
+        mlp_activations=('relu',),
+        logits_via_embedding=True,
+        num_decoder_layers=3,
+        vocab_size=96,
+    )
   else:
     cfg = t5.get_config('tiny', vocab_size=96)
   abstract = t5.init_variables(cfg, abstract=True)['params']
   rng = np.random.default_rng(7)
   params = jax.tree_util.tree_map(
-      lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), abstract)
+      lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), abstract
+  )
   path = str(tmp_path / variant)
   hf.save_t5(path, cfg, params)
   loaded_cfg, loaded = hf.load_t5(path, dropout_rate=cfg.dropout_rate)
@@ -199,12 +224,17 @@ def test_mismatching_config_raises_clear_error(saved):
   assert 'token_embedder/embedding' in msg and '(96, 48)' in msg and '(96, 32)' in msg
   assert path in msg and 'size' in msg
   with pytest.raises(ValueError) as e:
-    hf.load_t5(path, config=t5.get_config('tiny', vocab_size=128, num_heads=4, head_dim=8,
-                                          mlp_dim=48))
+    hf.load_t5(
+        path, config=t5.get_config('tiny', vocab_size=128, num_heads=4, head_dim=8, mlp_dim=48)
+    )
   assert 'NUM_EMBEDDINGS' in str(e.value) and '(128, 32)' in str(e.value)
   with pytest.raises(ValueError) as e:
-    hf.load_t5(path, config=t5.get_config('tiny', vocab_size=96, mlp_dim=48,
-                                          mlp_activations=('relu',), logits_via_embedding=True))
+    hf.load_t5(
+        path,
+        config=t5.get_config(
+            'tiny', vocab_size=96, mlp_dim=48, mlp_activations=('relu',), logits_via_embedding=True
+        ),
+    )
   assert 'T5 1.0 vs 1.1' in str(e.value)
 
 
@@ -212,15 +242,21 @@ def test_config_from_hf_rules():
   base = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12)
   cfg = hf.config_from_hf(dict(base, feed_forward_proj='gated-gelu', tie_word_embeddings=False))
   assert cfg == t5.get_config('t5_1_1_base', dtype='float32', dropout_rate=0.1)
-  cfg = hf.config_from_hf(dict(base, d_ff=3072, feed_forward_proj='relu'), dtype='bfloat16',
-                          dropout_rate=0.0)
+  cfg = hf.config_from_hf(
+      dict(base, d_ff=3072, feed_forward_proj='relu'), dtype='bfloat16', dropout_rate=0.0
+  )
   assert cfg == t5.get_config('t5_1_0_base')
   # transformers 5: tie_word_embeddings is always true, scale_decoder_outputs decides.
-  cfg = hf.config_from_hf(dict(base, feed_forward_proj='gated-gelu', tie_word_embeddings=True,
-                               scale_decoder_outputs=False))
+  cfg = hf.config_from_hf(
+      dict(
+          base,
+          feed_forward_proj='gated-gelu',
+          tie_word_embeddings=True,
+          scale_decoder_outputs=False,
+      )
+  )
   assert not cfg.logits_via_embedding
-  assert hf.config_from_hf(dict(base, feed_forward_proj='gelu')).mlp_activations == (
-      'gelu_exact',)
+  assert hf.config_from_hf(dict(base, feed_forward_proj='gelu')).mlp_activations == ('gelu_exact',)
   assert hf.config_to_hf(t5.get_config('t5_1_1_xl'))['feed_forward_proj'] == 'gated-gelu'
   with pytest.raises(ValueError, match='model_type'):
     hf.config_from_hf(dict(base, model_type='umt5'))

@@ -23,8 +23,7 @@ from prompt_tuning.checkpoints import formats
 from prompt_tuning.checkpoints import t5x_format
 
 BF16 = ml_dtypes.bfloat16
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------
@@ -50,8 +49,7 @@ def read_zarr_with_numpy(array_dir):
     with open(os.path.join(array_dir, name), 'rb') as f:
       raw = gzip.decompress(f.read())
     block = np.frombuffer(raw, dtype).reshape(chunks, order='C')
-    sl = tuple(slice(i * c, min((i + 1) * c, s))
-               for i, c, s in zip(idx, chunks, shape))
+    sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
     crop = tuple(slice(0, x.stop - x.start) for x in sl)  # Edge chunks.
     out[sl] = block[crop]
   return out
@@ -59,8 +57,7 @@ def read_zarr_with_numpy(array_dir):
 
 def bits(x):
   x = np.asarray(x)
-  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32,
-                 8: np.uint64}[x.dtype.itemsize])
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
 
 
 def assert_bit_equal(a, b):
@@ -89,16 +86,32 @@ def random_bits(shape, dtype, seed):
 def write_ts_array(directory, name, arr, chunks, legacy_path_form=False):
   """Writes `arr` as T5X does; returns the spec dict stored in the msgpack."""
   dtype_name = 'bfloat16' if arr.dtype == BF16 else arr.dtype.name
-  metadata = {'chunks': list(chunks), 'compressor': {'id': 'gzip', 'level': 1},
-              'shape': list(arr.shape)}
-  spec = {'driver': 'zarr', 'dtype': dtype_name, 'metadata': metadata,
-          'kvstore': {'driver': 'file', 'path': os.path.join(directory, name)}}
+  metadata = {
+      'chunks': list(chunks),
+      'compressor': {'id': 'gzip', 'level': 1},
+      'shape': list(arr.shape),
+  }
+  spec = {
+      'driver': 'zarr',
+      'dtype': dtype_name,
+      'metadata': metadata,
+      'kvstore': {'driver': 'file', 'path': os.path.join(directory, name)},
+  }
   ts.open(spec, create=True).result().write(arr).result()
   if legacy_path_form:
-    return {'driver': 'zarr', 'dtype': dtype_name, 'path': name,
-            'kvstore': {'driver': 'file'}, 'metadata': metadata}
-  return {'driver': 'zarr', 'dtype': dtype_name, 'metadata': metadata,
-          'kvstore': {'driver': 'gfile', 'path': name + '/'}}
+    return {
+        'driver': 'zarr',
+        'dtype': dtype_name,
+        'path': name,
+        'kvstore': {'driver': 'file'},
+        'metadata': metadata,
+    }
+  return {
+      'driver': 'zarr',
+      'dtype': dtype_name,
+      'metadata': metadata,
+      'kvstore': {'driver': 'gfile', 'path': name + '/'},
+  }
 
 
 def write_msgpack(directory, contents):
@@ -120,51 +133,80 @@ def handmade(tmp_path_factory):
   v_row = rng.random((5,)).astype(np.float32)
   v_col = rng.random((7,)).astype(np.float32)
   target = {
-      'token_embedder': {'embedding': write_ts_array(
-          d, 'target.token_embedder.embedding', emb, [3, 2])},
+      'token_embedder': {
+          'embedding': write_ts_array(d, 'target.token_embedder.embedding', emb, [3, 2])
+      },
       'encoder': {
           'layers_0': {
-              'attention': {'query': {'kernel': write_ts_array(
-                  d, 'target.encoder.layers_0.attention.query.kernel', kernel,
-                  [2, 7], legacy_path_form=True)}},
-              'mlp': {'wi': {'kernel': write_ts_array(
-                  d, 'target.encoder.layers_0.mlp.wi.kernel', wi, [4, 6])}},
+              'attention': {
+                  'query': {
+                      'kernel': write_ts_array(
+                          d,
+                          'target.encoder.layers_0.attention.query.kernel',
+                          kernel,
+                          [2, 7],
+                          legacy_path_form=True,
+                      )
+                  }
+              },
+              'mlp': {
+                  'wi': {
+                      'kernel': write_ts_array(
+                          d, 'target.encoder.layers_0.mlp.wi.kernel', wi, [4, 6]
+                      )
+                  }
+              },
               'pre_attention_layer_norm': {'scale': scale},
           },
       },
   }
   # A GCS-style spec (dummy bucket, patched at read time to the real place).
   relpos = rng.standard_normal((2, 32)).astype(np.float32)
-  spec = write_ts_array(d, 'target.encoder.relpos_bias.rel_embedding', relpos,
-                        [2, 16])
-  spec['kvstore'] = {'driver': 'gcs', 'bucket': 't5x-dummy-bucket',
-                     'path': spec['kvstore']['path']}
+  spec = write_ts_array(d, 'target.encoder.relpos_bias.rel_embedding', relpos, [2, 16])
+  spec['kvstore'] = {'driver': 'gcs', 'bucket': 't5x-dummy-bucket', 'path': spec['kvstore']['path']}
   target['encoder']['relpos_bias'] = {'rel_embedding': spec}
   state = {
       'step': np.asarray(100, np.int32),
       'param_states': {
-          'token_embedder': {'embedding': {
-              'v_row': write_ts_array(
-                  d, 'state.param_states.token_embedder.embedding.v_row',
-                  rng.random((10,)).astype(np.float32), [10]),
-              'v_col': np.zeros((1,), np.float32), 'v': np.zeros((1,),
-                                                                np.float32),
-              'm': np.zeros((1,), np.float32)}},
-          'encoder': {'layers_0': {'attention': {'query': {'kernel': {
-              'v_row': v_row, 'v_col': v_col,
-              'v': np.zeros((1,), np.float32),
-              'm': np.zeros((1,), np.float32)}}}}},
+          'token_embedder': {
+              'embedding': {
+                  'v_row': write_ts_array(
+                      d,
+                      'state.param_states.token_embedder.embedding.v_row',
+                      rng.random((10,)).astype(np.float32),
+                      [10],
+                  ),
+                  'v_col': np.zeros((1,), np.float32),
+                  'v': np.zeros((1,), np.float32),
+                  'm': np.zeros((1,), np.float32),
+              }
+          },
+          'encoder': {
+              'layers_0': {
+                  'attention': {
+                      'query': {
+                          'kernel': {
+                              'v_row': v_row,
+                              'v_col': v_col,
+                              'v': np.zeros((1,), np.float32),
+                              'm': np.zeros((1,), np.float32),
+                          }
+                      }
+                  }
+              }
+          },
           'frozen': None,
       },
   }
-  write_msgpack(d, {'version': 3, 'optimizer': {'target': target,
-                                                'state': state}})
+  write_msgpack(d, {'version': 3, 'optimizer': {'target': target, 'state': state}})
   truth = {
       'token_embedder': {'embedding': emb},
       'encoder': {
-          'layers_0': {'attention': {'query': {'kernel': kernel}},
-                       'mlp': {'wi': {'kernel': wi}},
-                       'pre_attention_layer_norm': {'scale': scale}},
+          'layers_0': {
+              'attention': {'query': {'kernel': kernel}},
+              'mlp': {'wi': {'kernel': wi}},
+              'pre_attention_layer_norm': {'scale': scale},
+          },
           'relpos_bias': {'rel_embedding': relpos},
       },
   }
@@ -179,17 +221,14 @@ def tiny_params(seed=0):
           'layers_0': {
               'attention': {
                   'query': {'kernel': random_bits((16, 12), BF16, seed + 1)},
-                  'key': {'kernel': rng.standard_normal((16, 8)).astype(
-                      np.float32)},
+                  'key': {'kernel': rng.standard_normal((16, 8)).astype(np.float32)},
               },
               'pre_attention_layer_norm': {'scale': np.ones(16, BF16)},
           },
           'encoder_norm': {'scale': np.full((16,), 0.5, np.float32)},
-          'prompt': {'prompt': {'prompt': rng.standard_normal(
-              (5, 16)).astype(np.float32)}},
+          'prompt': {'prompt': {'prompt': rng.standard_normal((5, 16)).astype(np.float32)}},
       },
-      'decoder': {'logits_dense': {'kernel': rng.standard_normal(
-          (16, 40)).astype(BF16)}},
+      'decoder': {'logits_dense': {'kernel': rng.standard_normal((16, 40)).astype(BF16)}},
   }
 
 
@@ -209,11 +248,9 @@ def test_load_handmade_matches_independent_reader(handmade):
   emb = read_zarr_with_numpy(os.path.join(d, 'target.token_embedder.embedding'))
   assert_bit_equal(emb, truth['token_embedder']['embedding'])
   assert_bit_equal(loaded['token_embedder']['embedding'], emb)
-  kernel = read_zarr_with_numpy(
-      os.path.join(d, 'target.encoder.layers_0.attention.query.kernel'))
+  kernel = read_zarr_with_numpy(os.path.join(d, 'target.encoder.layers_0.attention.query.kernel'))
   assert kernel.dtype == BF16
-  assert_bit_equal(loaded['encoder']['layers_0']['attention']['query'][
-      'kernel'], kernel)
+  assert_bit_equal(loaded['encoder']['layers_0']['attention']['query']['kernel'], kernel)
 
 
 def test_path_forms(handmade):
@@ -223,6 +260,7 @@ def test_path_forms(handmade):
   from_model_dir = t5x_format.load(os.path.dirname(d))
   assert_trees_bit_equal(from_model_dir, truth)
   import pathlib  # pylint: disable=g-import-not-at-top
+
   assert_trees_bit_equal(t5x_format.load(pathlib.Path(d)), truth)
 
 
@@ -234,8 +272,7 @@ def test_load_full_state(handmade):
   ps = full['state']['param_states']
   assert ps['frozen'] is None
   assert ps['token_embedder']['embedding']['v_row'].shape == (10,)
-  assert ps['encoder']['layers_0']['attention']['query']['kernel'][
-      'v_col'].shape == (7,)
+  assert ps['encoder']['layers_0']['attention']['query']['kernel']['v_col'].shape == (7,)
 
 
 def _count_opens(monkeypatch):
@@ -260,8 +297,9 @@ def test_read_step_and_selected_state_variables(handmade, monkeypatch):
   name = 'param_states/token_embedder/embedding/v_row'
   out = t5x_format.load_state_variables(d, [name, 'param_states/not/there/v'])
   assert list(out) == [name]  # absent names are left out
-  np.testing.assert_array_equal(out[name],
-                                full['state']['param_states']['token_embedder']['embedding']['v_row'])
+  np.testing.assert_array_equal(
+      out[name], full['state']['param_states']['token_embedder']['embedding']['v_row']
+  )
   assert len(opened) <= 1  # only the requested array (or none, when stored inline)
 
 
@@ -273,8 +311,7 @@ def test_list_variables_reads_no_array(handmade, monkeypatch):
   assert set(listing) == set(flat)
   for k, (shape, dtype) in listing.items():
     assert shape == flat[k].shape
-    assert dtype == ('bfloat16' if flat[k].dtype == BF16 else
-                     flat[k].dtype.name)
+    assert dtype == ('bfloat16' if flat[k].dtype == BF16 else flat[k].dtype.name)
   with_state = t5x_format.list_variables(d, include_state=True)
   assert with_state['state/step'] == ((), 'int32')
   assert 'target/token_embedder/embedding' in with_state
@@ -287,8 +324,8 @@ def test_load_dtype_cast(handmade):
     assert v.dtype == np.float32, k
   k = loaded['encoder']['layers_0']['attention']['query']['kernel']
   np.testing.assert_array_equal(
-      k, truth['encoder']['layers_0']['attention']['query']['kernel'].astype(
-          np.float32))
+      k, truth['encoder']['layers_0']['attention']['query']['kernel'].astype(np.float32)
+  )
   bf = t5x_format.load(d, 'token_embedder/embedding', dtype='bfloat16')
   assert bf['token_embedder']['embedding'].dtype == BF16
 
@@ -307,8 +344,7 @@ def test_selective_load_opens_only_selected(handmade, monkeypatch):
   opened = _count_opens(monkeypatch)
   out = t5x_format.load(d, ['token_embedder/embedding'])
   assert list(t5x_format.flatten_params(out)) == ['token_embedder/embedding']
-  assert_bit_equal(out['token_embedder']['embedding'],
-                   truth['token_embedder']['embedding'])
+  assert_bit_equal(out['token_embedder']['embedding'], truth['token_embedder']['embedding'])
   assert len(opened) == 1 and 'target.token_embedder.embedding' in opened[0]
 
 
@@ -317,18 +353,20 @@ def test_selective_load_without_other_chunk_files(tmp_path):
   d = t5x_format.save(str(tmp_path / 'checkpoint_3'), params, 3)
   # Delete every array except the embedding: loading it must still work.
   import shutil  # pylint: disable=g-import-not-at-top
-  deleted = [e for e in os.listdir(d) if e.startswith('target.') and
-             e != 'target.token_embedder.embedding']
+
+  deleted = [
+      e for e in os.listdir(d) if e.startswith('target.') and e != 'target.token_embedder.embedding'
+  ]
   assert len(deleted) >= 3
   for entry in deleted:
     shutil.rmtree(os.path.join(d, entry))
   out = t5x_format.load(d, variables=['token_embedder/embedding'])
-  assert_bit_equal(out['token_embedder']['embedding'],
-                   params['token_embedder']['embedding'])
+  assert_bit_equal(out['token_embedder']['embedding'], params['token_embedder']['embedding'])
   v = t5x_format.load_variable(d, 'target/token_embedder/embedding')
   assert_bit_equal(v, params['token_embedder']['embedding'])
-  with pytest.raises(t5x_format.CheckpointError,
-                     match="Cannot open the array of variable 'decoder/logits"):
+  with pytest.raises(
+      t5x_format.CheckpointError, match="Cannot open the array of variable 'decoder/logits"
+  ):
     t5x_format.load(d, ['decoder/logits_dense/kernel'])
 
 
@@ -337,19 +375,22 @@ def test_selection_by_regex_and_prefix(handmade, monkeypatch):
   monkeypatch.setattr(ts, 'open', _forbidden_open)
   # Inline leaves only: no array is opened.
   out = t5x_format.load(d, [r'.*/pre_attention_layer_norm/scale'])
-  assert_bit_equal(out['encoder']['layers_0']['pre_attention_layer_norm'][
-      'scale'], truth['encoder']['layers_0']['pre_attention_layer_norm'][
-          'scale'])
+  assert_bit_equal(
+      out['encoder']['layers_0']['pre_attention_layer_norm']['scale'],
+      truth['encoder']['layers_0']['pre_attention_layer_norm']['scale'],
+  )
   monkeypatch.undo()
   out = t5x_format.load(d, ['encoder/layers_0'])
   assert sorted(t5x_format.flatten_params(out)) == [
       'encoder/layers_0/attention/query/kernel',
       'encoder/layers_0/mlp/wi/kernel',
-      'encoder/layers_0/pre_attention_layer_norm/scale']
+      'encoder/layers_0/pre_attention_layer_norm/scale',
+  ]
   out = t5x_format.load(d, r'encoder/layers_\d+/.*/kernel')
   assert sorted(t5x_format.flatten_params(out)) == [
       'encoder/layers_0/attention/query/kernel',
-      'encoder/layers_0/mlp/wi/kernel']
+      'encoder/layers_0/mlp/wi/kernel',
+  ]
 
 
 def test_unknown_variable_lists_close_matches(handmade):
@@ -380,8 +421,7 @@ def test_save_load_round_trip_bit_exact(tmp_path):
 
 def test_save_layout_matches_t5x(tmp_path):
   params = tiny_params()
-  d = t5x_format.save(str(tmp_path / 'checkpoint_5'), params, 5,
-                      max_chunk_bytes=512)
+  d = t5x_format.save(str(tmp_path / 'checkpoint_5'), params, 5, max_chunk_bytes=512)
   entries = set(os.listdir(d))
   assert 'checkpoint' in entries
   assert 'target.token_embedder.embedding' in entries
@@ -395,15 +435,12 @@ def test_save_layout_matches_t5x(tmp_path):
   spec = contents['optimizer']['target']['token_embedder']['embedding']
   assert spec['driver'] == 'zarr'
   assert spec['dtype'] == 'float32'
-  assert spec['kvstore'] == {'driver': 'file',
-                             'path': 'target.token_embedder.embedding/'}
+  assert spec['kvstore'] == {'driver': 'file', 'path': 'target.token_embedder.embedding/'}
   assert spec['metadata']['compressor'] == {'id': 'gzip', 'level': 1}
   assert spec['metadata']['shape'] == [40, 16]
   chunks = spec['metadata']['chunks']
-  assert math.prod(chunks) * 4 <= 512 and [40 % chunks[0], 16 % chunks[1]] == [
-      0, 0]
-  zarray = json.load(open(os.path.join(
-      d, 'target.token_embedder.embedding', '.zarray')))
+  assert math.prod(chunks) * 4 <= 512 and [40 % chunks[0], 16 % chunks[1]] == [0, 0]
+  zarray = json.load(open(os.path.join(d, 'target.token_embedder.embedding', '.zarray')))
   assert zarray['chunks'] == chunks and zarray['order'] == 'C'
   assert zarray['dtype'] == '<f4'
   bf_spec = contents['optimizer']['target']['decoder']['logits_dense']['kernel']
@@ -422,8 +459,7 @@ def test_save_inline_max_size(tmp_path):
   d = t5x_format.save(str(tmp_path / 'a'), params, 1, inline_max_size=0)
   n_leaves = len(t5x_format.flatten_params(params))
   assert len([e for e in os.listdir(d) if e.startswith('target.')]) == n_leaves
-  d2 = t5x_format.save(str(tmp_path / 'b'), params, 1,
-                       inline_max_size=1 << 20)
+  d2 = t5x_format.save(str(tmp_path / 'b'), params, 1, inline_max_size=1 << 20)
   assert os.listdir(d2) == ['checkpoint']
   assert_trees_bit_equal(t5x_format.load(d), params)
   assert_trees_bit_equal(t5x_format.load(d2), params)
@@ -431,20 +467,35 @@ def test_save_inline_max_size(tmp_path):
 
 def test_save_with_optimizer_state_and_dtype(tmp_path):
   import collections  # pylint: disable=g-import-not-at-top
-  params = {'encoder': {'prompt': {'prompt': {'prompt': np.arange(
-      48, dtype=np.float32).reshape(6, 8)}}}, 'frozen': {'w': np.ones((
-          8, 8), np.float32)}}
-  param_states = {'encoder': {'prompt': {'prompt': {'prompt': {
-      'v_row': np.full((6,), 2.0, np.float32),
-      'v_col': np.full((8,), 3.0, np.float32),
-      'v': np.zeros((1,), np.float32), 'm': np.zeros((1,), np.float32)}}}},
-                  'frozen': {'w': None}}
-  opt_state = collections.namedtuple('OptimizerState', ['step',
-                                                        'param_states'])(
-                                                            7, param_states)
-  d = t5x_format.save(str(tmp_path / 'checkpoint_7'), params, 7,
-                      optimizer_state=opt_state, dtype='bfloat16',
-                      inline_max_size=0)
+
+  params = {
+      'encoder': {'prompt': {'prompt': {'prompt': np.arange(48, dtype=np.float32).reshape(6, 8)}}},
+      'frozen': {'w': np.ones((8, 8), np.float32)},
+  }
+  param_states = {
+      'encoder': {
+          'prompt': {
+              'prompt': {
+                  'prompt': {
+                      'v_row': np.full((6,), 2.0, np.float32),
+                      'v_col': np.full((8,), 3.0, np.float32),
+                      'v': np.zeros((1,), np.float32),
+                      'm': np.zeros((1,), np.float32),
+                  }
+              }
+          }
+      },
+      'frozen': {'w': None},
+  }
+  opt_state = collections.namedtuple('OptimizerState', ['step', 'param_states'])(7, param_states)
+  d = t5x_format.save(
+      str(tmp_path / 'checkpoint_7'),
+      params,
+      7,
+      optimizer_state=opt_state,
+      dtype='bfloat16',
+      inline_max_size=0,
+  )
   assert 'state.param_states.encoder.prompt.prompt.prompt.v_row' in os.listdir(d)
   full = t5x_format.load_t5x_checkpoint(d)
   assert int(full['state']['step']) == 7
@@ -457,20 +508,24 @@ def test_save_with_optimizer_state_and_dtype(tmp_path):
   assert loaded['frozen']['w'].dtype == BF16  # Target cast, state kept.
   np.testing.assert_array_equal(
       loaded['encoder']['prompt']['prompt']['prompt'].astype(np.float32),
-      params['encoder']['prompt']['prompt']['prompt'])
+      params['encoder']['prompt']['prompt']['prompt'],
+  )
   # The param_states tree itself (no wrapper) is accepted too.
-  d2 = t5x_format.save(str(tmp_path / 'checkpoint_8'), params, 8,
-                       optimizer_state=param_states)
+  d2 = t5x_format.save(str(tmp_path / 'checkpoint_8'), params, 8, optimizer_state=param_states)
   got2 = t5x_format.load_t5x_checkpoint(d2)['state']['param_states']
-  assert_bit_equal(got2['encoder']['prompt']['prompt']['prompt']['v_col'],
-                   param_states['encoder']['prompt']['prompt']['prompt'][
-                       'v_col'])
+  assert_bit_equal(
+      got2['encoder']['prompt']['prompt']['prompt']['v_col'],
+      param_states['encoder']['prompt']['prompt']['prompt']['v_col'],
+  )
 
 
 def test_save_jax_arrays(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  params = {'a': {'kernel': jnp.arange(600, dtype=jnp.bfloat16).reshape(20, 30)},
-            'b': jnp.ones((3,), jnp.float32)}
+
+  params = {
+      'a': {'kernel': jnp.arange(600, dtype=jnp.bfloat16).reshape(20, 30)},
+      'b': jnp.ones((3,), jnp.float32),
+  }
   d = t5x_format.save(str(tmp_path / 'c'), params, 0)
   out = t5x_format.load(d)
   assert_bit_equal(out['a']['kernel'], np.asarray(params['a']['kernel']))
@@ -490,16 +545,18 @@ def test_save_rejects_bad_keys(tmp_path):
   with pytest.raises(ValueError, match="contain no '/'"):
     t5x_format.save(str(tmp_path / 'x'), {'a/b': np.ones((100,))}, 0)
   with pytest.raises(ValueError, match='same array directory'):
-    t5x_format.save(str(tmp_path / 'y'), {'a.b': np.ones((100,)),
-                                          'a': {'b': np.ones((100,))}}, 0)
+    t5x_format.save(str(tmp_path / 'y'), {'a.b': np.ones((100,)), 'a': {'b': np.ones((100,))}}, 0)
   assert not os.listdir(tmp_path)  # Failed saves leave nothing behind.
 
 
 def test_choose_chunk_shape():
-  for shape, itemsize, limit in [((32128, 768), 4, 64 << 20),
-                                 ((32128, 4096), 4, 64 << 20),
-                                 ((1000, 7), 2, 100), ((13,), 4, 16),
-                                 ((768,), 4, 64 << 20)]:
+  for shape, itemsize, limit in [
+      ((32128, 768), 4, 64 << 20),
+      ((32128, 4096), 4, 64 << 20),
+      ((1000, 7), 2, 100),
+      ((13,), 4, 16),
+      ((768,), 4, 64 << 20),
+  ]:
     chunks = t5x_format._choose_chunk_shape(shape, itemsize, limit)
     assert all(s % c == 0 for s, c in zip(shape, chunks))
     assert math.prod(chunks) * itemsize <= max(limit, itemsize)
@@ -525,8 +582,9 @@ def test_killed_save_leaves_nothing_loadable(tmp_path):
       t5x_format.save({target!r}, {{'w': np.ones((64, 64), np.float32)}}, 9)
   """)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', script], env=env, check=False,
-                        capture_output=True, timeout=120)
+  proc = subprocess.run(
+      [sys.executable, '-c', script], env=env, check=False, capture_output=True, timeout=120
+  )
   assert proc.returncode == 17, proc.stderr.decode()[-2000:]
   leftovers = os.listdir(tmp_path)
   assert len(leftovers) == 1 and leftovers[0].startswith('checkpoint_9.tmp-')
@@ -543,12 +601,12 @@ def test_killed_save_leaves_nothing_loadable(tmp_path):
     formats.detect_format(tmp_dir)
   # A later complete save is found; the leftover is ignored.
   t5x_format.save(str(tmp_path / 'checkpoint_4'), {'w': np.zeros((3,))}, 4)
-  np.testing.assert_array_equal(t5x_format.load(str(tmp_path))['w'],
-                                np.zeros((3,)))
+  np.testing.assert_array_equal(t5x_format.load(str(tmp_path))['w'], np.zeros((3,)))
 
 
 def test_tmp_dir_with_checkpoint_file_is_refused(handmade, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
+
   d, _ = handmade
   tmp = str(tmp_path / 'checkpoint_100.tmp-1700000000')
   shutil.copytree(d, tmp)
@@ -562,6 +620,7 @@ def test_tmp_dir_with_checkpoint_file_is_refused(handmade, tmp_path):
 def test_failed_save_cleans_up(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise RuntimeError('disk full')
+
   monkeypatch.setattr(t5x_format, '_write_bytes', boom)
   with pytest.raises(RuntimeError, match='disk full'):
     t5x_format.save(str(tmp_path / 'checkpoint_1'), tiny_params(), 1)
@@ -582,14 +641,16 @@ def test_missing_directory(tmp_path):
 def test_not_a_t5x_checkpoint(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(t5x_format.CheckpointError,
-                     match='not a T5X checkpoint: it has no "checkpoint"'):
+  with pytest.raises(
+      t5x_format.CheckpointError, match='not a T5X checkpoint: it has no "checkpoint"'
+  ):
     t5x_format.load(str(empty))
   other = tmp_path / 'other'
   write_msgpack(str(other), {'params': np.ones(3)})
-  with pytest.raises(t5x_format.CheckpointError,
-                     match=r"expected top-level keys \['optimizer', 'version'"
-                     r"\], found \['params'\]"):
+  with pytest.raises(
+      t5x_format.CheckpointError,
+      match=r"expected top-level keys \['optimizer', 'version'" r"\], found \['params'\]",
+  ):
     t5x_format.load(str(other))
   garbage = tmp_path / 'garbage'
   garbage.mkdir()
@@ -611,8 +672,7 @@ def test_not_a_t5x_checkpoint(tmp_path):
 def test_old_version_refused(tmp_path):
   d = str(tmp_path / 'checkpoint_1')
   write_msgpack(d, {'version': 1, 'optimizer': {'target': {'w': np.ones(2)}}})
-  with pytest.raises(t5x_format.CheckpointError,
-                     match='version 1; versions earlier than 2'):
+  with pytest.raises(t5x_format.CheckpointError, match='version 1; versions earlier than 2'):
     t5x_format.load(d)
   write_msgpack(d, {'version': 2, 'optimizer': {'target': {'w': np.ones(2)}}})
   np.testing.assert_array_equal(t5x_format.load(d)['w'], np.ones(2))
@@ -620,8 +680,9 @@ def test_old_version_refused(tmp_path):
 
 def test_model_dir_step_selection(tmp_path):
   for step in (10, 200, 30):
-    t5x_format.save(str(tmp_path / f'checkpoint_{step}'),
-                    {'w': np.full((2,), step, np.int32)}, step)
+    t5x_format.save(
+        str(tmp_path / f'checkpoint_{step}'), {'w': np.full((2,), step, np.int32)}, step
+    )
   assert t5x_format.checkpoint_steps(str(tmp_path)) == [10, 30, 200]
   assert int(t5x_format.load(str(tmp_path))['w'][0]) == 200
   assert int(t5x_format.load(str(tmp_path), step=30)['w'][0]) == 30
@@ -636,16 +697,22 @@ def test_model_dir_step_selection(tmp_path):
 
 def test_gcs_kvstore_spec():
   ckpt = 'gs://my-bucket/models/base/checkpoint_1100000'
-  spec = {'driver': 'zarr', 'kvstore': {'driver': 'gcs',
-                                        'bucket': 't5x-dummy-bucket',
-                                        'path': 'target.token_embedder.embedding/'}}
+  spec = {
+      'driver': 'zarr',
+      'kvstore': {
+          'driver': 'gcs',
+          'bucket': 't5x-dummy-bucket',
+          'path': 'target.token_embedder.embedding/',
+      },
+  }
   loc = t5x_format._array_dir(ckpt, spec)
   assert loc == ckpt + '/target.token_embedder.embedding'
   assert t5x_format._kvstore_spec(loc) == {
-      'driver': 'gcs', 'bucket': 'my-bucket',
-      'path': 'models/base/checkpoint_1100000/target.token_embedder.embedding/'}
-  legacy = {'driver': 'zarr', 'kvstore': {'driver': 'gcs', 'bucket': 'b'},
-            'path': 'target.x'}
+      'driver': 'gcs',
+      'bucket': 'my-bucket',
+      'path': 'models/base/checkpoint_1100000/target.token_embedder.embedding/',
+  }
+  legacy = {'driver': 'zarr', 'kvstore': {'driver': 'gcs', 'bucket': 'b'}, 'path': 'target.x'}
   assert t5x_format._array_dir(ckpt, legacy) == ckpt + '/target.x'
   ts.Spec({'driver': 'zarr', 'kvstore': t5x_format._kvstore_spec(loc)})
 
@@ -686,12 +753,12 @@ def test_detect_format(handmade, tmp_path):
   with pytest.raises(FileNotFoundError):
     formats.detect_format(str(tmp_path / 'missing'))
   out = formats.load_params(d, ['token_embedder/embedding'])
-  assert_bit_equal(out['token_embedder']['embedding'],
-                   truth['token_embedder']['embedding'])
+  assert_bit_equal(out['token_embedder']['embedding'], truth['token_embedder']['embedding'])
 
 
 def test_detect_real_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'checkpoint_1'
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / 'state', {'w': np.ones((4,), np.float32)})
@@ -700,16 +767,15 @@ def test_detect_real_orbax_checkpoint(tmp_path):
 
 def test_save_real_adafactor_state(tmp_path):
   adafactor = pytest.importorskip('prompt_tuning.runtime.adafactor')
-  params = {'encoder': {'prompt': {'prompt': {'prompt': random_bits(
-      (4, 300), np.float32, 3)}}}}
+  params = {'encoder': {'prompt': {'prompt': {'prompt': random_bits((4, 300), np.float32, 3)}}}}
   state = adafactor.Adafactor().init_state(params)
-  d = t5x_format.save(str(tmp_path / 'checkpoint_5'), params, 5,
-                      optimizer_state=state, inline_max_size=0)
+  d = t5x_format.save(
+      str(tmp_path / 'checkpoint_5'), params, 5, optimizer_state=state, inline_max_size=0
+  )
   assert 'state.param_states.encoder.prompt.prompt.prompt.v' in os.listdir(d)
   full = t5x_format.load_t5x_checkpoint(d)
   got = full['state']['param_states']['encoder']['prompt']['prompt']['prompt']
-  want = serialization.to_state_dict(state.param_states)['encoder']['prompt'][
-      'prompt']['prompt']
+  want = serialization.to_state_dict(state.param_states)['encoder']['prompt']['prompt']['prompt']
   assert sorted(got) == sorted(want) == ['m', 'v', 'v_col', 'v_row']
   for k in want:
     assert_bit_equal(got[k], np.asarray(want[k]))

@@ -1,4 +1,5 @@
 """Vocabulary resolution (gin, setter, environment, default) and output features."""
+
 import gin
 import pytest
 import seqio
@@ -48,8 +49,12 @@ def test_setter_wins_over_environment(monkeypatch):
 
 def test_gin_binding():
   path = features.seqio_test_vocabulary_path()
-  gin.parse_config([f"features.get_vocabulary.sentencepiece_model_file = '{path}'",
-                    'features.get_vocabulary.extra_ids = 4'])
+  gin.parse_config(
+      [
+          f"features.get_vocabulary.sentencepiece_model_file = '{path}'",
+          'features.get_vocabulary.extra_ids = 4',
+      ]
+  )
   vocab = features.get_vocabulary()
   assert vocab.sentencepiece_model_file == path
   assert vocab.vocab_size == 30

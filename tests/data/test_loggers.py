@@ -1,4 +1,5 @@
 """PredictionSamplesLogger writes TensorBoard text summaries that can be read back."""
+
 import os
 
 import seqio
@@ -9,10 +10,12 @@ from prompt_tuning.data import utils
 
 
 def _dataset(inputs, targets):
-  return tf.data.Dataset.from_tensor_slices({
-      utils.INPUT_TEXT: tf.constant(inputs),
-      utils.TARGET_TEXT: tf.constant(targets),
-  })
+  return tf.data.Dataset.from_tensor_slices(
+      {
+          utils.INPUT_TEXT: tf.constant(inputs),
+          utils.TARGET_TEXT: tf.constant(targets),
+      }
+  )
 
 
 def test_writes_random_and_wrong_samples(tmp_path):
@@ -22,9 +25,14 @@ def test_writes_random_and_wrong_samples(tmp_path):
   outputs = ['positive', 'positive', 'positive', 'negative', 'junk', 'negative']
   predictions = [1, 1, 1, 0, -1, 0]  # examples 1 and 4 are wrong
   logger = loggers.PredictionSamplesLogger(output_dir=str(tmp_path), num_examples=-1)
-  logger(task_name='glue_sst2_v200', step=7, metrics={},
-         dataset=_dataset(inputs, targets_text),
-         inferences={'output': outputs, 'prediction': predictions}, targets=targets)
+  logger(
+      task_name='glue_sst2_v200',
+      step=7,
+      metrics={},
+      dataset=_dataset(inputs, targets_text),
+      inferences={'output': outputs, 'prediction': predictions},
+      targets=targets,
+  )
   summaries = loggers.read_text_summaries(os.path.join(tmp_path, 'glue_sst2_v200'))
   assert set(summaries) == {loggers.RANDOM_TAG, loggers.WRONG_TAG}
   random_text = summaries[loggers.RANDOM_TAG][7]
@@ -42,15 +50,25 @@ def test_examples_dicts_and_sampling(tmp_path):
   """`*_examples` predictions (dicts) and QA list targets; samples are limited and per step."""
   n = 20
   inputs = [f'question: q{i} context: c' for i in range(n)]
-  predictions = [{utils.PREDICTION: 'Paris' if i % 2 else 'Rome',
-                  utils.PREDICTION_TEXT: 'Paris' if i % 2 else 'Rome',
-                  utils.INPUT_TEXT: inputs[i]} for i in range(n)]
+  predictions = [
+      {
+          utils.PREDICTION: 'Paris' if i % 2 else 'Rome',
+          utils.PREDICTION_TEXT: 'Paris' if i % 2 else 'Rome',
+          utils.INPUT_TEXT: inputs[i],
+      }
+      for i in range(n)
+  ]
   targets = [['Paris', 'paris']] * n
   logger = loggers.PredictionSamplesLogger(output_dir=str(tmp_path), num_examples=4, seed=1)
   for step in (1, 2):
-    logger(task_name='squad', step=step, metrics={'em': seqio.metrics.Scalar(50.0)},
-           dataset=_dataset(inputs, ['Paris'] * n), inferences={'prediction': predictions},
-           targets=targets)
+    logger(
+        task_name='squad',
+        step=step,
+        metrics={'em': seqio.metrics.Scalar(50.0)},
+        dataset=_dataset(inputs, ['Paris'] * n),
+        inferences={'prediction': predictions},
+        targets=targets,
+    )
   summaries = loggers.read_text_summaries(os.path.join(tmp_path, 'squad'))
   for step in (1, 2):
     random_text = summaries[loggers.RANDOM_TAG][step]
@@ -64,6 +82,7 @@ def test_examples_dicts_and_sampling(tmp_path):
 
 def test_no_predictions_writes_nothing(tmp_path):
   logger = loggers.PredictionSamplesLogger(output_dir=str(tmp_path))
-  logger(task_name='t', step=None, metrics={}, dataset=None, inferences={'score': [0.1]},
-         targets=[1])
+  logger(
+      task_name='t', step=None, metrics={}, dataset=None, inferences={'score': [0.1]}, targets=[1]
+  )
   assert not os.path.exists(os.path.join(tmp_path, 't'))

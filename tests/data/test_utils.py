@@ -1,4 +1,5 @@
 """Task index mapping, mixing rates, text decoding and idempotent registration."""
+
 import numpy as np
 import pytest
 import seqio
@@ -8,8 +9,9 @@ from prompt_tuning.data import utils
 
 
 def test_task_mapping_sorted_with_aliases():
-  mapping = utils.task_mapping(['rte', 'boolq', 'wsc', 'wsc.fixed', 'axb'],
-                               {'wsc.fixed': 'wsc', 'axb': 'rte'})
+  mapping = utils.task_mapping(
+      ['rte', 'boolq', 'wsc', 'wsc.fixed', 'axb'], {'wsc.fixed': 'wsc', 'axb': 'rte'}
+  )
   assert mapping == {'boolq': 0, 'rte': 1, 'wsc': 2, 'wsc.fixed': 2, 'axb': 1}
   with pytest.raises(ValueError, match='not one of'):
     utils.task_mapping(['a'], {'b': 'c'})
@@ -47,6 +49,7 @@ def test_register_task_is_idempotent():
   utils.register_mixture('pt_utils_test_mix', ['pt_utils_test_task'], default_rate=1.0)
   utils.register_mixture('pt_utils_test_mix', ['pt_utils_test_task'], default_rate=1.0)
   assert [t.name for t in seqio.get_mixture_or_task('pt_utils_test_mix').tasks] == [
-      'pt_utils_test_task']
+      'pt_utils_test_task'
+  ]
   seqio.MixtureRegistry.remove('pt_utils_test_mix')
   seqio.TaskRegistry.remove('pt_utils_test_task')

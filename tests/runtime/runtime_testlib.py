@@ -4,6 +4,7 @@ Subprocess runs put `tests/runtime` on PYTHONPATH (so `tiny_task` is importable 
 MIXTURE_OR_TASK_MODULE) and share a persistent JAX compilation cache, so repeated compilations of the
 same tiny model are cheap.
 """
+
 import contextlib
 import glob
 import os
@@ -28,7 +29,10 @@ RAW_TRACEBACK_MARKERS = ('Traceback (most recent call last)', 'jax._src', 'jaxli
 
 def vocab_path() -> str:
   import seqio  # pylint: disable=g-import-not-at-top
-  return os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece', 'sentencepiece.model')
+
+  return os.path.join(
+      os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece', 'sentencepiece.model'
+  )
 
 
 def shared_cache_dir(tmp_path_factory) -> str:
@@ -48,7 +52,9 @@ def q(s: str) -> str:
 
 def base_env(cache_dir: Optional[str] = None, **extra: str) -> Dict[str, str]:
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([HERE, REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+  env['PYTHONPATH'] = os.pathsep.join(
+      [HERE, REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
+  )
   env['JAX_PLATFORMS'] = 'cpu'
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
   env['CUDA_VISIBLE_DEVICES'] = ''
@@ -63,18 +69,34 @@ def base_env(cache_dir: Optional[str] = None, **extra: str) -> Dict[str, str]:
   return env
 
 
-def entry_args(module: str, gin_files: Sequence[str], bindings: Mapping[str, str],
-               extra_flags: Sequence[str] = ()) -> List[str]:
+def entry_args(
+    module: str,
+    gin_files: Sequence[str],
+    bindings: Mapping[str, str],
+    extra_flags: Sequence[str] = (),
+) -> List[str]:
   args = [PYTHON, '-m', module]
   args += [f'--gin_file={g}' for g in gin_files]
   args += [f'--gin.{k}={v}' for k, v in bindings.items()]
   return args + list(extra_flags)
 
 
-def run(args: Sequence[str], env: Mapping[str, str], timeout: float = 300,
-        log_path: Optional[str] = None) -> subprocess.CompletedProcess:
-  proc = subprocess.run(list(args), env=dict(env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, timeout=timeout, check=False)
+def run(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    timeout: float = 300,
+    log_path: Optional[str] = None,
+) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+      list(args),
+      env=dict(env),
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
   if log_path:
     with open(log_path, 'w') as f:
       f.write(proc.stdout)
@@ -82,7 +104,9 @@ def run(args: Sequence[str], env: Mapping[str, str], timeout: float = 300,
 
 
 def check_ok(proc: subprocess.CompletedProcess, what: str = 'run') -> None:
-  assert proc.returncode == 0, f'{what} failed with exit code {proc.returncode}:\n{proc.stdout[-6000:]}'
+  assert (
+      proc.returncode == 0
+  ), f'{what} failed with exit code {proc.returncode}:\n{proc.stdout[-6000:]}'
 
 
 def task_bindings(batch_size: int = 8, task: str = TASK) -> Dict[str, str]:
@@ -96,18 +120,38 @@ def task_bindings(batch_size: int = 8, task: str = TASK) -> Dict[str, str]:
   }
 
 
-def serve_bindings(frozen: str, prompt_file: str, output_macro: str, output_dir: str, *,
-                   task: str = TASK, batch_size: int = 8) -> Dict[str, str]:
+def serve_bindings(
+    frozen: str,
+    prompt_file: str,
+    output_macro: str,
+    output_dir: str,
+    *,
+    task: str = TASK,
+    batch_size: int = 8,
+) -> Dict[str, str]:
   """Bindings of `prompt_tuning.eval` / `infer` (runs/prompt_eval.gin, runs/prompt_infer.gin): the frozen
   checkpoint plus a prompt file; `output_macro` is EVAL_OUTPUT_DIR or INFER_OUTPUT_DIR. The batch size
   of training (8) finds the compiled decoding step in the compilation cache."""
-  return {'CHECKPOINT_PATH': q(frozen), 'PROMPT_FILE': q(prompt_file), output_macro: q(output_dir),
-          **task_bindings(batch_size, task)}
+  return {
+      'CHECKPOINT_PATH': q(frozen),
+      'PROMPT_FILE': q(prompt_file),
+      output_macro: q(output_dir),
+      **task_bindings(batch_size, task),
+  }
 
 
-def prompt_train_bindings(model_dir: str, init_ckpt: Optional[str], *, steps: int = 6, period: int = 3,
-                          eval_period: int = 3, batch_size: int = 8, seed: Optional[int] = 0,
-                          eval_steps: int = 2, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+def prompt_train_bindings(
+    model_dir: str,
+    init_ckpt: Optional[str],
+    *,
+    steps: int = 6,
+    period: int = 3,
+    eval_period: int = 3,
+    batch_size: int = 8,
+    seed: Optional[int] = 0,
+    eval_steps: int = 2,
+    extra: Optional[Mapping[str, str]] = None,
+) -> Dict[str, str]:
   """Bindings of a tiny prompt-tuning run on `tiny_count` (use with test/tiny_prompt.gin + runs/prompt_finetune.gin)."""
   b = {
       'MODEL_DIR': q(model_dir),
@@ -129,8 +173,15 @@ PROMPT_GIN = ('test/tiny_prompt.gin', 'runs/prompt_finetune.gin')
 MODEL_TUNING_GIN = ('test/tiny_model_tuning.gin', 'runs/model_finetune.gin')
 
 
-def model_tuning_bindings(model_dir: str, *, steps: int = 5, batch_size: int = 8, num_partitions: int = 1,
-                          seed: int = 0, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+def model_tuning_bindings(
+    model_dir: str,
+    *,
+    steps: int = 5,
+    batch_size: int = 8,
+    num_partitions: int = 1,
+    seed: int = 0,
+    extra: Optional[Mapping[str, str]] = None,
+) -> Dict[str, str]:
   """Bindings of a tiny model-tuning run (every parameter trained by plain Adafactor) from scratch."""
   b = {
       'MODEL_DIR': q(model_dir),
@@ -156,6 +207,7 @@ def tiny_backbone_params(seed: int = 1):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
   module = t5.EncoderDecoder(t5.get_config('tiny'))
   x = jnp.ones((2, 8), jnp.int32)
   variables = module.init(jax.random.PRNGKey(seed), x, x, x, enable_dropout=False)
@@ -169,12 +221,14 @@ def make_t5x_checkpoint(root: str, step: int = 0, seed: int = 1) -> str:
   prompt-tuning tests use step 0 so that TRAIN_STEPS is the number of steps they train.
   """
   from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(root, f'checkpoint_{step}')
   t5x_format.save(path, tiny_backbone_params(seed), step)
   return path
 
 
 # ----------------------------------------------------------------------------------------- TensorBoard
+
 
 def event_files(logdir: str) -> List[str]:
   """Event files directly under `logdir`, oldest first (a resumed run adds a newer one)."""
@@ -184,6 +238,7 @@ def event_files(logdir: str) -> List[str]:
 def read_scalars(logdir: str, files: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
   """`{tag: {step: value}}` of every scalar in the event files under `logdir` (later files win)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   out: Dict[str, Dict[int, float]] = {}
   for path in (event_files(logdir) if files is None else files):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -208,16 +263,26 @@ def losses(model_dir: str, run: Optional[int] = None) -> Dict[int, float]:
   return read_scalars(logdir, files).get('loss', {})
 
 
-def assert_losses_close(actual: Mapping[int, float], expected: Mapping[int, float], steps: Sequence[int],
-                        rtol: float = 1e-6, atol: float = 1e-6) -> None:
+def assert_losses_close(
+    actual: Mapping[int, float],
+    expected: Mapping[int, float],
+    steps: Sequence[int],
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+) -> None:
   missing = [s for s in steps if s not in actual or s not in expected]
-  assert not missing, f'no loss logged for steps {missing}: actual={dict(actual)} expected={dict(expected)}'
+  assert (
+      not missing
+  ), f'no loss logged for steps {missing}: actual={dict(actual)} expected={dict(expected)}'
   a = np.array([actual[s] for s in steps])
   e = np.array([expected[s] for s in steps])
-  np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f'losses at steps {list(steps)} differ')
+  np.testing.assert_allclose(
+      a, e, rtol=rtol, atol=atol, err_msg=f'losses at steps {list(steps)} differ'
+  )
 
 
 # ----------------------------------------------------------------------------------------- misc
+
 
 def free_port() -> int:
   with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
@@ -231,7 +296,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
   assert proc.returncode != 0, f'expected a failure, got exit code 0:\n{out[-3000:]}'
   errors = [line for line in out.splitlines() if line.startswith('ERROR:')]
   assert len(errors) == 1, f'expected exactly one ERROR: line, got {errors}:\n{out[-4000:]}'
-  tail = out[out.index(errors[0]):]
+  tail = out[out.index(errors[0]) :]
   for needle in needles:
     assert needle.lower() in tail.lower(), f'{needle!r} not in the error message:\n{tail}'
   for marker in RAW_TRACEBACK_MARKERS:

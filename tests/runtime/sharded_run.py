@@ -5,6 +5,7 @@ Runs `train()` with configs/test/tiny_model_tuning.gin + configs/runs/model_fine
 mesh, the `.sharding.spec` of every train-state leaf and the per-step losses. Used by
 test_partitioning.py with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """
+
 import json
 import sys
 
@@ -18,8 +19,10 @@ import runtime_testlib as rt
 
 
 def specs(tree):
-  return {path: [a if a is None or isinstance(a, str) else list(a) for a in leaf.sharding.spec]
-          for path, leaf in train_state_lib.flatten(tree).items()}
+  return {
+      path: [a if a is None or isinstance(a, str) else list(a) for a in leaf.sharding.spec]
+      for path, leaf in train_state_lib.flatten(tree).items()
+  }
 
 
 def main(out_json: str, model_dir: str, num_partitions: int) -> None:
@@ -32,8 +35,10 @@ def main(out_json: str, model_dir: str, num_partitions: int) -> None:
       'devices': jax.device_count(),
       'trainable': specs(state.trainable),
       'frozen': specs(state.frozen) if state.frozen else {},
-      'opt_state': {p: [a if a is None or isinstance(a, str) else list(a) for a in leaf.sharding.spec]
-                    for p, leaf in zip(*_flat_with_paths(opt))},
+      'opt_state': {
+          p: [a if a is None or isinstance(a, str) else list(a) for a in leaf.sharding.spec]
+          for p, leaf in zip(*_flat_with_paths(opt))
+      },
       'losses': rt.losses(model_dir),
   }
   with open(out_json, 'w') as f:
@@ -42,8 +47,9 @@ def main(out_json: str, model_dir: str, num_partitions: int) -> None:
 
 def _flat_with_paths(tree):
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path) for path, _ in leaves], \
-      [leaf for _, leaf in leaves]
+  return [
+      '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path) for path, _ in leaves
+  ], [leaf for _, leaf in leaves]
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Adafactor against an independent numpy transcription of T5X's update rule."""
+
 import dataclasses
 from typing import Optional, Sequence, Tuple
 
@@ -45,9 +46,11 @@ class RefConfig:
 class RefAdafactor:
   """Numpy Adafactor for one list of parameters with given factoring."""
 
-  def __init__(self, cfg: RefConfig,
-               rules: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...],
-                                     Tuple[int, ...]]]):
+  def __init__(
+      self,
+      cfg: RefConfig,
+      rules: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]],
+  ):
     # rules[i] = (row_dims, col_dims, batch_dims); row/col empty = unfactored.
     self.cfg = cfg
     self.rules = rules
@@ -78,11 +81,11 @@ class RefAdafactor:
       wd = (wd if wd is not None else 1.0) * lr**cfg.weight_decay_rate_lr_exponent
     # The schedule itself is evaluated in float32, as T5X does (at step 1.1M
     # the decay is 1 - 1.4e-5, which float32 only resolves to ~0.4%).
-    decay = float(np.float32(1.0) - np.float32(t - cfg.step_offset + 1.0)**
-                  np.float32(-cfg.decay_rate))
+    decay = float(
+        np.float32(1.0) - np.float32(t - cfg.step_offset + 1.0) ** np.float32(-cfg.decay_rate)
+    )
     out_p, out_s = [], []
-    for x, g, st, (rows, cols, batch) in zip(params, grads, states,
-                                             self.rules):
+    for x, g, st, (rows, cols, batch) in zip(params, grads, states, self.rules):
       x = np.asarray(x, np.float64)
       avg = tuple(i for i in range(x.ndim) if i not in batch)
       st = dict(st)
@@ -129,12 +132,23 @@ def _adafactor_kwargs(cfg: RefConfig) -> dict:
       epsilon1=cfg.epsilon1,
       epsilon2=cfg.epsilon2,
       max_parameter_scale=cfg.max_parameter_scale,
-      global_norm_clip_threshold=cfg.global_norm_clip_threshold)
+      global_norm_clip_threshold=cfg.global_norm_clip_threshold,
+  )
 
 
-def _run_and_compare(cfg: RefConfig, shapes, rules, *, num_steps=5,
-                     start_step=0, grad_scale=1.0, jit=True, extra_kwargs=None,
-                     logical_axes=None, seed=0):
+def _run_and_compare(
+    cfg: RefConfig,
+    shapes,
+    rules,
+    *,
+    num_steps=5,
+    start_step=0,
+    grad_scale=1.0,
+    jit=True,
+    extra_kwargs=None,
+    logical_axes=None,
+    seed=0,
+):
   rng = np.random.RandomState(seed)
   names = [f'p{i}' for i in range(len(shapes))]
   params_np = [rng.uniform(-1, 1, s).astype(np.float32) for s in shapes]
@@ -150,26 +164,22 @@ def _run_and_compare(cfg: RefConfig, shapes, rules, *, num_steps=5,
   apply = jax.jit(opt.apply_gradient) if jit else opt.apply_gradient
   for i in range(num_steps):
     lr = 0.3 / (1 + i)
-    grads_np = [(grad_scale * rng.normal(size=s)).astype(np.float32)
-                for s in shapes]
+    grads_np = [(grad_scale * rng.normal(size=s)).astype(np.float32) for s in shapes]
     # Sprinkle a few exact zeros / tiny gradients.
     grads_np[0].reshape(-1)[:3] = [0.0, 1e-20, -1e-12]
     grads = {'layer': {n: jnp.asarray(g) for n, g in zip(names, grads_np)}}
     hp = opt.update_hyper_params(learning_rate=lr)
     params, state = apply(hp, params, state, grads)
-    ref_params, ref_states = ref.step(start_step + i, lr, ref_params,
-                                      [g.astype(np.float64) for g in grads_np],
-                                      ref_states)
+    ref_params, ref_states = ref.step(
+        start_step + i, lr, ref_params, [g.astype(np.float64) for g in grads_np], ref_states
+    )
   assert int(state.step) == start_step + num_steps
   for n, rp, rs, (rows, cols, _) in zip(names, ref_params, ref_states, rules):
-    np.testing.assert_allclose(
-        np.asarray(params['layer'][n]), rp, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(params['layer'][n]), rp, rtol=0, atol=1e-6)
     st = state.param_states['layer'][n]
     if rows:
-      np.testing.assert_allclose(np.asarray(st.v_row), rs['R'].squeeze(cols),
-                                 rtol=2e-5, atol=0)
-      np.testing.assert_allclose(np.asarray(st.v_col), rs['C'].squeeze(rows),
-                                 rtol=2e-5, atol=0)
+      np.testing.assert_allclose(np.asarray(st.v_row), rs['R'].squeeze(cols), rtol=2e-5, atol=0)
+      np.testing.assert_allclose(np.asarray(st.v_col), rs['C'].squeeze(rows), rtol=2e-5, atol=0)
       assert st.v.shape == (1,)
     else:
       np.testing.assert_allclose(np.asarray(st.v), rs['V'], rtol=2e-5, atol=0)
@@ -199,55 +209,57 @@ def test_factored_tall_matrix():
 def test_unfactored_prompt_paper_recipe_with_step_offset():
   # The prompt-tuning recipe: no parameter scale, weight decay 1e-5, and a
   # step restored from a pretrained checkpoint with a fine-tuning offset.
-  cfg = RefConfig(multiply_by_parameter_scale=False, weight_decay_rate=1e-5,
-                  step_offset=1_100_000)
+  cfg = RefConfig(multiply_by_parameter_scale=False, weight_decay_rate=1e-5, step_offset=1_100_000)
   _run_and_compare(cfg, [(20, 32)], [UNFACT], start_step=1_100_000)
 
 
 def test_unfactored_large_step_without_offset():
   cfg = RefConfig(multiply_by_parameter_scale=False, weight_decay_rate=1e-5)
-  _run_and_compare(cfg, [(20, 32)], [UNFACT], start_step=1_100_000,
-                   num_steps=3)
+  _run_and_compare(cfg, [(20, 32)], [UNFACT], start_step=1_100_000, num_steps=3)
 
 
 def test_clipping_threshold_small_and_none():
-  ref = _run_and_compare(RefConfig(clipping_threshold=0.5), [(20, 32)],
-                         [UNFACT])
+  ref = _run_and_compare(RefConfig(clipping_threshold=0.5), [(20, 32)], [UNFACT])
   assert ref.clip_was_active
-  _run_and_compare(RefConfig(clipping_threshold=None), [(256, 192)],
-                   [FACT_256x192], num_steps=3)
+  _run_and_compare(RefConfig(clipping_threshold=None), [(256, 192)], [FACT_256x192], num_steps=3)
 
 
 def test_momentum_weight_decay_lr_exponent_and_max_scale():
-  cfg = RefConfig(beta1=0.9, weight_decay_rate=1e-3,
-                  weight_decay_rate_lr_exponent=1.0, max_parameter_scale=0.3)
-  _run_and_compare(cfg, [(256, 192), (20, 32), (192,)],
-                   [FACT_256x192, UNFACT, UNFACT])
+  cfg = RefConfig(
+      beta1=0.9, weight_decay_rate=1e-3, weight_decay_rate_lr_exponent=1.0, max_parameter_scale=0.3
+  )
+  _run_and_compare(cfg, [(256, 192), (20, 32), (192,)], [FACT_256x192, UNFACT, UNFACT])
 
 
 def test_global_norm_clipping():
   cfg = RefConfig(global_norm_clip_threshold=1.0)
-  _run_and_compare(cfg, [(256, 192), (20, 32)], [FACT_256x192, UNFACT],
-                   num_steps=3, grad_scale=3.0)
+  _run_and_compare(cfg, [(256, 192), (20, 32)], [FACT_256x192, UNFACT], num_steps=3, grad_scale=3.0)
 
 
 def test_min_dim_size_and_factored_false():
-  _run_and_compare(RefConfig(), [(20, 32)], [((0,), (1,), ())],
-                   extra_kwargs=dict(min_dim_size_to_factor=16), num_steps=3)
-  _run_and_compare(RefConfig(), [(256, 192)], [UNFACT],
-                   extra_kwargs=dict(factored=False), num_steps=3)
+  _run_and_compare(
+      RefConfig(),
+      [(20, 32)],
+      [((0,), (1,), ())],
+      extra_kwargs=dict(min_dim_size_to_factor=16),
+      num_steps=3,
+  )
+  _run_and_compare(
+      RefConfig(), [(256, 192)], [UNFACT], extra_kwargs=dict(factored=False), num_steps=3
+  )
 
 
 def test_rank3_logical_rules_with_batch_dim():
   # ('layers', 'embed', 'mlp') -> (BATCH, ROW, COLUMN): statistics and RMS
   # are per layer.
   _run_and_compare(
-      RefConfig(beta1=0.5), [(3, 16, 24), (16, 4, 8)],
+      RefConfig(beta1=0.5),
+      [(3, 16, 24), (16, 4, 8)],
       [((1,), (2,), (0,)), ((0,), (1, 2), ())],
-      extra_kwargs=dict(
-          logical_factor_rules=adafactor.standard_logical_factor_rules()),
+      extra_kwargs=dict(logical_factor_rules=adafactor.standard_logical_factor_rules()),
       logical_axes=[('layers', 'embed', 'mlp'), ('embed', 'heads', 'kv')],
-      num_steps=4)
+      num_steps=4,
+  )
 
 
 def test_skip_nan_updates():
@@ -255,11 +267,9 @@ def test_skip_nan_updates():
   params = {'w': jnp.ones((4, 5)), 'b': jnp.ones((5,))}
   state = opt.init_state(params)
   grads = {'w': jnp.full((4, 5), jnp.nan), 'b': jnp.ones((5,))}
-  new_params, new_state = opt.apply_gradient(opt.hyper_params, params, state,
-                                             grads)
+  new_params, new_state = opt.apply_gradient(opt.hyper_params, params, state, grads)
   np.testing.assert_array_equal(new_params['w'], params['w'])
-  np.testing.assert_array_equal(new_state.param_states['w'].v,
-                                state.param_states['w'].v)
+  np.testing.assert_array_equal(new_state.param_states['w'].v, state.param_states['w'].v)
   assert not np.allclose(new_params['b'], params['b'])
 
 
@@ -267,8 +277,7 @@ def test_missing_learning_rate_raises():
   opt = adafactor.Adafactor()
   params = {'w': jnp.ones((2, 3))}
   with pytest.raises(ValueError, match='learning rate'):
-    opt.apply_gradient(opt.hyper_params, params, opt.init_state(params),
-                       params)
+    opt.apply_gradient(opt.hyper_params, params, opt.init_state(params), params)
 
 
 # ---------------------------------------------------------------------------
@@ -281,17 +290,20 @@ def _state_shapes(opt, shape, path='a/b'):
   return st.v_row.shape, st.v_col.shape, st.v.shape, st.m.shape
 
 
-@pytest.mark.parametrize('shape,expected', [
-    ((256, 192), ((192,), (256,), (1,))),
-    ((192, 256), ((192,), (256,), (1,))),
-    ((200, 768), ((200,), (768,), (1,))),
-    ((128, 128), ((128,), (128,), (1,))),
-    ((20, 32), ((1,), (1,), (20, 32))),
-    ((100, 768), ((1,), (1,), (100, 768))),
-    ((127, 4096), ((1,), (1,), (127, 4096))),
-    ((4096,), ((1,), (1,), (4096,))),
-    ((), ((1,), (1,), ())),
-])
+@pytest.mark.parametrize(
+    'shape,expected',
+    [
+        ((256, 192), ((192,), (256,), (1,))),
+        ((192, 256), ((192,), (256,), (1,))),
+        ((200, 768), ((200,), (768,), (1,))),
+        ((128, 128), ((128,), (128,), (1,))),
+        ((20, 32), ((1,), (1,), (20, 32))),
+        ((100, 768), ((1,), (1,), (100, 768))),
+        ((127, 4096), ((1,), (1,), (127, 4096))),
+        ((4096,), ((1,), (1,), (4096,))),
+        ((), ((1,), (1,), ())),
+    ],
+)
 def test_heuristic_factoring(shape, expected):
   opt = adafactor.Adafactor()
   v_row, v_col, v, m = _state_shapes(opt, shape)
@@ -306,8 +318,7 @@ def test_momentum_slot_and_dtype():
 
 
 def test_logical_rules_rank2_fall_back_to_heuristic():
-  opt = adafactor.Adafactor(
-      logical_factor_rules=adafactor.standard_logical_factor_rules())
+  opt = adafactor.Adafactor(logical_factor_rules=adafactor.standard_logical_factor_rules())
   axes = {
       'encoder': {'prompt': {'prompt': {'prompt': ('prompt', 'prompt_embed')}}},
       'wi': {'kernel': ('embed', 'mlp')},
@@ -318,8 +329,7 @@ def test_logical_rules_rank2_fall_back_to_heuristic():
   assert fm['encoder/prompt/prompt/prompt'] == (FactorDim.NONE, FactorDim.NONE)
   assert fm['wi/kernel'] == (FactorDim.ROW, FactorDim.COLUMN)
   # Rank <= 2: the heuristic decides, whatever the rule says.
-  assert _state_shapes(opt, (100, 768), 'encoder/prompt/prompt/prompt')[2] == (
-      100, 768)
+  assert _state_shapes(opt, (100, 768), 'encoder/prompt/prompt/prompt')[2] == (100, 768)
   assert _state_shapes(opt, (200, 768), 'big_prompt')[:2] == ((200,), (768,))
   assert _state_shapes(opt, (64, 96), 'wi/kernel')[2] == (64, 96)
 
@@ -327,16 +337,17 @@ def test_logical_rules_rank2_fall_back_to_heuristic():
 def test_logical_rules_rank3_and_errors():
   rules = adafactor.standard_logical_factor_rules()
   opt = adafactor.Adafactor(logical_factor_rules=rules)
-  opt.set_param_axes({
-      'q': ('embed', 'heads', 'kv'),
-      'scan': ('layers', 'embed', 'mlp'),
-      'rel': ('layers', 'heads', 'relpos_buckets'),
-  })
+  opt.set_param_axes(
+      {
+          'q': ('embed', 'heads', 'kv'),
+          'scan': ('layers', 'embed', 'mlp'),
+          'rel': ('layers', 'heads', 'relpos_buckets'),
+      }
+  )
   assert _state_shapes(opt, (16, 4, 8), 'q')[:2] == ((16,), (4, 8))
   assert _state_shapes(opt, (3, 16, 24), 'scan')[:2] == ((3, 16), (3, 24))
   # COLUMN without ROW -> unfactored (BATCH kept).
-  assert opt.hyper_params.factor_map['rel'] == (FactorDim.BATCH,
-                                                FactorDim.NONE, FactorDim.NONE)
+  assert opt.hyper_params.factor_map['rel'] == (FactorDim.BATCH, FactorDim.NONE, FactorDim.NONE)
   assert _state_shapes(opt, (3, 4, 32), 'rel')[2] == (3, 4, 32)
   # Rank 3 without a rule.
   with pytest.raises(ValueError, match='explicit factorization rule'):
@@ -350,22 +361,34 @@ def test_logical_rules_rank3_and_errors():
 
 def test_prompt_rules_and_standard_rules():
   rules = adafactor.standard_logical_factor_rules()
-  for name, dim in [('vocab', 'COLUMN'), ('embed', 'ROW'), ('mlp', 'COLUMN'),
-                    ('heads', 'COLUMN'), ('kv', 'COLUMN'),
-                    ('joined_kv', 'COLUMN'), ('relpos_buckets', 'NONE'),
-                    ('layers', 'BATCH'), ('stack', 'BATCH'),
-                    ('mlp_activations', 'COLUMN'), ('prompt', 'NONE'),
-                    ('prompt_embed', 'NONE'), ('tasks', 'NONE'),
-                    ('batch', 'BATCH')]:
+  for name, dim in [
+      ('vocab', 'COLUMN'),
+      ('embed', 'ROW'),
+      ('mlp', 'COLUMN'),
+      ('heads', 'COLUMN'),
+      ('kv', 'COLUMN'),
+      ('joined_kv', 'COLUMN'),
+      ('relpos_buckets', 'NONE'),
+      ('layers', 'BATCH'),
+      ('stack', 'BATCH'),
+      ('mlp_activations', 'COLUMN'),
+      ('prompt', 'NONE'),
+      ('prompt_embed', 'NONE'),
+      ('tasks', 'NONE'),
+      ('batch', 'BATCH'),
+  ]:
     assert rules[name] == FactorDim[dim], name
   custom = adafactor.prompt_logical_factor_rules({'foo': 'row'})
   assert custom['foo'] == 'row' and custom['prompt'] == FactorDim.NONE
 
 
 def test_factor_map_hparam_map():
-  fm = adafactor.HParamMap([('.*q$', (FactorDim.ROW, FactorDim.COLUMN,
-                                      FactorDim.COLUMN)),
-                            ('.*', (FactorDim.NONE, FactorDim.NONE))])
+  fm = adafactor.HParamMap(
+      [
+          ('.*q$', (FactorDim.ROW, FactorDim.COLUMN, FactorDim.COLUMN)),
+          ('.*', (FactorDim.NONE, FactorDim.NONE)),
+      ]
+  )
   opt = adafactor.Adafactor(factor_map=fm)
   assert _state_shapes(opt, (16, 4, 8), 'enc/q')[:2] == ((16,), (4, 8))
   with pytest.raises(ValueError, match='factored is False'):
@@ -374,23 +397,23 @@ def test_factor_map_hparam_map():
 
 def test_derive_logical_axes():
   opt = adafactor.Adafactor(beta1=0.9)
-  params = {'k': jnp.zeros((256, 192)), 'p': jnp.zeros((20, 32)),
-            'e': jnp.zeros((192, 256))}
-  axes = {'k': ('embed', 'mlp'), 'p': ('prompt', 'prompt_embed'),
-          'e': ('embed', 'vocab')}
+  params = {'k': jnp.zeros((256, 192)), 'p': jnp.zeros((20, 32)), 'e': jnp.zeros((192, 256))}
+  axes = {'k': ('embed', 'mlp'), 'p': ('prompt', 'prompt_embed'), 'e': ('embed', 'vocab')}
   state = opt.init_state(params)
   out = opt.derive_logical_axes(state, axes)
   assert out.step == ()
   k = out.param_states['k']
   # (256, 192): rows = axis 1 (mlp), cols = axis 0 (embed).
-  assert (k.v_row, k.v_col, k.v, k.m) == (('mlp',), ('embed',), (None,),
-                                          ('embed', 'mlp'))
+  assert (k.v_row, k.v_col, k.v, k.m) == (('mlp',), ('embed',), (None,), ('embed', 'mlp'))
   e = out.param_states['e']
   assert (e.v_row, e.v_col) == (('embed',), ('vocab',))
   p = out.param_states['p']
-  assert (p.v_row, p.v_col, p.v, p.m) == ((None,), (None,),
-                                          ('prompt', 'prompt_embed'),
-                                          ('prompt', 'prompt_embed'))
+  assert (p.v_row, p.v_col, p.v, p.m) == (
+      (None,),
+      (None,),
+      ('prompt', 'prompt_embed'),
+      ('prompt', 'prompt_embed'),
+  )
   # Leaves are LogicalAxes, which JAX treats as leaves.
   leaves = jax.tree_util.tree_leaves(out)
   assert all(isinstance(x, optimizers.LogicalAxes) for x in leaves)
@@ -412,12 +435,9 @@ def test_subtree_and_none_states():
   new_full, st_full = opt.apply_gradient(opt.hyper_params, full, state, grads)
   # Subtree with only 'a': same update for 'a', state structure preserved.
   sub = {'a': full['a']}
-  new_sub, st_sub = opt.apply_gradient(opt.hyper_params, sub, state,
-                                       {'a': grads['a']})
+  new_sub, st_sub = opt.apply_gradient(opt.hyper_params, sub, state, {'a': grads['a']})
   np.testing.assert_array_equal(new_sub['a']['x'], new_full['a']['x'])
   assert set(st_sub.param_states) == {'a', 'b'}
-  np.testing.assert_array_equal(st_sub.param_states['b'].v,
-                                state.param_states['b'].v)
+  np.testing.assert_array_equal(st_sub.param_states['b'].v, state.param_states['b'].v)
   with pytest.raises(ValueError, match='No Adafactor state'):
-    opt.apply_gradient(opt.hyper_params, {'zzz': jnp.ones(2)}, state,
-                       {'zzz': jnp.ones(2)})
+    opt.apply_gradient(opt.hyper_params, {'zzz': jnp.ones(2)}, state, {'zzz': jnp.ones(2)})

@@ -5,6 +5,7 @@ and without a soft prompt. The reference decodes without a cache: at every step 
 far goes through the network again (the prefix bidirectional where the model says so) and the argmax at
 its last position is appended.
 """
+
 import functools
 
 import jax
@@ -31,34 +32,56 @@ def _batch():
   weights = np.zeros((n, LENGTH), np.float32)
   for i, (x, y) in enumerate(zip(INPUTS, TARGETS)):
     seq = x + y
-    target[i, :len(seq)] = seq
-    dca[i, :len(x) + 1] = 1
-    weights[i, len(x):len(seq)] = 1
+    target[i, : len(seq)] = seq
+    dca[i, : len(x) + 1] = 1
+    weights[i, len(x) : len(seq)] = 1
   inputs = np.concatenate([np.zeros((n, 1), np.int32), target[:, :-1]], axis=1)
-  return {'decoder_input_tokens': inputs, 'decoder_target_tokens': target,
-          'decoder_causal_attention': dca, 'decoder_loss_weights': weights}
+  return {
+      'decoder_input_tokens': inputs,
+      'decoder_target_tokens': target,
+      'decoder_causal_attention': dca,
+      'decoder_loss_weights': weights,
+  }
 
 
-@pytest.fixture(scope='module', params=[(False, 0), (False, 3), (True, 0), (True, 3)],
-                ids=['causal', 'causal-prompt', 'prefix', 'prefix-prompt'])
+@pytest.fixture(
+    scope='module',
+    params=[(False, 0), (False, 3), (True, 0), (True, 3)],
+    ids=['causal', 'causal-prompt', 'prefix', 'prefix-prompt'],
+)
 def case(request):
   bidirectional, prompt_length = request.param
   config = t5.get_config('tiny', vocab_size=VOCAB)
-  module = (prompted.PromptDecoderOnly(config, prompt_length=prompt_length) if prompt_length
-            else t5.DecoderOnly(config))
-  model = models.DecoderOnlyModel(module, None, decode_fn=decoding.temperature_sample,
-                                  inputs_bidirectional_attention=bidirectional, z_loss=0.0,
-                                  loss_normalizing_factor=None)
+  module = (
+      prompted.PromptDecoderOnly(config, prompt_length=prompt_length)
+      if prompt_length
+      else t5.DecoderOnly(config)
+  )
+  model = models.DecoderOnlyModel(
+      module,
+      None,
+      decode_fn=decoding.temperature_sample,
+      inputs_bidirectional_attention=bidirectional,
+      z_loss=0.0,
+      loss_normalizing_factor=None,
+  )
   batch = _batch()
-  params = model.get_initial_variables(jax.random.PRNGKey(7),
-                                       {k: v.shape for k, v in batch.items()})['params']
+  params = model.get_initial_variables(
+      jax.random.PRNGKey(7), {k: v.shape for k, v in batch.items()}
+  )['params']
   # Larger weights so greedy decodes differ between examples and steps.
   params = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
   return {
-      'model': model, 'params': params, 'batch': batch, 'bidirectional': bidirectional,
-      'greedy': jax.jit(functools.partial(
-          model.predict_batch_with_aux,
-          decoder_params={'topk': 1, 'logit_callback_fn': _never_pad})),
+      'model': model,
+      'params': params,
+      'batch': batch,
+      'bidirectional': bidirectional,
+      'greedy': jax.jit(
+          functools.partial(
+              model.predict_batch_with_aux,
+              decoder_params={'topk': 1, 'logit_callback_fn': _never_pad},
+          )
+      ),
       'forward': jax.jit(model._compute_logits),  # pylint: disable=protected-access
       'score': jax.jit(model.score_batch),
       'loss': jax.jit(lambda p, b: model.loss_fn(p, b, dropout_rng=None)),
@@ -79,11 +102,11 @@ def _greedy_without_cache(case):
     generated = []
     while len(generated) < LENGTH - len(x):
       tokens = np.zeros((1, LENGTH), np.int32)
-      tokens[0, :len(seq)] = seq
+      tokens[0, : len(seq)] = seq
       batch = {'decoder_input_tokens': tokens, 'decoder_target_tokens': np.ones_like(tokens)}
       if case['bidirectional']:
         dca = np.zeros_like(tokens)
-        dca[0, :len(x) + 1] = 1
+        dca[0, : len(x) + 1] = 1
         batch['decoder_causal_attention'] = dca
       logits = np.asarray(case['forward'](case['params'], batch))
       token = int(np.argmax(logits[0, len(seq) - 1, 1:])) + 1  # never 0, see `_never_pad`
@@ -91,7 +114,7 @@ def _greedy_without_cache(case):
       seq.append(token)
       if token == EOS:
         break
-    out[i, :len(generated)] = generated
+    out[i, : len(generated)] = generated
   return out
 
 
@@ -105,8 +128,12 @@ def test_cached_greedy_decoding_equals_full_forward_passes(case):
   assert aux['scores'].shape == (len(INPUTS),)
   # Several samples per example (rows repeated per example): greedy, so each equals the decode.
   many, _ = case['model'].predict_batch_with_aux(
-      case['params'], batch, num_decodes=2, return_all_decodes=True,
-      decoder_params={'topk': 1, 'logit_callback_fn': _never_pad})
+      case['params'],
+      batch,
+      num_decodes=2,
+      return_all_decodes=True,
+      decoder_params={'topk': 1, 'logit_callback_fn': _never_pad},
+  )
   np.testing.assert_array_equal(np.asarray(many), np.stack([expected, expected], axis=1))
   # Not degenerate: the examples decode differently and use several tokens.
   assert len({tuple(r) for r in expected.tolist()}) == len(INPUTS)
@@ -116,12 +143,16 @@ def test_cached_greedy_decoding_equals_full_forward_passes(case):
 def test_score_batch_is_the_summed_target_log_likelihood(case):
   batch = case['batch']
   logits = np.asarray(case['forward'](case['params'], batch), np.float64)
-  logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
-                                keepdims=True)) - logits.max(-1, keepdims=True)
+  logp = (
+      logits
+      - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+  )
   token_logp = np.take_along_axis(logp, batch['decoder_target_tokens'][..., None], -1)[..., 0]
   expected = np.sum(token_logp * batch['decoder_loss_weights'], axis=-1)
-  np.testing.assert_allclose(np.asarray(case['score'](case['params'], batch)), expected,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(case['score'](case['params'], batch)), expected, rtol=1e-5, atol=1e-5
+  )
   loss, metrics = case['loss'](case['params'], batch)
   np.testing.assert_allclose(float(loss), -expected.sum(), rtol=1e-5)
   assert float(metrics['num_tokens']) == batch['decoder_loss_weights'].sum()

@@ -7,6 +7,7 @@ cache as a token history), the position (the cache index), a per-example
 Wrong beam expansion or cache gathering therefore changes the results, and the
 shared leaves are checked to keep their shapes.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,17 @@ class ToyLM:
     + position[t] + encoded[b] + bias.
   """
 
-  def __init__(self, vocab: int, batch: int, max_len: int, seed: int = 0,
-               eos_shift: float = 0.0, scale: float = 1.5, mod: int = 3,
-               offset: int = 0):
+  def __init__(
+      self,
+      vocab: int,
+      batch: int,
+      max_len: int,
+      seed: int = 0,
+      eos_shift: float = 0.0,
+      scale: float = 1.5,
+      mod: int = 3,
+      offset: int = 0,
+  ):
     rng = np.random.RandomState(seed)
     self.vocab, self.batch, self.mod, self.offset = vocab, batch, mod, offset
     self.hist_len = 2 * max_len + 4
@@ -64,9 +73,7 @@ class ToyLM:
                     'cached_key': self._stack(hist),
                     'cache_index': index,
                 },
-                'relpos_bias': {
-                    'cached_bias': jnp.asarray(self.bias[None, :])
-                },
+                'relpos_bias': {'cached_bias': jnp.asarray(self.bias[None, :])},
             },
             'encoded': self._stack(self.encoded),
         }
@@ -95,8 +102,9 @@ class ToyLM:
       hist = hist.at[jnp.arange(rows), index].set(tok)
       pos = jnp.asarray(self.position)[index]
     running = jnp.sum(hist, axis=1) % self.mod
-    logits = (jnp.asarray(self.bigram)[tok] +
-              jnp.asarray(self.running)[running] + pos + enc + bias[0])
+    logits = (
+        jnp.asarray(self.bigram)[tok] + jnp.asarray(self.running)[running] + pos + enc + bias[0]
+    )
     new_cache = {
         'decoder': {
             'layers_0': {
@@ -116,9 +124,13 @@ class ToyLM:
   def next_log_probs(self, b: int, fed) -> np.ndarray:
     """log p(next | fed) for example b; `fed` starts with BOS 0."""
     t = len(fed) - 1
-    logits = (self.bigram[fed[-1]].astype(np.float64) +
-              self.running[sum(fed) % self.mod] + self.position[t] +
-              self.encoded[b] + self.bias)
+    logits = (
+        self.bigram[fed[-1]].astype(np.float64)
+        + self.running[sum(fed) % self.mod]
+        + self.position[t]
+        + self.encoded[b]
+        + self.bias
+    )
     return _log_softmax(logits)
 
   def greedy(self, b: int, length: int, prefix=()):
@@ -150,11 +162,10 @@ class ToyLM:
 
 
 def _bp(alpha: float, length: int) -> float:
-  return ((5.0 + length) / 6.0)**alpha
+  return ((5.0 + length) / 6.0) ** alpha
 
 
-def brute_force_finished(model: ToyLM, b: int, length: int, alpha: float,
-                         prefix=()):
+def brute_force_finished(model: ToyLM, b: int, length: int, alpha: float, prefix=()):
   """All EOS-terminated sequences of at most `length` tokens, best first."""
   results = []
 
@@ -166,8 +177,7 @@ def brute_force_finished(model: ToyLM, b: int, length: int, alpha: float,
       if tok == EOS:
         n = len(prefix) + len(gen) + 1
         seq = list(prefix) + gen + [tok]
-        results.append((seq + [0] * (length - n),
-                        (loglik + lp[tok]) / _bp(alpha, n)))
+        results.append((seq + [0] * (length - n), (loglik + lp[tok]) / _bp(alpha, n)))
       else:
         rec(fed + [tok], gen + [tok], loglik + lp[tok])
 
@@ -188,13 +198,11 @@ def _zeros_inputs(batch, length):
 def test_beam_helpers_shapes_and_order():
   x = jnp.arange(6).reshape(2, 3)
   expanded = decoding.flat_batch_beam_expand(x, 2)
-  np.testing.assert_array_equal(expanded, [[0, 1, 2], [0, 1, 2],
-                                           [3, 4, 5], [3, 4, 5]])
+  np.testing.assert_array_equal(expanded, [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]])
   with_beam = decoding.add_beam_dim(x, 2)
   assert with_beam.shape == (2, 2, 3)
   np.testing.assert_array_equal(decoding.flatten_beam_dim(with_beam), expanded)
-  np.testing.assert_array_equal(
-      decoding.unflatten_beam_dim(expanded, 2, 2), with_beam)
+  np.testing.assert_array_equal(decoding.unflatten_beam_dim(expanded, 2, 2), with_beam)
   # Offset 1 (scanned layers): batch on axis 1.
   y = jnp.arange(12).reshape(2, 3, 2)
   ye = decoding.flat_batch_beam_expand(y, 4, offset=1)
@@ -208,15 +216,15 @@ def test_cache_map_skips_shared_leaves():
       'b': {'cached_bias': jnp.ones((1, 4, 3, 3))},
       'pos': {'position_embedder_index': jnp.array(5)},
   }
-  out = decoding.cache_map(lambda x: decoding.flat_batch_beam_expand(x, 3),
-                           cache)
+  out = decoding.cache_map(lambda x: decoding.flat_batch_beam_expand(x, 3), cache)
   assert out['a']['cached_key'].shape == (6, 3)
   assert out['a']['cache_index'].shape == ()
   assert out['b']['cached_bias'].shape == (1, 4, 3, 3)
   assert out['pos']['position_embedder_index'].shape == ()
   vec = {'a': {'cache_index': jnp.array([1, 2])}}
-  out = decoding.cache_map(lambda x: decoding.flat_batch_beam_expand(x, 2),
-                           vec, apply_to_index=True)
+  out = decoding.cache_map(
+      lambda x: decoding.flat_batch_beam_expand(x, 2), vec, apply_to_index=True
+  )
   np.testing.assert_array_equal(out['a']['cache_index'], [1, 1, 2, 2])
   frozen = decoding.cache_map(lambda x: x * 2, flax.core.freeze(cache))
   assert isinstance(frozen, flax.core.FrozenDict)
@@ -266,24 +274,24 @@ def model():
 
 def test_greedy_equals_python_argmax_loop(model):
   seqs, logp = decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS,
-      rescale_log_probs=False)
+      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS, rescale_log_probs=False
+  )
   assert seqs.shape == (B, 1, L) and logp.shape == (B, 1)
   saw_early_eos = False
   for b in range(B):
     ref, loglik = model.greedy(b, L)
     np.testing.assert_array_equal(np.asarray(seqs[b, 0]), ref)
-    np.testing.assert_allclose(float(logp[b, 0]), loglik, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(float(logp[b, 0]), loglik, rtol=1e-4, atol=1e-4)
     if EOS in ref[:-1]:
       saw_early_eos = True
       # Everything after EOS is padding.
       first = ref.index(EOS)
-      assert not np.any(np.asarray(seqs[b, 0, first + 1:]))
+      assert not np.any(np.asarray(seqs[b, 0, first + 1 :]))
   assert saw_early_eos, 'toy model should stop early for some example'
   # With rescaling, greedy log-probs are 0.
   _, logp = decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS)
+      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS
+  )
   np.testing.assert_array_equal(np.asarray(logp), 0.0)
 
 
@@ -291,16 +299,28 @@ def test_tiny_temperature_equals_greedy(model):
   ref = np.stack([model.greedy(b, L)[0] for b in range(B)])
   # Scalar temperature below MIN_TEMPERATURE: greedy whatever topk says.
   seqs, _ = decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS,
-      decode_rng=jax.random.PRNGKey(7), num_decodes=2, temperature=1e-5,
-      topk=5)
+      _zeros_inputs(B, L),
+      model.init_cache(),
+      model.tokens_to_logits,
+      EOS,
+      decode_rng=jax.random.PRNGKey(7),
+      num_decodes=2,
+      temperature=1e-5,
+      topk=5,
+  )
   for j in range(2):
     np.testing.assert_array_equal(np.asarray(seqs[:, j]), ref)
   # Per-example temperatures: exactly 0, tiny-but-sampled (0.01), 1e-5.
   seqs, _ = decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS,
-      decode_rng=jax.random.PRNGKey(8), num_decodes=2,
-      temperature=jnp.array([0.0, 0.01, 1e-5]), topk=0)
+      _zeros_inputs(B, L),
+      model.init_cache(),
+      model.tokens_to_logits,
+      EOS,
+      decode_rng=jax.random.PRNGKey(8),
+      num_decodes=2,
+      temperature=jnp.array([0.0, 0.01, 1e-5]),
+      topk=0,
+  )
   for j in range(2):
     np.testing.assert_array_equal(np.asarray(seqs[:, j]), ref)
 
@@ -325,7 +345,7 @@ def _check_samples(model, seqs, logp, allowed_fn, renorm=True):
         sub = np.array(sorted(allowed))
         total += lp[tok] - np.log(np.exp(lp[sub]).sum()) if renorm else lp[tok]
         if tok == EOS:
-          assert not np.any(seqs[b, j, t + 1:])
+          assert not np.any(seqs[b, j, t + 1 :])
           break
         fed.append(tok)
       np.testing.assert_allclose(logp[b, j], total, rtol=1e-3, atol=1e-3)
@@ -335,12 +355,22 @@ def _check_samples(model, seqs, logp, allowed_fn, renorm=True):
 
 
 def _sample_many(model, seeds, **kwargs):
-  fn = jax.jit(lambda rng: decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS,
-      decode_rng=rng, num_decodes=32, **kwargs))
+  fn = jax.jit(
+      lambda rng: decoding.temperature_sample(
+          _zeros_inputs(B, L),
+          model.init_cache(),
+          model.tokens_to_logits,
+          EOS,
+          decode_rng=rng,
+          num_decodes=32,
+          **kwargs,
+      )
+  )
   outs = [fn(jax.random.PRNGKey(s)) for s in seeds]
-  return (jnp.concatenate([o[0] for o in outs], axis=1),
-          jnp.concatenate([o[1] for o in outs], axis=1))
+  return (
+      jnp.concatenate([o[0] for o in outs], axis=1),
+      jnp.concatenate([o[1] for o in outs], axis=1),
+  )
 
 
 def test_topk_sampling_stays_in_topk(model):
@@ -384,49 +414,56 @@ def test_topp_sampling_stays_in_nucleus(model):
 
 def test_topp_with_topk_raises(model):
   with pytest.raises(ValueError, match='topk'):
-    decoding.temperature_sample(_zeros_inputs(B, L), model.init_cache(),
-                                model.tokens_to_logits, EOS, topk=4, topp=0.9)
+    decoding.temperature_sample(
+        _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS, topk=4, topp=0.9
+    )
 
 
 def test_forced_prefix_is_kept_and_not_scored(model):
   inputs = np.zeros((B, L), np.int32)
   prefixes = [[3, 2], [4], [5, EOS, 6]]  # An EOS inside a prompt: no stop.
   for b, pre in enumerate(prefixes):
-    inputs[b, 1:1 + len(pre)] = pre
+    inputs[b, 1 : 1 + len(pre)] = pre
   seqs, logp = decoding.temperature_sample(
-      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS,
-      decode_rng=jax.random.PRNGKey(1), num_decodes=4, topk=0,
-      rescale_log_probs=False)
+      jnp.asarray(inputs),
+      model.init_cache(),
+      model.tokens_to_logits,
+      EOS,
+      decode_rng=jax.random.PRNGKey(1),
+      num_decodes=4,
+      topk=0,
+      rescale_log_probs=False,
+  )
   seqs, logp = np.asarray(seqs), np.asarray(logp)
   for b, pre in enumerate(prefixes):
     for j in range(4):
-      np.testing.assert_array_equal(seqs[b, j, :len(pre)], pre)
+      np.testing.assert_array_equal(seqs[b, j, : len(pre)], pre)
       # Something was generated after the prompt.
       assert seqs[b, j, len(pre)] != 0 or len(pre) == L
       ll = model.sequence_log_lik(b, list(seqs[b, j]), num_forced=len(pre))
       np.testing.assert_allclose(logp[b, j], ll, rtol=1e-4, atol=1e-4)
   # Greedy with a prefix equals the python loop with the same prefix.
   seqs, _ = decoding.temperature_sample(
-      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS)
+      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS
+  )
   for b, pre in enumerate(prefixes):
-    np.testing.assert_array_equal(
-        np.asarray(seqs[b, 0]), model.greedy(b, L, prefix=pre)[0])
+    np.testing.assert_array_equal(np.asarray(seqs[b, 0]), model.greedy(b, L, prefix=pre)[0])
 
 
 def test_max_decode_steps(model):
   inputs = np.zeros((B, L), np.int32)
   inputs[:, 1] = 3
   seqs, _ = decoding.temperature_sample(
-      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS,
-      max_decode_steps=2)
+      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS, max_decode_steps=2
+  )
   for b in range(B):
     ref = model.greedy(b, L, prefix=[3])[0]
     np.testing.assert_array_equal(np.asarray(seqs[b, 0, :3]), ref[:3])
     assert not np.any(np.asarray(seqs[b, 0, 3:]))
   with pytest.raises(ValueError, match='max_decode_steps'):
-    decoding.temperature_sample(jnp.asarray(inputs), model.init_cache(),
-                                model.tokens_to_logits, EOS,
-                                max_decode_steps=L + 1)
+    decoding.temperature_sample(
+        jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS, max_decode_steps=L + 1
+    )
 
 
 def test_logit_callback_bans_token(model):
@@ -437,8 +474,14 @@ def test_logit_callback_bans_token(model):
     return logits.at[:, banned].set(-1e9)
 
   seqs, _ = decoding.temperature_sample(
-      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS,
-      num_decodes=16, topk=0, logit_callback_fn=ban)
+      _zeros_inputs(B, L),
+      model.init_cache(),
+      model.tokens_to_logits,
+      EOS,
+      num_decodes=16,
+      topk=0,
+      logit_callback_fn=ban,
+  )
   assert not np.any(np.asarray(seqs) == banned)
 
 
@@ -446,15 +489,19 @@ def test_prefilled_cache_initial_index_matches_forced_prefix(model):
   inputs = np.zeros((B, L), np.int32)
   prefixes = [[3, 2, 5], [4], [6, 2]]
   for b, pre in enumerate(prefixes):
-    inputs[b, 1:1 + len(pre)] = pre
+    inputs[b, 1 : 1 + len(pre)] = pre
   initial_index = np.array([len(p) for p in prefixes], np.int32)
   forced, _ = decoding.temperature_sample(
-      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS,
-      num_decodes=2)
+      jnp.asarray(inputs), model.init_cache(), model.tokens_to_logits, EOS, num_decodes=2
+  )
   prefilled, _ = decoding.temperature_sample(
-      jnp.asarray(inputs), model.init_cache(inputs, initial_index),
-      model.tokens_to_logits, EOS, num_decodes=2,
-      initial_index=jnp.asarray(initial_index))
+      jnp.asarray(inputs),
+      model.init_cache(inputs, initial_index),
+      model.tokens_to_logits,
+      EOS,
+      num_decodes=2,
+      initial_index=jnp.asarray(initial_index),
+  )
   np.testing.assert_array_equal(np.asarray(prefilled), np.asarray(forced))
 
 
@@ -464,21 +511,27 @@ def test_cache_offset_scanned_layers_and_frozen_cache(model):
   scanned = ToyLM(V, B, L, seed=3, offset=1)
   scanned_cache = lambda: flax.core.freeze(scanned.init_cache())
   kwargs = dict(decode_rng=jax.random.PRNGKey(5), num_decodes=3, topk=0)
-  a = decoding.temperature_sample(_zeros_inputs(B, L), model.init_cache(),
-                                  model.tokens_to_logits, EOS, **kwargs)
-  b = decoding.temperature_sample(_zeros_inputs(B, L), scanned_cache(),
-                                  scanned.tokens_to_logits, EOS,
-                                  cache_offset=1, **kwargs)
+  a = decoding.temperature_sample(
+      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS, **kwargs
+  )
+  b = decoding.temperature_sample(
+      _zeros_inputs(B, L), scanned_cache(), scanned.tokens_to_logits, EOS, cache_offset=1, **kwargs
+  )
   np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
   np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), rtol=1e-6)
-  beam_a = decoding.beam_search(_zeros_inputs(B, L), model.init_cache(),
-                                model.tokens_to_logits, EOS, num_decodes=3)
-  beam_b = decoding.beam_search(_zeros_inputs(B, L), scanned_cache(),
-                                scanned.tokens_to_logits, EOS, num_decodes=3,
-                                cache_offset=1)
+  beam_a = decoding.beam_search(
+      _zeros_inputs(B, L), model.init_cache(), model.tokens_to_logits, EOS, num_decodes=3
+  )
+  beam_b = decoding.beam_search(
+      _zeros_inputs(B, L),
+      scanned_cache(),
+      scanned.tokens_to_logits,
+      EOS,
+      num_decodes=3,
+      cache_offset=1,
+  )
   np.testing.assert_array_equal(np.asarray(beam_a[0]), np.asarray(beam_b[0]))
-  np.testing.assert_allclose(np.asarray(beam_a[1]), np.asarray(beam_b[1]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(beam_a[1]), np.asarray(beam_b[1]), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------
@@ -498,9 +551,11 @@ def small_model():
 @pytest.mark.parametrize('alpha', [0.0, 0.6])
 def test_beam_search_matches_brute_force(small_model, alpha):
   m = small_model
-  search = jax.jit(lambda inputs, cache: decoding.beam_search(
-      inputs, cache, m.tokens_to_logits, EOS, num_decodes=EXACT_BEAMS,
-      alpha=alpha))
+  search = jax.jit(
+      lambda inputs, cache: decoding.beam_search(
+          inputs, cache, m.tokens_to_logits, EOS, num_decodes=EXACT_BEAMS, alpha=alpha
+      )
+  )
   seqs, scores = search(_zeros_inputs(2, BL), m.init_cache())
   assert seqs.shape == (2, EXACT_BEAMS, BL)
   assert scores.shape == (2, EXACT_BEAMS)
@@ -513,15 +568,14 @@ def test_beam_search_matches_brute_force(small_model, alpha):
     got_seqs = seqs[b, ::-1][:top]
     got_scores = scores[b, ::-1][:top]
     np.testing.assert_array_equal(got_seqs, np.array([r[0] for r in ref[:top]]))
-    np.testing.assert_allclose(got_scores, [r[1] for r in ref[:top]],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_scores, [r[1] for r in ref[:top]], rtol=1e-4, atol=1e-4)
     # All real finished sequences end with exactly one EOS and pad after it.
     for j in range(EXACT_BEAMS):
       if scores[b, j] < -1e5:
         continue
       row = list(seqs[b, j])
       assert row.count(EOS) == 1
-      assert not any(row[row.index(EOS) + 1:])
+      assert not any(row[row.index(EOS) + 1 :])
 
 
 def test_beam_search_with_forced_prefix_matches_brute_force(small_model):
@@ -529,16 +583,21 @@ def test_beam_search_with_forced_prefix_matches_brute_force(small_model):
   prefix = [2]
   inputs = np.zeros((2, BL), np.int32)
   inputs[:, 1] = prefix[0]
-  seqs, scores = decoding.beam_search(jnp.asarray(inputs), m.init_cache(),
-                                      m.tokens_to_logits, EOS,
-                                      num_decodes=EXACT_BEAMS, alpha=0.6)
+  seqs, scores = decoding.beam_search(
+      jnp.asarray(inputs),
+      m.init_cache(),
+      m.tokens_to_logits,
+      EOS,
+      num_decodes=EXACT_BEAMS,
+      alpha=0.6,
+  )
   for b in range(2):
     ref = brute_force_finished(m, b, BL, 0.6, prefix=prefix)
     assert len(ref) == 13
-    np.testing.assert_array_equal(np.asarray(seqs[b, ::-1][:5]),
-                                  np.array([r[0] for r in ref[:5]]))
-    np.testing.assert_allclose(np.asarray(scores[b, ::-1][:5]),
-                               [r[1] for r in ref[:5]], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(seqs[b, ::-1][:5]), np.array([r[0] for r in ref[:5]]))
+    np.testing.assert_allclose(
+        np.asarray(scores[b, ::-1][:5]), [r[1] for r in ref[:5]], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_beam_search_prefilled_matches_forced(small_model):
@@ -546,29 +605,35 @@ def test_beam_search_prefilled_matches_forced(small_model):
   inputs = np.zeros((2, BL), np.int32)
   inputs[0, 1] = 2
   inputs[1, 1] = 3
-  forced = decoding.beam_search(jnp.asarray(inputs), m.init_cache(),
-                                m.tokens_to_logits, EOS, num_decodes=6)
+  forced = decoding.beam_search(
+      jnp.asarray(inputs), m.init_cache(), m.tokens_to_logits, EOS, num_decodes=6
+  )
   initial_index = jnp.array([1, 1], jnp.int32)
   prefilled = decoding.beam_search(
-      jnp.asarray(inputs), m.init_cache(inputs, initial_index),
-      m.tokens_to_logits, EOS, num_decodes=6, initial_index=initial_index)
-  np.testing.assert_allclose(np.asarray(prefilled[1]), np.asarray(forced[1]),
-                             rtol=1e-5, atol=1e-5)
+      jnp.asarray(inputs),
+      m.init_cache(inputs, initial_index),
+      m.tokens_to_logits,
+      EOS,
+      num_decodes=6,
+      initial_index=initial_index,
+  )
+  np.testing.assert_allclose(np.asarray(prefilled[1]), np.asarray(forced[1]), rtol=1e-5, atol=1e-5)
   # Compare the real results (never-filled finished slots hold junk).
   real = np.asarray(forced[1]) > -1e5
   assert real.sum() >= 8
-  np.testing.assert_array_equal(np.asarray(prefilled[0])[real],
-                                np.asarray(forced[0])[real])
+  np.testing.assert_array_equal(np.asarray(prefilled[0])[real], np.asarray(forced[0])[real])
 
 
 def test_beam_one_equals_greedy():
   # EOS suppressed: greedy never stops, beam search returns its live beam.
   m = ToyLM(V, B, L, seed=5, eos_shift=-40.0)
-  seqs, scores = decoding.beam_search(_zeros_inputs(B, L), m.init_cache(),
-                                      m.tokens_to_logits, EOS, num_decodes=1)
+  seqs, scores = decoding.beam_search(
+      _zeros_inputs(B, L), m.init_cache(), m.tokens_to_logits, EOS, num_decodes=1
+  )
   assert seqs.shape == (B, 1, L)
-  greedy, _ = decoding.temperature_sample(_zeros_inputs(B, L), m.init_cache(),
-                                          m.tokens_to_logits, EOS)
+  greedy, _ = decoding.temperature_sample(
+      _zeros_inputs(B, L), m.init_cache(), m.tokens_to_logits, EOS
+  )
   np.testing.assert_array_equal(np.asarray(seqs), np.asarray(greedy))
   for b in range(B):
     ref, loglik = m.greedy(b, L)
@@ -586,8 +651,9 @@ def test_beam_search_eos_and_early_stop():
     jax.debug.callback(lambda: calls.append(1))
     return m.tokens_to_logits(state)
 
-  seqs, scores = decoding.beam_search(_zeros_inputs(B, L), m.init_cache(),
-                                      counting, EOS, num_decodes=2)
+  seqs, scores = decoding.beam_search(
+      _zeros_inputs(B, L), m.init_cache(), counting, EOS, num_decodes=2
+  )
   jax.effects_barrier()
   seqs = np.asarray(seqs)
   for b in range(B):
@@ -595,7 +661,7 @@ def test_beam_search_eos_and_early_stop():
     assert best[0] == EOS and not any(best[1:])
     for j in range(2):
       row = list(seqs[b, j])
-      assert row.count(EOS) == 1 and not any(row[row.index(EOS) + 1:])
+      assert row.count(EOS) == 1 and not any(row[row.index(EOS) + 1 :])
   assert np.all(np.asarray(scores) > -1e5)
   assert 0 < len(calls) < L, len(calls)
 
@@ -608,8 +674,7 @@ def test_beam_search_eos_and_early_stop():
 def test_rank_classification():
   rng = np.random.RandomState(0)
   batch = {
-      'encoder_input_tokens': np.array([[5, 6, 1, 0], [7, 1, 0, 0],
-                                        [8, 9, 3, 1]], np.int32),
+      'encoder_input_tokens': np.array([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 3, 1]], np.int32),
       'decoder_target_tokens': np.ones((3, 2), np.int32),  # Ignored.
   }
   candidates = [[10, 1], [11, 12, 1], [13, 1]]
@@ -619,8 +684,7 @@ def test_rank_classification():
     enc, tgt = ex['encoder_input_tokens'], ex['decoder_target_tokens']
     assert enc.shape == (9, 4) and tgt.shape == (9, 3)
     np.testing.assert_array_equal(ex['decoder_input_tokens'][:, 0], 0)
-    np.testing.assert_array_equal(ex['decoder_input_tokens'][:, 1:],
-                                  tgt[:, :-1])
+    np.testing.assert_array_equal(ex['decoder_input_tokens'][:, 1:], tgt[:, :-1])
     np.testing.assert_array_equal(ex['decoder_loss_weights'], tgt > 0)
     return np.sum(table[enc[:, :1], tgt] * ex['decoder_loss_weights'], axis=1)
 
@@ -628,14 +692,18 @@ def test_rank_classification():
   assert best.shape == (3,) and scores.shape == (3, 3)
   cands = decoding.pad_candidates(candidates)
   np.testing.assert_array_equal(cands, [[10, 1, 0], [11, 12, 1], [13, 1, 0]])
-  expected = np.array([[sum(table[batch['encoder_input_tokens'][b, 0], t]
-                            for t in c) for c in candidates] for b in range(3)])
+  expected = np.array(
+      [
+          [sum(table[batch['encoder_input_tokens'][b, 0], t] for t in c) for c in candidates]
+          for b in range(3)
+      ]
+  )
   np.testing.assert_allclose(scores, expected, rtol=1e-5)
   np.testing.assert_array_equal(best, expected.argmax(axis=1))
   expanded = decoding.build_rank_classification_batch(batch, candidates)
-  np.testing.assert_array_equal(expanded['encoder_input_tokens'][3:6],
-                                np.repeat(batch['encoder_input_tokens'][1:2],
-                                          3, axis=0))
+  np.testing.assert_array_equal(
+      expanded['encoder_input_tokens'][3:6],
+      np.repeat(batch['encoder_input_tokens'][1:2], 3, axis=0),
+  )
   np.testing.assert_array_equal(expanded['decoder_target_tokens'][4], cands[1])
-  assert decoding.pad_candidates([[4], [5, 1]], eos_id=1).tolist() == [[4, 1],
-                                                                       [5, 1]]
+  assert decoding.pad_candidates([[4], [5, 1]], eos_id=1).tolist() == [[4, 1], [5, 1]]

@@ -7,6 +7,7 @@ T5X's `base_wmt_finetune.gin`. They are parsed and a short model-tuning run is t
 (`import __main__ as train_script` resolves to `train` bound on `__main__`, as `python -m
 prompt_tuning.train` does).
 """
+
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ IMPORTS_T5X_TO_OURS = {
     'from t5x.examples.t5 import network': 'from prompt_tuning.architectures import t5 as network',
 }
 
-T5X_FINETUNE_GIN = '''\
+T5X_FINETUNE_GIN = """\
 # Defaults for finetuning with train.py.
 #
 #
@@ -185,9 +186,9 @@ utils.create_learning_rate_scheduler:
   factors = 'constant'
   base_learning_rate = 0.001
   warmup_steps = 1000
-'''
+"""
 
-T5X_BASE_GIN = '''\
+T5X_BASE_GIN = """\
 # T5.1.1 Base model.
 from __gin__ import dynamic_registration
 
@@ -243,10 +244,10 @@ network.T5Config:
   mlp_activations = ('gelu', 'linear')
   dropout_rate = %DROPOUT_RATE
   logits_via_embedding = False
-'''
+"""
 
 # Like T5X's small.gin: network overrides only.
-TINY_GIN = '''\
+TINY_GIN = """\
 # T5.1.1 tiny model (for tests).
 
 include 'base.gin'  # imports vocab, optimizer and model.
@@ -262,9 +263,9 @@ network.T5Config:
   num_decoder_layers = 2
   head_dim = 8
   mlp_dim = 64
-'''
+"""
 
-EXPERIMENT_GIN = '''\
+EXPERIMENT_GIN = """\
 from __gin__ import dynamic_registration
 
 from t5x import models
@@ -282,7 +283,7 @@ EVAL_STEPS = 2
 RANDOM_SEED = 0
 LOSS_NORMALIZING_FACTOR = 233472
 models.EncoderDecoderModel.predict_batch_with_aux.num_decodes = 4
-'''
+"""
 
 
 def _ours(text):
@@ -297,7 +298,9 @@ def test_only_import_lines_differ_from_t5x():
     theirs = t5x_text.splitlines()
     assert len(ours) == len(theirs)
     changed = [(a, b) for a, b in zip(theirs, ours) if a != b]
-    assert changed and all(a in IMPORTS_T5X_TO_OURS and IMPORTS_T5X_TO_OURS[a] == b for a, b in changed)
+    assert changed and all(
+        a in IMPORTS_T5X_TO_OURS and IMPORTS_T5X_TO_OURS[a] == b for a, b in changed
+    )
 
 
 @pytest.fixture(scope='module')
@@ -306,6 +309,7 @@ def trained(tmp_path_factory):
   from prompt_tuning.runtime import gin_utils  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
   import tiny_task  # pylint: disable=g-import-not-at-top,unused-import
+
   root = tmp_path_factory.mktemp('gin_compat')
   configs = root / 'configs'
   configs.mkdir()
@@ -328,9 +332,14 @@ def trained(tmp_path_factory):
     # The command line of T5X's docs: --gin_file=experiment.gin --gin.MODEL_DIR=... (+ the vocabulary,
     # which base.gin reads from gs://).
     gin_utils.parse_gin_flags(
-        [str(configs)], ['experiment.gin'],
-        [f'MODEL_DIR = {rt.q(model_dir)}', f'INITIAL_CHECKPOINT_PATH = {rt.q(frozen)}',
-         f'seqio.SentencePieceVocabulary.sentencepiece_model_file = {rt.q(rt.vocab_path())}'])
+        [str(configs)],
+        ['experiment.gin'],
+        [
+            f'MODEL_DIR = {rt.q(model_dir)}',
+            f'INITIAL_CHECKPOINT_PATH = {rt.q(frozen)}',
+            f'seqio.SentencePieceVocabulary.sentencepiece_model_file = {rt.q(rt.vocab_path())}',
+        ],
+    )
     step, state = gin.get_configurable(train_lib.train)()
     operative = gin.operative_config_str()
   finally:
@@ -341,11 +350,18 @@ def trained(tmp_path_factory):
       del main.train
     if added_alias:
       del t5.Transformer
-  return {'step': step, 'state': state, 'model_dir': model_dir, 'operative': operative, 'frozen': frozen}
+  return {
+      'step': step,
+      'state': state,
+      'model_dir': model_dir,
+      'operative': operative,
+      'frozen': frozen,
+  }
 
 
 def test_t5x_gin_files_train(trained):
   from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+
   model_dir = trained['model_dir']
   # As in T5X, TRAIN_STEPS counts the 1000 steps of the initial checkpoint: 3 fine-tuning steps.
   assert trained['step'] == 1003
@@ -360,10 +376,15 @@ def test_t5x_gin_files_train(trained):
 
 def test_t5x_bindings_took_effect(trained):
   op = trained['operative']
-  for line in ('models.EncoderDecoderModel.predict_batch_with_aux.num_decodes = 4',
-               'LOSS_NORMALIZING_FACTOR = 233472', 'partitioning.PjitPartitioner.num_partitions = 1',
-               "utils.create_learning_rate_scheduler.factors = 'constant'", 'adafactor.Adafactor.decay_rate = 0.8',
-               'network.T5Config.emb_dim = 32', 'train/utils.DatasetConfig.pack = True'):
+  for line in (
+      'models.EncoderDecoderModel.predict_batch_with_aux.num_decodes = 4',
+      'LOSS_NORMALIZING_FACTOR = 233472',
+      'partitioning.PjitPartitioner.num_partitions = 1',
+      "utils.create_learning_rate_scheduler.factors = 'constant'",
+      'adafactor.Adafactor.decay_rate = 0.8',
+      'network.T5Config.emb_dim = 32',
+      'train/utils.DatasetConfig.pack = True',
+  ):
     assert line in op, line
   with open(os.path.join(trained['model_dir'], 'config.gin')) as f:
     config = f.read()

@@ -4,6 +4,7 @@ Model tuning that starts from a T5X checkpoint at step s continues Adafactor at 
 decay is then close to 1), so starting from zero statistics instead of the checkpoint's would make the
 first updates of a fine-tuning run behave very differently from T5X's.
 """
+
 import os
 
 import jax
@@ -24,8 +25,9 @@ def _trained_state(opt, params, steps=2):
   rng = np.random.default_rng(0)
   for _ in range(steps):
     grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
-    params, state = opt.apply_gradient(opt.hyper_params.replace(learning_rate=0.01), params, state,
-                                       grads)
+    params, state = opt.apply_gradient(
+        opt.hyper_params.replace(learning_rate=0.01), params, state, grads
+    )
   return state
 
 
@@ -38,12 +40,14 @@ def test_slots_of_the_checkpoint_fill_the_fresh_state(tmp_path):
   # here): that slot must stay fresh. (The tiny dims are below Adafactor's factoring threshold.)
   assert np.shape(tree['token_embedder']['embedding']['v']) == (128, 32)
   tree['token_embedder']['embedding']['v'] = np.ones((3,), np.float32)
-  ckpt = t5x_format.save(str(tmp_path / 'checkpoint_2'), params, 2,
-                         optimizer_state={'param_states': tree})
+  ckpt = t5x_format.save(
+      str(tmp_path / 'checkpoint_2'), params, 2, optimizer_state={'param_states': tree}
+  )
 
   fresh = opt.init_state(params)
   state, restored, kept = checkpoints.load_initial_optimizer_state(
-      ckpt, fresh, assignment_map=((r'decoder/logits_dense/kernel', None),))
+      ckpt, fresh, assignment_map=((r'decoder/logits_dense/kernel', None),)
+  )
   flat_saved = train_state.flatten(serialization.to_state_dict(saved.param_states))
   flat_fresh = train_state.flatten(serialization.to_state_dict(fresh.param_states))
   flat_out = train_state.flatten(serialization.to_state_dict(state.param_states))
@@ -73,7 +77,9 @@ def test_checkpoints_without_optimizer_state_leave_it_fresh(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_tuning_continues_the_adafactor_statistics_of_a_t5x_checkpoint(tmp_path, tmp_path_factory):
+def test_model_tuning_continues_the_adafactor_statistics_of_a_t5x_checkpoint(
+    tmp_path, tmp_path_factory
+):
   """Run A writes the gin-configured optimizer's state (its factorization); it goes into a T5X checkpoint
   with second moments scaled far above what one step adds; run B starts from that checkpoint. After one
   step B's statistics are about decay * the checkpoint's (decay = 1 - 1002^-0.8 = 0.996); from fresh
@@ -82,8 +88,14 @@ def test_model_tuning_continues_the_adafactor_statistics_of_a_t5x_checkpoint(tmp
   init = rt.make_t5x_checkpoint(str(tmp_path / 'init'), step=1000)
 
   def train(model_dir, init_ckpt, steps):
-    bindings = rt.model_tuning_bindings(model_dir, steps=steps, extra={
-        'INITIAL_CHECKPOINT_PATH': rt.q(init_ckpt), 'utils.SaveCheckpointConfig.period': '1'})
+    bindings = rt.model_tuning_bindings(
+        model_dir,
+        steps=steps,
+        extra={
+            'INITIAL_CHECKPOINT_PATH': rt.q(init_ckpt),
+            'utils.SaveCheckpointConfig.period': '1',
+        },
+    )
     proc = rt.run(rt.entry_args('prompt_tuning.train', rt.MODEL_TUNING_GIN, bindings), env)
     rt.check_ok(proc, f'training {model_dir}')
     return checkpoints.restore_checkpoint(os.path.join(model_dir, f'checkpoint_{steps}'))
@@ -91,14 +103,21 @@ def test_model_tuning_continues_the_adafactor_statistics_of_a_t5x_checkpoint(tmp
   raw_a = train(str(tmp_path / 'a'), init, 1001)
   states = raw_a['opt_state']['param_states']
   scaled = jax.tree_util.tree_map(lambda x: np.asarray(x) * 1e4 + 1.0, states)
-  t5x_ckpt = t5x_format.save(str(tmp_path / 't5x' / 'checkpoint_1001'), raw_a['trainable'], 1001,
-                             optimizer_state={'param_states': scaled})
+  t5x_ckpt = t5x_format.save(
+      str(tmp_path / 't5x' / 'checkpoint_1001'),
+      raw_a['trainable'],
+      1001,
+      optimizer_state={'param_states': scaled},
+  )
 
   raw_b = train(str(tmp_path / 'b'), t5x_ckpt, 1002)
   before = train_state.flatten(scaled)
   after = train_state.flatten(raw_b['opt_state']['param_states'])
-  second_moments = [n for n in before if n.rsplit('/', 1)[1] in ('v_row', 'v_col', 'v')
-                    and np.shape(before[n]) != (1,)]
+  second_moments = [
+      n
+      for n in before
+      if n.rsplit('/', 1)[1] in ('v_row', 'v_col', 'v') and np.shape(before[n]) != (1,)
+  ]
   assert len(second_moments) > 10
   for name in second_moments:
     ratio = np.asarray(after[name]) / before[name]

@@ -5,6 +5,7 @@ the model classes must not need it, so a process that trains or serves from nump
 benchmarks, a notebook) keeps its memory. Checked in a fresh interpreter, since this test process
 has imported both long ago.
 """
+
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import seqio
 
 from prompt_tuning.runtime import models
 
-_TRAIN_WITHOUT_TF = textwrap.dedent('''
+_TRAIN_WITHOUT_TF = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
@@ -46,12 +47,17 @@ _TRAIN_WITHOUT_TF = textwrap.dedent('''
     assert np.isfinite(float(out['loss'])), out
     assert int(tr.train_state.step) == 3
     print('IMPORTED', sorted(m for m in ('seqio', 'tensorflow') if m in sys.modules))
-''')
+""")
 
 
 def test_training_from_host_arrays_imports_neither_seqio_nor_tensorflow():
-  proc = subprocess.run([sys.executable, '-c', _TRAIN_WITHOUT_TF], capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  proc = subprocess.run(
+      [sys.executable, '-c', _TRAIN_WITHOUT_TF],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'IMPORTED []' in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
@@ -59,7 +65,9 @@ def test_training_from_host_arrays_imports_neither_seqio_nor_tensorflow():
 def test_feature_converter_cls_resolves_to_seqio_and_can_be_overridden():
   from prompt_tuning.data import feature_converters  # pylint: disable=g-import-not-at-top
   # seqio's converters, keeping a per-example `prompt_ids` (prompt banks).
-  assert models.EncoderDecoderModel.FEATURE_CONVERTER_CLS is feature_converters.EncDecFeatureConverter
+  assert (
+      models.EncoderDecoderModel.FEATURE_CONVERTER_CLS is feature_converters.EncDecFeatureConverter
+  )
   assert issubclass(models.EncoderDecoderModel.FEATURE_CONVERTER_CLS, seqio.EncDecFeatureConverter)
   assert models.DecoderOnlyModel.FEATURE_CONVERTER_CLS is feature_converters.DecoderFeatureConverter
   assert issubclass(models.DecoderOnlyModel.FEATURE_CONVERTER_CLS, seqio.DecoderFeatureConverter)

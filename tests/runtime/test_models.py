@@ -4,6 +4,7 @@ The references are written independently of the model's decoding code: a plain n
 re-runs the whole (prompted) network on the growing decoder input at every step, and the model's own
 teacher-forced `loss_fn` on one example at a time.
 """
+
 import functools
 
 import jax
@@ -23,6 +24,7 @@ BATCH, ENC_LEN, DEC_LEN, EOS = 4, 10, 7, 1
 @pytest.fixture(scope='module')
 def vocab():
   import seqio  # pylint: disable=g-import-not-at-top
+
   return seqio.SentencePieceVocabulary(rt.vocab_path())
 
 
@@ -43,8 +45,12 @@ def setup(vocab):
     targets[i, n:] = 0
     weights[i, n:] = 0
   dec_in = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
-  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': dec_in, 'decoder_target_tokens': targets,
-           'decoder_loss_weights': weights}
+  batch = {
+      'encoder_input_tokens': enc,
+      'decoder_input_tokens': dec_in,
+      'decoder_target_tokens': targets,
+      'decoder_loss_weights': weights,
+  }
   shapes = {k: v.shape for k, v in batch.items()}
   # Larger-than-default weights so greedy decodes vary between examples and positions.
   base = models.EncoderDecoderModel(module, vocab, vocab)
@@ -57,13 +63,22 @@ def setup(vocab):
 def fns(setup, vocab):
   """The jitted functions under test, compiled once per model (parameters are arguments)."""
   module, _, _ = setup
-  greedy_model = models.EncoderDecoderModel(module, vocab, vocab, decode_fn=decoding.temperature_sample)
+  greedy_model = models.EncoderDecoderModel(
+      module, vocab, vocab, decode_fn=decoding.temperature_sample
+  )
   beam_model = models.EncoderDecoderModel(module, vocab, vocab, decode_fn=decoding.beam_search)
-  score_model = models.EncoderDecoderModel(module, vocab, vocab, z_loss=0.0, loss_normalizing_factor=None)
+  score_model = models.EncoderDecoderModel(
+      module, vocab, vocab, z_loss=0.0, loss_normalizing_factor=None
+  )
   return {
-      'greedy': jax.jit(functools.partial(greedy_model.predict_batch_with_aux, decoder_params={'topk': 1})),
-      'beam': jax.jit(functools.partial(beam_model.predict_batch_with_aux, num_decodes=1,
-                                        decoder_params={'alpha': 0.0})),
+      'greedy': jax.jit(
+          functools.partial(greedy_model.predict_batch_with_aux, decoder_params={'topk': 1})
+      ),
+      'beam': jax.jit(
+          functools.partial(
+              beam_model.predict_batch_with_aux, num_decodes=1, decoder_params={'alpha': 0.0}
+          )
+      ),
       'forward': jax.jit(greedy_model._compute_logits),  # pylint: disable=protected-access
       'score': jax.jit(score_model.score_batch),
       'loss': jax.jit(lambda p, b: score_model.loss_fn(p, b, dropout_rng=None)),
@@ -78,8 +93,14 @@ def _greedy_without_cache(forward, params, batch):
   for t in range(DEC_LEN):
     dec_in = np.concatenate([np.zeros((enc.shape[0], 1), np.int32), out[:, :-1]], axis=1)
     # Every position counts as a real target (0 would mark it as padding); attention is causal anyway.
-    logits = forward(params, {'encoder_input_tokens': enc, 'decoder_input_tokens': dec_in,
-                              'decoder_target_tokens': np.ones_like(out)})
+    logits = forward(
+        params,
+        {
+            'encoder_input_tokens': enc,
+            'decoder_input_tokens': dec_in,
+            'decoder_target_tokens': np.ones_like(out),
+        },
+    )
     token = np.asarray(jnp.argmax(logits[:, t, :], axis=-1))
     out[:, t] = np.where(done, 0, token)
     done |= token == EOS
@@ -88,10 +109,14 @@ def _greedy_without_cache(forward, params, batch):
 
 def _log_prob(forward, params, batch, seqs):
   """Sum of the log-probabilities of `seqs` [B, T] (up to and including EOS) by a full forward pass."""
-  logits = forward(params, {'encoder_input_tokens': batch['encoder_input_tokens'],
-                            'decoder_input_tokens': np.concatenate([np.zeros((BATCH, 1), np.int32),
-                                                                    seqs[:, :-1]], 1),
-                            'decoder_target_tokens': np.ones_like(seqs)})
+  logits = forward(
+      params,
+      {
+          'encoder_input_tokens': batch['encoder_input_tokens'],
+          'decoder_input_tokens': np.concatenate([np.zeros((BATCH, 1), np.int32), seqs[:, :-1]], 1),
+          'decoder_target_tokens': np.ones_like(seqs),
+      },
+  )
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
   token_logp = np.take_along_axis(logp, seqs[..., None], axis=-1)[..., 0]
   return np.sum(token_logp * (seqs > 0), axis=-1)
@@ -122,8 +147,12 @@ def test_beam_search_with_one_beam_equals_greedy(setup, fns):
   assert not np.any(greedy == EOS)
   np.testing.assert_array_equal(beam, greedy)
   # With alpha = 0 the beam score is the log-probability of the decode.
-  np.testing.assert_allclose(np.asarray(aux['scores']), _log_prob(fns['forward'], params, batch, beam),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(aux['scores']),
+      _log_prob(fns['forward'], params, batch, beam),
+      rtol=1e-4,
+      atol=1e-4,
+  )
 
 
 def test_beam_search_with_one_beam_general_case(setup, fns):
@@ -133,13 +162,15 @@ def test_beam_search_with_one_beam_general_case(setup, fns):
   greedy = np.asarray(fns['greedy'](params, batch)[0])
   beam, aux = fns['beam'](params, batch)
   beam, scores = np.asarray(beam), np.asarray(aux['scores'])
-  np.testing.assert_allclose(scores, _log_prob(fns['forward'], params, batch, beam), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      scores, _log_prob(fns['forward'], params, batch, beam), rtol=1e-4, atol=1e-4
+  )
   greedy_logp = _log_prob(fns['forward'], params, batch, greedy)
   for i in range(BATCH):
     if np.array_equal(beam[i], greedy[i]):
       continue
     k = int(np.argmax(beam[i] == EOS))
-    assert beam[i, k] == EOS and np.all(beam[i, k + 1:] == 0), beam[i]
+    assert beam[i, k] == EOS and np.all(beam[i, k + 1 :] == 0), beam[i]
     np.testing.assert_array_equal(beam[i, :k], greedy[i, :k])
     if EOS in greedy[i]:  # both complete: beam found the more likely one
       assert scores[i] >= greedy_logp[i] - 1e-4
@@ -150,7 +181,9 @@ def test_score_batch_is_the_negated_summed_loss(setup, fns):
   scores = np.asarray(fns['score'](params, batch))
   assert scores.shape == (BATCH,) and np.all(scores < 0)
   for i in range(BATCH):
-    one = {k: np.repeat(v[i:i + 1], BATCH, axis=0) for k, v in batch.items()}  # same shapes: no recompile
+    one = {
+        k: np.repeat(v[i : i + 1], BATCH, axis=0) for k, v in batch.items()
+    }  # same shapes: no recompile
     loss, metrics = fns['loss'](params, one)
     np.testing.assert_allclose(scores[i], -float(loss) / BATCH, rtol=1e-5)
     assert float(metrics['num_tokens']) == BATCH * batch['decoder_loss_weights'][i].sum()

@@ -1,4 +1,5 @@
 """Tests for OptimizerDef, OptaxWrapper, MultiOptimizer and traversals."""
+
 import warnings
 
 import flax
@@ -50,19 +51,27 @@ def _axes():
 def _grads(params, seed):
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_map(
-      lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32)),
-      params)
+      lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32)), params
+  )
 
 
 def _prompt_multi_optimizer(**adafactor_kwargs):
-  kwargs = dict(decay_rate=0.8, step_offset=0,
-                multiply_by_parameter_scale=False, weight_decay_rate=1e-5,
-                logical_factor_rules=adafactor.standard_logical_factor_rules())
+  kwargs = dict(
+      decay_rate=0.8,
+      step_offset=0,
+      multiply_by_parameter_scale=False,
+      weight_decay_rate=1e-5,
+      logical_factor_rules=adafactor.standard_logical_factor_rules(),
+  )
   kwargs.update(adafactor_kwargs)
   return optimizers.MultiOptimizer(
-      ((optimizers.ModelParamTraversal(
-          optimizers.match_any(['.*/prompt/.*'])),
-        adafactor.Adafactor(**kwargs)),))
+      (
+          (
+              optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*'])),
+              adafactor.Adafactor(**kwargs),
+          ),
+      )
+  )
 
 
 def _subtree(tree, paths):
@@ -78,8 +87,7 @@ def _run(opt, params, state, steps, subtree_paths=None, jit=True):
     if subtree_paths is None:
       params, state = apply(hp, params, state, grads)
     else:
-      sub, state = apply(hp, _subtree(params, subtree_paths), state,
-                         _subtree(grads, subtree_paths))
+      sub, state = apply(hp, _subtree(params, subtree_paths), state, _subtree(grads, subtree_paths))
       flat = optimizers.flatten_paths(params)
       flat.update(optimizers.flatten_paths(sub))
       params = optimizers.unflatten_paths(flat)
@@ -114,8 +122,9 @@ def test_model_param_traversal_paths_have_leading_slash():
   assert '/' + PROMPT_PATH in seen and all(p.startswith('/') for p in seen)
   updated = t.update(lambda x: x * 0, params)
   assert float(jnp.abs(optimizers.get_path(updated, PROMPT_PATH)).sum()) == 0
-  np.testing.assert_array_equal(updated['decoder']['logits_dense']['kernel'],
-                                params['decoder']['logits_dense']['kernel'])
+  np.testing.assert_array_equal(
+      updated['decoder']['logits_dense']['kernel'], params['decoder']['logits_dense']['kernel']
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -139,8 +148,7 @@ def test_multi_optimizer_trains_only_prompt():
     if p == PROMPT_PATH:
       assert not np.allclose(flat_new[p], flat_old[p])
     else:
-      np.testing.assert_array_equal(np.asarray(flat_new[p]),
-                                    np.asarray(flat_old[p]))
+      np.testing.assert_array_equal(np.asarray(flat_new[p]), np.asarray(flat_old[p]))
       assert flat_new[p].dtype == flat_old[p].dtype
   flat_new_state = optimizers.flatten_paths(new_state.param_states)
   for p, s in flat_new_state.items():
@@ -153,16 +161,17 @@ def test_multi_optimizer_matches_plain_adafactor_on_prompt():
   params = _params()
   opt = _prompt_multi_optimizer()
   new_params, _ = _run(opt, params, opt.init_state(params), steps=3)
-  plain = adafactor.Adafactor(decay_rate=0.8, multiply_by_parameter_scale=False,
-                              weight_decay_rate=1e-5)
+  plain = adafactor.Adafactor(
+      decay_rate=0.8, multiply_by_parameter_scale=False, weight_decay_rate=1e-5
+  )
   prompt = {'p': optimizers.get_path(params, PROMPT_PATH)}
   st = plain.init_state(prompt)
   for i in range(3):
     g = {'p': optimizers.get_path(_grads(params, seed=100 + i), PROMPT_PATH)}
-    prompt, st = plain.apply_gradient(
-        plain.update_hyper_params(learning_rate=0.3), prompt, st, g)
-  np.testing.assert_allclose(optimizers.get_path(new_params, PROMPT_PATH),
-                             prompt['p'], rtol=1e-6, atol=1e-7)
+    prompt, st = plain.apply_gradient(plain.update_hyper_params(learning_rate=0.3), prompt, st, g)
+  np.testing.assert_allclose(
+      optimizers.get_path(new_params, PROMPT_PATH), prompt['p'], rtol=1e-6, atol=1e-7
+  )
 
 
 def test_subtree_mode_equals_full_tree_mode():
@@ -170,52 +179,52 @@ def test_subtree_mode_equals_full_tree_mode():
   opt = _prompt_multi_optimizer()
   full_params, full_state = _run(opt, params, opt.init_state(params), steps=3)
 
-  trainable = [p for p in optimizers.flatten_paths(params)
-               if opt.trainable_filter(p)]
+  trainable = [p for p in optimizers.flatten_paths(params) if opt.trainable_filter(p)]
   assert trainable == [PROMPT_PATH]
   opt2 = _prompt_multi_optimizer()
   sub_state0 = opt2.init_state(_subtree(params, trainable))
-  assert optimizers.flatten_paths(sub_state0.param_states).keys() == {
-      PROMPT_PATH}
-  sub_params, sub_state = _run(opt2, params, sub_state0, steps=3,
-                               subtree_paths=trainable)
+  assert optimizers.flatten_paths(sub_state0.param_states).keys() == {PROMPT_PATH}
+  sub_params, sub_state = _run(opt2, params, sub_state0, steps=3, subtree_paths=trainable)
   np.testing.assert_array_equal(
       np.asarray(optimizers.get_path(full_params, PROMPT_PATH)),
-      np.asarray(optimizers.get_path(sub_params, PROMPT_PATH)))
+      np.asarray(optimizers.get_path(sub_params, PROMPT_PATH)),
+  )
   np.testing.assert_array_equal(
       np.asarray(optimizers.get_path(full_state.param_states, PROMPT_PATH).v),
-      np.asarray(optimizers.get_path(sub_state.param_states, PROMPT_PATH).v))
+      np.asarray(optimizers.get_path(sub_state.param_states, PROMPT_PATH).v),
+  )
   # Full-tree state with a trainable-only subtree also works and keeps the
   # state's structure (None for frozen leaves).
-  mixed_params, mixed_state = _run(opt, params, opt.init_state(params), steps=3,
-                                   subtree_paths=trainable)
+  mixed_params, mixed_state = _run(
+      opt, params, opt.init_state(params), steps=3, subtree_paths=trainable
+  )
   np.testing.assert_array_equal(
       np.asarray(optimizers.get_path(mixed_params, PROMPT_PATH)),
-      np.asarray(optimizers.get_path(full_params, PROMPT_PATH)))
-  assert (jax.tree_util.tree_structure(mixed_state) ==
-          jax.tree_util.tree_structure(full_state))
+      np.asarray(optimizers.get_path(full_params, PROMPT_PATH)),
+  )
+  assert jax.tree_util.tree_structure(mixed_state) == jax.tree_util.tree_structure(full_state)
 
 
 def test_overlapping_traversals_raise():
   t1 = optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*']))
   t2 = optimizers.ModelParamTraversal(optimizers.match_any(['encoder/.*']))
-  opt = optimizers.MultiOptimizer(
-      [(t1, adafactor.Adafactor()), (t2, adafactor.Adafactor())])
+  opt = optimizers.MultiOptimizer([(t1, adafactor.Adafactor()), (t2, adafactor.Adafactor())])
   with pytest.raises(ValueError, match='Multiple optimizers match'):
     opt.init_state(_params())
 
 
 def test_two_disjoint_sub_optimizers_and_hyper_params():
-  t_prompt = optimizers.ModelParamTraversal(
-      optimizers.match_any(['.*/prompt/.*']))
+  t_prompt = optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*']))
   t_dec = optimizers.ModelParamTraversal(optimizers.match_any(['/decoder/.*']))
   opt = optimizers.MultiOptimizer(
-      [(t_prompt, adafactor.Adafactor(learning_rate=0.1)),
-       (t_dec, adafactor.Adafactor(learning_rate=0.2, beta1=0.9))])
+      [
+          (t_prompt, adafactor.Adafactor(learning_rate=0.1)),
+          (t_dec, adafactor.Adafactor(learning_rate=0.2, beta1=0.9)),
+      ]
+  )
   assert [hp.learning_rate for hp in opt.hyper_params] == [0.1, 0.2]
   hps = opt.update_hyper_params(learning_rate=0.5)
-  assert isinstance(hps, list) and [hp.learning_rate for hp in hps] == [0.5,
-                                                                       0.5]
+  assert isinstance(hps, list) and [hp.learning_rate for hp in hps] == [0.5, 0.5]
   assert [hp.learning_rate for hp in opt.hyper_params] == [0.1, 0.2]
   assert opt.trainable_filter(PROMPT_PATH)
   assert opt.trainable_filter('/decoder/logits_dense/kernel')
@@ -223,14 +232,14 @@ def test_two_disjoint_sub_optimizers_and_hyper_params():
   assert not opt.trainable_filter('encoder/layers_0/attention/query/kernel')
   params = _params()
   state = opt.init_state(params)
-  new_params, new_state = opt.apply_gradient(hps, params, state,
-                                             _grads(params, 1))
-  assert not np.allclose(new_params['decoder']['logits_dense']['kernel'],
-                         params['decoder']['logits_dense']['kernel'])
-  np.testing.assert_array_equal(new_params['token_embedder']['embedding'],
-                                params['token_embedder']['embedding'])
-  assert new_state.param_states['decoder']['logits_dense']['kernel'].m.shape == (
-      16, 64)
+  new_params, new_state = opt.apply_gradient(hps, params, state, _grads(params, 1))
+  assert not np.allclose(
+      new_params['decoder']['logits_dense']['kernel'], params['decoder']['logits_dense']['kernel']
+  )
+  np.testing.assert_array_equal(
+      new_params['token_embedder']['embedding'], params['token_embedder']['embedding']
+  )
+  assert new_state.param_states['decoder']['logits_dense']['kernel'].m.shape == (16, 64)
   assert new_state.param_states['token_embedder']['embedding'] is None
 
 
@@ -250,8 +259,8 @@ def test_set_param_axes_and_derive_logical_axes_pass_through():
   assert axes.param_states['decoder']['logits_dense']['kernel'] is None
   # Shapes line up with the state (one axis name per dimension).
   jax.tree_util.tree_map(
-      lambda a, x: None if len(a) == x.ndim else pytest.fail(f'{a} {x.shape}'),
-      axes, state)
+      lambda a, x: None if len(a) == x.ndim else pytest.fail(f'{a} {x.shape}'), axes, state
+  )
   # Abstract state from eval_shape.
   abstract = jax.eval_shape(opt.init_state, params)
   assert opt.derive_logical_axes(abstract, _axes()) == axes
@@ -260,17 +269,18 @@ def test_set_param_axes_and_derive_logical_axes_pass_through():
 def test_flax_traversal_and_plain_filter_accepted():
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', DeprecationWarning)
-    flax_traversal = flax.traverse_util.ModelParamTraversal(
-        optimizers.match_any(['.*/prompt/.*']))
+    flax_traversal = flax.traverse_util.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*']))
   opt = optimizers.MultiOptimizer(((flax_traversal, adafactor.Adafactor()),))
   assert opt.trainable_filter(PROMPT_PATH)
   assert not opt.trainable_filter('decoder/logits_dense/kernel')
   opt2 = optimizers.MultiOptimizer(
-      ((lambda path, _: path.endswith('/scale'), adafactor.Adafactor()),))
+      ((lambda path, _: path.endswith('/scale'), adafactor.Adafactor()),)
+  )
   state = opt2.init_state(_params())
   flat = optimizers.flatten_paths(state.param_states)
   assert [p for p, s in flat.items() if s is not None] == [
-      'encoder/layers_0/pre_attention_layer_norm/scale']
+      'encoder/layers_0/pre_attention_layer_norm/scale'
+  ]
 
 
 def test_multi_optimizer_with_optax_sub_optimizer():
@@ -288,23 +298,29 @@ def test_multi_optimizer_with_optax_sub_optimizer():
     g = _subtree(_grads(params, seed=100 + i), [PROMPT_PATH])
     upd, st = tx.update(g, st, sub)
     sub = optax.apply_updates(sub, upd)
-  np.testing.assert_allclose(optimizers.get_path(new_params, PROMPT_PATH),
-                             optimizers.get_path(sub, PROMPT_PATH), rtol=1e-6)
-  np.testing.assert_array_equal(new_params['decoder']['logits_dense']['kernel'],
-                                params['decoder']['logits_dense']['kernel'])
+  np.testing.assert_allclose(
+      optimizers.get_path(new_params, PROMPT_PATH), optimizers.get_path(sub, PROMPT_PATH), rtol=1e-6
+  )
+  np.testing.assert_array_equal(
+      new_params['decoder']['logits_dense']['kernel'], params['decoder']['logits_dense']['kernel']
+  )
   axes = opt.derive_logical_axes(new_state, _axes())
   adam_axes = axes.param_states[0][0]
-  assert optimizers.get_path(adam_axes.mu, PROMPT_PATH) == ('prompt',
-                                                            'prompt_embed')
+  assert optimizers.get_path(adam_axes.mu, PROMPT_PATH) == ('prompt', 'prompt_embed')
   assert adam_axes.count == ()
   # Subtree mode gives the same result.
   opt2 = optimizers.MultiOptimizer(((t, optimizers.adam(1e-2)),))
-  sub_params, _ = _run(opt2, params,
-                       opt2.init_state(_subtree(params, [PROMPT_PATH])),
-                       steps=3, subtree_paths=[PROMPT_PATH])
+  sub_params, _ = _run(
+      opt2,
+      params,
+      opt2.init_state(_subtree(params, [PROMPT_PATH])),
+      steps=3,
+      subtree_paths=[PROMPT_PATH],
+  )
   np.testing.assert_array_equal(
       np.asarray(optimizers.get_path(sub_params, PROMPT_PATH)),
-      np.asarray(optimizers.get_path(new_params, PROMPT_PATH)))
+      np.asarray(optimizers.get_path(new_params, PROMPT_PATH)),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -336,8 +352,8 @@ def test_adam_wrapper_equals_optax_adam():
     ref_params, ref_state = ref_step(g, ref_state, ref_params)
   assert int(state.step) == 4
   jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p,
-      ref_params)
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p, ref_params
+  )
 
 
 def test_optax_wrapper_derive_logical_axes():
@@ -349,18 +365,16 @@ def test_optax_wrapper_derive_logical_axes():
   assert isinstance(adam_state, optax.ScaleByAdamState)
   assert adam_state.count == ()
   assert adam_state.mu == jax.tree_util.tree_map(
-      optimizers.as_logical_axes, axes, is_leaf=lambda x: isinstance(x, tuple))
-  assert adam_state.nu['decoder']['logits_dense']['kernel'] == ('embed',
-                                                                'vocab')
+      optimizers.as_logical_axes, axes, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  assert adam_state.nu['decoder']['logits_dense']['kernel'] == ('embed', 'vocab')
   # chain + clip; the chain's plain-tuple state is kept as a tuple.
-  chained = optimizers.chain([optax.clip_by_global_norm(1.0),
-                              optax.sgd(0.1, momentum=0.9)])
+  chained = optimizers.chain([optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)])
   st = chained.init_state(params)
   out = chained.derive_logical_axes(st, axes)
   trace = out.param_states[1][0].trace
   assert trace['token_embedder']['embedding'] == ('vocab', 'embed')
-  p, _ = chained.apply_gradient(chained.hyper_params, params, st,
-                                _grads(params, 0))
+  p, _ = chained.apply_gradient(chained.hyper_params, params, st, _grads(params, 0))
   assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(params)
   # optax's factored adafactor: statistics are replicated.
   af = optimizers.adafactor(learning_rate=0.1)
@@ -370,20 +384,19 @@ def test_optax_wrapper_derive_logical_axes():
   assert all(all(a is None for a in x) for x in leaves)
   # multi_transform: masked leaves stay MaskedNode, others get axes.
   labels = flax.traverse_util.path_aware_map(
-      lambda path, _: 'train' if 'prompt' in path else 'freeze', params)
-  mt = optimizers.OptaxWrapper(optax.multi_transform(
-      {'train': optax.adam(1e-3), 'freeze': optax.set_to_zero()}, labels))
+      lambda path, _: 'train' if 'prompt' in path else 'freeze', params
+  )
+  mt = optimizers.OptaxWrapper(
+      optax.multi_transform({'train': optax.adam(1e-3), 'freeze': optax.set_to_zero()}, labels)
+  )
   out = mt.derive_logical_axes(mt.init_state(params), axes)
   inner = out.param_states.inner_states['train'].inner_state[0]
-  assert optimizers.get_path(inner.mu, PROMPT_PATH) == ('prompt',
-                                                        'prompt_embed')
-  assert isinstance(inner.mu['decoder']['logits_dense']['kernel'],
-                    optax.MaskedNode)
+  assert optimizers.get_path(inner.mu, PROMPT_PATH) == ('prompt', 'prompt_embed')
+  assert isinstance(inner.mu['decoder']['logits_dense']['kernel'], optax.MaskedNode)
 
 
 def test_wrapped_constructors_exist():
-  for name in ['chain', 'adam', 'adamw', 'sgd', 'adafactor', 'lion', 'rmsprop',
-               'adagrad', 'lamb']:
+  for name in ['chain', 'adam', 'adamw', 'sgd', 'adafactor', 'lion', 'rmsprop', 'adagrad', 'lamb']:
     assert callable(getattr(optimizers, name))
   assert isinstance(optimizers.lion(1e-4), optimizers.OptaxWrapper)
   assert isinstance(optimizers.rmsprop(1e-4), optimizers.OptaxWrapper)

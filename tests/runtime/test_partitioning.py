@@ -3,6 +3,7 @@
 Both must reproduce the single-device run of the same config (tiny model tuning, every parameter
 trained by plain Adafactor, dropout on): same per-step losses within 1e-5 relative.
 """
+
 import json
 import os
 
@@ -16,8 +17,6 @@ STEPS = 5
 SCRIPT = os.path.join(rt.HERE, 'sharded_run.py')
 
 
-
-
 def _finish(proc, timeout=500):
   done = rt.finish_logged(proc, timeout)
   return done.returncode, done.stdout
@@ -29,16 +28,28 @@ def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('partitioning'))
   env = rt.base_env(rt.shared_cache_dir(tmp_path_factory))
   procs = {
-      'single': rt.popen_logged([rt.PYTHON, SCRIPT, f'{root}/single.json', f'{root}/single', '1'], env,
-                       f'{root}/single.log'),
-      'sharded': rt.popen_logged([rt.PYTHON, SCRIPT, f'{root}/sharded.json', f'{root}/sharded', '2'],
-                        dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), f'{root}/sharded.log'),
+      'single': rt.popen_logged(
+          [rt.PYTHON, SCRIPT, f'{root}/single.json', f'{root}/single', '1'],
+          env,
+          f'{root}/single.log',
+      ),
+      'sharded': rt.popen_logged(
+          [rt.PYTHON, SCRIPT, f'{root}/sharded.json', f'{root}/sharded', '2'],
+          dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+          f'{root}/sharded.log',
+      ),
   }
   port = rt.free_port()
-  args = rt.entry_args('prompt_tuning.train', rt.MODEL_TUNING_GIN, rt.model_tuning_bindings(f'{root}/multi'))
+  args = rt.entry_args(
+      'prompt_tuning.train', rt.MODEL_TUNING_GIN, rt.model_tuning_bindings(f'{root}/multi')
+  )
   for i in range(2):
-    flags = ['--multiprocess_gpu', f'--coordinator_address=127.0.0.1:{port}', '--process_count=2',
-             f'--process_index={i}']
+    flags = [
+        '--multiprocess_gpu',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--process_count=2',
+        f'--process_index={i}',
+    ]
     procs[f'process_{i}'] = rt.popen_logged(args + flags, env, f'{root}/process_{i}.log')
   results = {k: _finish(p) for k, p in procs.items()}
   out = {'results': results, 'multi_dir': f'{root}/multi'}
@@ -61,15 +72,15 @@ def test_parameters_are_sharded_over_the_model_axis(runs):
   assert sharded['step'] == STEPS and sharded['frozen'] == {}, 'model tuning trains every parameter'
   specs = sharded['trainable']
   expected = {
-      'token_embedder/embedding': ['model', None],                      # (vocab, embed)
-      'decoder/logits_dense/kernel': [None, 'model'],                   # (embed, vocab)
-      'encoder/layers_0/mlp/wi_0/kernel': [None, 'model'],              # (embed, mlp)
-      'encoder/layers_0/mlp/wo/kernel': ['model', None],                # (mlp, embed)
+      'token_embedder/embedding': ['model', None],  # (vocab, embed)
+      'decoder/logits_dense/kernel': [None, 'model'],  # (embed, vocab)
+      'encoder/layers_0/mlp/wi_0/kernel': [None, 'model'],  # (embed, mlp)
+      'encoder/layers_0/mlp/wo/kernel': ['model', None],  # (mlp, embed)
       'decoder/layers_0/mlp/wi_1/kernel': [None, 'model'],
-      'encoder/layers_0/attention/query/kernel': [None, 'model'],       # (embed, joined_kv)
-      'encoder/layers_0/attention/out/kernel': ['model', None],         # (joined_kv, embed)
+      'encoder/layers_0/attention/query/kernel': [None, 'model'],  # (embed, joined_kv)
+      'encoder/layers_0/attention/out/kernel': ['model', None],  # (joined_kv, embed)
       'decoder/layers_0/encoder_decoder_attention/key/kernel': [None, 'model'],
-      'encoder/relpos_bias/rel_embedding': ['model', None],             # (heads, relpos_buckets)
+      'encoder/relpos_bias/rel_embedding': ['model', None],  # (heads, relpos_buckets)
   }
   for path, spec in expected.items():
     assert path in specs, f'{path} not in {sorted(specs)}'
@@ -88,8 +99,13 @@ def test_parameters_are_sharded_over_the_model_axis(runs):
 def test_model_parallel_losses_match_one_device(runs):
   single, sharded = _ok(runs, 'single'), _ok(runs, 'sharded')
   steps = range(1, STEPS + 1)
-  rt.assert_losses_close({int(k): v for k, v in sharded['losses'].items()},
-                         {int(k): v for k, v in single['losses'].items()}, steps, rtol=1e-5, atol=0)
+  rt.assert_losses_close(
+      {int(k): v for k, v in sharded['losses'].items()},
+      {int(k): v for k, v in single['losses'].items()},
+      steps,
+      rtol=1e-5,
+      atol=0,
+  )
 
 
 def test_two_processes_match_one_process(runs):
@@ -99,5 +115,10 @@ def test_two_processes_match_one_process(runs):
   rc, log = runs['results']['process_0']
   assert 'jax.distributed.initialize' in log
   losses = rt.losses(runs['multi_dir'])
-  rt.assert_losses_close(losses, {int(k): v for k, v in single['losses'].items()}, range(1, STEPS + 1),
-                         rtol=1e-5, atol=0)
+  rt.assert_losses_close(
+      losses,
+      {int(k): v for k, v in single['losses'].items()},
+      range(1, STEPS + 1),
+      rtol=1e-5,
+      atol=0,
+  )

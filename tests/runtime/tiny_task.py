@@ -13,6 +13,7 @@ Tasks:
                     (used to check that a too-short `targets` length is caught).
   tiny_count_mixed  tiny_count whose example i carries `prompt_ids = i % 2` (a two-prompt bank).
 """
+
 import os
 from typing import Dict, List, Sequence
 
@@ -20,8 +21,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-VOCAB_PATH = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
-                          'sentencepiece.model')
+VOCAB_PATH = os.path.join(
+    os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece', 'sentencepiece.model'
+)
 WORDS = ('cat', 'rat', 'mat', 'hat', 'tea', 'ten', 'sea', 'melon', 'lemon', 'salad', 'wind', 'rain')
 COUNTS = ('one', 'two', 'three')
 SPLIT_SIZES = {'train': 64, 'validation': 8}
@@ -50,6 +52,7 @@ def _dataset_fn(repeat: int, num_prompts: int = 0):
     if num_prompts:
       data['prompt_ids'] = np.arange(len(rows), dtype=np.int32) % num_prompts
     return tf.data.Dataset.from_tensor_slices(data)
+
   return dataset_fn
 
 
@@ -70,17 +73,24 @@ def register() -> None:
       'inputs': seqio.Feature(vocabulary=vocab, add_eos=True),
       'targets': seqio.Feature(vocabulary=vocab, add_eos=True),
   }
-  for name, repeat, num_prompts in (('tiny_count', 1, 0), ('tiny_count_long', 4, 0),
-                                    ('tiny_count_mixed', 1, 2)):
+  for name, repeat, num_prompts in (
+      ('tiny_count', 1, 0),
+      ('tiny_count_long', 4, 0),
+      ('tiny_count_mixed', 1, 2),
+  ):
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(_dataset_fn(repeat, num_prompts), splits=('train', 'validation'),
-                                        num_input_examples=SPLIT_SIZES),
+        source=seqio.FunctionDataSource(
+            _dataset_fn(repeat, num_prompts),
+            splits=('train', 'validation'),
+            num_input_examples=SPLIT_SIZES,
+        ),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
-        metric_fns=[accuracy, mean_log_likelihood])
+        metric_fns=[accuracy, mean_log_likelihood],
+    )
 
 
 register()

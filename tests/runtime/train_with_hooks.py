@@ -7,6 +7,7 @@ here), with two optional environment hooks used by the resume tests:
   HOOK_KILL_IN_SAVE=<step>    SIGKILL this process inside the checkpoint save of that step, right after
                               orbax has written the state and before the checkpoint is committed.
 """
+
 import os
 import signal
 import time
@@ -31,6 +32,7 @@ def _install_hooks() -> None:
         jax.block_until_ready(out)
         time.sleep(delay)
         return out
+
       return slow_step
 
     trainer.Trainer._get_train_step = slow_get_train_step  # pylint: disable=protected-access
@@ -38,6 +40,7 @@ def _install_hooks() -> None:
   kill_step = os.environ.get('HOOK_KILL_IN_SAVE')
   if kill_step:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     original_save = ocp.PyTreeCheckpointer.save
 
     def save_then_die(self, directory, *args, **kwargs):

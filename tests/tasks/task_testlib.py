@@ -1,4 +1,5 @@
 """Helpers shared by the GLUE / SuperGLUE / transfer / QA task tests (mock TFDS data)."""
+
 import functools
 
 import seqio
@@ -12,23 +13,30 @@ def examples(name: str, split: str, n: int = 2):
   """The first `n` preprocessed examples of a task, texts decoded, `inputs` as token lists."""
   task = seqio.get_mixture_or_task(name)
   ds = task.get_dataset(None, split=split, shuffle=False, try_in_mem_cache=False)
-  return tuple({k: utils.to_text(v) if k != 'inputs' else v.tolist() for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
+  return tuple(
+      {k: utils.to_text(v) if k != 'inputs' else v.tolist() for k, v in ex.items()}
+      for ex in ds.take(n).as_numpy_iterator()
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def raw_examples(name: str, split: str, n: int = 2):
   """The first `n` examples of a task's source, before preprocessing."""
   ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
-  return tuple({k: utils.to_text(v) for k, v in ex.items()}
-               for ex in ds.take(n).as_numpy_iterator())
+  return tuple(
+      {k: utils.to_text(v) for k, v in ex.items()} for ex in ds.take(n).as_numpy_iterator()
+  )
 
 
 def describe(fn):
   """A comparable description of a (partial) preprocessor chain."""
   if isinstance(fn, functools.partial):
-    return ('partial', describe(fn.func), tuple(describe(a) for a in fn.args),
-            tuple(sorted((k, describe(v)) for k, v in fn.keywords.items())))
+    return (
+        'partial',
+        describe(fn.func),
+        tuple(describe(a) for a in fn.args),
+        tuple(sorted((k, describe(v)) for k, v in fn.keywords.items())),
+    )
   if isinstance(fn, seqio.CacheDatasetPlaceholder):
     return 'cache'
   if isinstance(fn, (list, tuple)):

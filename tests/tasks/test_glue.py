@@ -5,6 +5,7 @@ chain, postprocessor kind); one version/suffix per config is materialized from
 mock data (2 examples) and its texts are compared exactly with T5's format,
 which, with identical pipelines over identical sources, covers every variant.
 """
+
 import importlib
 
 import numpy as np
@@ -23,11 +24,17 @@ import tasks.glue as glue
 VOCAB = seqio.SentencePieceVocabulary(features.seqio_test_vocabulary_path(), extra_ids=10)
 GLUE_BUILDER_CONFIGS = tfds.text.glue.Glue.builder_configs
 FIELDS = {  # T5's field order (sorted names).
-    'cola': ('sentence',), 'sst2': ('sentence',), 'mrpc': ('sentence1', 'sentence2'),
-    'qqp': ('question1', 'question2'), 'stsb': ('sentence1', 'sentence2'),
-    'mnli': ('hypothesis', 'premise'), 'mnli_mismatched': ('hypothesis', 'premise'),
-    'mnli_matched': ('hypothesis', 'premise'), 'qnli': ('question', 'sentence'),
-    'rte': ('sentence1', 'sentence2'), 'wnli': ('sentence1', 'sentence2'),
+    'cola': ('sentence',),
+    'sst2': ('sentence',),
+    'mrpc': ('sentence1', 'sentence2'),
+    'qqp': ('question1', 'question2'),
+    'stsb': ('sentence1', 'sentence2'),
+    'mnli': ('hypothesis', 'premise'),
+    'mnli_mismatched': ('hypothesis', 'premise'),
+    'mnli_matched': ('hypothesis', 'premise'),
+    'qnli': ('question', 'sentence'),
+    'rte': ('sentence1', 'sentence2'),
+    'wnli': ('sentence1', 'sentence2'),
     'ax': ('hypothesis', 'premise'),
 }
 BENCHMARK = {c: ('mnli' if 'mnli' in c or c == 'ax' else c) for c in FIELDS}
@@ -59,10 +66,17 @@ def test_registered_names():
   assert len(glue.MIXTURE_NAMES) == 2 * 3 * 2 * 2
   expected = {f'{p}glue_{c}_{v}{s}' for v, _, c, p, s in all_variants()}
   assert set(glue.TASK_NAMES) == expected
-  for name in ('glue_sst2_v200_examples', 'taskless_glue_sst2_v200_examples',
-               'task_index_glue_sst2_v200_examples', 'glue_sst2_v002', 'glue_rte_v002_examples',
-               'glue_mnli_and_dev_v200_examples', 'task_index_glue_mnli_and_dev_v002',
-               'taskless_glue_v200_examples_proportional', 'glue_v002_proportional'):
+  for name in (
+      'glue_sst2_v200_examples',
+      'taskless_glue_sst2_v200_examples',
+      'task_index_glue_sst2_v200_examples',
+      'glue_sst2_v002',
+      'glue_rte_v002_examples',
+      'glue_mnli_and_dev_v200_examples',
+      'task_index_glue_mnli_and_dev_v002',
+      'taskless_glue_v200_examples_proportional',
+      'glue_v002_proportional',
+  ):
     assert seqio.get_mixture_or_task(name).name == name
 
 
@@ -76,8 +90,19 @@ def test_label_classes_are_tfds_and_t5s():
 
 def test_task_index_mapping():
   assert glue.GLUE_TASK_INDEX == {
-      'cola': 0, 'mnli': 1, 'mrpc': 2, 'qnli': 3, 'qqp': 4, 'rte': 5, 'sst2': 6, 'stsb': 7,
-      'wnli': 8, 'ax': 1, 'mnli_matched': 1, 'mnli_mismatched': 1}
+      'cola': 0,
+      'mnli': 1,
+      'mrpc': 2,
+      'qnli': 3,
+      'qqp': 4,
+      'rte': 5,
+      'sst2': 6,
+      'stsb': 7,
+      'wnli': 8,
+      'ax': 1,
+      'mnli_matched': 1,
+      'mnli_mismatched': 1,
+  }
 
 
 def test_every_task_pipeline():
@@ -88,13 +113,16 @@ def test_every_task_pipeline():
     assert tuple(task.source.splits) == glue.GLUE_CONFIGS[config][1]
     labels = GLUE_BUILDER_CONFIGS[config].label_classes
     text = prep.get_glue_text_preprocessor(config, labels)
-    assert describe(task.preprocessors) == expected_chain(text, prefix,
-                                                          glue.GLUE_TASK_INDEX[config])
+    assert describe(task.preprocessors) == expected_chain(
+        text, prefix, glue.GLUE_TASK_INDEX[config]
+    )
     assert task.output_features['targets'].vocabulary is VOCAB
     target = '1.2' if config == 'stsb' else labels[1]
-    out = task.postprocess_fn(target, example={utils.INPUT_TEXT: b'in',
-                                               utils.TARGET_TEXT: target.encode()},
-                              is_target=False)
+    out = task.postprocess_fn(
+        target,
+        example={utils.INPUT_TEXT: b'in', utils.TARGET_TEXT: target.encode()},
+        is_target=False,
+    )
     expected_value = 1.2 if config == 'stsb' else 1
     if suffix:
       assert out[utils.PREDICTION] == expected_value and out[utils.INPUT_TEXT] == 'in'
@@ -111,7 +139,8 @@ def test_import_does_not_read_the_vocabulary():
     glue.register()
     task = seqio.get_mixture_or_task('glue_sst2_v200')
     assert task.output_features['inputs'].vocabulary.sentencepiece_model_file == (
-        '/nonexistent/dir/spm.model')
+        '/nonexistent/dir/spm.model'
+    )
   finally:
     features.set_default_vocabulary(None)
     glue.register(VOCAB)
@@ -120,8 +149,10 @@ def test_import_does_not_read_the_vocabulary():
 def test_reimport_is_idempotent():
   importlib.reload(glue)  # registers again without "already registered" errors
   glue.register(VOCAB)
-  assert seqio.get_mixture_or_task('glue_sst2_v200_examples').output_features[
-      'inputs'].vocabulary is VOCAB
+  assert (
+      seqio.get_mixture_or_task('glue_sst2_v200_examples').output_features['inputs'].vocabulary
+      is VOCAB
+  )
 
 
 # ========== mock data ==========
@@ -183,8 +214,10 @@ def test_metrics_on_mock_predictions(config):
   """Perfect predictions through the task's postprocessor and metrics, like seqio does."""
   for suffix in glue.SUFFIXES:
     task = seqio.get_mixture_or_task(f'glue_{config}_v200{suffix}')
-    exs = [{k: (v.encode() if isinstance(v, str) else v) for k, v in e.items()}
-           for e in examples(f'glue_{config}_v200_examples', split_for(config))]
+    exs = [
+        {k: (v.encode() if isinstance(v, str) else v) for k, v in e.items()}
+        for e in examples(f'glue_{config}_v200_examples', split_for(config))
+    ]
     texts = [e['targets_pretokenized'].decode() for e in exs]
     targets = [task.postprocess_fn(t, example=e, is_target=True) for t, e in zip(texts, exs)]
     predictions = [task.postprocess_fn(t, example=e, is_target=False) for t, e in zip(texts, exs)]
@@ -196,8 +229,11 @@ def test_metrics_on_mock_predictions(config):
     if suffix:
       assert isinstance(results[f'{config} samples'], seqio.metrics.Text)
       assert exs[0]['inputs_pretokenized'].decode() in results[f'{config} samples'].textdata
-    expected = {m for fn in pt_metrics.get_glue_metric(config) for m in fn(targets, targets)} \
-        if not suffix else None
+    expected = (
+        {m for fn in pt_metrics.get_glue_metric(config) for m in fn(targets, targets)}
+        if not suffix
+        else None
+    )
     if expected:
       assert expected <= set(results)
 
@@ -208,11 +244,14 @@ def test_metrics_on_mock_predictions(config):
 def test_mnli_and_dev_mixture(prefix, suffix):
   mixture = seqio.get_mixture_or_task(f'{prefix}glue_mnli_and_dev_v200{suffix}')
   assert {t.name for t in mixture.tasks} == {
-      f'{prefix}glue_mnli_v200{suffix}', f'{prefix}glue_mnli_mismatched_v200{suffix}',
-      f'{prefix}glue_mnli_matched_v200{suffix}'}
+      f'{prefix}glue_mnli_v200{suffix}',
+      f'{prefix}glue_mnli_mismatched_v200{suffix}',
+      f'{prefix}glue_mnli_matched_v200{suffix}',
+  }
   # Training reads MNLI only; evaluation gets both dev sets under `validation`.
   assert [t.name for t in mixture.tasks if 'train' in t.splits] == [
-      f'{prefix}glue_mnli_v200{suffix}']
+      f'{prefix}glue_mnli_v200{suffix}'
+  ]
   assert len([t for t in mixture.tasks if 'validation' in t.splits]) == 2
 
 
@@ -233,10 +272,12 @@ def test_seqio_evaluator_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(seqio.TfdsDataSource, 'num_input_examples', lambda self, split: None)
   name = 'task_index_glue_sst2_v200_examples'
   evaluator = seqio.Evaluator(
-      mixture_or_task_name=name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
-      eval_split='validation', logger_cls=[seqio.TensorBoardLogger,
-                                           loggers.PredictionSamplesLogger],
-      log_dir=str(tmp_path))
+      mixture_or_task_name=name,
+      feature_converter=seqio.EncDecFeatureConverter(pack=False),
+      eval_split='validation',
+      logger_cls=[seqio.TensorBoardLogger, loggers.PredictionSamplesLogger],
+      log_dir=str(tmp_path),
+  )
 
   def predict_fn(ds):
     return [(i, ex['decoder_target_tokens']) for i, ex in ds.as_numpy_iterator()]

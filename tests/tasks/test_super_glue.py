@@ -3,6 +3,7 @@
 Every task's pipeline is checked structurally; one suffix per dataset is
 materialized from mock data and compared exactly with T5's formats.
 """
+
 import re
 
 import numpy as np
@@ -19,13 +20,19 @@ import tasks.super_glue as sg
 VOCAB = seqio.SentencePieceVocabulary(features.seqio_test_vocabulary_path(), extra_ids=10)
 SG_BUILDER_CONFIGS = tfds.text.super_glue.SuperGlue.builder_configs
 FIELDS = {  # T5's field order: sorted names, except MultiRC and WiC.
-    'boolq': ('passage', 'question'), 'cb': ('hypothesis', 'premise'),
+    'boolq': ('passage', 'question'),
+    'cb': ('hypothesis', 'premise'),
     'copa': ('choice1', 'choice2', 'premise', 'question'),
-    'multirc': ('question', 'answer', 'paragraph'), 'rte': ('hypothesis', 'premise'),
-    'wic': ('sentence1', 'sentence2', 'word'), 'axg': ('hypothesis', 'premise'),
+    'multirc': ('question', 'answer', 'paragraph'),
+    'rte': ('hypothesis', 'premise'),
+    'wic': ('sentence1', 'sentence2', 'word'),
+    'axg': ('hypothesis', 'premise'),
 }
-WSC_TASKS = ('super_glue_wsc_v102_simple_train', 'super_glue_wsc_v102_simple_eval',
-             'dpr_v001_simple')
+WSC_TASKS = (
+    'super_glue_wsc_v102_simple_train',
+    'super_glue_wsc_v102_simple_eval',
+    'dpr_v001_simple',
+)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -42,12 +49,17 @@ def test_registered_names():
   expected = {f'{p}{b}{s}' for b in bases for p in sg.PREFIXES for s in sg.SUFFIXES}
   assert set(sg.TASK_NAMES) == expected and len(sg.TASK_NAMES) == 72
   assert len(sg.MIXTURE_NAMES) == 18
-  for name in ('super_glue_boolq_v102_examples', 'taskless_super_glue_boolq_v102_examples',
-               'task_index_super_glue_record_v102', 'super_glue_wsc_v102_simple_eval_examples',
-               'taskless_super_glue_wsc_and_dev_v102_simple_examples',
-               'task_index_super_glue_v102_examples_proportional',
-               'task_index_super_glue_with_dpr_v102_examples_proportional',
-               'super_glue_v102_proportional', 'taskless_dpr_v001_simple_examples'):
+  for name in (
+      'super_glue_boolq_v102_examples',
+      'taskless_super_glue_boolq_v102_examples',
+      'task_index_super_glue_record_v102',
+      'super_glue_wsc_v102_simple_eval_examples',
+      'taskless_super_glue_wsc_and_dev_v102_simple_examples',
+      'task_index_super_glue_v102_examples_proportional',
+      'task_index_super_glue_with_dpr_v102_examples_proportional',
+      'super_glue_v102_proportional',
+      'taskless_dpr_v001_simple_examples',
+  ):
     assert seqio.get_mixture_or_task(name).name == name
 
 
@@ -56,10 +68,10 @@ def test_label_classes_and_task_index():
     tfds_labels = SG_BUILDER_CONFIGS[config].label_classes
     if config != 'record':
       assert labels == tuple(tfds_labels)
-  assert {k: sg.SUPER_GLUE_TASK_INDEX[k] for k in
-          ('boolq', 'cb', 'copa', 'multirc', 'record', 'rte', 'wic', 'wsc')} == {
-              'boolq': 0, 'cb': 1, 'copa': 2, 'multirc': 3, 'record': 4, 'rte': 5, 'wic': 6,
-              'wsc': 7}
+  assert {
+      k: sg.SUPER_GLUE_TASK_INDEX[k]
+      for k in ('boolq', 'cb', 'copa', 'multirc', 'record', 'rte', 'wic', 'wsc')
+  } == {'boolq': 0, 'cb': 1, 'copa': 2, 'multirc': 3, 'record': 4, 'rte': 5, 'wic': 6, 'wsc': 7}
   assert sg.SUPER_GLUE_TASK_INDEX['axb'] == sg.SUPER_GLUE_TASK_INDEX['axg'] == 5
   assert sg.SUPER_GLUE_TASK_INDEX['dpr'] == sg.SUPER_GLUE_TASK_INDEX['wsc.fixed'] == 7
 
@@ -73,12 +85,14 @@ def test_every_task_pipeline():
         assert task.source.tfds_dataset.name == f'super_glue/{config}:1.0.2'
         assert tuple(task.source.splits) == splits
         assert describe(task.preprocessors) == expected_chain(
-            text, prefix, sg.SUPER_GLUE_TASK_INDEX[config])
+            text, prefix, sg.SUPER_GLUE_TASK_INDEX[config]
+        )
         assert bool(task.metric_objs) == (config not in ('axb', 'axg'))
   for base, tfds_name, splits in (
       ('super_glue_wsc_v102_simple_train', 'super_glue/wsc.fixed:1.0.2', ('train',)),
       ('super_glue_wsc_v102_simple_eval', 'super_glue/wsc.fixed:1.0.2', ('validation', 'test')),
-      ('dpr_v001_simple', 'definite_pronoun_resolution:1.1.0', ('train', 'test'))):
+      ('dpr_v001_simple', 'definite_pronoun_resolution:1.1.0', ('train', 'test')),
+  ):
     reference = seqio.get_mixture_or_task(base)
     text = reference.preprocessors[:1]
     for prefix in sg.PREFIXES:
@@ -120,8 +134,9 @@ def check_variants(base_name: str, split: str, first_word: str, index: int):
 def test_glue_style_formats(config):
   split = 'test' if config.startswith('ax') else 'validation'
   name = f'super_glue_{config}_v102_examples'
-  base = check_variants(name, split, 'rte' if config.startswith('ax') else config,
-                        sg.SUPER_GLUE_TASK_INDEX[config])
+  base = check_variants(
+      name, split, 'rte' if config.startswith('ax') else config, sg.SUPER_GLUE_TASK_INDEX[config]
+  )
   labels = sg.SUPER_GLUE_CONFIGS[config][0]
   for b, r in zip(base, raw_examples(name, split)):
     assert b['inputs_pretokenized'] == expected_inputs(config, r)
@@ -135,16 +150,21 @@ def test_record_format():
   raw = raw_examples(name, 'validation', 1)[0]
   answers = raw['answers'] or ['<unk>']
   base = check_variants(name, 'validation', 'record', 4)
-  passage = re.sub(r'\n@highlight\n', '. ', re.sub(r'([.?!"\'])\n@highlight\n', r'\1 ',
-                                                   raw['passage']))
-  expected = (f'record query: {raw["query"]} entities: {", ".join(raw["entities"])} '
-              f'passage: {passage}')
+  passage = re.sub(
+      r'\n@highlight\n', '. ', re.sub(r'([.?!"\'])\n@highlight\n', r'\1 ', raw['passage'])
+  )
+  expected = (
+      f'record query: {raw["query"]} entities: {", ".join(raw["entities"])} ' f'passage: {passage}'
+  )
   assert [b['inputs_pretokenized'] for b in base] == [expected] * 2
   assert [b['targets_pretokenized'] for b in base] == answers[:2]
   # One example per gold answer, each carrying all answers for the metric.
   all_examples = examples(name, 'validation', 100)
-  first = [e for e in all_examples if e['idx/query'] == raw['idx']['query']
-           and e['idx/passage'] == raw['idx']['passage']]
+  first = [
+      e
+      for e in all_examples
+      if e['idx/query'] == raw['idx']['query'] and e['idx/passage'] == raw['idx']['passage']
+  ]
   assert [e['targets_pretokenized'] for e in first] == answers
   task = seqio.get_mixture_or_task(name)
   ex = {k: (v.encode() if isinstance(v, str) else v) for k, v in first[0].items()}
@@ -169,8 +189,9 @@ def test_wsc_simple_formats():
   # The train task keeps only examples whose candidate is the referent.
   train = examples('super_glue_wsc_v102_simple_train', 'train', 3)
   raw = raw_examples('super_glue_wsc_v102_simple_train', 'train', 3)
-  assert [e['targets_pretokenized'] for e in train] == [r['span1_text'] for r in raw
-                                                        if r['label'] == 1]
+  assert [e['targets_pretokenized'] for e in train] == [
+      r['span1_text'] for r in raw if r['label'] == 1
+  ]
   # Eval: the target is the label; a prediction scores 1 when it names the candidate.
   task = seqio.get_mixture_or_task(eval_name)
   ex = {k: (v.encode() if isinstance(v, str) else v) for k, v in base[0].items()}
@@ -211,7 +232,11 @@ def test_proportional_mixtures(prefix):
 
 def test_wsc_and_dev_mixture():
   mixture = seqio.get_mixture_or_task('task_index_super_glue_wsc_and_dev_v102_simple_examples')
-  by_split = {split: sorted(t.name for t in mixture.tasks if split in t.splits)
-              for split in ('train', 'validation')}
-  assert by_split == {'train': ['task_index_super_glue_wsc_v102_simple_train_examples'],
-                      'validation': ['task_index_super_glue_wsc_v102_simple_eval_examples']}
+  by_split = {
+      split: sorted(t.name for t in mixture.tasks if split in t.splits)
+      for split in ('train', 'validation')
+  }
+  assert by_split == {
+      'train': ['task_index_super_glue_wsc_v102_simple_train_examples'],
+      'validation': ['task_index_super_glue_wsc_v102_simple_eval_examples'],
+  }

@@ -1,4 +1,5 @@
 """Tests of the offline toy task suite (`tasks/toy.py`) and its bundled vocabulary."""
+
 import collections
 import os
 import re
@@ -13,12 +14,24 @@ from tasks import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCENE_RE = (r'(?P<number>\w+) (?P<size>\w+) (?P<colour>\w+) (?P<animal>\w+) (?P<verb>\w+) '
-            r'(?P<prep>\w+) the (?P<place>\w+)')
-SCENE_TASKS = ('toy_colour', 'toy_animal', 'toy_size', 'toy_question', 'toy_describe',
-               'toy_heldout_indoor', 'toy_heldout_place', 'toy_heldout_number',
-               'toy_taskless_colour', 'toy_taskless_animal', 'toy_taskless_size',
-               'toy_taskless_indoor')
+SCENE_RE = (
+    r'(?P<number>\w+) (?P<size>\w+) (?P<colour>\w+) (?P<animal>\w+) (?P<verb>\w+) '
+    r'(?P<prep>\w+) the (?P<place>\w+)'
+)
+SCENE_TASKS = (
+    'toy_colour',
+    'toy_animal',
+    'toy_size',
+    'toy_question',
+    'toy_describe',
+    'toy_heldout_indoor',
+    'toy_heldout_place',
+    'toy_heldout_number',
+    'toy_taskless_colour',
+    'toy_taskless_animal',
+    'toy_taskless_size',
+    'toy_taskless_indoor',
+)
 LIST_TASKS = ('toy_count', 'toy_copy_reverse')
 ALL_TASKS = (toy.SPAN_CORRUPTION_TASK,) + tuple(toy._GENERATORS)  # pylint: disable=protected-access
 ALL_MIXTURES = (toy.BACKBONE_MIXTURE, toy.MULTITASK_MIXTURE, toy.MIXED_TASK_MIXTURE)
@@ -70,17 +83,26 @@ def test_generation_is_deterministic():
 
 
 def test_generation_does_not_depend_on_python_hash_seed():
-  code = ('import sys; sys.path.insert(0, %r); from tasks import toy; '
-          'print(repr([toy.generate_examples(n, "validation")[:3] for n in '
-          '("toy_colour", "toy_question", "toy_count")]))' % REPO)
+  code = (
+      'import sys; sys.path.insert(0, %r); from tasks import toy; '
+      'print(repr([toy.generate_examples(n, "validation")[:3] for n in '
+      '("toy_colour", "toy_question", "toy_count")]))' % REPO
+  )
   outs = []
   for seed in ('1', '2'):
     env = dict(os.environ, PYTHONHASHSEED=seed, TF_CPP_MIN_LOG_LEVEL='3')
-    outs.append(subprocess.run([sys.executable, '-c', code], env=env, check=True,
-                               capture_output=True, text=True).stdout)
+    outs.append(
+        subprocess.run(
+            [sys.executable, '-c', code], env=env, check=True, capture_output=True, text=True
+        ).stdout
+    )
   assert outs[0] == outs[1]
-  expected = repr([toy.generate_examples(n, 'validation')[:3]
-                   for n in ('toy_colour', 'toy_question', 'toy_count')])
+  expected = repr(
+      [
+          toy.generate_examples(n, 'validation')[:3]
+          for n in ('toy_colour', 'toy_question', 'toy_count')
+      ]
+  )
   assert outs[0].strip() == expected
 
 
@@ -137,21 +159,24 @@ def test_scene_format_and_world_size():
     _parse_scene(toy.Scene(i).text())
 
 
-@pytest.mark.parametrize('name,prefix,attribute', [
-    ('toy_colour', 'colour: ', 'colour'),
-    ('toy_animal', 'animal: ', 'animal'),
-    ('toy_size', 'size: ', 'size'),
-    ('toy_heldout_place', '', 'place'),
-    ('toy_heldout_number', '', 'number'),
-    ('toy_taskless_colour', '', 'colour'),
-    ('toy_taskless_animal', '', 'animal'),
-    ('toy_taskless_size', '', 'size'),
-])
+@pytest.mark.parametrize(
+    'name,prefix,attribute',
+    [
+        ('toy_colour', 'colour: ', 'colour'),
+        ('toy_animal', 'animal: ', 'animal'),
+        ('toy_size', 'size: ', 'size'),
+        ('toy_heldout_place', '', 'place'),
+        ('toy_heldout_number', '', 'number'),
+        ('toy_taskless_colour', '', 'colour'),
+        ('toy_taskless_animal', '', 'animal'),
+        ('toy_taskless_size', '', 'size'),
+    ],
+)
 def test_attribute_tasks(name, prefix, attribute):
   for split in toy.SPLITS:
     for ex in toy.generate_examples(name, split)[:300]:
       assert ex['inputs'].startswith(prefix)
-      scene = _parse_scene(ex['inputs'][len(prefix):])
+      scene = _parse_scene(ex['inputs'][len(prefix) :])
       assert ex['targets'] == scene[attribute]
       assert ex['targets'] in toy.CLASS_LABELS[name]
 
@@ -177,12 +202,29 @@ def test_question_task():
     values = m['values'].split(' or ')
     assert 1 <= len(values) <= 3 and len(set(values)) == len(values)
     scene = _parse_scene(m['scene'])
-    kind = [k for k, vocab in (('colour', toy.COLOURS), ('animal', toy.ANIMAL_WORDS),
-                               ('size', toy.SIZES), ('number', toy.NUMBERS),
-                               ('prep', toy.PREPOSITIONS)) if values[0] in vocab]
+    kind = [
+        k
+        for k, vocab in (
+            ('colour', toy.COLOURS),
+            ('animal', toy.ANIMAL_WORDS),
+            ('size', toy.SIZES),
+            ('number', toy.NUMBERS),
+            ('prep', toy.PREPOSITIONS),
+        )
+        if values[0] in vocab
+    ]
     assert len(kind) == 1, 'places are never asked about'
-    assert all(v in dict(colour=toy.COLOURS, animal=toy.ANIMAL_WORDS, size=toy.SIZES,
-                         number=toy.NUMBERS, prep=toy.PREPOSITIONS)[kind[0]] for v in values)
+    assert all(
+        v
+        in dict(
+            colour=toy.COLOURS,
+            animal=toy.ANIMAL_WORDS,
+            size=toy.SIZES,
+            number=toy.NUMBERS,
+            prep=toy.PREPOSITIONS,
+        )[kind[0]]
+        for v in values
+    )
     kinds[kind[0]] += 1
     assert ex['targets'] == ('yes' if scene[kind[0]] in values else 'no')
   assert set(kinds) == {'colour', 'animal', 'size'}
@@ -198,7 +240,7 @@ def test_count_describe_and_copy_reverse():
     assert ex['targets'] == toy.NUMBERS[len(words) - 1]
   for ex in toy.generate_examples('toy_describe', 'train')[:500]:
     assert ex['inputs'].startswith('describe: ')
-    s = _parse_scene(ex['inputs'][len('describe: '):])
+    s = _parse_scene(ex['inputs'][len('describe: ') :])
     assert ex['targets'] == f"{s['size']} {s['colour']} {s['animal']} {s['place']}"
   ops = collections.Counter()
   for ex in toy.generate_examples('toy_copy_reverse', 'train')[:500]:
@@ -307,9 +349,15 @@ def test_registration_is_idempotent():
 def test_get_dataset_with_enc_dec_feature_converter(name):
   for split in ('train', 'validation'):
     ds = seqio.get_dataset(
-        name, task_feature_lengths=toy.TASK_FEATURE_LENGTHS, dataset_split=split, shuffle=True,
-        seed=0, num_epochs=1, batch_size=4,
-        feature_converter=seqio.EncDecFeatureConverter(pack=False))
+        name,
+        task_feature_lengths=toy.TASK_FEATURE_LENGTHS,
+        dataset_split=split,
+        shuffle=True,
+        seed=0,
+        num_epochs=1,
+        batch_size=4,
+        feature_converter=seqio.EncDecFeatureConverter(pack=False),
+    )
     batch = next(ds.as_numpy_iterator())
     assert batch['encoder_input_tokens'].shape == (4, 16)
     assert batch['decoder_target_tokens'].shape == (4, 8)
@@ -320,8 +368,9 @@ def test_get_dataset_with_enc_dec_feature_converter(name):
 
 def test_task_dataset_keeps_pretokenized_text():
   task = seqio.get_mixture_or_task('toy_colour')
-  ex = next(task.get_dataset(toy.TASK_FEATURE_LENGTHS, 'validation', shuffle=False)
-            .as_numpy_iterator())
+  ex = next(
+      task.get_dataset(toy.TASK_FEATURE_LENGTHS, 'validation', shuffle=False).as_numpy_iterator()
+  )
   first = toy.generate_examples('toy_colour', 'validation')[0]
   assert ex['inputs_pretokenized'].decode() == first['inputs']
   assert ex['targets_pretokenized'].decode() == first['targets']

@@ -1,4 +1,5 @@
 """Zero-shot QQP<->MRPC transfer and SQuAD/MRQA tasks under `tfds.testing.mock_data`."""
+
 import re
 
 import numpy as np
@@ -41,10 +42,13 @@ def as_example(ex):
 
 
 def run_metrics(task, exs, prediction_texts):
-  targets = [task.postprocess_fn(e['targets_pretokenized'].decode(), example=e, is_target=True)
-             for e in exs]
-  predictions = [task.postprocess_fn(p, example=e, is_target=False)
-                 for p, e in zip(prediction_texts, exs)]
+  targets = [
+      task.postprocess_fn(e['targets_pretokenized'].decode(), example=e, is_target=True)
+      for e in exs
+  ]
+  predictions = [
+      task.postprocess_fn(p, example=e, is_target=False) for p, e in zip(prediction_texts, exs)
+  ]
   scores = {}
   for fn in task.metric_fns:
     scores.update(fn(targets, predictions))
@@ -57,8 +61,13 @@ LABELS = {'qqp': ('not_duplicate', 'duplicate'), 'mrpc': ('not_equivalent', 'equ
 
 
 def test_transfer_names():
-  expected = {f'{p}glue_{t}_from_{s}_{v}{x}' for s, t in PAIRS for v in glue.VERSIONS
-              for p in glue.PREFIXES for x in glue.SUFFIXES}
+  expected = {
+      f'{p}glue_{t}_from_{s}_{v}{x}'
+      for s, t in PAIRS
+      for v in glue.VERSIONS
+      for p in glue.PREFIXES
+      for x in glue.SUFFIXES
+  }
   assert set(transfer.TASK_NAMES) == expected and len(transfer.TASK_NAMES) == 24
   assert len(transfer.MIXTURE_NAMES) == 24
   assert seqio.get_mixture_or_task('glue_mrpc_from_qqp_v002_examples').name
@@ -92,8 +101,9 @@ def test_transfer_tasks_read_target_validation(source, target):
 def test_transfer_translates_labels(source, target):
   for suffix in glue.SUFFIXES:
     task = seqio.get_mixture_or_task(f'glue_{target}_from_{source}_v002{suffix}')
-    exs = [as_example(e) for e in examples(f'glue_{target}_from_{source}_v002_examples',
-                                           'validation')]
+    exs = [
+        as_example(e) for e in examples(f'glue_{target}_from_{source}_v002_examples', 'validation')
+    ]
     # Source label words (what the transferred prompt outputs) map to target class ids ...
     for class_id, word in enumerate(LABELS[source]):
       out = task.postprocess_fn(word, example=exs[0], is_target=False)
@@ -118,7 +128,8 @@ def test_transfer_translates_labels(source, target):
 def test_zero_shot_mixtures(source, target, prefix):
   for ver in glue.VERSIONS:
     mixture = seqio.get_mixture_or_task(
-        f'{prefix}glue_{target}_from_{source}_zeroshot_{ver}_examples')
+        f'{prefix}glue_{target}_from_{source}_zeroshot_{ver}_examples'
+    )
     train = [t.name for t in mixture.tasks if 'train' in t.splits]
     evaluation = [t.name for t in mixture.tasks if 'validation' in t.splits]
     assert train == [f'{prefix}glue_{source}_{ver}']
@@ -132,8 +143,9 @@ def pad(text: str) -> str:
 
 
 def test_qa_names_and_sources():
-  bases = ['squad_v010_allanswers'] + [f'mrqa_{n}_v100' for n in
-                                       qa.MRQA_IN_DOMAIN + qa.MRQA_OUT_OF_DOMAIN]
+  bases = ['squad_v010_allanswers'] + [
+      f'mrqa_{n}_v100' for n in qa.MRQA_IN_DOMAIN + qa.MRQA_OUT_OF_DOMAIN
+  ]
   assert set(qa.TASK_NAMES) == {f'{b}{s}' for b in bases for s in glue.SUFFIXES}
   assert len(qa.TASK_NAMES) == 24 and len(qa.MIXTURE_NAMES) == 14
   squad = seqio.get_mixture_or_task('squad_v010_allanswers_examples')
@@ -152,16 +164,22 @@ def test_qa_names_and_sources():
       assert task.preprocessors[0].__qualname__ == 'mrqa'
 
 
-@pytest.mark.parametrize('name,split', [('squad_v010_allanswers_examples', 'validation'),
-                                        ('mrqa_news_qa_v100_examples', 'validation'),
-                                        ('mrqa_bio_asq_v100_examples', 'validation')])
+@pytest.mark.parametrize(
+    'name,split',
+    [
+        ('squad_v010_allanswers_examples', 'validation'),
+        ('mrqa_news_qa_v100_examples', 'validation'),
+        ('mrqa_bio_asq_v100_examples', 'validation'),
+    ],
+)
 def test_qa_format_and_metrics(name, split):
   exs = examples(name, split)
   raws = raw_examples(name, split)
   for ex, raw in zip(exs, raws):
     answers = raw['answers']['text'] if name.startswith('squad') else raw['answers']
     assert ex['inputs_pretokenized'] == re.sub(
-        r'\s+', ' ', f'question: {pad(raw["question"])} context: {pad(raw["context"])}')
+        r'\s+', ' ', f'question: {pad(raw["question"])} context: {pad(raw["context"])}'
+    )
     assert ex['targets_pretokenized'] == pad(answers[0])
     assert ex['answers'] == [pad(a) for a in answers]
   task = seqio.get_mixture_or_task(name)
@@ -181,9 +199,12 @@ def test_squad_to_mrqa_mixtures():
   for suffix in glue.SUFFIXES:
     for name in qa.MRQA_OUT_OF_DOMAIN:
       mixture = seqio.get_mixture_or_task(f'squad_to_{name}{suffix}')
-      assert {t.name for t in mixture.tasks} == {f'squad_v010_allanswers{suffix}',
-                                                 f'mrqa_{name}_v100{suffix}'}
+      assert {t.name for t in mixture.tasks} == {
+          f'squad_v010_allanswers{suffix}',
+          f'mrqa_{name}_v100{suffix}',
+      }
     mixture = seqio.get_mixture_or_task(f'squad_to_mrqa{suffix}')
     assert [t.name for t in mixture.tasks if 'train' in t.splits] == [
-        f'squad_v010_allanswers{suffix}']
+        f'squad_v010_allanswers{suffix}'
+    ]
     assert len([t for t in mixture.tasks if 'validation' in t.splits]) == 7
