@@ -1,57 +1,267 @@
-"""Attention masks that know where the prompt sits.
+"""Attention masks: the one place where the backbone's masks are built, prompt-aware.
 
-All functions are pure. Masks follow the flaxformer/T5X convention: `[B, 1, Q,
-K]` arrays of 1 (attend) / 0 (masked) in `dtype`. The prompt is always fully
-visible: prompt <-> prompt and prompt <-> real tokens attend to each other,
-padding is masked (as queries and as keys).
+As in T5X's `network.py`, the models build every mask in `encode` / `decode` (and the decoder-only
+`__call__`) and hand them to the stacks, whose `__call__` is only the layer loop. The functions
+here are what they call:
 
-By default the prompt is assumed to be prepended (`prompts.prefix_prompt`); the
-encoder functions also take a `combine` argument (any combine function of
-`prompt_tuning.prompts`) to build masks for other layouts.
+* primitives with flaxformer's semantics (`make_attention_mask`, `make_causal_mask`,
+  `combine_masks`, `decoder_logit_mask`, `mask_to_bias`);
+* `encoder_masks(...)` and `decoder_masks(...)`: every mask of a stack, given the tokens and,
+  with a prompt, the prompt's layout (`combine_mask(tokens, mask) -> mask'`, the prompt module's
+  method: prompt positions True, the rest carried over), so any combine function (prefix, suffix,
+  after-BOS, user-written) gets exact masks;
+* `encoder_decoder_mask(...)`: cross-attention.
 
-Packed inputs (segment ids) are not supported with prompts: every function
-raises `ValueError` when segment ids are given.
+The prompt is always fully visible: prompt <-> prompt and prompt <-> real tokens attend to each
+other, padding is masked (as queries and as keys). In a decoder-only prefix LM the prompt belongs
+to the bidirectional prefix.
 
-Factories `create_prompt_encoder_mask(prompt_length)`,
-`create_prompt_encoder_decoder_mask(prompt_length)` and
-`create_prompt_decoder_only_mask(prompt_length)` bind the prompt length and
-return functions with the argument order of the flaxformer mask functions they
-replace.
+The factories of the original prompt-tuning code (`create_prompt_encoder_mask(prompt_length)`,
+`create_prompt_encoder_decoder_mask`, `create_prompt_decoder_only_mask`) and their functions
+(`prompt_encoder_mask`, ...) are kept with their argument order and float masks; they are thin
+wrappers over the functions the backbone runs, so their tests test the backbone's masks.
+
+Packed inputs (segment ids) are not supported with prompts.
 """
 
-from typing import Any, Callable, Optional
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
+from jax import lax
 
 Array = Any
 DType = Any
+# `combine_mask(tokens [B, L], mask [B, L] bool) -> [B, L'] bool`: where a prompt goes.
+LayoutFn = Callable[[Array, Array], Array]
+
+# Large negative number used to turn boolean masks into additive attention biases (flaxformer).
+NEG_INF = -1e10
 
 PACKING_ERROR = (
     'Prompt tuning does not support packed inputs (segment ids were given). '
     'Set `pack=False` in the DatasetConfig / feature converter.'
 )
 
-
-def _check_not_packed(*segment_ids: Optional[Array]) -> None:
-  if any(s is not None for s in segment_ids):
-    raise ValueError(PACKING_ERROR)
+# ----------------------------------------------------------------------------------------------
+# Primitives (flaxformer `dense_attention` semantics; boolean masks `[B, 1, Q, K]`).
+# ----------------------------------------------------------------------------------------------
 
 
 def make_attention_mask(
     query_input: Array,
     key_input: Array,
-    pairwise_fn: Callable[[Array, Array], Array] = (jnp.multiply),
-    dtype: DType = jnp.float32,
+    pairwise_fn: Callable[[Array, Array], Array] = jnp.logical_and,
 ) -> Array:
-  """`[B, Lq]`, `[B, Lk]` -> `[B, 1, Lq, Lk]`: `pairwise_fn(q_i, k_j)`."""
-  mask = pairwise_fn(jnp.asarray(query_input)[:, :, None], jnp.asarray(key_input)[:, None, :])
-  return mask[:, None].astype(dtype)
+  """Boolean mask `[batch, 1, q_len, k_len]` from per-position query and key inputs."""
+  mask = pairwise_fn(jnp.expand_dims(query_input, -1), jnp.expand_dims(key_input, -2))
+  return jnp.expand_dims(mask, -3).astype(bool)
 
 
-def make_causal_mask(x: Array, dtype: DType = jnp.float32) -> Array:
-  """`[B, L]` -> `[B, 1, L, L]` lower-triangular (j <= i) mask."""
-  idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
-  return make_attention_mask(idxs, idxs, jnp.greater_equal, dtype=dtype)
+def make_causal_mask(length: int) -> Array:
+  """Boolean lower-triangular mask `[1, 1, length, length]`."""
+  idx = jnp.arange(length)
+  return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+  """Logical AND of the non-None masks (broadcasting), or None."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  return functools.reduce(jnp.logical_and, [m.astype(bool) for m in masks])
+
+
+def decoder_logit_mask(decoder_input_tokens: Array) -> Array:
+  """Boolean `[batch, length]`: positions that are not padding, with the 0-BOS kept.
+
+  Same as flaxformer's `dense_attention.get_decoder_logit_mask` (without the trailing axis): a
+  position is real if its token is non-zero, if the next token is non-zero (a BOS of a packed
+  segment) or if it is the first position.
+  """
+  tokens = decoder_input_tokens
+  shifted = jnp.pad(tokens, [(0, 0)] * (tokens.ndim - 1) + [(0, 1)])[..., 1:]
+  first = lax.broadcasted_iota(jnp.int32, tokens.shape, tokens.ndim - 1) == 0
+  return (tokens > 0) | (shifted > 0) | first
+
+
+def mask_to_bias(mask: Optional[Array], dtype: DType) -> Optional[Array]:
+  """`lax.select(mask > 0, 0, -1e10)` as in flaxformer."""
+  if mask is None:
+    return None
+  return lax.select(
+      mask > 0,
+      jnp.full(mask.shape, 0.0).astype(dtype),
+      jnp.full(mask.shape, NEG_INF).astype(dtype),
+  )
+
+
+def prompt_positions(tokens: Array, combine_mask: Optional[LayoutFn]) -> Optional[Array]:
+  """`[B, L']` bool, True where the prompt sits (None without a prompt)."""
+  if combine_mask is None:
+    return None
+  return combine_mask(tokens, jnp.zeros(tokens.shape, bool))
+
+
+def _layout(combine_mask: Optional[LayoutFn], tokens: Array, mask: Array) -> Array:
+  return mask if combine_mask is None else combine_mask(tokens, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbone's masks.
+# ----------------------------------------------------------------------------------------------
+
+
+class EncoderMasks(NamedTuple):
+  """Masks of an encoder stack (`L'` = length with the prompt)."""
+
+  input_mask: Array  # [B, L'] bool: real positions (prompt positions included).
+  attention_mask: Array  # [B, 1, L', L'] bool.
+  prompt_mask: Optional[Array]  # [B, L'] bool: the prompt's positions, None without a prompt.
+
+
+def encoder_masks(
+    tokens: Array,
+    segment_ids: Optional[Array] = None,
+    *,
+    combine_mask: Optional[LayoutFn] = None,
+) -> EncoderMasks:
+  """Self-attention masks of the encoder: non-padding (and the prompt) see each other.
+
+  Args:
+    tokens: `[B, L]` int, 0 is padding.
+    segment_ids: packed segments (`[B, L]`); an error with a prompt.
+    combine_mask: the prompt's layout, or None without a prompt.
+  """
+  if combine_mask is not None and segment_ids is not None:
+    raise ValueError(PACKING_ERROR)
+  input_mask = _layout(combine_mask, tokens, tokens > 0)
+  attention = make_attention_mask(input_mask, input_mask)
+  if segment_ids is not None:
+    attention = combine_masks(attention, make_attention_mask(segment_ids, segment_ids, jnp.equal))
+  return EncoderMasks(input_mask, attention, prompt_positions(tokens, combine_mask))
+
+
+class DecoderMasks(NamedTuple):
+  """Masks of a decoder stack (`T'` = length of the embedded chunk, prompt included)."""
+
+  self_mask: Optional[Array]  # [B, 1, T', T'] bool; None when decoding (the cache masks).
+  chunk_mask: Optional[Array]  # decode only: [B, 1, n, n] extra in-chunk pairs (prefix LM).
+  logit_mask: Optional[Array]  # [B, T'] bool (None when decoding).
+  query_mask: Array  # [B, T'] bool: real queries (cross-attention rows).
+  prompt_mask: Optional[Array]  # [B, T'] bool: the prompt's positions (None without one).
+
+
+def decoder_masks(
+    tokens: Array,
+    targets: Optional[Array] = None,
+    *,
+    causal_attention: Optional[Array] = None,
+    segment_ids: Optional[Array] = None,
+    decode: bool = False,
+    combine_mask: Optional[LayoutFn] = None,
+    prompt_in_chunk: bool = False,
+    length: Optional[int] = None,
+) -> DecoderMasks:
+  """Masks of a decoder stack, causal or prefix LM, with an optional prompt.
+
+  Args:
+    tokens: `[B, T]` decoder input tokens (a decode chunk `[B, n]` when decoding).
+    targets: `[B, T]`; padding (0) positions are masked out. If None, padding is derived from
+      `tokens` (with the 0-BOS kept).
+    causal_attention: `[B, T]`, 1 on the prefix of a prefix LM (bidirectional there).
+    segment_ids: packed segments; an error with a prompt.
+    decode: incremental decoding with a KV cache: no self-attention mask (the cache builds it);
+      only the prefix LM's in-chunk mask.
+    combine_mask: the prompt's layout, or None without a prompt (or when the prompt is not in
+      this chunk).
+    prompt_in_chunk: decoding: the chunk holds the prompt (a prefill), laid out by
+      `combine_mask`.
+    length: decoding: the chunk length (defaults to `T`, or the prompt layout's length).
+
+  Returns:
+    `DecoderMasks`.
+  """
+  if combine_mask is not None and segment_ids is not None:
+    raise ValueError(PACKING_ERROR)
+  batch = tokens.shape[0]
+  if decode:
+    layout = combine_mask if prompt_in_chunk else None
+    chunk_mask = None
+    if causal_attention is not None:
+      # Bidirectional prefix inside the chunk; with a prompt, the prompt belongs to the prefix.
+      prefix = _layout(layout, tokens, causal_attention > 0)
+      chunk_mask = make_attention_mask(prefix, prefix)
+    if length is None:
+      length = _layout(layout, tokens, tokens > -1).shape[1]
+    return DecoderMasks(
+        None,
+        chunk_mask,
+        None,
+        jnp.ones((batch, length), bool),
+        prompt_positions(tokens, layout),
+    )
+  real = targets > 0 if targets is not None else decoder_logit_mask(tokens)
+  real = _layout(combine_mask, tokens, real)
+  logit_real = _layout(combine_mask, tokens, decoder_logit_mask(tokens))
+  causal = make_causal_mask(real.shape[1])
+  if causal_attention is not None:
+    prefix = _layout(combine_mask, tokens, causal_attention > 0)
+    causal = causal | make_attention_mask(prefix, prefix)
+  self_mask = combine_masks(causal, make_attention_mask(real, real))
+  if segment_ids is not None:
+    self_mask = combine_masks(self_mask, make_attention_mask(segment_ids, segment_ids, jnp.equal))
+  return DecoderMasks(self_mask, None, logit_real, real, prompt_positions(tokens, combine_mask))
+
+
+def encoder_decoder_mask(
+    query_mask: Array,
+    encoder_input_mask: Array,
+    decoder_segment_ids: Optional[Array] = None,
+    encoder_segment_ids: Optional[Array] = None,
+    *,
+    decode: bool = False,
+) -> Array:
+  """Cross-attention mask `[B, 1, T, L']`: real decoder queries see real encoder positions."""
+  mask = make_attention_mask(query_mask, encoder_input_mask)
+  if encoder_segment_ids is not None:
+    if decode:
+      raise ValueError('Packed inputs (encoder_segment_ids) cannot be used when decoding.')
+    mask = combine_masks(
+        mask, make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal)
+    )
+  return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# The original prompt-tuning code's mask API (float masks, flaxformer argument order), on top of
+# the functions above.
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_layout(prompt_length: int, combine: Optional[Callable[..., Array]] = None) -> LayoutFn:
+  """`combine_mask(tokens, mask)` of a prompt of `prompt_length` placed by `combine`.
+
+  `combine=None` prepends (`prompts.prefix_prompt`); any combine function of
+  `prompt_tuning.prompts` (or a user's) is run on the mask itself, as `prompts.combine_mask`
+  does for the prompt modules.
+  """
+
+  def layout(tokens: Array, mask: Array) -> Array:
+    mask = jnp.asarray(mask, bool)
+    if combine is None:
+      ones = jnp.ones((mask.shape[0], prompt_length), bool)
+      return jnp.concatenate([ones, mask], axis=1)
+    values = mask.astype(jnp.float32)[..., None]
+    ones = jnp.ones((mask.shape[0], prompt_length, 1), jnp.float32)
+    return combine(ones, values, tokens)[..., 0] > 0.5
+
+  return layout
+
+
+def _check_not_packed(*segment_ids: Optional[Array]) -> None:
+  if any(s is not None for s in segment_ids):
+    raise ValueError(PACKING_ERROR)
 
 
 def add_fake_prompt(
@@ -60,32 +270,28 @@ def add_fake_prompt(
     fill_value: int = 1,
     combine: Optional[Callable[..., Array]] = None,
 ) -> Array:
-  """Adds `prompt_length` non-padding fake tokens where the prompt goes.
-
-  Args:
-    tokens: `[B, L]` int tokens (0 is padding).
-    prompt_length: P.
-    fill_value: the fake (non-zero) token id.
-    combine: a combine function of `prompt_tuning.prompts`; `None` prepends
-      (`prefix_prompt`).
-
-  Returns:
-    `[B, P + L]` tokens: `fill_value` at prompt positions, `tokens` elsewhere.
-  """
+  """`[B, P + L]` tokens: `fill_value` where the prompt goes, `tokens` elsewhere."""
   tokens = jnp.asarray(tokens)
+  where = prompt_layout(prompt_length, combine)(tokens, jnp.zeros(tokens.shape, bool))
+  carried = _carry(tokens, prompt_length, combine)
+  return jnp.where(where, jnp.asarray(fill_value, tokens.dtype), carried).astype(tokens.dtype)
+
+
+def _carry(values: Array, prompt_length: int, combine: Optional[Callable[..., Array]]) -> Array:
+  """`values [B, L]` moved to their positions in the `[B, P + L]` layout (0 at the prompt)."""
   if combine is None:
-    fake = jnp.full((tokens.shape[0], prompt_length), fill_value, tokens.dtype)
-    return jnp.concatenate([fake, tokens], axis=1)
-  fake = jnp.full((tokens.shape[0], prompt_length, 1), fill_value, jnp.int32)
-  out = combine(fake, tokens.astype(jnp.int32)[..., None], tokens)[..., 0]
-  return out.astype(tokens.dtype)
+    zeros = jnp.zeros((values.shape[0], prompt_length), values.dtype)
+    return jnp.concatenate([zeros, values], axis=1)
+  fake = jnp.zeros((values.shape[0], prompt_length, 1), jnp.int32)
+  return combine(fake, values.astype(jnp.int32)[..., None], values)[..., 0].astype(values.dtype)
 
 
 def prompt_input_mask(
     tokens: Array, prompt_length: int, combine: Optional[Callable[..., Array]] = None
 ) -> Array:
   """`[B, P + L]` bool: prompt positions and real tokens True, padding False."""
-  return add_fake_prompt(tokens, prompt_length, combine=combine) > 0
+  tokens = jnp.asarray(tokens)
+  return prompt_layout(prompt_length, combine)(tokens, tokens > 0)
 
 
 def prompt_encoder_mask(
@@ -96,21 +302,11 @@ def prompt_encoder_mask(
     combine: Optional[Callable[..., Array]] = None,
     dtype: DType = jnp.float32,
 ) -> Array:
-  """Encoder self-attention mask with a fully visible prompt.
-
-  Args:
-    encoder_input_tokens: `[B, L]` int (0 is padding).
-    prompt_length: P.
-    encoder_segment_ids: must be None (no packing).
-    combine: prompt layout (default prepended).
-    dtype: mask dtype.
-
-  Returns:
-    `[B, 1, P + L, P + L]`: 1 where both query and key are prompt or real.
-  """
+  """Encoder self-attention mask `[B, 1, P + L, P + L]` with a fully visible prompt."""
   _check_not_packed(encoder_segment_ids)
-  visible = prompt_input_mask(encoder_input_tokens, prompt_length, combine)
-  return make_attention_mask(visible, visible, jnp.logical_and, dtype=dtype)
+  tokens = jnp.asarray(encoder_input_tokens)
+  masks = encoder_masks(tokens, combine_mask=prompt_layout(prompt_length, combine))
+  return masks.attention_mask.astype(dtype)
 
 
 def prompt_encoder_decoder_mask(
@@ -124,27 +320,17 @@ def prompt_encoder_decoder_mask(
     combine: Optional[Callable[..., Array]] = None,
     dtype: DType = jnp.float32,
 ) -> Array:
-  """Decoder -> encoder (cross-attention) mask; prompt positions visible.
+  """Decoder -> encoder mask `[B, 1, T, P + L]`; prompt positions visible.
 
-  Args:
-    decoder_target_tokens: `[B, T]` int (0 is padding).
-    encoder_input_tokens: `[B, L]` int.
-    prompt_length: P.
-    encoder_segment_ids: must be None.
-    decoder_segment_ids: must be None.
-    decode: incremental decoding: every query row is treated as real (the
-      targets are not known yet), as in flaxformer.
-    combine: prompt layout of the encoder (default prepended).
-    dtype: mask dtype.
-
-  Returns:
-    `[B, 1, T, P + L]`.
+  With `decode=True` every query row is treated as real (the targets are not known yet), as in
+  flaxformer.
   """
   _check_not_packed(encoder_segment_ids, decoder_segment_ids)
-  decoder_target_tokens = jnp.asarray(decoder_target_tokens)
-  keys = prompt_input_mask(encoder_input_tokens, prompt_length, combine)
-  queries = jnp.ones(decoder_target_tokens.shape, bool) if decode else decoder_target_tokens > 0
-  return make_attention_mask(queries, keys, jnp.logical_and, dtype=dtype)
+  targets = jnp.asarray(decoder_target_tokens)
+  tokens = jnp.asarray(encoder_input_tokens)
+  keys = encoder_masks(tokens, combine_mask=prompt_layout(prompt_length, combine)).input_mask
+  queries = jnp.ones(targets.shape, bool) if decode else targets > 0
+  return encoder_decoder_mask(queries, keys, decode=decode).astype(dtype)
 
 
 def make_decoder_mask(
@@ -153,29 +339,14 @@ def make_decoder_mask(
     decoder_segment_ids: Optional[Array] = None,
     dtype: DType = jnp.float32,
 ) -> Array:
-  """T5X's decoder mask: causal (or prefix-LM) AND non-padding.
-
-  Positions `i, j` with `decoder_causal_attention[i] == decoder_causal_attention
-  [j] == 1` see each other bidirectionally (the prefix of a prefix LM).
-
-  Args:
-    decoder_target_tokens: `[B, L]` int (0 is padding).
-    decoder_causal_attention: optional `[B, L]` 0/1 prefix indicator.
-    decoder_segment_ids: must be None.
-    dtype: mask dtype.
-
-  Returns:
-    `[B, 1, L, L]`.
-  """
+  """T5X's decoder mask `[B, 1, L, L]`: causal (or prefix-LM) AND non-padding."""
   _check_not_packed(decoder_segment_ids)
-  decoder_target_tokens = jnp.asarray(decoder_target_tokens)
-  causal = make_causal_mask(decoder_target_tokens, dtype=bool)
-  if decoder_causal_attention is not None:
-    prefix = jnp.asarray(decoder_causal_attention) > 0
-    causal = jnp.logical_or(causal, make_attention_mask(prefix, prefix, jnp.logical_and, bool))
-  real = decoder_target_tokens > 0
-  padding = make_attention_mask(real, real, jnp.logical_and, bool)
-  return jnp.logical_and(causal, padding).astype(dtype)
+  targets = jnp.asarray(decoder_target_tokens)
+  causal_attention = (
+      None if decoder_causal_attention is None else jnp.asarray(decoder_causal_attention)
+  )
+  masks = decoder_masks(targets, targets, causal_attention=causal_attention)
+  return masks.self_mask.astype(dtype)
 
 
 def prompt_decoder_only_mask(
@@ -186,31 +357,24 @@ def prompt_decoder_only_mask(
     *,
     dtype: DType = jnp.float32,
 ) -> Array:
-  """Decoder-only self-attention mask with the prompt prepended.
+  """Decoder-only self-attention mask `[B, 1, P + L, P + L]` with the prompt prepended.
 
-  The prompt is treated as P extra leading non-padding tokens. Causal LM
-  (`decoder_causal_attention is None`): plain causal mask over `P + L`
-  positions, so every token sees the whole prompt and prompt position i sees
-  prompt positions `<= i`. Prefix LM: the prompt is part of the bidirectional
-  prefix (ones prepended to `decoder_causal_attention`), so the prompt and the
-  inputs see each other fully.
-
-  Args:
-    decoder_target_tokens: `[B, L]` int (0 is padding).
-    prompt_length: P.
-    decoder_causal_attention: optional `[B, L]` prefix indicator.
-    decoder_segment_ids: must be None.
-    dtype: mask dtype.
-
-  Returns:
-    `[B, 1, P + L, P + L]`.
+  Causal LM: plain causal mask over `P + L` positions, so every token sees the whole prompt and
+  prompt position i sees prompt positions `<= i`. Prefix LM: the prompt is part of the
+  bidirectional prefix, so the prompt and the inputs see each other fully.
   """
   _check_not_packed(decoder_segment_ids)
-  targets = add_fake_prompt(decoder_target_tokens, prompt_length)
-  causal_attention = None
-  if decoder_causal_attention is not None:
-    causal_attention = add_fake_prompt(jnp.asarray(decoder_causal_attention), prompt_length)
-  return make_decoder_mask(targets, causal_attention, dtype=dtype)
+  targets = jnp.asarray(decoder_target_tokens)
+  causal_attention = (
+      None if decoder_causal_attention is None else jnp.asarray(decoder_causal_attention)
+  )
+  masks = decoder_masks(
+      targets,
+      targets,
+      causal_attention=causal_attention,
+      combine_mask=prompt_layout(prompt_length),
+  )
+  return masks.self_mask.astype(dtype)
 
 
 def create_prompt_encoder_mask(
@@ -235,7 +399,7 @@ def create_prompt_encoder_decoder_mask(
 ) -> Callable[..., Array]:
   """Binds P: `fn(decoder_target_tokens, encoder_input_tokens, ...)`."""
 
-  def encoder_decoder_mask(
+  def encoder_decoder_mask_fn(
       decoder_target_tokens: Array,
       encoder_input_tokens: Array,
       encoder_segment_ids: Optional[Array] = None,
@@ -254,7 +418,7 @@ def create_prompt_encoder_decoder_mask(
         dtype=dtype,
     )
 
-  return encoder_decoder_mask
+  return encoder_decoder_mask_fn
 
 
 def create_prompt_decoder_only_mask(prompt_length: int) -> Callable[..., Array]:

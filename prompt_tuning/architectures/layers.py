@@ -29,14 +29,15 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 
+from prompt_tuning import masks as masks_lib
+from prompt_tuning.architectures import hooks as hooks_lib
+
 Array = Any
 DType = Any
 Initializer = Callable[..., Array]
 
 param_with_axes = nn_partitioning.param_with_axes
 
-# Large negative number used to turn boolean masks into additive attention biases (flaxformer).
-NEG_INF = -1e10
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 attention_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
@@ -55,57 +56,6 @@ def to_dtype(dtype: DType) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks
-# ----------------------------------------------------------------------------------------------
-
-
-def make_attention_mask(
-    query_input: Array,
-    key_input: Array,
-    pairwise_fn: Callable[[Array, Array], Array] = jnp.logical_and,
-) -> Array:
-  """Boolean mask `[batch, 1, q_len, k_len]` from per-position query and key inputs."""
-  mask = pairwise_fn(jnp.expand_dims(query_input, -1), jnp.expand_dims(key_input, -2))
-  return jnp.expand_dims(mask, -3).astype(bool)
-
-
-def make_causal_mask(length: int) -> Array:
-  """Boolean lower-triangular mask `[1, 1, length, length]`."""
-  idx = jnp.arange(length)
-  return (idx[None, :] <= idx[:, None])[None, None]
-
-
-def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
-  """Logical AND of the non-None masks (broadcasting), or None."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  return functools.reduce(jnp.logical_and, [m.astype(bool) for m in masks])
-
-
-def decoder_logit_mask(decoder_input_tokens: Array) -> Array:
-  """Boolean `[batch, length]`: positions that are not padding, with the 0-BOS kept.
-
-  Same as flaxformer's `dense_attention.get_decoder_logit_mask` (without the trailing axis): a
-  position is real if its token is non-zero, if the next token is non-zero (a BOS of a packed
-  segment) or if it is the first position.
-  """
-  tokens = decoder_input_tokens
-  shifted = jnp.pad(tokens, [(0, 0)] * (tokens.ndim - 1) + [(0, 1)])[..., 1:]
-  first = lax.broadcasted_iota(jnp.int32, tokens.shape, tokens.ndim - 1) == 0
-  return (tokens > 0) | (shifted > 0) | first
-
-
-def mask_to_bias(mask: Optional[Array], dtype: DType) -> Optional[Array]:
-  """`lax.select(mask > 0, 0, -1e10)` as in flaxformer."""
-  if mask is None:
-    return None
-  return lax.select(
-      mask > 0, jnp.full(mask.shape, 0.0).astype(dtype), jnp.full(mask.shape, NEG_INF).astype(dtype)
-  )
-
-
-# ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
 
@@ -118,15 +68,20 @@ class DenseGeneral(nn.Module):
     kernel_axes: logical axis names of the kernel.
     dtype: computation dtype (the kernel is stored float32 and cast).
     kernel_init: kernel initializer `(rng, shape, dtype)`.
+    hooks: the methods' hooks (`hooks.Hooks`); `hooks.dense(site)` modules get `(x, y, ctx)` and
+      return the new output (e.g. LoRA's low-rank update).
+    site: this kernel's site (`hooks.Site` with `kernel` set); needed with `hooks`.
   """
 
   features: int
   kernel_axes: Tuple[str, str]
   dtype: DType = jnp.float32
   kernel_init: Initializer = default_kernel_init
+  hooks: Optional[hooks_lib.Hooks] = None
+  site: Optional[hooks_lib.Site] = None
 
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array, ctx: Optional[hooks_lib.Context] = None) -> Array:
     dtype = to_dtype(self.dtype)
     kernel = param_with_axes(
         'kernel',
@@ -137,7 +92,12 @@ class DenseGeneral(nn.Module):
     )
     kernel = jnp.asarray(kernel, dtype)
     inputs = jnp.asarray(inputs, dtype)
-    return lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    if self.hooks is not None and self.site is not None:
+      ctx = hooks_lib.Context() if ctx is None else ctx
+      for hook in hooks_lib.build(self.hooks, 'dense', self.site):
+        y = hook(inputs, y, ctx)
+    return y
 
 
 class LayerNorm(nn.Module):
@@ -323,6 +283,20 @@ class MultiHeadDotProductAttention(nn.Module):
   causally inside the chunk (or as `chunk_mask` additionally allows), and `cache_index` advances by
   `n`. When the cache does not exist yet (the `init` call), it is created with length
   `max_decode_length` (default: the input length) and left empty.
+
+  Hooks (`hooks.attention(site)`, see `hooks.py`) transform the projected keys and values before
+  they are cached, and may add prefix keys/values, which every query sees and which are never
+  cached. Dense hooks reach the `query`, `key`, `value` and `out` kernels.
+
+  Attributes:
+    num_heads: heads.
+    head_dim: width of one head.
+    dtype: computation dtype.
+    dropout_rate: dropout on the attention weights.
+    float32_logits: logits and softmax in float32.
+    kernel_init: initializer of the projection kernels.
+    hooks: the methods' hooks, or None.
+    site: this attention's site (`hooks.Site`), needed with `hooks`.
   """
 
   num_heads: int
@@ -331,6 +305,8 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout_rate: float = 0.0
   float32_logits: bool = False
   kernel_init: Initializer = attention_kernel_init
+  hooks: Optional[hooks_lib.Hooks] = None
+  site: Optional[hooks_lib.Site] = None
 
   @nn.compact
   def __call__(
@@ -344,6 +320,8 @@ class MultiHeadDotProductAttention(nn.Module):
       decode: bool = False,
       max_decode_length: Optional[int] = None,
       chunk_mask: Optional[Array] = None,
+      ctx: Optional[hooks_lib.Context] = None,
+      bias_offset: int = 0,
   ) -> Array:
     """Applies attention.
 
@@ -351,13 +329,18 @@ class MultiHeadDotProductAttention(nn.Module):
       inputs_q: `[batch, q_len, d_model]`.
       inputs_kv: `[batch, kv_len, d_model]`.
       mask: boolean attention mask `[batch, 1, q_len, kv_len]` (None: attend everywhere).
-      bias: additive bias, e.g. relative positions `[1, heads, q_len, kv_len]`; in decode mode the
-        full `[1, heads, max_len, max_len]` bias whose rows are sliced at the cache index.
+      bias: additive bias, e.g. relative positions `[1, heads, bias_offset + q_len, bias_offset +
+        kv_len]`; in decode mode the full `[1, heads, bias_offset + max_len, bias_offset +
+        max_len]` bias whose rows are sliced at the cache index.
       enable_dropout: enables dropout on the attention weights.
       decode: use and update the KV cache (self-attention only).
       max_decode_length: cache length when the cache is created.
       chunk_mask: decode mode only; boolean `[batch, 1, n, n]` of extra allowed pairs inside the
         chunk (ORed with the causal mask), e.g. bidirectional prefix-LM attention.
+      ctx: what hooks may read (`hooks.Context`).
+      bias_offset: the number of prefix positions the stack's `bias` has room for before the
+        first token (the largest prefix of its layers); this attention's own `P` prefix keys
+        take the last `P` of them.
 
     Returns:
       `[batch, q_len, d_model]`.
@@ -366,18 +349,43 @@ class MultiHeadDotProductAttention(nn.Module):
     features = inputs_q.shape[-1]
     inner = self.num_heads * self.head_dim
     head_dim = self.head_dim
+    ctx = hooks_lib.Context(decode=decode) if ctx is None else ctx
+    site = self.site
+
+    def dense(out_features, axes, init, name):
+      return DenseGeneral(
+          out_features,
+          axes,
+          dtype=dtype,
+          kernel_init=init,
+          hooks=self.hooks,
+          site=None if site is None else site.with_kernel(name),
+          name=name,
+      )
 
     def query_init(rng, shape, init_dtype=jnp.float32):
       return self.kernel_init(rng, shape, init_dtype) / np.sqrt(head_dim).astype(np.float32)
 
     def project(name, init, x):
-      y = DenseGeneral(inner, ('embed', 'joined_kv'), dtype=dtype, kernel_init=init, name=name)(x)
+      y = dense(inner, ('embed', 'joined_kv'), init, name)(x, ctx)
       y = y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
       return with_sharding_constraint(y, ('batch', 'length', 'heads', 'kv'))
 
     query = project('query', query_init, inputs_q)
     key = project('key', self.kernel_init, inputs_kv)
     value = project('value', self.kernel_init, inputs_kv)
+    kv_hooks = hooks_lib.build(self.hooks, 'attention', site) if self.hooks is not None else ()
+    for hook in kv_hooks:
+      key, value = hook(key, value, ctx)
+    prefix = hooks_lib.prefix_of(kv_hooks, query.shape[0], ctx) if kv_hooks else None
+    num_prefix = 0 if prefix is None else prefix[0].shape[1]
+    if num_prefix > bias_offset and bias is not None:
+      raise ValueError(
+          f'The attention hooks at {site.path if site else "an attention"} add {num_prefix} prefix '
+          f'keys but the stack made room for {bias_offset} in the relative-position bias: the '
+          "Hooks object's prefix_length(site) must report the prefix length of its attention hooks."
+      )
+    bias_cols = bias_offset - num_prefix
 
     if decode:
       batch, n = query.shape[0], query.shape[1]
@@ -414,19 +422,33 @@ class MultiHeadDotProductAttention(nn.Module):
               (0, 0, 0, idx),
           )
           allowed = allowed | extra
-        mask = combine_masks(mask, allowed)
+        mask = masks_lib.combine_masks(mask, allowed)
         if bias is not None:
-          bias = lax.dynamic_slice_in_dim(bias, idx, n, axis=-2)
+          bias = lax.dynamic_slice_in_dim(bias, idx + bias_offset, n, axis=-2)
+          if bias_cols:
+            bias = bias[..., bias_cols:]
       else:
         # Cache creation pass (`init`): plain causal attention over the given chunk.
-        causal = make_causal_mask(n)
+        causal = masks_lib.make_causal_mask(n)
         if chunk_mask is not None:
           causal = causal | chunk_mask.astype(bool)
-        mask = combine_masks(mask, causal)
+        mask = masks_lib.combine_masks(mask, causal)
         if bias is not None:
-          bias = bias[..., :n, : key.shape[1]]
+          bias = bias[..., bias_offset : bias_offset + n, bias_cols : bias_offset + key.shape[1]]
+    elif bias is not None and bias_offset:
+      bias = bias[..., bias_offset:, bias_cols:]
 
-    attention_bias = mask_to_bias(mask, dtype)
+    if prefix is not None:
+      # Prefix keys/values (never cached) go before the keys; every query sees them.
+      key = jnp.concatenate([prefix[0].astype(key.dtype), key], axis=1)
+      value = jnp.concatenate([prefix[1].astype(value.dtype), value], axis=1)
+      if mask is not None:
+        visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
+        mask = jnp.concatenate(
+            [jnp.broadcast_to(visible, mask.shape[:-1] + (num_prefix,)), mask.astype(bool)], axis=-1
+        )
+
+    attention_bias = masks_lib.mask_to_bias(mask, dtype)
     if bias is not None:
       attention_bias = bias if attention_bias is None else attention_bias + bias.astype(dtype)
 
@@ -447,9 +469,7 @@ class MultiHeadDotProductAttention(nn.Module):
         float32_logits=self.float32_logits,
     )
     x = x.reshape(x.shape[:-2] + (inner,))
-    out = DenseGeneral(
-        features, ('joined_kv', 'embed'), dtype=dtype, kernel_init=self.kernel_init, name='out'
-    )(x)
+    out = dense(features, ('joined_kv', 'embed'), self.kernel_init, 'out')(x, ctx)
     return with_sharding_constraint(out, ('batch', 'length', 'embed'))
 
 
@@ -475,10 +495,11 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 class MlpBlock(nn.Module):
-  """T5 feed-forward block: `wo(dropout(prod_i act_i(wi_i(x))))`.
+  """T5 feed-forward block: `wo(dropout(hooks(prod_i act_i(wi_i(x)))))`.
 
   One activation (T5 1.0 `('relu',)`) names the input kernel `wi`; several (T5 1.1
-  `('gelu', 'linear')`, gated GELU) name them `wi_0`, `wi_1`, ....
+  `('gelu', 'linear')`, gated GELU) name them `wi_0`, `wi_1`, .... `hooks.mlp_intermediate(site)`
+  modules rescale or transform the intermediate activations; dense hooks reach every kernel.
   """
 
   intermediate_dim: int
@@ -486,27 +507,41 @@ class MlpBlock(nn.Module):
   dtype: DType = jnp.float32
   intermediate_dropout_rate: float = 0.0
   kernel_init: Initializer = default_kernel_init
+  hooks: Optional[hooks_lib.Hooks] = None
+  site: Optional[hooks_lib.Site] = None
 
   @nn.compact
-  def __call__(self, inputs: Array, enable_dropout: bool = True) -> Array:
+  def __call__(
+      self,
+      inputs: Array,
+      enable_dropout: bool = True,
+      ctx: Optional[hooks_lib.Context] = None,
+  ) -> Array:
     dtype = to_dtype(self.dtype)
+    ctx = hooks_lib.Context() if ctx is None else ctx
+
+    def dense(out_features, axes, name):
+      return DenseGeneral(
+          out_features,
+          axes,
+          dtype=dtype,
+          kernel_init=self.kernel_init,
+          hooks=self.hooks,
+          site=None if self.site is None else self.site.with_kernel(name),
+          name=name,
+      )
+
     hidden = []
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-      h = DenseGeneral(
-          self.intermediate_dim,
-          ('embed', 'mlp'),
-          dtype=dtype,
-          kernel_init=self.kernel_init,
-          name=name,
-      )(inputs)
+      h = dense(self.intermediate_dim, ('embed', 'mlp'), name)(inputs, ctx)
       hidden.append(get_activation(act)(h))
     x = functools.reduce(operator.mul, hidden)
+    for hook in hooks_lib.build(self.hooks, 'mlp_intermediate', self.site):
+      x = hook(x, ctx)
     x = with_sharding_constraint(x, ('batch', 'length', 'mlp'))
     x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(
         x, deterministic=not enable_dropout
     )
-    out = DenseGeneral(
-        inputs.shape[-1], ('mlp', 'embed'), dtype=dtype, kernel_init=self.kernel_init, name='wo'
-    )(x)
+    out = dense(inputs.shape[-1], ('mlp', 'embed'), 'wo')(x, ctx)
     return with_sharding_constraint(out, ('batch', 'length', 'embed'))

@@ -18,7 +18,8 @@ the decoder-only stack) stores as its child `prompt`. This file provides
   prompt positions are removed so they line up with the targets.
 """
 
-from typing import Any, Callable, Optional
+import inspect
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 from flax.linen import partitioning
@@ -34,6 +35,14 @@ Initializer = prompts.Initializer
 CombineFn = prompts.CombineFn
 
 BANK_AXES = ('tasks', 'prompt', 'prompt_embed')
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+  """Whether `module.__call__` has a parameter `name` (e.g. a generator that reads `features`)."""
+  try:
+    return name in inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return False
 
 
 class PromptBank(nn.Module):
@@ -129,10 +138,17 @@ class CombinedPrompt(nn.Module):
       prompt_ids: Optional[Array] = None,
       tokens: Optional[Array] = None,
       embedded: Optional[Array] = None,
+      features: Optional[Mapping[str, Array]] = None,
   ) -> Array:
-    """Returns the batched prompt `[batch_size, P, H]`."""
+    """Returns the batched prompt `[batch_size, P, H]`.
+
+    The generator gets `prompt_ids` and, when its `__call__` has a `features` parameter, every
+    per-example feature of the batch (`task_ids`, `lang_ids`, ...).
+    """
     kwargs = {} if prompt_ids is None else {'prompt_ids': prompt_ids}
-    if tokens is None and prompt_ids is not None:
+    if features and _accepts(self.prompt, 'features'):
+      kwargs['features'] = features
+    if tokens is None and (prompt_ids is not None or features):
       tokens = jnp.zeros((batch_size, 1), jnp.int32)
     value = self.prompt(tokens, embedded, **kwargs)
     if value.ndim == 2:
@@ -144,9 +160,15 @@ class CombinedPrompt(nn.Module):
       )
     return value
 
-  def __call__(self, tokens: Array, embedded: Array, prompt_ids: Optional[Array] = None) -> Array:
+  def __call__(
+      self,
+      tokens: Array,
+      embedded: Array,
+      prompt_ids: Optional[Array] = None,
+      features: Optional[Mapping[str, Array]] = None,
+  ) -> Array:
     """Combines the prompt into `embedded [B, L, H]` -> `[B, P + L, H]`."""
-    value = self.get_prompt(tokens.shape[0], prompt_ids, tokens, embedded)
+    value = self.get_prompt(tokens.shape[0], prompt_ids, tokens, embedded, features)
     return self.combine(value.astype(embedded.dtype), embedded, tokens)
 
   def combine_mask(self, tokens: Array, mask: Array) -> Array:

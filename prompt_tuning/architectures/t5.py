@@ -23,14 +23,24 @@ decoder/logits_dense/kernel                                [d_model, vocab] (abs
 `DecoderOnly` is flaxformer's `DecoderOnly`: its stack owns the embedding
 (`decoder/token_embedder/embedding`) and its layers have self-attention and MLP only.
 
-Prompt hook: with `prompt_factory`, the encoder (or the decoder-only stack) owns a child module
-named `prompt` (see CONTRIBUTING.md, "Prompt modules") that combines a soft prompt into the
-embedded inputs; all masks are built through its `combine_mask`.
+Doors for methods (see CONTRIBUTING.md, "Where things go"):
+
+* the prompt door: with `prompt_factory`, the encoder (or the decoder-only stack) owns a child
+  module named `prompt` that combines a soft prompt into the embedded inputs; the masks follow its
+  `combine_mask`;
+* the hook doors: `hooks` (`architectures/hooks.py`) put small modules at each layer's input, on
+  each attention's keys/values (rescaling, or prefix keys/values), on the MLP's intermediate
+  activations and on any dense kernel;
+* per-example `features` (`prompt_ids`, `task_ids`, ...) reach the prompt module and the hooks.
+
+As in T5X's `network.py`, `EncoderDecoder.encode`/`decode` and `DecoderOnly.__call__` build every
+mask (`prompt_tuning/masks.py`); the stacks' `__call__` is the layer loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -40,10 +50,13 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from prompt_tuning import masks as masks_lib
+from prompt_tuning.architectures import hooks as hooks_lib
 from prompt_tuning.architectures import layers
 
 Array = Any
 PromptFactory = Callable[[], nn.Module]
+Hooks = hooks_lib.Hooks
 
 PACKING_WITH_PROMPT_ERROR = (
     'Prompt tuning does not support packed inputs (segment ids were passed to a prompted model); '
@@ -227,13 +240,17 @@ def _dropout(config: T5Config, name: Optional[str] = None) -> nn.Dropout:
   return nn.Dropout(rate=config.dropout_rate, broadcast_dims=(-2,), name=name)
 
 
-def _attention(config: T5Config) -> layers.MultiHeadDotProductAttention:
+def _attention(
+    config: T5Config, hooks: Optional[Hooks] = None, site: Optional[hooks_lib.Site] = None
+) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
       num_heads=config.num_heads,
       head_dim=config.head_dim,
       dtype=config.activation_dtype,
       dropout_rate=config.dropout_rate,
       float32_logits=config.float32_attention_logits,
+      hooks=hooks,
+      site=site,
   )
 
 
@@ -241,12 +258,16 @@ def _layer_norm(config: T5Config) -> layers.LayerNorm:
   return layers.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.activation_dtype)
 
 
-def _mlp(config: T5Config) -> layers.MlpBlock:
+def _mlp(
+    config: T5Config, hooks: Optional[Hooks] = None, site: Optional[hooks_lib.Site] = None
+) -> layers.MlpBlock:
   return layers.MlpBlock(
       intermediate_dim=config.mlp_dim,
       activations=config.mlp_activations,
       dtype=config.activation_dtype,
       intermediate_dropout_rate=config.dropout_rate,
+      hooks=hooks,
+      site=site,
   )
 
 
@@ -263,18 +284,76 @@ def _constrain(x: Array) -> Array:
   return layers.with_sharding_constraint(x, ('batch', 'length', 'embed'))
 
 
+def _features(
+    features: Optional[Mapping[str, Array]], prompt_ids: Optional[Array]
+) -> Dict[str, Array]:
+  """The per-example features of a call: `features` plus `prompt_ids` when given apart."""
+  out = dict(features or {})
+  if prompt_ids is not None:
+    out['prompt_ids'] = prompt_ids
+  return out
+
+
+def _accepts_features(module: nn.Module, method: str = '__call__') -> bool:
+  try:
+    return 'features' in inspect.signature(getattr(type(module), method)).parameters
+  except (TypeError, ValueError, AttributeError):
+    return False
+
+
+def _call_prompt(prompt: nn.Module, tokens: Array, embedded: Array, features) -> Array:
+  """Runs a prompt module: `prompt_ids`, and all `features` if its `__call__` takes them."""
+  kwargs = {'features': features} if _accepts_features(prompt) else {}
+  return prompt(tokens, embedded, prompt_ids=features.get('prompt_ids'), **kwargs)
+
+
+def _get_prompt(prompt: nn.Module, batch_size: int, features) -> Array:
+  kwargs = {'features': features} if _accepts_features(prompt, 'get_prompt') else {}
+  return prompt.get_prompt(batch_size, features.get('prompt_ids'), **kwargs)
+
+
+def _stack_prefix_length(
+    hooks: Optional[Hooks], stack: str, num_layers: int, block: str, decoder_only: bool = False
+) -> int:
+  """The largest number of prefix keys any self-attention of the stack gets (0 without hooks)."""
+  if hooks is None:
+    return 0
+  return max(
+      [
+          hooks_lib.prefix_length(hooks, hooks_lib.Site(stack, i, block, decoder_only=decoder_only))
+          for i in range(num_layers)
+      ]
+      or [0]
+  )
+
+
 class EncoderLayer(nn.Module):
-  """Pre-LN T5 encoder layer: self-attention and MLP, each with a residual."""
+  """Pre-LN T5 encoder layer: self-attention and MLP, each with a residual.
+
+  Attributes:
+    config: the backbone hyper-parameters.
+    layer_index: the layer's index (its hooks' `Site.layer`).
+    hooks: the methods' hooks (`hooks.Hooks`), or None.
+    bias_offset: prefix positions the stack's relative-position bias has room for.
+  """
 
   config: T5Config
+  layer_index: int = 0
+  hooks: Optional[Hooks] = None
+  bias_offset: int = 0
 
   def setup(self):
     cfg = self.config
+
+    def site(block):
+      return hooks_lib.Site('encoder', self.layer_index, block)
+
+    self.input_hooks = hooks_lib.build(self.hooks, 'layer_input', site('layer'))
     self.pre_attention_layer_norm = _layer_norm(cfg)
-    self.attention = _attention(cfg)
+    self.attention = _attention(cfg, self.hooks, site('attention'))
     self.post_attention_dropout = _dropout(cfg)
     self.pre_mlp_layer_norm = _layer_norm(cfg)
-    self.mlp = _mlp(cfg)
+    self.mlp = _mlp(cfg, self.hooks, site('mlp'))
     self.post_mlp_dropout = _dropout(cfg)
 
   def __call__(
@@ -283,40 +362,64 @@ class EncoderLayer(nn.Module):
       mask: Optional[Array],
       bias: Optional[Array],
       logit_mask: Optional[Array],
+      ctx: hooks_lib.Context,
       enable_dropout: bool = True,
   ) -> Array:
     """Arguments are positional so the layer can be rematerialized (`enable_dropout` static)."""
     deterministic = not enable_dropout
+    for hook in self.input_hooks:
+      inputs = hook(inputs, ctx)
     inputs = _constrain(inputs)
     x = _constrain(self.pre_attention_layer_norm(inputs))
     if logit_mask is not None:
       x = logit_mask * x
-    x = self.attention(x, x, mask, bias, enable_dropout=enable_dropout)
+    x = self.attention(
+        x, x, mask, bias, enable_dropout=enable_dropout, ctx=ctx, bias_offset=self.bias_offset
+    )
     x = _constrain(inputs + self.post_attention_dropout(x, deterministic=deterministic))
     y = _constrain(self.pre_mlp_layer_norm(x))
     if logit_mask is not None:
       y = logit_mask * y
-    y = self.mlp(y, enable_dropout=enable_dropout)
+    y = self.mlp(y, enable_dropout=enable_dropout, ctx=ctx)
     return _constrain(x + self.post_mlp_dropout(y, deterministic=deterministic))
 
 
 class DecoderLayer(nn.Module):
-  """Pre-LN T5 decoder layer: causal self-attention, cross-attention (unless decoder-only), MLP."""
+  """Pre-LN T5 decoder layer: causal self-attention, cross-attention (unless decoder-only), MLP.
+
+  Attributes:
+    config: the backbone hyper-parameters.
+    has_cross_attention: False in a decoder-only stack.
+    layer_index: the layer's index (its hooks' `Site.layer`).
+    hooks: the methods' hooks, or None.
+    bias_offset: prefix positions the stack's relative-position bias has room for.
+  """
 
   config: T5Config
   has_cross_attention: bool = True
+  layer_index: int = 0
+  hooks: Optional[Hooks] = None
+  bias_offset: int = 0
 
   def setup(self):
     cfg = self.config
+    decoder_only = not self.has_cross_attention
+
+    def site(block):
+      return hooks_lib.Site('decoder', self.layer_index, block, decoder_only=decoder_only)
+
+    self.input_hooks = hooks_lib.build(self.hooks, 'layer_input', site('layer'))
     self.pre_self_attention_layer_norm = _layer_norm(cfg)
-    self.self_attention = _attention(cfg)
+    self.self_attention = _attention(cfg, self.hooks, site('self_attention'))
     self.post_self_attention_dropout = _dropout(cfg)
     if self.has_cross_attention:
       self.pre_cross_attention_layer_norm = _layer_norm(cfg)
-      self.encoder_decoder_attention = _attention(cfg)
+      self.encoder_decoder_attention = _attention(
+          cfg, self.hooks, site('encoder_decoder_attention')
+      )
       self.post_cross_attention_dropout = _dropout(cfg)
     self.pre_mlp_layer_norm = _layer_norm(cfg)
-    self.mlp = _mlp(cfg)
+    self.mlp = _mlp(cfg, self.hooks, site('mlp'))
     self.post_mlp_dropout = _dropout(cfg)
 
   def __call__(
@@ -327,13 +430,16 @@ class DecoderLayer(nn.Module):
       cross_mask: Optional[Array],
       bias: Optional[Array],
       logit_mask: Optional[Array],
+      ctx: hooks_lib.Context,
       enable_dropout: bool = True,
       decode: bool = False,
       max_decode_length: Optional[int] = None,
       chunk_mask: Optional[Array] = None,
   ) -> Array:
-    """Arguments are positional so the layer can be rematerialized (flags 7-9 static)."""
+    """Arguments are positional so the layer can be rematerialized (flags 8-10 static)."""
     deterministic = not enable_dropout
+    for hook in self.input_hooks:
+      inputs = hook(inputs, ctx)
     inputs = _constrain(inputs)
     x = _constrain(self.pre_self_attention_layer_norm(inputs))
     if logit_mask is not None:
@@ -347,6 +453,8 @@ class DecoderLayer(nn.Module):
         decode=decode,
         max_decode_length=max_decode_length,
         chunk_mask=chunk_mask,
+        ctx=ctx,
+        bias_offset=self.bias_offset,
     )
     x = _constrain(inputs + self.post_self_attention_dropout(x, deterministic=deterministic))
     if encoded is not None:
@@ -356,13 +464,13 @@ class DecoderLayer(nn.Module):
       if logit_mask is not None:
         y = logit_mask * y
       y = self.encoder_decoder_attention(
-          y, encoded, cross_mask, None, enable_dropout=enable_dropout
+          y, encoded, cross_mask, None, enable_dropout=enable_dropout, ctx=ctx
       )
       x = _constrain(x + self.post_cross_attention_dropout(y, deterministic=deterministic))
     z = _constrain(self.pre_mlp_layer_norm(x))
     if logit_mask is not None:
       z = logit_mask * z
-    z = self.mlp(z, enable_dropout=enable_dropout)
+    z = self.mlp(z, enable_dropout=enable_dropout, ctx=ctx)
     return _constrain(x + self.post_mlp_dropout(z, deterministic=deterministic))
 
 
@@ -376,11 +484,16 @@ def _make_embed(config: T5Config, name: Optional[str] = None) -> layers.Embed:
 
 
 class Encoder(nn.Module):
-  """T5 encoder stack (flaxformer `Encoder`), optionally with a prompt child named `prompt`."""
+  """T5 encoder stack (flaxformer `Encoder`), optionally with a prompt child named `prompt`.
+
+  `embed` turns tokens into the stack's input (prompt combined in); `__call__` is the layer loop
+  over masks built by the model (`masks.encoder_masks`).
+  """
 
   config: T5Config
   shared_embedder: nn.Module
   prompt_factory: Optional[PromptFactory] = None
+  hooks: Optional[Hooks] = None
 
   def setup(self):
     cfg = self.config
@@ -388,48 +501,54 @@ class Encoder(nn.Module):
       self.prompt = self.prompt_factory()
     self.input_dropout = _dropout(cfg)
     self.relpos_bias = _relpos(cfg)
-    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(5,))
-    self.layers = [layer_cls(cfg) for _ in range(cfg.num_encoder_layers)]
+    self.prefix_length = _stack_prefix_length(
+        self.hooks, 'encoder', cfg.num_encoder_layers, 'attention'
+    )
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(6,))
+    self.layers = [
+        layer_cls(cfg, layer_index=i, hooks=self.hooks, bias_offset=self.prefix_length)
+        for i in range(cfg.num_encoder_layers)
+    ]
     self.encoder_norm = _layer_norm(cfg)
     self.output_dropout = _dropout(cfg)
 
+  def layout(self) -> Optional[masks_lib.LayoutFn]:
+    """The prompt's `combine_mask` (where it sits in the inputs), None without a prompt."""
+    return self.prompt.combine_mask if self.prompt_factory is not None else None
+
   def input_mask(self, tokens: Array) -> Array:
     """Boolean `[B, L']`: real encoder positions (prompt positions included)."""
-    mask = tokens > 0
+    return masks_lib.encoder_masks(tokens, combine_mask=self.layout()).input_mask
+
+  def embed(
+      self,
+      tokens: Array,
+      *,
+      enable_dropout: bool = True,
+      features: Optional[Mapping[str, Array]] = None,
+  ) -> Array:
+    """Embeds `tokens [B, L]` and combines the prompt in -> `[B, L', d_model]`."""
+    x = self.shared_embedder(tokens)
     if self.prompt_factory is not None:
-      mask = self.prompt.combine_mask(tokens, mask)
-    return mask
+      x = _call_prompt(self.prompt, tokens, x, features or {})
+    x = self.input_dropout(x, deterministic=not enable_dropout)
+    return _constrain(x.astype(self.config.activation_dtype))
 
   def __call__(
       self,
-      tokens: Array,
-      segment_ids: Optional[Array] = None,
-      positions: Optional[Array] = None,
+      x: Array,
+      attention_mask: Array,
+      input_mask: Array,
       *,
+      ctx: hooks_lib.Context,
       enable_dropout: bool = True,
-      prompt_ids: Optional[Array] = None,
   ) -> Array:
-    """Encodes `tokens [B, L]` -> `[B, L', d_model]` (`L' = P + L` with a prompt)."""
-    del positions  # Relative position biases only need the (packed) segment masks.
-    cfg = self.config
-    if self.prompt_factory is not None and segment_ids is not None:
-      raise ValueError(PACKING_WITH_PROMPT_ERROR)
-    x = self.shared_embedder(tokens)
-    if self.prompt_factory is not None:
-      x = self.prompt(tokens, x, prompt_ids=prompt_ids)
-    x = self.input_dropout(x, deterministic=not enable_dropout)
-    x = _constrain(x.astype(cfg.activation_dtype))
-    mask = self.input_mask(tokens)
-    attention_mask = layers.make_attention_mask(mask, mask)
-    if segment_ids is not None:
-      attention_mask = layers.combine_masks(
-          attention_mask, layers.make_attention_mask(segment_ids, segment_ids, jnp.equal)
-      )
-    logit_mask = mask[..., None].astype(cfg.activation_dtype)
-    length = x.shape[1]
+    """The layer loop over embedded inputs `x [B, L', d_model]` -> encoded `[B, L', d_model]`."""
+    logit_mask = input_mask[..., None].astype(self.config.activation_dtype)
+    length = self.prefix_length + x.shape[1]
     bias = self.relpos_bias(length, length, True)
     for layer in self.layers:
-      x = layer(x, attention_mask, bias, logit_mask, enable_dropout)
+      x = layer(x, attention_mask, bias, logit_mask, ctx, enable_dropout)
     x = self.encoder_norm(x)
     x = self.output_dropout(x, deterministic=not enable_dropout)
     return _constrain(logit_mask * x)
@@ -440,12 +559,15 @@ class Decoder(nn.Module):
 
   With `decoder_only=True` the stack owns its embedding (`token_embedder`), its layers have no
   cross-attention, and an optional prompt child named `prompt` is combined into the inputs.
+  `embed` turns tokens (or the prompt, when prefilling a decoding cache) into the stack's input;
+  `__call__` is the layer loop over masks built by the model (`masks.decoder_masks`).
   """
 
   config: T5Config
   shared_embedder: Optional[nn.Module] = None
   prompt_factory: Optional[PromptFactory] = None
   decoder_only: bool = False
+  hooks: Optional[Hooks] = None
 
   def setup(self):
     cfg = self.config
@@ -457,137 +579,107 @@ class Decoder(nn.Module):
       self.prompt = self.prompt_factory()
     self.input_dropout = _dropout(cfg)
     self.relpos_bias = _relpos(cfg)
-    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(7, 8, 9))
+    self.prefix_length = _stack_prefix_length(
+        self.hooks, 'decoder', cfg.num_decoder_layers, 'self_attention', self.decoder_only
+    )
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(8, 9, 10))
     self.layers = [
-        layer_cls(cfg, has_cross_attention=not self.decoder_only)
-        for _ in range(cfg.num_decoder_layers)
+        layer_cls(
+            cfg,
+            has_cross_attention=not self.decoder_only,
+            layer_index=i,
+            hooks=self.hooks,
+            bias_offset=self.prefix_length,
+        )
+        for i in range(cfg.num_decoder_layers)
     ]
     self.decoder_norm = _layer_norm(cfg)
     self.output_dropout = _dropout(cfg)
     if not cfg.logits_via_embedding:
-      self.logits_dense = layers.DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32)
+      self.logits_dense = layers.DenseGeneral(
+          cfg.vocab_size,
+          ('embed', 'vocab'),
+          dtype=jnp.float32,
+          hooks=self.hooks,
+          site=hooks_lib.Site(
+              'decoder', -1, 'logits', 'logits_dense', decoder_only=self.decoder_only
+          ),
+      )
 
   def _embedder(self) -> nn.Module:
     return self.shared_embedder if self.shared_embedder is not None else self.token_embedder
 
+  def layout(self) -> Optional[masks_lib.LayoutFn]:
+    """The prompt's `combine_mask`, None without a prompt."""
+    return self.prompt.combine_mask if self.prompt_factory is not None else None
+
+  def embed(
+      self,
+      tokens: Array,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      prefill_prompt: bool = False,
+      prefill_prefix: bool = False,
+      features: Optional[Mapping[str, Array]] = None,
+  ) -> Array:
+    """The stack's input `[B, T', d_model]`.
+
+    Without a prompt, or when decoding tokens after the prompt was prefilled, the embedded
+    tokens. Training/scoring with a prompt: the prompt combined into the embedded tokens.
+    `prefill_prompt`: the prompt alone `[B, P, d]`; with `prefill_prefix` (prefix LM) the prompt
+    and the prefix tokens combined as in training.
+    """
+    features = features or {}
+    if prefill_prompt and not prefill_prefix:
+      x = _get_prompt(self.prompt, tokens.shape[0], features)
+    elif prefill_prefix:
+      x = _call_prompt(self.prompt, tokens, self._embedder()(tokens), features)
+    else:
+      x = self._embedder()(tokens)
+      if self.prompt_factory is not None and not decode:
+        x = _call_prompt(self.prompt, tokens, x, features)
+    x = self.input_dropout(x, deterministic=not enable_dropout)
+    return _constrain(x.astype(self.config.activation_dtype))
+
   def __call__(
       self,
+      x: Array,
       encoded: Optional[Array],
-      decoder_input_tokens: Array,
-      decoder_target_tokens: Optional[Array] = None,
       *,
-      encoder_mask: Optional[Array] = None,
-      encoder_segment_ids: Optional[Array] = None,
-      decoder_segment_ids: Optional[Array] = None,
-      decoder_causal_attention: Optional[Array] = None,
+      self_mask: Optional[Array],
+      cross_mask: Optional[Array],
+      logit_mask: Optional[Array],
+      chunk_mask: Optional[Array] = None,
+      ctx: hooks_lib.Context,
       enable_dropout: bool = True,
       decode: bool = False,
       max_decode_length: Optional[int] = None,
-      prompt_ids: Optional[Array] = None,
-      prefill_prompt: bool = False,
   ) -> Array:
-    """Returns float32 logits `[B, T', vocab]`.
+    """The layer loop over the stack's input `x [B, T', d_model]` -> float32 logits.
 
     Args:
+      x: from `embed`.
       encoded: encoder outputs `[B, L', d_model]`, or None for a decoder-only stack.
-      decoder_input_tokens: `[B, T]` (a decode chunk `[B, n]` with `decode=True`).
-      decoder_target_tokens: `[B, T]`; padding (0) positions are masked out. If None, padding is
-        derived from `decoder_input_tokens` (with the 0-BOS kept).
-      encoder_mask: boolean `[B, L']` of real encoder positions (cross-attention keys).
-      encoder_segment_ids: packed encoder segments (cross-attention).
-      decoder_segment_ids: packed decoder segments.
-      decoder_causal_attention: `[B, T]`, 1 on the prefix of a prefix LM (bidirectional there).
+      self_mask: `[B, 1, T', T']` bool (None when decoding: the cache masks).
+      cross_mask: `[B, 1, T', L']` bool cross-attention mask.
+      logit_mask: `[B, T']` bool real positions (None when decoding).
+      chunk_mask: decoding: extra in-chunk pairs (prefix LM).
+      ctx: what hooks may read.
       enable_dropout: enables dropout.
       decode: autoregressive decoding with the KV cache.
       max_decode_length: cache length when the cache is created.
-      prompt_ids: per-example prompt ids, passed to the prompt module.
-      prefill_prompt: with `decode=True`, write the prompt `[B, P, d]` into the cache instead of
-        the tokens (only the batch size of `decoder_input_tokens` is used). With
-        `decoder_causal_attention` too (prefix LM), write the prompt and the tokens combined as
-        in training (`P + T` positions), the prompt and the prefix attending to each other.
     """
     cfg = self.config
-    dtype = cfg.activation_dtype
-    has_prompt = self.prompt_factory is not None
-    if has_prompt and (decoder_segment_ids is not None or encoder_segment_ids is not None):
-      raise ValueError(PACKING_WITH_PROMPT_ERROR)
-    if prefill_prompt and not (decode and has_prompt):
-      raise ValueError('prefill_prompt=True needs decode=True and a prompt module.')
-    tokens = decoder_input_tokens
-    batch = tokens.shape[0]
-
-    # Embedding (and prompt).
-    prefill_prefix = prefill_prompt and decoder_causal_attention is not None
-    if prefill_prompt and not prefill_prefix:
-      x = self.prompt.get_prompt(batch, prompt_ids)
-    elif prefill_prefix:
-      # Prefix LM: the prompt and the input prefix in one chunk, laid out as in training, so that
-      # the prompt and the prefix see each other.
-      x = self.prompt(tokens, self._embedder()(tokens), prompt_ids=prompt_ids)
-    else:
-      x = self._embedder()(tokens)
-      if has_prompt and not decode:
-        x = self.prompt(tokens, x, prompt_ids=prompt_ids)
-    x = self.input_dropout(x, deterministic=not enable_dropout)
-    x = _constrain(x.astype(dtype))
     length = x.shape[1]
-
-    # Masks.
-    chunk_mask = None
-    logit_mask = None
+    offset = self.prefix_length
+    # Relative position bias, shared by all layers (with room for prefix keys).
     if decode:
-      self_mask = None
-      if decoder_causal_attention is not None:
-        # Bidirectional prefix inside the chunk; with a prompt, the prompt belongs to the prefix.
-        prefix = decoder_causal_attention > 0
-        if prefill_prefix:
-          prefix = self.prompt.combine_mask(tokens, prefix)
-        chunk_mask = layers.make_attention_mask(prefix, prefix)
-      cross_query = jnp.ones((batch, length), bool)
-    else:
-      if decoder_target_tokens is not None:
-        real = decoder_target_tokens > 0
-      else:
-        real = layers.decoder_logit_mask(tokens)
-      logit_real = layers.decoder_logit_mask(tokens)
-      if has_prompt:
-        real = self.prompt.combine_mask(tokens, real)
-        logit_real = self.prompt.combine_mask(tokens, logit_real)
-      causal = layers.make_causal_mask(length)
-      if decoder_causal_attention is not None:
-        prefix = decoder_causal_attention > 0
-        if has_prompt:
-          prefix = self.prompt.combine_mask(tokens, prefix)
-        causal = causal | layers.make_attention_mask(prefix, prefix)
-      self_mask = layers.combine_masks(causal, layers.make_attention_mask(real, real))
-      if decoder_segment_ids is not None:
-        self_mask = layers.combine_masks(
-            self_mask,
-            layers.make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal),
-        )
-      logit_mask = logit_real[..., None].astype(dtype)
-      cross_query = real
-
-    cross_mask = None
-    if encoded is not None:
-      if encoder_mask is None:
-        encoder_mask = jnp.ones(encoded.shape[:2], bool)
-      cross_mask = layers.make_attention_mask(cross_query, encoder_mask)
-      if encoder_segment_ids is not None:
-        if decode:
-          raise ValueError('Packed inputs (encoder_segment_ids) cannot be used when decoding.')
-        cross_mask = layers.combine_masks(
-            cross_mask,
-            layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal),
-        )
-
-    # Relative position bias, shared by all layers.
-    if decode:
-      relpos_length = max_decode_length or length
+      relpos_length = offset + (max_decode_length or length)
       bias = self.relpos_bias(relpos_length, relpos_length, False, decode=True)
     else:
-      bias = self.relpos_bias(length, length, False)
-
+      bias = self.relpos_bias(offset + length, offset + length, False)
+    mask = None if logit_mask is None else logit_mask[..., None].astype(cfg.activation_dtype)
     for layer in self.layers:
       x = layer(
           x,
@@ -595,7 +687,8 @@ class Decoder(nn.Module):
           self_mask,
           cross_mask,
           bias,
-          logit_mask,
+          mask,
+          ctx,
           enable_dropout,
           decode,
           max_decode_length,
@@ -608,7 +701,7 @@ class Decoder(nn.Module):
     if cfg.logits_via_embedding:
       logits = self._embedder().attend(x) / jnp.sqrt(jnp.float32(x.shape[-1]))
     else:
-      logits = self.logits_dense(x)
+      logits = self.logits_dense(x, ctx)
     logits = logits.astype(jnp.float32)
     return layers.with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
 
@@ -616,21 +709,30 @@ class Decoder(nn.Module):
 class EncoderDecoder(nn.Module):
   """T5 encoder-decoder (flaxformer `EncoderDecoder`) with an optional encoder prompt.
 
+  As in T5X's `network.py`, `encode` and `decode` build the masks (`prompt_tuning.masks`) and
+  hand them to the stacks.
+
   Attributes:
     config: the backbone hyper-parameters.
     prompt_factory: returns the prompt module stored as `encoder/prompt`.
+    hooks: the methods' hooks (`hooks.Hooks`: per-layer inputs, attention keys/values, MLP
+      activations, dense kernels), or None.
   """
 
   config: T5Config
   prompt_factory: Optional[PromptFactory] = None
+  hooks: Optional[Hooks] = None
 
   def setup(self):
     cfg = self.config
     self.token_embedder = _make_embed(cfg)
     self.encoder = Encoder(
-        cfg, shared_embedder=self.token_embedder, prompt_factory=self.prompt_factory
+        cfg,
+        shared_embedder=self.token_embedder,
+        prompt_factory=self.prompt_factory,
+        hooks=self.hooks,
     )
-    self.decoder = Decoder(cfg, shared_embedder=self.token_embedder)
+    self.decoder = Decoder(cfg, shared_embedder=self.token_embedder, hooks=self.hooks)
 
   def encoder_input_mask(self, encoder_input_tokens: Array) -> Array:
     """Boolean `[B, L']`: which encoded positions are real (prompt positions included)."""
@@ -644,15 +746,23 @@ class EncoderDecoder(nn.Module):
       *,
       enable_dropout: bool = True,
       prompt_ids: Optional[Array] = None,
+      features: Optional[Mapping[str, Array]] = None,
   ) -> Array:
-    """Encodes `[B, L]` tokens -> `[B, L', d_model]`."""
-    return self.encoder(
-        encoder_input_tokens,
-        encoder_segment_ids,
-        encoder_positions,
-        enable_dropout=enable_dropout,
-        prompt_ids=prompt_ids,
+    """Encodes `[B, L]` tokens -> `[B, L', d_model]` (`L' = P + L` with a prompt).
+
+    `features` are per-example integer features (`prompt_ids`, `task_ids`, ...) for the prompt
+    module and the hooks; `prompt_ids=` is the same as `features={'prompt_ids': ...}`.
+    """
+    del encoder_positions  # Relative position biases only need the (packed) segment masks.
+    if self.prompt_factory is not None and encoder_segment_ids is not None:
+      raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    features = _features(features, prompt_ids)
+    m = masks_lib.encoder_masks(
+        encoder_input_tokens, encoder_segment_ids, combine_mask=self.encoder.layout()
     )
+    x = self.encoder.embed(encoder_input_tokens, enable_dropout=enable_dropout, features=features)
+    ctx = hooks_lib.Context(features=features, prompt_mask=m.prompt_mask, input_mask=m.input_mask)
+    return self.encoder(x, m.attention_mask, m.input_mask, ctx=ctx, enable_dropout=enable_dropout)
 
   def decode(
       self,
@@ -667,25 +777,42 @@ class EncoderDecoder(nn.Module):
       enable_dropout: bool = True,
       decode: bool = False,
       max_decode_length: Optional[int] = None,
+      prompt_ids: Optional[Array] = None,
+      features: Optional[Mapping[str, Array]] = None,
   ) -> Array:
     """Decoder branch -> float32 logits `[B, T, vocab]`.
 
     `encoder_input_tokens` is only used for the cross-attention mask. With `decode=True` the
     call may carry a chunk of `n >= 1` tokens (see `layers.MultiHeadDotProductAttention`).
+    `features` reach the decoder's hooks.
     """
     del decoder_positions
     if self.prompt_factory is not None and (
         encoder_segment_ids is not None or decoder_segment_ids is not None
     ):
       raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    features = _features(features, prompt_ids)
     encoder_mask = self.encoder_input_mask(encoder_input_tokens)
-    return self.decoder(
-        encoded,
+    m = masks_lib.decoder_masks(
         decoder_input_tokens,
         decoder_target_tokens,
-        encoder_mask=encoder_mask,
-        encoder_segment_ids=encoder_segment_ids,
-        decoder_segment_ids=decoder_segment_ids,
+        segment_ids=decoder_segment_ids,
+        decode=decode,
+    )
+    cross_mask = masks_lib.encoder_decoder_mask(
+        m.query_mask, encoder_mask, decoder_segment_ids, encoder_segment_ids, decode=decode
+    )
+    x = self.decoder.embed(decoder_input_tokens, enable_dropout=enable_dropout, decode=decode)
+    ctx = hooks_lib.Context(
+        features=features, input_mask=None if decode else m.query_mask, decode=decode
+    )
+    return self.decoder(
+        x,
+        encoded,
+        self_mask=m.self_mask,
+        cross_mask=cross_mask,
+        logit_mask=m.logit_mask,
+        ctx=ctx,
         enable_dropout=enable_dropout,
         decode=decode,
         max_decode_length=max_decode_length,
@@ -705,14 +832,16 @@ class EncoderDecoder(nn.Module):
       decode: bool = False,
       max_decode_length: Optional[int] = None,
       prompt_ids: Optional[Array] = None,
+      features: Optional[Mapping[str, Array]] = None,
   ) -> Array:
     """Full model -> float32 logits `[B, T, vocab]`."""
+    features = _features(features, prompt_ids)
     encoded = self.encode(
         encoder_input_tokens,
         encoder_segment_ids,
         encoder_positions,
         enable_dropout=enable_dropout,
-        prompt_ids=prompt_ids,
+        features=features,
     )
     return self.decode(
         encoded,
@@ -725,6 +854,7 @@ class EncoderDecoder(nn.Module):
         enable_dropout=enable_dropout,
         decode=decode,
         max_decode_length=max_decode_length,
+        features=features,
     )
 
 
@@ -734,14 +864,20 @@ class DecoderOnly(nn.Module):
   Attributes:
     config: the backbone hyper-parameters (`num_decoder_layers` layers).
     prompt_factory: returns the prompt module stored as `decoder/prompt`.
+    hooks: the methods' hooks, or None.
   """
 
   config: T5Config
   prompt_factory: Optional[PromptFactory] = None
+  hooks: Optional[Hooks] = None
 
   def setup(self):
     self.decoder = Decoder(
-        self.config, shared_embedder=None, prompt_factory=self.prompt_factory, decoder_only=True
+        self.config,
+        shared_embedder=None,
+        prompt_factory=self.prompt_factory,
+        decoder_only=True,
+        hooks=self.hooks,
     )
 
   def __call__(
@@ -757,6 +893,7 @@ class DecoderOnly(nn.Module):
       max_decode_length: Optional[int] = None,
       prompt_ids: Optional[Array] = None,
       prefill_prompt: bool = False,
+      features: Optional[Mapping[str, Array]] = None,
   ) -> Array:
     """Returns float32 logits `[B, T', vocab]` (`T' = P + T` with a prompt and `decode=False`).
 
@@ -767,17 +904,52 @@ class DecoderOnly(nn.Module):
     tokens in one chunk.
     """
     del decoder_positions
+    has_prompt = self.prompt_factory is not None
+    if has_prompt and decoder_segment_ids is not None:
+      raise ValueError(PACKING_WITH_PROMPT_ERROR)
+    if prefill_prompt and not (decode and has_prompt):
+      raise ValueError('prefill_prompt=True needs decode=True and a prompt module.')
+    features = _features(features, prompt_ids)
+    tokens = decoder_input_tokens
+    prefill_prefix = prefill_prompt and decoder_causal_attention is not None
+    x = self.decoder.embed(
+        tokens,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        prefill_prompt=prefill_prompt,
+        prefill_prefix=prefill_prefix,
+        features=features,
+    )
+    m = masks_lib.decoder_masks(
+        tokens,
+        None if decode else decoder_target_tokens,
+        causal_attention=decoder_causal_attention,
+        segment_ids=decoder_segment_ids,
+        decode=decode,
+        combine_mask=self.decoder.layout(),
+        prompt_in_chunk=prefill_prefix,
+        length=x.shape[1],
+    )
+    prompt_mask = m.prompt_mask
+    if prefill_prompt and not prefill_prefix:
+      prompt_mask = jnp.ones(x.shape[:2], bool)  # The chunk is the prompt alone.
+    ctx = hooks_lib.Context(
+        features=features,
+        prompt_mask=prompt_mask,
+        input_mask=None if decode else m.query_mask,
+        decode=decode,
+    )
     return self.decoder(
+        x,
         None,
-        decoder_input_tokens,
-        decoder_target_tokens,
-        decoder_segment_ids=decoder_segment_ids,
-        decoder_causal_attention=decoder_causal_attention,
+        self_mask=m.self_mask,
+        cross_mask=None,
+        logit_mask=m.logit_mask,
+        chunk_mask=m.chunk_mask,
+        ctx=ctx,
         enable_dropout=enable_dropout,
         decode=decode,
         max_decode_length=max_decode_length,
-        prompt_ids=prompt_ids,
-        prefill_prompt=prefill_prompt,
     )
 
 

@@ -2,20 +2,32 @@
 
 `EncoderDecoderModel` and `DecoderOnlyModel` keep T5X's constructor arguments and method signatures
 (`loss_fn`, `eval_fn`, `predict_batch`, `predict_batch_with_aux`, `score_batch`,
-`get_initial_variables`), so T5X gin files that bind them work unchanged. Batches may carry a
-`prompt_ids` feature (one prompt per example, for prompt banks / mixed-task batches); it is passed to the
-module when present.
+`get_initial_variables`), so T5X gin files that bind them work unchanged.
+
+Two doors for methods:
+
+* Per-example conditioning features: batches may carry integer features, one per example
+  (`prompt_ids` for prompt banks, `task_ids`, `lang_ids`, ... : `conditioning_features`); those
+  present are handed to the module as `features={...}`, which gives them to the prompt module and
+  the hooks (`architectures/hooks.py`), in training, scoring and decoding.
+* Extra loss terms: `loss_terms` are callables `(params, batch, outputs) -> (scalar, metrics)`
+  (`outputs = {'logits': ...}`); each scalar is added to the cross entropy and reported as the
+  metric `loss_terms/<name>`, its metrics as `<name>/<key>`.
+
+`loss_fn` returns metrics that carry their own reduction (`runtime/metrics.py`).
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_tuning.architectures import hooks as hooks_lib
 from prompt_tuning.runtime import decoding
 from prompt_tuning.runtime import losses
+from prompt_tuning.runtime import metrics as metrics_lib
 
 Array = Union[jnp.ndarray, np.ndarray]
 PyTree = Any
@@ -27,8 +39,16 @@ class DecoderParams:
   num_decodes: int = 1
 
 
-def _prompt_kwargs(batch: Mapping[str, Array]) -> dict:
-  return {'prompt_ids': batch['prompt_ids']} if 'prompt_ids' in batch else {}
+# Per-example integer features handed to the module (and from it to prompt modules and hooks)
+# when a batch has them. The feature converters pass the same names through from seqio tasks.
+CONDITIONING_FEATURES = hooks_lib.CONDITIONING_FEATURES
+
+
+def _term_name(fn: Callable) -> str:
+  name = getattr(fn, 'name', None) or getattr(fn, '__name__', None)
+  if not name or name == '<lambda>':
+    name = type(fn).__name__
+  return str(name)
 
 
 class _LazyClass:
@@ -69,6 +89,8 @@ class BaseTransformerModel:
       z_loss: float = 0.0,
       loss_normalizing_factor: Optional[Union[float, int, str]] = None,
       feature_converter_cls=None,
+      loss_terms: Sequence[Callable] = (),
+      conditioning_features: Sequence[str] = CONDITIONING_FEATURES,
   ):
     self.module = module
     self._input_vocabulary = input_vocabulary
@@ -80,6 +102,28 @@ class BaseTransformerModel:
     self._loss_normalizing_factor = loss_normalizing_factor
     if feature_converter_cls is not None:
       self.FEATURE_CONVERTER_CLS = feature_converter_cls  # pylint: disable=invalid-name
+    self.loss_terms = tuple(loss_terms or ())
+    names = [_term_name(fn) for fn in self.loss_terms]
+    if len(set(names)) != len(names):
+      raise ValueError(f'Loss terms need distinct names (a `name` attribute), got {names}.')
+    self.conditioning_features = tuple(conditioning_features or ())
+
+  def features_of(self, batch: Mapping[str, Array]) -> Dict[str, Array]:
+    """The batch's per-example conditioning features (those of `conditioning_features` present)."""
+    return {k: batch[k] for k in self.conditioning_features if k in batch}
+
+  def _feature_kwargs(self, batch: Mapping[str, Array]) -> dict:
+    features = self.features_of(batch)
+    return {'features': features} if features else {}
+
+  def _init_feature_kwargs(self, input_shapes: Mapping[str, Tuple[int, ...]]) -> dict:
+    """Zero-valued conditioning features of the shapes in `input_shapes`, for `module.init`."""
+    features = {
+        k: jnp.zeros(input_shapes[k], jnp.int32)
+        for k in self.conditioning_features
+        if k in input_shapes
+    }
+    return {'features': features} if features else {}
 
   @property
   def input_vocabulary(self):
@@ -102,13 +146,14 @@ class BaseTransformerModel:
 
   def loss_fn(
       self, params: PyTree, batch: Mapping[str, Array], dropout_rng: Optional[jax.Array]
-  ) -> Tuple[jnp.ndarray, MutableMapping[str, jnp.ndarray]]:
-    """T5X's loss: summed token cross entropy with z-loss, optionally normalized; plus metrics."""
+  ) -> Tuple[jnp.ndarray, Dict[str, metrics_lib.Metric]]:
+    """T5X's loss: summed token cross entropy with z-loss, optionally normalized, plus the
+    `loss_terms`; and metrics (`runtime/metrics.py` types, each with its own reduction)."""
     logits = self._compute_logits(params, batch, dropout_rng)
     loss_normalizing_factor, weights = losses.get_loss_normalizing_factor_and_weights(
         self._loss_normalizing_factor, batch
     )
-    loss, z_loss, weight_sum = losses.compute_weighted_cross_entropy(
+    loss, z_loss, _ = losses.compute_weighted_cross_entropy(
         logits,
         targets=batch['decoder_target_tokens'],
         weights=weights,
@@ -117,25 +162,40 @@ class BaseTransformerModel:
         loss_normalizing_factor=loss_normalizing_factor,
     )
     metrics = self._compute_metrics(logits, batch['decoder_target_tokens'], weights, loss, z_loss)
+    outputs = {'logits': logits}
+    for fn in self.loss_terms:
+      name = _term_name(fn)
+      value, term_metrics = fn(params, batch, outputs)
+      value = jnp.asarray(value, jnp.float32)
+      if value.shape != ():
+        raise ValueError(f'Loss term {name!r} must return a scalar, got shape {value.shape}.')
+      loss = loss + value
+      metrics[f'loss_terms/{name}'] = metrics_lib.AveragePerStep.from_value(value)
+      for k, v in (term_metrics or {}).items():
+        metrics[f'{name}/{k}'] = metrics_lib.as_metric(v)
+    metrics['loss'] = metrics_lib.AveragePerStep.from_value(loss)
     return loss, metrics
 
-  def _compute_metrics(self, logits, targets, weights, loss, z_loss):
+  def _compute_metrics(self, logits, targets, weights, loss, z_loss) -> Dict[str, Any]:
+    """T5X's base metrics, each with its own reduction (`runtime/metrics.py`)."""
     if weights is None:
       weights = jnp.ones(targets.shape, jnp.float32)
     weights = weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
-    weight_sum = jnp.maximum(jnp.sum(weights), 1e-8)
-    num_examples = jnp.asarray(targets.shape[0], jnp.float32)
+    weight_sum = jnp.sum(weights)
+    all_tokens = jnp.asarray(np.prod(targets.shape), jnp.float32)
+    per_step = metrics_lib.AveragePerStep.from_value
+    ratio = metrics_lib.Average.from_ratio
     return {
-        'loss': loss,
-        'z_loss': z_loss,
-        'cross_ent_loss': loss - z_loss,
-        'accuracy': jnp.sum(correct) / weight_sum,
-        'loss_per_nonpadding_target_token': loss / weight_sum,
-        'loss_per_all_target_tokens': loss / jnp.asarray(np.prod(targets.shape), jnp.float32),
-        'nonpadding_fraction': jnp.sum(weights) / jnp.asarray(np.prod(targets.shape), jnp.float32),
-        'num_examples': num_examples,
-        'num_tokens': jnp.sum(weights),
+        'loss': per_step(loss),
+        'z_loss': per_step(z_loss),
+        'cross_ent_loss': per_step(loss - z_loss),
+        'accuracy': ratio(jnp.sum(correct), weight_sum),
+        'loss_per_nonpadding_target_token': ratio(loss, weight_sum),
+        'loss_per_all_target_tokens': ratio(loss, all_tokens),
+        'nonpadding_fraction': ratio(weight_sum, all_tokens),
+        'num_examples': metrics_lib.Sum.from_value(targets.shape[0]),
+        'num_tokens': metrics_lib.Sum.from_value(weight_sum),
     }
 
   def eval_fn(self, params: PyTree, batch: Mapping[str, Array]):
@@ -179,6 +239,8 @@ class EncoderDecoderModel(BaseTransformerModel):
       z_loss: float = 0.0,
       loss_normalizing_factor: Optional[Union[float, int, str]] = None,
       default_decoder_params: Optional[DecoderParams] = None,
+      loss_terms: Sequence[Callable] = (),
+      conditioning_features: Sequence[str] = CONDITIONING_FEATURES,
   ):
     super().__init__(
         module,
@@ -190,6 +252,8 @@ class EncoderDecoderModel(BaseTransformerModel):
         z_loss,
         loss_normalizing_factor,
         feature_converter_cls,
+        loss_terms=loss_terms,
+        conditioning_features=conditioning_features,
     )
     self._default_decoder_params = default_decoder_params or DecoderParams()
 
@@ -202,9 +266,7 @@ class EncoderDecoderModel(BaseTransformerModel):
     input_types = input_types or {}
     enc_shape = input_shapes['encoder_input_tokens']
     dec_shape = input_shapes['decoder_input_tokens']
-    kwargs = {}
-    if 'prompt_ids' in input_shapes:
-      kwargs['prompt_ids'] = jnp.zeros(input_shapes['prompt_ids'], jnp.int32)
+    kwargs = self._init_feature_kwargs(input_shapes)
     variables = self.module.init(
         {'params': rng, 'dropout': rng},
         jnp.ones(enc_shape, input_types.get('encoder_input_tokens', jnp.int32)),
@@ -224,7 +286,7 @@ class EncoderDecoderModel(BaseTransformerModel):
         batch['decoder_target_tokens'],
         enable_dropout=dropout_rng is not None,
         rngs=rngs,
-        **_prompt_kwargs(batch),
+        **self._feature_kwargs(batch),
     )
 
   def _init_cache(self, params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs):
@@ -261,7 +323,7 @@ class EncoderDecoderModel(BaseTransformerModel):
       return_all_decodes = self._default_decoder_params.return_all_decodes
     if num_decodes is None:
       num_decodes = self._default_decoder_params.num_decodes
-    prompt_kwargs = _prompt_kwargs(batch)
+    prompt_kwargs = self._feature_kwargs(batch)
     encoder_input_tokens = batch['encoder_input_tokens']
     decoder_input_tokens = batch['decoder_input_tokens']
     encoded = self.module.apply(
@@ -274,6 +336,7 @@ class EncoderDecoderModel(BaseTransformerModel):
     cache = self._init_cache(params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs)
     encoded = decoding.flat_batch_beam_expand(encoded, num_decodes)
     expanded_tokens = decoding.flat_batch_beam_expand(encoder_input_tokens, num_decodes)
+    expanded_kwargs = _expand_features(prompt_kwargs, num_decodes)
     max_decode_length = decoder_input_tokens.shape[1]
 
     def tokens_ids_to_logits(state: decoding.DecodingState):
@@ -291,6 +354,7 @@ class EncoderDecoderModel(BaseTransformerModel):
           max_decode_length=max_decode_length,
           mutable=['cache'],
           method=self.module.decode,
+          **expanded_kwargs,
       )
       return logits[:, -1, :].astype(jnp.float32), new_vars['cache']
 
@@ -338,6 +402,8 @@ class DecoderOnlyModel(BaseTransformerModel):
       label_smoothing: float = 0.0,
       z_loss: float = 0.0,
       loss_normalizing_factor: Optional[Union[float, int, str]] = None,
+      loss_terms: Sequence[Callable] = (),
+      conditioning_features: Sequence[str] = CONDITIONING_FEATURES,
   ):
     super().__init__(
         module,
@@ -349,6 +415,8 @@ class DecoderOnlyModel(BaseTransformerModel):
         z_loss,
         loss_normalizing_factor,
         feature_converter_cls,
+        loss_terms=loss_terms,
+        conditioning_features=conditioning_features,
     )
     self._inputs_bidirectional_attention = inputs_bidirectional_attention
 
@@ -358,9 +426,7 @@ class DecoderOnlyModel(BaseTransformerModel):
 
   def get_initial_variables(self, rng, input_shapes, input_types=None):
     shape = input_shapes['decoder_input_tokens']
-    kwargs = {}
-    if 'prompt_ids' in input_shapes:
-      kwargs['prompt_ids'] = jnp.zeros(input_shapes['prompt_ids'], jnp.int32)
+    kwargs = self._init_feature_kwargs(input_shapes)
     if self._inputs_bidirectional_attention:
       kwargs['decoder_causal_attention'] = jnp.ones(shape, jnp.int32)
     variables = self.module.init(
@@ -391,7 +457,7 @@ class DecoderOnlyModel(BaseTransformerModel):
         enable_dropout=dropout_rng is not None,
         rngs=rngs,
         **self._causal_kwargs(batch),
-        **_prompt_kwargs(batch),
+        **self._feature_kwargs(batch),
     )
 
   def predict_batch_with_aux(
@@ -411,7 +477,7 @@ class DecoderOnlyModel(BaseTransformerModel):
     else:
       inputs = tokens * 0
     # Drop the BOS: `inputs` are the decoder inputs shifted right, so position i holds token i-1.
-    prompt_kwargs = _prompt_kwargs(batch)
+    prompt_kwargs = self._feature_kwargs(batch)
     p = self.prompt_length
     length = tokens.shape[1]
     max_len = length + p
@@ -461,6 +527,7 @@ class DecoderOnlyModel(BaseTransformerModel):
           **prompt_kwargs,
       )
       cache = variables['cache']
+    expanded_kwargs = _expand_features(prompt_kwargs, num_decodes)
 
     def tokens_to_logits(state: decoding.DecodingState):
       ids = state.cur_token if state.cur_token.ndim == 2 else state.cur_token[:, None]
@@ -472,6 +539,7 @@ class DecoderOnlyModel(BaseTransformerModel):
           decode=True,
           max_decode_length=max_len,
           mutable=['cache'],
+          **expanded_kwargs,
       )
       new_cache = new_vars['cache']
       if prefix_len is not None:
@@ -500,6 +568,17 @@ class DecoderOnlyModel(BaseTransformerModel):
     if return_all_decodes:
       return decodes, {'scores': scores}
     return decodes[:, -1, :], {'scores': scores[:, -1]}
+
+
+def _expand_features(kwargs: Mapping[str, Any], num_decodes: int) -> dict:
+  """`{'features': ...}` with every feature repeated per beam (the decode loop's batch)."""
+  if 'features' not in kwargs:
+    return {}
+  return {
+      'features': {
+          k: decoding.flat_batch_beam_expand(v, num_decodes) for k, v in kwargs['features'].items()
+      }
+  }
 
 
 def _set_cache_index(cache: PyTree, index: int) -> PyTree:

@@ -15,22 +15,20 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 
 from absl import logging
 import flax
-from flax import traverse_util
 import flax.linen.partitioning as nn_partitioning
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from prompt_tuning import params as params_lib
+
 PyTree = Any
 
 
-def flatten(tree: Mapping[str, Any]) -> Dict[str, Any]:
-  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-
-
-def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+# The library's one flatten helper (`prompt_tuning/params.py`), under the names the runtime uses.
+flatten = params_lib.flatten_params
+unflatten = params_lib.unflatten_params
 
 
 def split_params(
@@ -51,6 +49,7 @@ def split_params(
 
 
 def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> Dict[str, Any]:
+  """Inverse of `split_params`: one nested dict with every leaf (trainable wins on overlap)."""
   flat = flatten(frozen) if frozen else {}
   flat.update(flatten(trainable))
   return unflatten(flat)

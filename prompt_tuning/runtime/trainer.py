@@ -1,4 +1,11 @@
-"""T5X-style `Trainer`: the jitted train/eval steps, microbatching, metrics, progress and actions."""
+"""T5X-style `Trainer`: the jitted train/eval steps, microbatching, metrics, progress and actions.
+
+The train step is pure functions, as in T5X: `accumulate_grads_microbatched` (gradients of the
+trainable parameters only, summed over microbatches, with the metrics merged by their own
+reductions), `apply_grads` (the optimizer update) and `train_with_lr` (both). They are usable and
+testable without a `Trainer`. Gradients are taken with respect to `TrainState.trainable` only;
+the frozen parameters enter as constants, so no backbone weight gradient is ever computed.
+"""
 
 import enum
 from absl import logging
@@ -6,12 +13,13 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_tuning.runtime import metrics as metrics_lib
 from prompt_tuning.runtime import train_state as train_state_lib
 
 PyTree = Any
@@ -151,6 +159,95 @@ def write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
   writer.flush()
 
 
+def accumulate_grads_microbatched(
+    model,
+    train_state: train_state_lib.TrainState,
+    batch: Mapping[str, Any],
+    dropout_rng: Optional[jax.Array],
+    num_microbatches: Optional[int] = None,
+) -> Tuple[PyTree, Dict[str, metrics_lib.Metric]]:
+  """Gradients of `model.loss_fn` w.r.t. `train_state.trainable`, and the step's metrics.
+
+  With `num_microbatches > 1` the batch is split along its first axis into equal microbatches,
+  run one after another (`lax.scan`; microbatch `i` uses `fold_in(dropout_rng, i)`), and the
+  gradients are summed in float32 while the metrics are merged by their own reductions (a ratio
+  over the microbatches equals the ratio over the whole batch). The metrics are finalized as one
+  step's.
+
+  Returns:
+    `(grads, metrics)`: `grads` has the structure and dtypes of `train_state.trainable`.
+  """
+  frozen = train_state.frozen
+
+  def loss_of(trainable, mb, rng):
+    loss, metrics = model.loss_fn(train_state_lib.merge_params(trainable, frozen), mb, rng)
+    return loss, metrics_lib.as_metrics(metrics)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if num_microbatches is None or num_microbatches <= 1:
+    (_, metrics), grads = grad_fn(train_state.trainable, batch, dropout_rng)
+    return grads, metrics_lib.finalize_step(metrics)
+  nmb = int(num_microbatches)
+  size = next(iter(batch.values())).shape[0]
+  if size % nmb:
+    raise ValueError(f'Batch size {size} is not divisible by num_microbatches={nmb}.')
+  mbs = jax.tree_util.tree_map(lambda x: x.reshape((nmb, size // nmb) + x.shape[1:]), batch)
+
+  def microbatch(i):
+    mb = jax.tree_util.tree_map(lambda x: x[i], mbs)
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+    return grad_fn(train_state.trainable, mb, rng)
+
+  def body(carry, i):
+    acc_grads, acc_metrics = carry
+    (_, m), g = microbatch(i)
+    acc_grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc_grads, g)
+    return (acc_grads, metrics_lib.merge(acc_metrics, m)), None
+
+  zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), train_state.trainable)
+  metric_shapes = jax.eval_shape(lambda: microbatch(0)[0][1])
+  empty = {k: metrics_lib.empty_like(m) for k, m in metric_shapes.items()}
+  (grads, metrics), _ = jax.lax.scan(body, (zeros, empty), jnp.arange(nmb))
+  grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, train_state.trainable)
+  return grads, metrics_lib.finalize_step(metrics)
+
+
+def apply_grads(
+    train_state: train_state_lib.TrainState,
+    grads: PyTree,
+    metrics: Mapping[str, metrics_lib.Metric],
+    learning_rate: Any,
+    optimizer_def,
+) -> Tuple[train_state_lib.TrainState, Dict[str, metrics_lib.Metric]]:
+  """Applies the optimizer to the trainable parameters; adds `learning_rate` to the metrics."""
+  lr = jnp.asarray(learning_rate, jnp.float32)
+  hyper_params = optimizer_def.update_hyper_params(learning_rate=lr)
+  new_trainable, new_opt_state = optimizer_def.apply_gradient(
+      hyper_params, train_state.trainable, train_state.opt_state, grads
+  )
+  metrics = dict(metrics)
+  metrics['learning_rate'] = metrics_lib.AveragePerStep.from_value(lr).finalize_step()
+  new_state = train_state.replace(
+      step=train_state.step + 1, trainable=new_trainable, opt_state=new_opt_state
+  )
+  return new_state, metrics
+
+
+def train_with_lr(
+    train_state: train_state_lib.TrainState,
+    batch: Mapping[str, Any],
+    learning_rate: Any,
+    dropout_rng: Optional[jax.Array],
+    model,
+    num_microbatches: Optional[int] = None,
+) -> Tuple[train_state_lib.TrainState, Dict[str, metrics_lib.Metric]]:
+  """One training step: `accumulate_grads_microbatched` then `apply_grads` (T5X's names)."""
+  grads, metrics = accumulate_grads_microbatched(
+      model, train_state, batch, dropout_rng, num_microbatches
+  )
+  return apply_grads(train_state, grads, metrics, learning_rate, model.optimizer_def)
+
+
 class Trainer:
   """Runs the partitioned training and evaluation steps (T5X's `trainer.Trainer`)."""
 
@@ -190,61 +287,12 @@ class Trainer:
 
   # -------------------------------------------------------------------- steps
   def _make_train_step(self):
-    model, opt = self._model, self._model.optimizer_def
-    lr_fn, nmb = self._learning_rate_fn, self._num_microbatches
+    model, lr_fn, nmb = self._model, self._learning_rate_fn, self._num_microbatches
 
     def train_step(state: train_state_lib.TrainState, batch, base_rng):
       lr = jnp.asarray(lr_fn(state.step), jnp.float32)
       dropout_rng = jax.random.fold_in(base_rng, state.step)
-
-      def loss_of(trainable, mb, rng):
-        return model.loss_fn(train_state_lib.merge_params(trainable, state.frozen), mb, rng)
-
-      grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-      if nmb is None or nmb <= 1:
-        (loss, metrics), grads = grad_fn(state.trainable, batch, dropout_rng)
-      else:
-        size = next(iter(batch.values())).shape[0]
-        if size % nmb:
-          raise ValueError(f'Batch size {size} is not divisible by num_microbatches={nmb}.')
-        mbs = jax.tree_util.tree_map(lambda x: x.reshape((nmb, size // nmb) + x.shape[1:]), batch)
-
-        def body(carry, i):
-          acc_grads, acc_loss, acc_metrics = carry
-          mb = jax.tree_util.tree_map(lambda x: x[i], mbs)
-          (l, m), g = grad_fn(state.trainable, mb, jax.random.fold_in(dropout_rng, i))
-          acc_grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc_grads, g)
-          acc_metrics = jax.tree_util.tree_map(jnp.add, acc_metrics, m)
-          return (acc_grads, acc_loss + l, acc_metrics), None
-
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
-        mb0 = jax.tree_util.tree_map(lambda x: x[0], mbs)
-        metric_shapes = jax.eval_shape(lambda: loss_of(state.trainable, mb0, dropout_rng)[1])
-        zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, loss, metrics), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32), zero_metrics), jnp.arange(nmb)
-        )
-        # Ratios are averaged over microbatches; sums (loss, counts) stay sums.
-        for k in (
-            'accuracy',
-            'loss_per_nonpadding_target_token',
-            'loss_per_all_target_tokens',
-            'nonpadding_fraction',
-        ):
-          if k in metrics:
-            metrics[k] = metrics[k] / nmb
-        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-      hyper_params = opt.update_hyper_params(learning_rate=lr)
-      new_trainable, new_opt_state = opt.apply_gradient(
-          hyper_params, state.trainable, state.opt_state, grads
-      )
-      metrics = dict(metrics)
-      metrics['learning_rate'] = lr
-      metrics['loss'] = loss
-      new_state = state.replace(
-          step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state
-      )
-      return new_state, metrics
+      return train_with_lr(state, batch, lr, dropout_rng, model, nmb)
 
     return train_step
 
@@ -269,7 +317,9 @@ class Trainer:
     model = self._model
 
     def eval_step(state, batch):
-      return model.eval_fn(state.params, batch)[1]
+      return metrics_lib.finalize_step(
+          metrics_lib.as_metrics(model.eval_fn(state.params, batch)[1])
+      )
 
     return eval_step
 
@@ -347,7 +397,7 @@ class Trainer:
     host = jax.device_get([m for _, m in pending])
     last = {}
     for (step, _), m in zip(pending, host):
-      scalars = {k: float(np.asarray(v)) for k, v in m.items()}
+      scalars = metrics_lib.compute(m)
       self.loss_history[step] = scalars['loss']
       write_scalars(self._train_writer, step, scalars)
       last = scalars
@@ -366,16 +416,14 @@ class Trainer:
     step = int(self.train_state.step) if step is None else step
     results = {}
     for name, batches in batch_iters.items():
-      totals: Dict[str, float] = {}
-      n = 0
+      merged = None
       for batch in batches:
         m = jax.device_get(self._partitioned_eval_step(self.train_state, self.place_batch(batch)))
-        for k, v in m.items():
-          totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
-        n += 1
-      if not n:
+        merged = m if merged is None else metrics_lib.merge(merged, m)
+      if merged is None:
         continue
-      results[name] = {k: v / n for k, v in totals.items()}
+      # Each metric reduces over the batches its own way (per-batch mean, weighted mean, sum).
+      results[name] = metrics_lib.compute(merged)
       if self._summary_dir:
         if name not in self._eval_writers:
           self._eval_writers[name] = _summary_writer(

@@ -17,7 +17,8 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
-from prompt_tuning import trainable  # pylint: disable=g-import-not-at-top
+from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
+from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
 from prompt_tuning.architectures import prompted  # pylint: disable=g-import-not-at-top
 from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
@@ -98,10 +99,10 @@ def test_loss_and_prompt_gradient_match_peft(models):
 
   # Ours.
   model = prompted.PromptEncoderDecoder(config, prompt_length=P)
-  flat = trainable.flatten_params(params)
+  flat = params_lib.flatten_params(params)
   flat['encoder/prompt/prompt/prompt'] = prompt
-  full = jax.tree.map(jnp.asarray, trainable.unflatten_params(flat))
-  train, frozen = trainable.partition_params(full)
+  full = jax.tree.map(jnp.asarray, params_lib.unflatten_params(flat))
+  train, frozen = train_state.split_params(full, params_lib.match_any(['.*/prompt/.*']))
   dec_in = np.concatenate([np.zeros((3, 1), np.int64), tgt[:, :-1]], axis=1)
   weights = (tgt > 0).astype(np.float32)
 
@@ -116,7 +117,10 @@ def test_loss_and_prompt_gradient_match_peft(models):
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tgt)[..., None], -1)[..., 0]
     return jnp.sum(ce * weights) / jnp.sum(weights)
 
-  loss, grads = jax.jit(trainable.value_and_grad_trainable(loss_fn))(train, frozen)
+  # As the runtime's step: gradients w.r.t. the trainable subtree only, the rest constant.
+  loss, grads = jax.jit(jax.value_and_grad(lambda t: loss_fn(train_state.merge_params(t, frozen))))(
+      train
+  )
   grad = np.asarray(grads['encoder']['prompt']['prompt']['prompt'])
 
   np.testing.assert_allclose(float(loss), peft_loss, rtol=1e-5)

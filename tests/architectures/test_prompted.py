@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prompt_tuning import prompts
-from prompt_tuning import trainable
+from prompt_tuning import params as params_lib
 from prompt_tuning.architectures import prompted
 from prompt_tuning.architectures import t5
 
@@ -33,11 +33,11 @@ def encdec():
 
 def test_param_tree(encdec):
   _, variables, _ = encdec
-  flat = trainable.flatten_params(variables['params'])
+  flat = params_lib.flatten_params(variables['params'])
   backbone = t5.EncoderDecoder(CFG).init(
       jax.random.PRNGKey(0), ENC, DEC_IN, DEC_TGT, enable_dropout=False
   )
-  backbone_flat = trainable.flatten_params(backbone['params'])
+  backbone_flat = params_lib.flatten_params(backbone['params'])
   assert set(flat) == set(backbone_flat) | {'encoder/prompt/prompt/prompt'}
   for path, value in backbone_flat.items():
     assert flat[path].shape == value.shape, path
@@ -77,9 +77,9 @@ def test_prompt_is_used_and_padding_is_invisible(encdec):
       rtol=1e-5,
   )
   # A different prompt changes the logits.
-  flat = trainable.flatten_params(params)
+  flat = params_lib.flatten_params(params)
   flat['encoder/prompt/prompt/prompt'] = flat['encoder/prompt/prompt/prompt'] + 1.0
-  other = fwd(trainable.unflatten_params(flat), ENC, DEC_IN, DEC_TGT)
+  other = fwd(params_lib.unflatten_params(flat), ENC, DEC_IN, DEC_TGT)
   assert float(jnp.max(jnp.abs(other - logits))) > 1e-3
 
 
@@ -238,12 +238,12 @@ def test_prompt_bank_mixed_batch_equals_single_prompts():
 
   single = prompted.PromptEncoderDecoder(CFG, prompt_length=P)
   single_fwd = jax.jit(functools.partial(_forward, single))
-  flat = trainable.flatten_params(variables['params'])
+  flat = params_lib.flatten_params(variables['params'])
   for b, k in enumerate(ids):
     flat_k = dict(flat)
     flat_k['encoder/prompt/prompt/prompt'] = bank[k]
     alone = single_fwd(
-        trainable.unflatten_params(flat_k), ENC[b : b + 1], DEC_IN[b : b + 1], DEC_TGT[b : b + 1]
+        params_lib.unflatten_params(flat_k), ENC[b : b + 1], DEC_IN[b : b + 1], DEC_TGT[b : b + 1]
     )
     np.testing.assert_allclose(
         np.asarray(mixed[b : b + 1]), np.asarray(alone), atol=1e-5, rtol=1e-5

@@ -1,7 +1,7 @@
 """Shared helpers of the runtime's end-to-end tests (subprocess runs, TensorBoard reading, fixtures).
 
-Subprocess runs put `tests/runtime` on PYTHONPATH (so `tiny_task` is importable as
-MIXTURE_OR_TASK_MODULE) and share a persistent JAX compilation cache, so repeated compilations of the
+Subprocess runs put `tests/runtime` and `tests` on PYTHONPATH (so `tiny_task` is importable as
+MIXTURE_OR_TASK_MODULE, and gin files can use `toy_methods`) and share a persistent JAX compilation cache, so repeated compilations of the
 same tiny model are cheap.
 """
 
@@ -16,7 +16,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+TESTS = os.path.dirname(HERE)  # `toy_methods` (test-only methods for the backbone's doors)
+REPO = os.path.dirname(TESTS)
 PYTHON = sys.executable
 
 TASK = 'tiny_count'
@@ -53,7 +54,7 @@ def q(s: str) -> str:
 def base_env(cache_dir: Optional[str] = None, **extra: str) -> Dict[str, str]:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(
-      [HERE, REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
+      [HERE, TESTS, REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
   )
   env['JAX_PLATFORMS'] = 'cpu'
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import toy_methods
 from prompt_tuning.architectures import prompted
 from prompt_tuning.architectures import t5
 from prompt_tuning.runtime import decoding
@@ -46,14 +47,31 @@ def _batch():
 
 @pytest.fixture(
     scope='module',
-    params=[(False, 0), (False, 3), (True, 0), (True, 3)],
-    ids=['causal', 'causal-prompt', 'prefix', 'prefix-prompt'],
+    params=[
+        (False, 0, False),
+        (False, 3, False),
+        (True, 0, False),
+        (True, 3, False),
+        (False, 3, True),
+        (True, 3, True),
+    ],
+    ids=[
+        'causal',
+        'causal-prompt',
+        'prefix',
+        'prefix-prompt',
+        'causal-prompt-hooks',
+        'prefix-prompt-hooks',
+    ],
 )
 def case(request):
-  bidirectional, prompt_length = request.param
+  bidirectional, prompt_length, with_hooks = request.param
   config = t5.get_config('tiny', vocab_size=VOCAB)
+  # With hooks: every backbone door in use (per-layer shifts, prefix keys, key/value and MLP
+  # rescaling, low-rank kernel updates), see tests/toy_methods.py.
+  method = toy_methods.all_doors() if with_hooks else None
   module = (
-      prompted.PromptDecoderOnly(config, prompt_length=prompt_length)
+      prompted.PromptDecoderOnly(config, prompt_length=prompt_length, hooks=method)
       if prompt_length
       else t5.DecoderOnly(config)
   )

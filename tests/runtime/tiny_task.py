@@ -12,6 +12,8 @@ Tasks:
   tiny_count_long   same inputs, but the target repeats the count word four times
                     (used to check that a too-short `targets` length is caught).
   tiny_count_mixed  tiny_count whose example i carries `prompt_ids = i % 2` (a two-prompt bank).
+  tiny_count_tasks  tiny_count whose example i carries `task_ids = i % 2` (a per-example feature
+                    other than `prompt_ids`).
 """
 
 import os
@@ -44,13 +46,13 @@ def examples(split: str, repeat: int = 1) -> List[Dict[str, str]]:
   return out
 
 
-def _dataset_fn(repeat: int, num_prompts: int = 0):
+def _dataset_fn(repeat: int, num_prompts: int = 0, id_feature: str = 'prompt_ids'):
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None):
     del shuffle_files, seed
     rows = examples(split, repeat)
     data = {'inputs': [r['inputs'] for r in rows], 'targets': [r['targets'] for r in rows]}
     if num_prompts:
-      data['prompt_ids'] = np.arange(len(rows), dtype=np.int32) % num_prompts
+      data[id_feature] = np.arange(len(rows), dtype=np.int32) % num_prompts
     return tf.data.Dataset.from_tensor_slices(data)
 
   return dataset_fn
@@ -73,17 +75,18 @@ def register() -> None:
       'inputs': seqio.Feature(vocabulary=vocab, add_eos=True),
       'targets': seqio.Feature(vocabulary=vocab, add_eos=True),
   }
-  for name, repeat, num_prompts in (
-      ('tiny_count', 1, 0),
-      ('tiny_count_long', 4, 0),
-      ('tiny_count_mixed', 1, 2),
+  for name, repeat, num_prompts, id_feature in (
+      ('tiny_count', 1, 0, None),
+      ('tiny_count_long', 4, 0, None),
+      ('tiny_count_mixed', 1, 2, 'prompt_ids'),
+      ('tiny_count_tasks', 1, 2, 'task_ids'),
   ):
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            _dataset_fn(repeat, num_prompts),
+            _dataset_fn(repeat, num_prompts, id_feature),
             splits=('train', 'validation'),
             num_input_examples=SPLIT_SIZES,
         ),
