@@ -109,12 +109,10 @@ def expand_to_batch(x: Array, batch_size: int) -> Array:
 
 
 def _open(path: str, mode: str = 'rb'):
-  """Opens a local path directly and anything with a scheme through gfile."""
-  if re.match(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Opens a local path or a URL (`gs://...`) through `prompt_tuning.fs`."""
+  from prompt_tuning import fs  # pylint: disable=g-import-not-at-top
 
-    return tf.io.gfile.GFile(path, mode)
-  return open(os.path.expanduser(path), mode)
+  return fs.open(path, mode)
 
 
 def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
@@ -136,10 +134,6 @@ def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
       arr = np.load(f, allow_pickle=False)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'Prompt/embedding file {path!r} does not exist (np_load).') from e
-  except Exception as e:  # tf.errors.NotFoundError and friends.
-    if type(e).__name__ == 'NotFoundError':
-      raise FileNotFoundError(f'Prompt/embedding file {path!r} does not exist (np_load).') from e
-    raise
   if restore_dtype is not None:
     arr = arr.astype(restore_dtype)
   return arr
@@ -150,76 +144,28 @@ _VARIABLE_CACHE = weakref.WeakValueDictionary()
 _CACHE_LOCK = threading.Lock()
 
 
-def _lookup_variable(loaded: Any, variable_path: str) -> Optional[Array]:
-  """Finds `variable_path` in a nested or flat (`/`-joined) parameter dict."""
-  if loaded is None:
-    return None
-  if hasattr(loaded, 'shape'):
-    return loaded
-  candidates = [variable_path, 'target/' + variable_path, 'params/' + variable_path]
-  for candidate in candidates:
-    if isinstance(loaded, dict) and candidate in loaded:
-      return loaded[candidate]
-    node = loaded
-    for key in candidate.split('/'):
-      if isinstance(node, dict) and key in node:
-        node = node[key]
-      else:
-        node = None
-        break
-    if node is not None and hasattr(node, 'shape'):
-      return node
-  return None
-
-
 def _read_variable(checkpoint_path: str, variable_path: str) -> np.ndarray:
-  """Reads one variable from a T5X, Hugging Face or orbax checkpoint."""
-  loaded = None
-  errors = []
-  try:
-    from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    formats = None
-    errors.append(f'prompt_tuning.checkpoints.formats unavailable: {e}')
-  if formats is not None:
-    try:
-      loaded = formats.load_params(checkpoint_path, variables=[variable_path])
-    except NotImplementedError as e:
-      # Orbax checkpoints are owned by the runtime's checkpoint module.
-      # pylint: disable-next=g-import-not-at-top
-      from prompt_tuning.runtime import checkpoints as runtime_ckpts
+  """Reads one variable from a checkpoint of any format (T5X, Hugging Face, this project's orbax).
 
-      load = getattr(runtime_ckpts, 'load_checkpoint_params', None)
-      if load is None:
-        raise ValueError(f'Cannot read {variable_path!r} from {checkpoint_path!r}: {e}') from e
-      loaded = load(checkpoint_path, variables=[variable_path])
-  else:
-    from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+  One call to `prompt_tuning.checkpoints.formats.load_params`, which detects the format once and
+  reads only the requested array (for T5X and orbax checkpoints).
 
-    loaded = t5x_format.load(checkpoint_path, variables=[variable_path])
-  value = _lookup_variable(loaded, variable_path)
-  if value is None:
-    keys = []
-    if isinstance(loaded, dict):
-      keys = sorted(_flat_keys(loaded))[:10]
+  Raises:
+    KeyError: the checkpoint has no such variable (the message lists close matches).
+  """
+  # The checkpoint readers are imported when a variable is first read: building a prompt module
+  # (and importing this file) needs none of them.
+  from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
+
+  loaded = formats.load_params(checkpoint_path, variables=[variable_path])
+  flat = params_lib.flatten_params(loaded)
+  if variable_path not in flat:
     raise KeyError(
-        f'Variable {variable_path!r} not found in checkpoint '
-        f'{checkpoint_path!r}. Some variables it holds: {keys}. {errors}'
+        f'Variable {variable_path!r} not found in checkpoint {checkpoint_path!r}; the selection '
+        f'gave {sorted(flat)[:10]}. Pass the full "/"-joined path of one array.'
     )
-  if callable(getattr(value, 'get', None)) and not isinstance(value, dict):
-    value = value.get()  # Lazy (tensorstore-backed) arrays.
-  return np.asarray(value)
-
-
-def _flat_keys(tree: dict, prefix: str = '') -> list:
-  out = []
-  for k, v in tree.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.extend(_flat_keys(v, key + '/'))
-    else:
-      out.append(key)
-  return out
+  return np.asarray(flat[variable_path])
 
 
 class LazyVariable:
@@ -277,8 +223,9 @@ def t5x_load(
   """Lazily reads one variable (default: the embedding table) of a checkpoint.
 
   Works for T5X checkpoints (`checkpoint` msgpack + zarr), Hugging Face T5
-  directories and this project's orbax checkpoints (through
-  `prompt_tuning.checkpoints.formats.load_params`). Nothing is read until the
+  directories and this project's orbax checkpoints (`MODEL_DIR/checkpoint_<step>`,
+  or `MODEL_DIR` for its latest), all through one call to
+  `prompt_tuning.checkpoints.formats.load_params`. Nothing is read until the
   returned loader is called (initializers call it when the parameter is
   created), and only the requested variable is read.
 

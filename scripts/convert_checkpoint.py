@@ -13,11 +13,14 @@ Examples::
       --input gs://t5-data/pretrained_models/t5x/t5_1_1_lm100k_base/checkpoint_1100000 \\
       --output /ckpts/t5_1_1_lm100k_base_hf --to huggingface --config t5_1_1_base
 
-The input format is detected (:func:`prompt_tuning.checkpoints.formats.
-detect_format`). Only parameters are converted: a T5X output gets empty
-optimizer state, and prompt parameters (``*/prompt/*``) are dropped when
-writing Hugging Face. An existing output is never replaced without
-``--overwrite``; outputs are written to a temporary sibling and renamed.
+The input format is detected once (:func:`prompt_tuning.checkpoints.formats.
+resolve`) and the parameters are read with :func:`prompt_tuning.checkpoints.
+formats.load_params`, so a checkpoint this project wrote
+(``MODEL_DIR/checkpoint_<step>``, which holds the trained parameters) converts
+too. Only parameters are converted: a T5X output gets empty optimizer state,
+and prompt parameters (``*/prompt/*``) are dropped when writing Hugging Face.
+An existing output is never replaced without ``--overwrite``; outputs are
+written to a temporary sibling and renamed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ try:
 except ImportError:  # Run from a checkout without installing.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from prompt_tuning import fs  # pylint: disable=g-import-not-at-top
+from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
 from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
 
@@ -45,7 +50,7 @@ def _log(msg: str) -> None:
 
 
 def _summary(params: Any) -> str:
-  flat = t5x_format.flatten_params(params)
+  flat = params_lib.flatten_params(params)
   nbytes = sum(getattr(v, 'nbytes', 0) for v in flat.values())
   n = sum(int(getattr(v, 'size', 0)) for v in flat.values())
   return f'{len(flat)} arrays, {n / 1e6:.2f}M parameters, {nbytes / 2**20:.1f} MiB'
@@ -100,35 +105,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _read_step(path: str) -> int:
-  """The ``state/step`` of a T5X checkpoint without reading any array."""
-  # pylint: disable=protected-access
-  contents = t5x_format._read_contents(t5x_format.find_checkpoint(path))
-  step = contents['optimizer'].get('state', {}).get('step', 0)
-  return int(step) if step is not None else 0
-
-
 def _save_huggingface(output: str, config: Any, params: Any, overwrite: bool) -> None:
   """Writes through a temporary sibling, then renames (atomic locally)."""
-  import shutil  # pylint: disable=g-import-not-at-top
   from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
-  output = os.path.abspath(output)
+  output = fs.abspath(output)
   tmp = f'{output}.tmp-{int(time.time())}'
   try:
     huggingface.save_t5(tmp, config, params)
-    if os.path.exists(output):
-      if not overwrite:
-        raise FileExistsError(f'{output} appeared during the conversion.')
-      old = f'{output}.old-{int(time.time() * 1000)}'
-      os.rename(output, old)
-      os.rename(tmp, output)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, output)
+    if fs.exists(output) and not overwrite:
+      raise FileExistsError(f'{output} appeared during the conversion.')
+    # The old output is replaced only once the new one is complete.
+    fs.rename(tmp, output, overwrite=overwrite)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    fs.rmtree(tmp, missing_ok=True)
 
 
 def convert(
@@ -145,67 +135,52 @@ def convert(
   """Converts `input_path` to format `to` at `output_path`; returns it.
 
   Raises:
-    FileNotFoundError, FileExistsError, ValueError, NotImplementedError: with
-      a message naming the cause (see :func:`main`).
+    FileNotFoundError, FileExistsError, ValueError: with a message naming the
+      cause (see :func:`main`).
   """
   if to not in TARGETS:
     raise ValueError(f'--to must be one of {TARGETS}, got {to!r}.')
-  if not t5x_format._exists(input_path):  # pylint: disable=protected-access
+  if not fs.exists(input_path):
     raise FileNotFoundError(f'Input {input_path} does not exist.')
-  if t5x_format._exists(output_path) and not overwrite:  # pylint: disable=protected-access
+  if fs.exists(output_path) and not overwrite:
     raise FileExistsError(
         f'Output {output_path} already exists; refusing to overwrite it. '
         'Choose another --output or pass --overwrite.'
     )
-  same = not t5x_format._is_remote(
-      input_path
-  ) and os.path.abspath(  # pylint: disable=protected-access
-      input_path
-  ) == os.path.abspath(
-      output_path
-  )
-  if same:
+  if fs.abspath(input_path) == fs.abspath(output_path):
     raise ValueError('--input and --output are the same path.')
 
   t0 = time.time()
-  fmt = formats.detect_format(input_path)
-  _log(f'input {input_path}: {fmt} format')
-  if fmt == 'orbax':
-    raise NotImplementedError(
-        f'{input_path} is an Orbax checkpoint; export its parameters with '
-        'prompt_tuning.runtime.checkpoints first.'
-    )
+  ckpt = formats.resolve(input_path)  # The one format detection.
+  _log(f'input {input_path}: {ckpt.format} format ({ckpt.path})')
   source_config = None
-  if fmt == 't5x':
-    params = t5x_format.load(input_path)
-  else:
+  if ckpt.format == 'huggingface':
     from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
-    source_config, params = huggingface.load_t5(input_path)
+    source_config, params = huggingface.load_t5(ckpt.path)
+  else:
+    params = formats.load_params(ckpt)
   _log(f'loaded {_summary(params)} in {time.time() - t0:.1f}s')
   if dtype is not None:
-    flat = {
-        k: formats._cast_any(v, dtype)  # pylint: disable=protected-access
-        for k, v in t5x_format.flatten_params(params).items()
-    }
-    params = t5x_format.unflatten_params(flat)
+    flat = {k: t5x_format.cast(v, dtype) for k, v in params_lib.flatten_params(params).items()}
+    params = params_lib.unflatten_params(flat)
     _log(f'cast floating-point parameters to {dtype}')
 
   t1 = time.time()
   if to == 't5x':
     if step is None:
-      step = _read_step(input_path) if fmt == 't5x' else 0
+      step = formats.read_step(ckpt) or 0
     _log(f'writing T5X checkpoint {output_path} (step {step})')
     t5x_format.save(output_path, params, step, overwrite=overwrite)
   else:
-    flat = t5x_format.flatten_params(params)
+    flat = params_lib.flatten_params(params)
     prompt = [k for k in flat if '/prompt/' in f'/{k}/']
     if prompt:
       _log(
           f'dropping {len(prompt)} prompt parameter(s) with no Hugging Face '
           f'counterpart: {", ".join(prompt)}'
       )
-      params = t5x_format.unflatten_params({k: v for k, v in flat.items() if k not in prompt})
+      params = params_lib.unflatten_params({k: v for k, v in flat.items() if k not in prompt})
     if config is not None or source_config is None:
       cfg = formats.infer_t5_config(params, config, head_dim=head_dim)
       how = f'preset {config!r} (checked against shapes)' if config else ('inferred from shapes')

@@ -270,29 +270,9 @@ def test_t5x_load_missing_variable(fake_formats):
     prompts.t5x_load('/ckpt', 'decoder/nothing')()
 
 
-def test_t5x_load_falls_back_to_t5x_format(monkeypatch, table):
-  calls = []
-  module = types.ModuleType('prompt_tuning.checkpoints.t5x_format')
-
-  def load(path, variables=None):
-    calls.append((path, tuple(variables)))
-    return {'target/token_embedder/embedding': table}
-
-  module.load = load
-  monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.formats', None)
-  monkeypatch.setitem(sys.modules, 'prompt_tuning.checkpoints.t5x_format', module)
-  import prompt_tuning.checkpoints as ckpts  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.delattr(ckpts, 'formats', raising=False)
-  monkeypatch.setattr(ckpts, 't5x_format', module, raising=False)
-  prompts.clear_cache()
-  np.testing.assert_array_equal(prompts.t5x_load('/other')(), table)
-  assert calls == [('/other', ('token_embedder/embedding',))]
-  prompts.clear_cache()
-
-
 def test_t5x_load_real_t5x_checkpoint(tmp_path, table):
-  t5x_format = pytest.importorskip('prompt_tuning.checkpoints.t5x_format')
+  from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
+
   path = str(tmp_path / 'checkpoint_3')
   t5x_format.save(
       path,
@@ -312,8 +292,8 @@ def test_t5x_load_real_t5x_checkpoint(tmp_path, table):
 
 
 def test_t5x_load_huggingface_directory(tmp_path):
-  huggingface = pytest.importorskip('prompt_tuning.checkpoints.huggingface')
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
   config = t5.get_config('tiny')
   params = t5.init_variables(config)['params']
@@ -322,6 +302,70 @@ def test_t5x_load_huggingface_directory(tmp_path):
   np.testing.assert_allclose(
       prompts.t5x_load(str(tmp_path))(), np.asarray(params['token_embedder']['embedding'])
   )
+  prompts.clear_cache()
+
+
+def _save_orbax_checkpoint(model_dir, step, trainable):
+  """A checkpoint as the runtime writes it during training."""
+  from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
+
+  state = train_state.TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      trainable=trainable,
+      frozen={},
+      opt_state={'v': jnp.zeros((2,), jnp.float32)},
+  )
+  return checkpoints.save_checkpoint(model_dir, state)
+
+
+def test_t5x_load_our_orbax_checkpoint(tmp_path, table):
+  """The prompt of a training run, by its checkpoint_<step> and by MODEL_DIR (latest)."""
+  from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
+
+  model_dir = str(tmp_path / 'model')
+  old_prompt = np.full((3, H), -1.0, np.float32)
+  new_prompt = table[:3]
+  _save_orbax_checkpoint(model_dir, 10, {'encoder': {'prompt': {'prompt': {'prompt': old_prompt}}}})
+  path = _save_orbax_checkpoint(
+      model_dir, 20, {'encoder': {'prompt': {'prompt': {'prompt': new_prompt}}}}
+  )
+  assert path == str(tmp_path / 'model' / 'checkpoint_20')
+  prompts.clear_cache()
+  by_path = prompts.t5x_load(path, 'encoder/prompt/prompt/prompt')()
+  np.testing.assert_array_equal(by_path, new_prompt)
+  assert by_path.dtype == np.float32
+  prompts.clear_cache()
+  np.testing.assert_array_equal(
+      prompts.t5x_load(model_dir, 'encoder/prompt/prompt/prompt')(), new_prompt
+  )
+  prompts.clear_cache()
+  older = prompts.t5x_load(
+      str(tmp_path / 'model' / 'checkpoint_10'), 'encoder/prompt/prompt/prompt'
+  )
+  np.testing.assert_array_equal(older(), old_prompt)
+  # As a prompt initializer (the released-prompt workflow, `from_array(t5x_load(...))`).
+  module = prompts.Prompt(
+      length=3,
+      embed_dim=H,
+      prompt_init=prompts.from_array(
+          prompts.t5x_load(model_dir, 'encoder/prompt/prompt/prompt', np.float32)
+      ),
+  )
+  param = module.init(jax.random.PRNGKey(0))['params']['prompt']
+  np.testing.assert_array_equal(np.asarray(param), new_prompt)
+  # One format detection per read.
+  resolved = []
+  real_resolve = formats.resolve
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(formats, 'resolve', lambda p: resolved.append(p) or real_resolve(p))
+    prompts.clear_cache()
+    prompts.t5x_load(model_dir, 'encoder/prompt/prompt/prompt')()
+  assert resolved == [model_dir]
+  # A variable the checkpoint does not hold: a KeyError naming it and what is there.
+  prompts.clear_cache()
+  with pytest.raises(KeyError, match=r"'token_embedder/embedding'.*encoder/prompt/prompt/prompt"):
+    prompts.t5x_load(model_dir)()
   prompts.clear_cache()
 
 

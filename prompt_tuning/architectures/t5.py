@@ -958,14 +958,12 @@ class DecoderOnly(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def flatten_params(params: Mapping[str, Any]) -> Dict[str, Any]:
-  """Nested dict -> `{'a/b/c': leaf}`."""
-  return {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()}
+# The library's one `/`-path helper (`prompt_tuning.params`); these names stay for the callers that
+# use them through this module.
+from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-
-def unflatten_params(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """`{'a/b/c': leaf}` -> nested dict."""
-  return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+flatten_params = params_lib.flatten_params
+unflatten_params = params_lib.unflatten_params
 
 
 def make_model(
@@ -1009,46 +1007,203 @@ def get_token_embedding(params: Mapping[str, Any]) -> Array:
   return params['decoder']['token_embedder']['embedding']
 
 
-def _describe(params_flat: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
-  """Architecture facts read off `{flattened path: shape}` (None where unknown)."""
-
-  def shape(path):
-    return params_flat.get(path)
-
-  emb = shape('token_embedder/embedding') or shape('decoder/token_embedder/embedding')
-  info = {'vocab_size': emb[0] if emb else None, 'emb_dim': emb[1] if emb else None}
-  for prefix in ('encoder/layers_0/', 'decoder/layers_0/'):
-    for name in ('mlp/wi_0/kernel', 'mlp/wi/kernel'):
-      if shape(prefix + name):
-        info['mlp_dim'] = shape(prefix + name)[1]
-    for name in ('attention/query/kernel', 'self_attention/query/kernel'):
-      if shape(prefix + name):
-        info['inner_dim'] = shape(prefix + name)[1]
-  rel = shape('encoder/relpos_bias/rel_embedding') or shape('decoder/relpos_bias/rel_embedding')
-  info['num_heads'] = rel[0] if rel else None
-  info['gated'] = any('/mlp/wi_0/' in p for p in params_flat)
-  info['relu_style'] = any('/mlp/wi/' in p for p in params_flat)
-  info['logits_dense'] = 'decoder/logits_dense/kernel' in params_flat
-  for stack in ('encoder', 'decoder'):
-    idx = [
-        int(m.group(1)) for p in params_flat for m in [re.match(rf'{stack}/layers_(\d+)/', p)] if m
-    ]
-    info[f'num_{stack}_layers'] = (max(idx) + 1) if idx else 0
-  return info
+_LAYER_RE = re.compile(r'^(encoder|decoder)/layers_(\d+)/')
+_QUERY_PATHS = (
+    'encoder/layers_0/attention/query/kernel',
+    'decoder/layers_0/self_attention/query/kernel',
+)
+_MLP_PREFIXES = ('encoder/layers_0/mlp/', 'decoder/layers_0/mlp/')
 
 
-def _matching_presets(info: Mapping[str, Any]) -> list:
+def _shape_of(value: Any) -> Optional[Tuple[int, ...]]:
+  """A leaf's shape: arrays and shape structs (`.shape`), shapes, `(shape, dtype)` pairs."""
+  if hasattr(value, 'shape'):
+    return tuple(int(d) for d in value.shape)
+  if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)):
+    return tuple(int(d) for d in value[0])  # t5x_format.list_variables: (shape, dtype name).
+  if isinstance(value, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in value):
+    return tuple(int(d) for d in value)
+  return None
+
+
+def param_shapes(params_or_shapes: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+  """`{'a/b': shape}` from a nested tree or a flat `/`-keyed dict of arrays, shapes or `(shape, dtype)`.
+
+  Leaves without a shape are left out.
+  """
+  is_flat = bool(params_or_shapes) and all(
+      isinstance(k, str) and '/' in k for k in params_or_shapes
+  )
+  flat = dict(params_or_shapes) if is_flat else flatten_params(params_or_shapes)
+  out = {}
+  for path, value in flat.items():
+    shape = _shape_of(value)
+    if shape is not None:
+      out[path] = shape
+  return out
+
+
+def _attention_width(shapes: Mapping[str, Tuple[int, ...]]) -> Optional[int]:
+  """`num_heads * head_dim` read off the first attention query kernel, or None."""
+  for path in _QUERY_PATHS:
+    if path in shapes:
+      query = shapes[path]
+      return query[1] * query[2] if len(query) == 3 else query[1]
+  return None
+
+
+def config_fields_from_shapes(params_or_shapes: Mapping[str, Any]) -> Dict[str, Any]:
+  """The `T5Config` fields that parameter shapes determine (the one shape-to-config reader).
+
+  Works for encoder-decoder and decoder-only trees and never reads an array. A field the shapes do
+  not determine is absent: `num_heads` needs a relative-position embedding (or 3-D attention
+  kernels), and `head_dim` needs `num_heads` and an attention kernel.
+
+  Args:
+    params_or_shapes: a nested parameter tree (flaxformer names; arrays or shape structs), a flat
+      `{'a/b': array}` dict, a flat `{'a/b': shape}` dict, or the output of
+      `prompt_tuning.checkpoints.t5x_format.list_variables`.
+
+  Returns:
+    Some of `vocab_size, emb_dim, num_heads, head_dim, mlp_dim, num_encoder_layers,
+    num_decoder_layers, mlp_activations, logits_via_embedding, relative_attention_num_buckets`.
+    The layer counts are always present (0 for a stack without layers).
+  """
+  shapes = param_shapes(params_or_shapes)
+  fields: Dict[str, Any] = {}
+  emb = shapes.get('token_embedder/embedding') or shapes.get('decoder/token_embedder/embedding')
+  if emb is not None and len(emb) == 2:
+    fields['vocab_size'], fields['emb_dim'] = emb
+  layers: Dict[str, set] = {'encoder': set(), 'decoder': set()}
+  for path in shapes:
+    m = _LAYER_RE.match(path)
+    if m:
+      layers[m.group(1)].add(int(m.group(2)))
+  for stack, idx in layers.items():
+    fields[f'num_{stack}_layers'] = max(idx) + 1 if idx else 0
+  relpos = shapes.get('encoder/relpos_bias/rel_embedding') or shapes.get(
+      'decoder/relpos_bias/rel_embedding'
+  )
+  if relpos is not None:
+    fields['num_heads'], fields['relative_attention_num_buckets'] = relpos[0], relpos[1]
+  query = next((shapes[p] for p in _QUERY_PATHS if p in shapes), None)
+  if query is not None and len(query) == 3:
+    fields['num_heads'], fields['head_dim'] = query[1], query[2]
+  elif query is not None and fields.get('num_heads') and query[1] % fields['num_heads'] == 0:
+    fields['head_dim'] = query[1] // fields['num_heads']
+  for prefix in _MLP_PREFIXES:
+    if prefix + 'wi_0/kernel' in shapes:
+      fields['mlp_dim'] = shapes[prefix + 'wi_0/kernel'][-1]
+      n_wi = len({p[len(prefix) :].split('/')[0] for p in shapes if p.startswith(prefix + 'wi_')})
+      fields['mlp_activations'] = ('gelu', 'linear') if n_wi == 2 else ('gelu',) * n_wi
+      break
+    if prefix + 'wi/kernel' in shapes:
+      fields['mlp_dim'] = shapes[prefix + 'wi/kernel'][-1]
+      fields['mlp_activations'] = ('relu',)
+      break
+  if any(p.startswith('decoder/') for p in shapes):
+    fields['logits_via_embedding'] = 'decoder/logits_dense/kernel' not in shapes
+  return fields
+
+
+def _norm(value: Any) -> Any:
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def config_from_shapes(
+    params_or_shapes: Mapping[str, Any],
+    preset: Optional[str] = None,
+    head_dim: int = 64,
+    **overrides: Any,
+) -> T5Config:
+  """A `T5Config` for an encoder-decoder parameter tree: preset, inferred shapes, overrides.
+
+  Without `preset`, the T5 1.1 base preset (gated MLP) or the T5 1.0 base preset (ReLU MLP)
+  supplies what shapes cannot tell (dropout, maximum relative distance, ...) and every shape field
+  is inferred (`config_fields_from_shapes`); the head count comes from the relative-position
+  embedding, else from `head_dim` (default 64). With a `preset`, its values are used and checked
+  against the shapes: a mismatch is an error naming every disagreeing field. `overrides` are
+  applied last and are not checked.
+
+  Args:
+    params_or_shapes: see `config_fields_from_shapes`.
+    preset: a `get_config` preset name.
+    head_dim: head size assumed when nothing in the tree fixes it.
+    **overrides: T5Config fields to set.
+
+  Raises:
+    ValueError: the tree is not a T5 encoder-decoder, or its shapes contradict themselves or the
+      preset.
+  """
+  shapes = param_shapes(params_or_shapes)
+  if 'token_embedder/embedding' not in shapes or not any(k.startswith('encoder/') for k in shapes):
+    raise ValueError(
+        'Cannot infer a T5 configuration: the parameters have no "token_embedder/embedding" or no '
+        f'"encoder/..." (is this a T5 encoder-decoder checkpoint?). Some names: {sorted(shapes)[:5]}.'
+    )
+  fields = config_fields_from_shapes(shapes)
+  width = _attention_width(shapes)
+  if width and 'num_heads' in fields and 'head_dim' not in fields:
+    raise ValueError(
+        f'Attention width {width} is not a multiple of the {fields["num_heads"]} heads given by '
+        'the relative-position embedding.'
+    )
+  heads_known = 'head_dim' in fields
+  if preset is None:
+    if not heads_known and width:
+      hd = overrides.get('head_dim', head_dim)
+      if 'num_heads' in overrides:
+        hd = width // overrides['num_heads']
+      if width % hd:
+        raise ValueError(
+            f'Attention width {width} is not a multiple of head_dim {hd}; pass head_dim/num_heads '
+            'or a --config preset.'
+        )
+      fields['num_heads'], fields['head_dim'] = width // hd, hd
+    gated = len(fields.get('mlp_activations', ('gelu', 'linear'))) > 1
+    config = dataclasses.replace(get_config('t5_1_1_base' if gated else 't5_1_0_base'), **fields)
+  else:
+    config = get_config(preset)
+    mismatches = []
+    for name, value in fields.items():
+      if name in overrides:
+        continue
+      have = getattr(config, name, None)
+      if name == 'mlp_activations':  # Spellings vary; gating must agree.
+        same = len(_norm(have)) == len(_norm(value))
+      else:
+        same = _norm(have) == _norm(value)
+      if not same:
+        mismatches.append(f'{name}: preset {have!r}, checkpoint {value!r}')
+    if not heads_known and width and not ('num_heads' in overrides or 'head_dim' in overrides):
+      if config.num_heads * config.head_dim != width:
+        mismatches.append(
+            f'num_heads*head_dim: preset {config.num_heads}*{config.head_dim}, checkpoint '
+            f'attention width {width}'
+        )
+    if mismatches:
+      raise ValueError(
+          f'The checkpoint does not match preset {preset!r}: '
+          + '; '.join(mismatches)
+          + '. Pick a matching preset, or omit it to infer the configuration from the shapes.'
+      )
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  return config
+
+
+def _matching_presets(fields: Mapping[str, Any], width: Optional[int]) -> list:
   out = []
   for name, cfg in PRESETS.items():
     if name == 'tiny':
       continue
     if (
-        info.get('emb_dim') == cfg.emb_dim
-        and info.get('mlp_dim') == cfg.mlp_dim
-        and info.get('inner_dim') in (None, cfg.num_heads * cfg.head_dim)
-        and info.get('num_encoder_layers') in (0, cfg.num_encoder_layers)
-        and info.get('vocab_size') == cfg.vocab_size
-        and info.get('gated') == (len(cfg.mlp_activations) > 1)
+        fields.get('emb_dim') == cfg.emb_dim
+        and fields.get('mlp_dim') == cfg.mlp_dim
+        and width in (None, cfg.num_heads * cfg.head_dim)
+        and fields.get('num_encoder_layers') in (0, cfg.num_encoder_layers)
+        and fields.get('vocab_size') == cfg.vocab_size
+        and (len(fields.get('mlp_activations', ())) > 1) == (len(cfg.mlp_activations) > 1)
     ):
       out.append(name)
   return out
@@ -1085,10 +1240,14 @@ def check_params(
   if expected == found:
     return
 
-  info = _describe(found)
-  presets = _matching_presets(info)
+  info = config_fields_from_shapes(found)
+  width = _attention_width(found)
+  presets = _matching_presets(info, width)
   preset_hint = f' The {what} matches preset(s) {", ".join(presets)}.' if presets else ''
   cfg_gated = len(config.mlp_activations) > 1
+  found_gated = len(info.get('mlp_activations', ())) > 1
+  found_relu = tuple(info.get('mlp_activations', ())) == ('relu',)
+  found_logits_dense = 'decoder/logits_dense/kernel' in found
   mismatched, missing, unexpected = [], [], []
   for path in list(expected) + [p for p in found if p not in expected]:  # model order
     exp, got = expected.get(path), found.get(path)
@@ -1114,16 +1273,16 @@ def check_params(
         'vocabulary.'
     )
   if (
-      (info['gated'] and not cfg_gated)
-      or (info['relu_style'] and cfg_gated)
+      (found_gated and not cfg_gated)
+      or (found_relu and cfg_gated)
       or (
-          info['logits_dense'] == config.logits_via_embedding
+          found_logits_dense == config.logits_via_embedding
           and any(p.startswith('decoder/') for p in found)
       )
   ):
     ckpt_kind = (
         'T5 1.1-style (gated-GELU wi_0/wi_1, separate logits_dense)'
-        if info['gated'] or info['logits_dense']
+        if found_gated or found_logits_dense
         else 'T5 1.0-style (ReLU wi, logits tied to the embedding)'
     )
     cfg_kind = (
@@ -1136,6 +1295,7 @@ def check_params(
         f'{cfg_kind}; use a t5_1_0_* preset for T5 1.0 checkpoints and t5_1_1_* / '
         'mt5_* for T5 1.1, LM-adapted and mT5 checkpoints.'
     )
+  info['inner_dim'] = width
   size_fields = [
       ('emb_dim', config.emb_dim),
       ('mlp_dim', config.mlp_dim),

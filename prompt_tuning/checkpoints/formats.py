@@ -1,4 +1,4 @@
-"""Tells checkpoint formats apart and loads parameters from any of them.
+"""The one checkpoint reader: tells formats apart once and loads parameters from any of them.
 
 Formats:
 
@@ -11,16 +11,29 @@ Formats:
   :mod:`prompt_tuning.checkpoints.huggingface`.
 * ``'orbax'``: a directory with Orbax metadata (``_CHECKPOINT_METADATA``,
   ``_METADATA`` or ``manifest.ocdbt``, directly or in an item subdirectory such
-  as ``state/``); the runtime's own checkpoints
-  (:mod:`prompt_tuning.runtime.checkpoints`).
+  as ``state/``). The ones this project writes
+  (``MODEL_DIR/checkpoint_<step>`` with ``prompt_tuning_checkpoint.json``,
+  written by the runtime's ``save_checkpoint``) are read by
+  :mod:`prompt_tuning.checkpoints.orbax_format`; others are refused with an
+  explanation.
+
+A model directory holding ``checkpoint_<step>`` subdirectories (T5X's or ours)
+stands for its latest complete checkpoint.
+
+:func:`resolve` does the detection (once) and returns a :class:`Checkpoint`;
+:func:`load_params` and :func:`read_step` accept a path or that
+:class:`Checkpoint`, so a caller that needs several things from one checkpoint
+detects its format once.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence, Union
 
+from prompt_tuning import fs
+from prompt_tuning.checkpoints import orbax_format
 from prompt_tuning.checkpoints import t5x_format
 
 Format = Literal['t5x', 'huggingface', 'orbax']
@@ -31,15 +44,39 @@ HF_WEIGHT_FILES = (
     'pytorch_model.bin',
     'pytorch_model.bin.index.json',
 )
-ORBAX_MARKERS = t5x_format._ORBAX_MARKERS  # pylint: disable=protected-access
+ORBAX_MARKERS = orbax_format.ORBAX_MARKERS
+_STEP_DIR_RE = re.compile(r'^checkpoint_(\d+)$')
 
-# pylint: disable=protected-access
-_exists = t5x_format._exists
-_isdir = t5x_format._isdir
-_isfile = t5x_format._isfile
-_join = t5x_format._join
-_listdir = t5x_format._listdir
-# pylint: enable=protected-access
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A located checkpoint whose format is known (what :func:`resolve` returns).
+
+  Attributes:
+    path: the checkpoint itself: a ``checkpoint_<step>`` or Hugging Face
+      directory (a model directory is resolved to its latest checkpoint, a T5X
+      ``checkpoint`` file to its directory).
+    format: ``'t5x'``, ``'huggingface'`` or ``'orbax'``.
+    requested: the path the caller gave.
+  """
+
+  path: str
+  format: Format
+  requested: str
+
+  @property
+  def is_ours(self) -> bool:
+    """Whether this is a complete orbax checkpoint written by this project."""
+    return self.format == 'orbax' and orbax_format.is_complete_checkpoint(self.path)
+
+
+PathOrCheckpoint = Union[str, Checkpoint]
+
+
+def is_temporary_path(path: str) -> bool:
+  """Whether `path` is the directory of an unfinished save (T5X's ``.tmp-<n>`` or ours ``.tmp``)."""
+  name = fs.basename(path)
+  return t5x_format.is_temporary_path(path) or bool(orbax_format.TMP_DIR_RE.match(name))
 
 
 def _is_t5x_file(checkpoint_file: str) -> bool:
@@ -48,280 +85,172 @@ def _is_t5x_file(checkpoint_file: str) -> bool:
 
 def _detect_dir(directory: str) -> Format | None:
   """Format of `directory` itself, or None."""
-  ckpt_file = _join(directory, t5x_format.CHECKPOINT_FILENAME)
-  if _isfile(ckpt_file) and _is_t5x_file(ckpt_file):
+  ckpt_file = fs.join(directory, t5x_format.CHECKPOINT_FILENAME)
+  if fs.isfile(ckpt_file) and _is_t5x_file(ckpt_file):
     return 't5x'
-  entries = set(_listdir(directory))
+  entries = set(fs.listdir(directory))
   if 'config.json' in entries and any(f in entries for f in HF_WEIGHT_FILES):
     return 'huggingface'
-  if t5x_format._has_orbax_metadata(directory):  # pylint: disable=protected-access
+  if orbax_format.METADATA_FILE in entries or orbax_format.has_orbax_metadata(directory):
     return 'orbax'
   return None
 
 
-def detect_format(path: str) -> Format:
-  """Returns ``'t5x'``, ``'huggingface'`` or ``'orbax'`` for a checkpoint path.
+def _latest_step_dir(model_dir: str) -> str | None:
+  """The complete ``checkpoint_<step>`` (T5X's or ours) with the highest step, or None."""
+  steps = {step: 't5x' for step in t5x_format.checkpoint_steps(model_dir)}
+  steps.update({step: 'orbax' for step in orbax_format.checkpoint_steps(model_dir)})
+  if not steps:
+    return None
+  return fs.join(model_dir, f'checkpoint_{max(steps)}')
+
+
+def resolve(path: PathOrCheckpoint) -> Checkpoint:
+  """Locates the checkpoint at `path` and detects its format (the one place that does).
 
   Args:
     path: a checkpoint directory (local or URL), the ``checkpoint`` file of a
-      T5X checkpoint, or a model directory whose latest ``checkpoint_<step>``
-      subdirectory is a checkpoint.
+      T5X checkpoint, or a model directory whose latest complete
+      ``checkpoint_<step>`` subdirectory is a checkpoint. A :class:`Checkpoint`
+      is returned as it is.
+
+  Returns:
+    The :class:`Checkpoint`.
 
   Raises:
     FileNotFoundError: `path` does not exist.
     ValueError: `path` is none of the known formats (the message names what
-      was looked for), or is an unfinished ``.tmp-`` save.
+      was looked for), or is an unfinished ``.tmp`` save.
   """
-  path = os.fspath(path)
-  if t5x_format.is_temporary_path(path):
+  if isinstance(path, Checkpoint):
+    return path
+  requested = str(path)
+  path = fs.abspath(requested)
+  if is_temporary_path(path):
     raise ValueError(
-        f'{path} is the temporary directory of an unfinished (interrupted) '
-        'save, not a complete checkpoint.'
+        f'{path} is the temporary directory of an unfinished (interrupted) save, not a complete '
+        'checkpoint. Use the checkpoint without the ".tmp" suffix, or an earlier one.'
     )
-  if not _exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
-  if not _isdir(path):
-    if os.path.basename(path.rstrip('/')) == t5x_format.CHECKPOINT_FILENAME and _is_t5x_file(path):
-      return 't5x'
+  if not fs.isdir(path):
+    if fs.basename(path) == t5x_format.CHECKPOINT_FILENAME and _is_t5x_file(path):
+      return Checkpoint(fs.dirname(path), 't5x', requested)
     raise ValueError(
-        f'Cannot detect the checkpoint format of file {path}: expected a T5X '
-        '"checkpoint" msgpack file with top-level keys {version, optimizer}, '
-        'or a directory.'
+        f'Cannot detect the checkpoint format of file {path}: expected a T5X "checkpoint" '
+        'msgpack file with top-level keys {version, optimizer}, or a directory.'
     )
   fmt = _detect_dir(path)
   if fmt is not None:
-    return fmt
-  steps = t5x_format.checkpoint_steps(path)
-  if steps:
-    fmt = _detect_dir(_join(path, f'checkpoint_{steps[-1]}'))
+    return Checkpoint(path, fmt, requested)
+  latest = _latest_step_dir(path)
+  if latest is not None:
+    fmt = _detect_dir(latest)
     if fmt is not None:
-      return fmt
-  raise ValueError(
-      f'Cannot detect the checkpoint format of {path}. Looked for: a T5X '
-      'legacy checkpoint (a "checkpoint" msgpack file with top-level keys '
-      '{version, optimizer}, here or in the latest checkpoint_<step>/); a '
-      'Hugging Face T5 directory (config.json plus one of '
-      f'{", ".join(HF_WEIGHT_FILES)}); an Orbax checkpoint (one of '
-      f'{", ".join(ORBAX_MARKERS)}, here or one level down).'
+      return Checkpoint(latest, fmt, requested)
+  entries = fs.listdir(path)
+  ignored = [e for e in entries if is_temporary_path(e) or _STEP_DIR_RE.match(e)]
+  extra = (
+      f' Ignored as incomplete (unfinished or interrupted saves): {", ".join(ignored)}.'
+      if ignored
+      else ''
   )
+  raise ValueError(
+      f'Cannot detect the checkpoint format of {path}. Looked for: a T5X legacy checkpoint (a '
+      '"checkpoint" msgpack file with top-level keys {version, optimizer}, here or in the latest '
+      'checkpoint_<step>/); a Hugging Face T5 directory (config.json plus one of '
+      f'{", ".join(HF_WEIGHT_FILES)}); a checkpoint of this project ({orbax_format.METADATA_FILE}, '
+      'here or in the latest checkpoint_<step>/); an Orbax checkpoint (one of '
+      f'{", ".join(ORBAX_MARKERS)}, here or one level down).{extra}'
+  )
+
+
+def detect_format(path: PathOrCheckpoint) -> Format:
+  """Returns ``'t5x'``, ``'huggingface'`` or ``'orbax'`` for a checkpoint path (see :func:`resolve`)."""
+  return resolve(path).format
 
 
 def load_params(
-    path: str, variables: str | Sequence[str] | None = None, *, dtype: Any | None = None
+    path: PathOrCheckpoint,
+    variables: str | Sequence[str] | None = None,
+    *,
+    dtype: Any | None = None,
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
-  """Loads parameters (flaxformer names) from a T5X or Hugging Face checkpoint.
+  """Loads parameters (flaxformer names) from a checkpoint of any supported format.
+
+  For this project's orbax checkpoints these are the parameters that were
+  trained (the prompt, or every parameter for model tuning).
 
   Args:
-    path: checkpoint path; the format is detected with :func:`detect_format`.
-    variables: optional selection (paths, subtree prefixes or regexes; see
-      :func:`t5x_format.select_variables`). For T5X checkpoints the other
-      arrays are not read.
+    path: a checkpoint path (see :func:`resolve`) or a resolved
+      :class:`Checkpoint`.
+    variables: optional selection: ``/``-joined paths, subtree prefixes or
+      regexes (see :func:`t5x_format.select_variables`). For T5X and orbax
+      checkpoints the other arrays are not read.
     dtype: optional dtype for floating-point leaves.
+    missing_ok: entries of `variables` that select nothing are skipped instead
+      of raising.
 
   Returns:
-    Nested dict of arrays.
+    Nested dict of numpy arrays (``{}`` when `variables` selects nothing).
 
   Raises:
-    NotImplementedError: for Orbax checkpoints (use
-      ``prompt_tuning.runtime.checkpoints``).
+    FileNotFoundError: nothing at `path`.
+    ValueError: unknown format; an orbax checkpoint this project did not
+      (completely) write.
+    t5x_format.UnknownVariableError: a requested variable is not there.
   """
-  fmt = detect_format(path)
-  if fmt == 't5x':
-    return t5x_format.load(path, variables, dtype=dtype)
-  if fmt == 'huggingface':
-    from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+  ckpt = resolve(path)
+  if variables is not None and not isinstance(variables, str) and not list(variables):
+    return {}
+  if ckpt.format == 't5x':
+    return t5x_format.load(ckpt.path, variables, dtype=dtype, missing_ok=missing_ok)
+  if ckpt.format == 'orbax':
+    if not ckpt.is_ours:
+      raise orbax_format.IncompleteCheckpointError(orbax_format.incomplete_message(ckpt.path))
+    return orbax_format.load(ckpt.path, variables, dtype=dtype, missing_ok=missing_ok)
+  from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
-    _, params = huggingface.load_t5(path)
-    flat = t5x_format.flatten_params(params)
-    if variables is not None:
-      flat = {n: flat[n] for n in t5x_format.select_variables(flat, variables)}
-    if dtype is not None:
-      flat = {n: _cast_any(v, dtype) for n, v in flat.items()}
-    return t5x_format.unflatten_params(flat)
-  raise NotImplementedError(
-      f'{path} is an Orbax checkpoint; restore it with '
-      'prompt_tuning.runtime.checkpoints (which owns the Orbax layout), not '
-      'with load_params.'
-  )
+  _, params = huggingface.load_t5(ckpt.path)
+  return _select(params, variables, dtype, missing_ok)
 
 
-def _cast_any(x: Any, dtype: Any) -> Any:
-  """Casts floating-point numpy / jax arrays to `dtype`; others unchanged."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def _select(
+    params: Mapping[str, Any],
+    variables: str | Sequence[str] | None,
+    dtype: Any | None,
+    missing_ok: bool,
+) -> dict[str, Any]:
+  from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
 
-  if not hasattr(x, 'dtype') or not t5x_format._is_float_dtype(x.dtype):  # pylint: disable=protected-access
-    return x
-  if isinstance(x, np.ndarray):
-    return x.astype(np.dtype(dtype))
-  return x.astype(dtype)
-
-
-# ----------------------------------------------------------------------------
-# T5 configuration from parameter shapes.
-# ----------------------------------------------------------------------------
-
-_LAYER_RE = re.compile(r'^(encoder|decoder)/layers_(\d+)/')
+  flat = params_lib.flatten_params(params)
+  if variables is not None:
+    flat = {n: flat[n] for n in t5x_format.select_variables(flat, variables, missing_ok=missing_ok)}
+  if dtype is not None:
+    flat = {n: t5x_format.cast(v, dtype) for n, v in flat.items()}
+  return params_lib.unflatten_params(flat)
 
 
-def _shapes(params_or_shapes: Any) -> dict[str, tuple[int, ...]]:
-  """``{'a/b': shape}`` from a nested param tree or a flat name->shape map."""
-  flat = (
-      params_or_shapes
-      if all(isinstance(k, str) and '/' in k for k in params_or_shapes) and params_or_shapes
-      else t5x_format.flatten_params(params_or_shapes)
-  )
-  out = {}
-  for k, v in flat.items():
-    if hasattr(v, 'shape'):
-      out[k] = tuple(int(d) for d in v.shape)
-    elif isinstance(v, (tuple, list)) and v and isinstance(v[0], (tuple, list)):
-      out[k] = tuple(int(d) for d in v[0])  # list_variables: (shape, dtype).
-    elif isinstance(v, (tuple, list)):
-      out[k] = tuple(int(d) for d in v)
-  return out
-
-
-def infer_t5_shape_fields(params_or_shapes: Any) -> dict[str, Any]:
-  """Infers the T5Config fields that parameter shapes determine.
-
-  Args:
-    params_or_shapes: a nested parameter tree (flaxformer names), a flat
-      ``{'a/b': array}`` dict, a flat ``{'a/b': shape}`` dict, or the output of
-      :func:`t5x_format.list_variables`.
-
-  Returns:
-    A dict with some of ``vocab_size, emb_dim, num_heads, head_dim, mlp_dim,
-    num_encoder_layers, num_decoder_layers, mlp_activations,
-    logits_via_embedding, relative_attention_num_buckets``. ``num_heads`` and
-    ``head_dim`` are only present when a relative-position embedding (or a 3-D
-    attention kernel) determines them.
-
-  Raises:
-    ValueError: the tree is not a T5 encoder-decoder (no embedding/encoder).
-  """
-  shapes = _shapes(params_or_shapes)
-  emb = shapes.get('token_embedder/embedding')
-  if emb is None or not any(k.startswith('encoder/') for k in shapes):
-    raise ValueError(
-        'Cannot infer a T5 configuration: the parameters have no '
-        '"token_embedder/embedding" or no "encoder/..." (is this a T5 '
-        f'encoder-decoder checkpoint?). Some names: {sorted(shapes)[:5]}.'
-    )
-  fields: dict[str, Any] = {'vocab_size': emb[0], 'emb_dim': emb[1]}
-  layers = {'encoder': set(), 'decoder': set()}
-  for k in shapes:
-    m = _LAYER_RE.match(k)
-    if m:
-      layers[m.group(1)].add(int(m.group(2)))
-  fields['num_encoder_layers'] = len(layers['encoder'])
-  fields['num_decoder_layers'] = len(layers['decoder'])
-  relpos = shapes.get('encoder/relpos_bias/rel_embedding') or shapes.get(
-      'decoder/relpos_bias/rel_embedding'
-  )
-  query = shapes.get('encoder/layers_0/attention/query/kernel')
-  if relpos is not None:
-    fields['num_heads'] = relpos[0]
-    fields['relative_attention_num_buckets'] = relpos[1]
-  if query is not None and len(query) == 3:
-    fields['num_heads'], fields['head_dim'] = query[1], query[2]
-  elif query is not None and 'num_heads' in fields:
-    if query[1] % fields['num_heads']:
-      raise ValueError(
-          f'Attention width {query[1]} is not a multiple of the '
-          f'{fields["num_heads"]} heads given by the relative-position '
-          'embedding.'
-      )
-    fields['head_dim'] = query[1] // fields['num_heads']
-  mlp_prefix = 'encoder/layers_0/mlp/'
-  if mlp_prefix + 'wi_0/kernel' in shapes:
-    fields['mlp_dim'] = shapes[mlp_prefix + 'wi_0/kernel'][-1]
-    n_wi = len([k for k in shapes if k.startswith(mlp_prefix + 'wi_')])
-    fields['mlp_activations'] = (
-        ('gelu', 'linear') if n_wi == 2 else tuple('gelu' for _ in range(n_wi))
-    )
-  elif mlp_prefix + 'wi/kernel' in shapes:
-    fields['mlp_dim'] = shapes[mlp_prefix + 'wi/kernel'][-1]
-    fields['mlp_activations'] = ('relu',)
-  fields['logits_via_embedding'] = 'decoder/logits_dense/kernel' not in shapes
-  return fields
-
-
-def _norm(value: Any) -> Any:
-  return tuple(value) if isinstance(value, (list, tuple)) else value
+def read_step(path: PathOrCheckpoint) -> int | None:
+  """The training step a checkpoint records (T5X, ours), or None (Hugging Face). No array is read."""
+  ckpt = resolve(path)
+  if ckpt.format == 't5x':
+    return t5x_format.read_step(ckpt.path)
+  if ckpt.format == 'orbax' and ckpt.is_ours:
+    step = orbax_format.read_metadata(ckpt.path).get('step')
+    return None if step is None else int(step)
+  return None
 
 
 def infer_t5_config(
     params_or_shapes: Any, preset: str | None = None, head_dim: int = 64, **overrides: Any
 ) -> Any:
-  """A ``T5Config`` for a parameter tree: preset, inferred shapes, overrides.
+  """A ``T5Config`` for a parameter tree (see ``architectures.t5.config_from_shapes``).
 
-  Without `preset`, the T5 1.1 base preset (gated MLP) or T5 1.0 base preset
-  (ReLU MLP) supplies what shapes cannot tell (dropout, maximum relative
-  distance, ...) and every shape field is inferred; the head count comes from
-  the relative-position embedding, else from `head_dim` (default 64). With a
-  `preset`, its values are used and checked against the shapes: a mismatch is
-  an error naming every disagreeing field. `overrides` are applied last and
-  are not checked.
-
-  Args:
-    params_or_shapes: see :func:`infer_t5_shape_fields`.
-    preset: a ``prompt_tuning.architectures.t5.get_config`` preset name.
-    head_dim: head size assumed when nothing in the tree fixes it.
-    **overrides: T5Config fields to set.
-
-  Returns:
-    A ``prompt_tuning.architectures.t5.T5Config``.
-
-  Raises:
-    ValueError: shapes contradict the preset, or the tree is not a T5
-      encoder-decoder.
+  Kept here for the conversion script and older callers; the shape reading lives
+  next to the config in :mod:`prompt_tuning.architectures.t5`.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
 
-  fields = infer_t5_shape_fields(params_or_shapes)
-  heads_known = 'head_dim' in fields
-  width = _shapes(params_or_shapes).get('encoder/layers_0/attention/query/kernel', (0, 0))[1]
-  if preset is None:
-    if not heads_known and width:
-      hd = overrides.get('head_dim', head_dim)
-      if 'num_heads' in overrides:
-        hd = width // overrides['num_heads']
-      if width % hd:
-        raise ValueError(
-            f'Attention width {width} is not a multiple of head_dim {hd}; '
-            'pass head_dim/num_heads or a --config preset.'
-        )
-      fields['num_heads'], fields['head_dim'] = width // hd, hd
-    gated = len(fields.get('mlp_activations', ('gelu', 'linear'))) > 1
-    config = t5.get_config('t5_1_1_base' if gated else 't5_1_0_base')
-    config = dataclasses.replace(config, **fields)
-  else:
-    config = t5.get_config(preset)
-    mismatches = []
-    for name, value in fields.items():
-      if name in overrides:
-        continue
-      have = getattr(config, name, None)
-      if name == 'mlp_activations':  # Spellings vary; gating must agree.
-        same = len(_norm(have)) == len(_norm(value))
-      else:
-        same = _norm(have) == _norm(value)
-      if not same:
-        mismatches.append(f'{name}: preset {have!r}, checkpoint {value!r}')
-    if not heads_known and width and not ('num_heads' in overrides or 'head_dim' in overrides):
-      if config.num_heads * config.head_dim != width:
-        mismatches.append(
-            f'num_heads*head_dim: preset {config.num_heads}*'
-            f'{config.head_dim}, checkpoint attention width {width}'
-        )
-    if mismatches:
-      raise ValueError(
-          f'The checkpoint does not match preset {preset!r}: '
-          + '; '.join(mismatches)
-          + '. Pick a matching preset, or omit it to '
-          'infer the configuration from the shapes.'
-      )
-  if overrides:
-    config = dataclasses.replace(config, **overrides)
-  return config
+  return t5.config_from_shapes(params_or_shapes, preset, head_dim, **overrides)

@@ -49,6 +49,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from prompt_tuning import fs
+from prompt_tuning import params as params_lib
 from prompt_tuning.architectures import t5
 
 T5Config = t5.T5Config
@@ -235,8 +237,7 @@ def _np_dtype(code: str) -> np.dtype:
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   """Reads a `.safetensors` file into numpy (floating tensors as float32; bf16 supported)."""
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = fs.read_bytes(path)
   (header_len,) = struct.unpack('<Q', data[:8])
   header = json.loads(data[8 : 8 + header_len])
   base = 8 + header_len
@@ -267,7 +268,12 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
         f'{path} is a PyTorch checkpoint and reading it needs torch: `pip install torch` (CPU '
         'build is enough), or convert the checkpoint to model.safetensors.'
     ) from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  if fs.is_remote(path):
+    import io  # pylint: disable=g-import-not-at-top
+
+    state = torch.load(io.BytesIO(fs.read_bytes(path)), map_location='cpu', weights_only=True)
+  else:
+    state = torch.load(fs.abspath(path), map_location='cpu', weights_only=True)
   out = {}
   for name, tensor in state.items():
     if tensor.is_floating_point():
@@ -279,7 +285,7 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads all tensors of a transformers checkpoint directory (or a single weights file)."""
-  if os.path.isfile(path):
+  if fs.isfile(path):
     return read_safetensors(path) if path.endswith('.safetensors') else _read_torch(path)
   candidates = [
       (SAFETENSORS_NAME, read_safetensors),
@@ -288,17 +294,16 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
       (PYTORCH_INDEX_NAME, None),
   ]
   for name, reader in candidates:
-    full = os.path.join(path, name)
-    if not os.path.exists(full):
+    full = fs.join(path, name)
+    if not fs.exists(full):
       continue
     if reader is not None:
       return reader(full)
-    with open(full) as f:
-      weight_map = json.load(f)['weight_map']
+    weight_map = json.loads(fs.read_text(full))['weight_map']
     shard_reader = read_safetensors if name == SAFETENSORS_INDEX_NAME else _read_torch
     out = {}
     for shard in sorted(set(weight_map.values())):
-      out.update(shard_reader(os.path.join(path, shard)))
+      out.update(shard_reader(fs.join(path, shard)))
     return out
   raise FileNotFoundError(
       f'No transformers weights in {path!r}: expected one of {SAFETENSORS_NAME}, '
@@ -436,12 +441,12 @@ def state_dict_to_params(
         f'{" ..." if len(unexpected) > 8 else ""}; the checkpoint does not match its '
         f'config.json (more layers or a different architecture?).{hint}'
     )
-  return t5.unflatten_params(flat)
+  return params_lib.unflatten_params(flat)
 
 
 def params_to_state_dict(params: Mapping[str, Any], config: T5Config) -> Dict[str, np.ndarray]:
   """Inverse of `state_dict_to_params`: flaxformer-named params -> HF tensors (float32)."""
-  flat = t5.flatten_params(params)
+  flat = params_lib.flatten_params(params)
   sd = {}
   for hf_name, path, transpose in name_mapping(config):
     arr = np.asarray(flat[path], dtype=np.float32)
@@ -459,11 +464,10 @@ def params_to_state_dict(params: Mapping[str, Any], config: T5Config) -> Dict[st
 
 def read_hf_config(path: str) -> Dict[str, Any]:
   """Parses `<path>/config.json`."""
-  cfg_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.exists(cfg_path):
+  cfg_path = fs.join(path, CONFIG_NAME)
+  if not fs.exists(cfg_path):
     raise FileNotFoundError(f'{cfg_path} not found: {path!r} is not a transformers T5 directory.')
-  with open(cfg_path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(cfg_path))
 
 
 def load_t5(
@@ -510,15 +514,27 @@ def load_t5(
 def save_t5(path: str, config: T5Config, params: Mapping[str, Any]) -> None:
   """Writes `config.json`, `generation_config.json` and `model.safetensors` for transformers.
 
-  Prompt parameters (if any) are not exported. The weights are float32.
+  Prompt parameters (if any) are not exported. The weights are float32. Each file is written to a
+  temporary sibling and renamed into place, weights first and `config.json` last, so an
+  interrupted save never leaves a truncated file (other files in `path` are kept).
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
 
   t5.check_params(config, params, what='parameter tree')
-  os.makedirs(path, exist_ok=True)
+  fs.makedirs(path)
   sd = params_to_state_dict(params, config)
-  save_file(sd, os.path.join(path, SAFETENSORS_NAME), metadata={'format': 'pt'})
-  with open(os.path.join(path, CONFIG_NAME), 'w') as f:
-    json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
-  with open(os.path.join(path, GENERATION_CONFIG_NAME), 'w') as f:
-    json.dump({'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}, f, indent=2)
+  weights = fs.join(path, SAFETENSORS_NAME)
+  if fs.is_remote(path):
+    fs.write_bytes(weights, safetensors_numpy.save(sd, metadata={'format': 'pt'}))
+  else:
+    tmp = f'{fs.abspath(weights)}.tmp-{os.getpid()}'
+    try:
+      safetensors_numpy.save_file(sd, tmp, metadata={'format': 'pt'})
+      fs.rename(tmp, weights, overwrite=True)
+    finally:
+      fs.remove(tmp, missing_ok=True)
+  generation = {'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
+  fs.write_text(fs.join(path, GENERATION_CONFIG_NAME), json.dumps(generation, indent=2))
+  fs.write_text(
+      fs.join(path, CONFIG_NAME), json.dumps(config_to_hf(config), indent=2, sort_keys=True)
+  )

@@ -27,8 +27,10 @@ Public functions:
 * :func:`find_checkpoint`: resolves a checkpoint file, checkpoint directory or
   model directory (latest ``checkpoint_<step>``) to a checkpoint directory.
 
-Local paths and ``gs://`` URLs are supported (``gs://`` through ``tf.io.gfile``
-for the msgpack file and TensorStore's ``gcs`` driver for the arrays).
+Local paths and ``gs://`` URLs are supported (files through
+:mod:`prompt_tuning.fs`, arrays through TensorStore's ``file`` and ``gcs``
+drivers). To read a checkpoint whose format is not known in advance, use
+:func:`prompt_tuning.checkpoints.formats.load_params`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from prompt_tuning import fs
+from prompt_tuning import params as params_lib
+
 VERSION = 3
 CHECKPOINT_FILENAME = 'checkpoint'
 # Largest chunk T5X writes (``_choose_chunk_shape``): 64 MiB.
@@ -57,7 +62,6 @@ _MAX_INFLIGHT_BYTES = 1 << 30
 _TMP_RE = re.compile(r'\.tmp-\d+$')
 _STEP_DIR_RE = re.compile(r'^checkpoint_(\d+)$')
 _ZARR_DRIVERS = ('zarr', 'zarr2', 'zarr3', 'n5')
-_ORBAX_MARKERS = ('_CHECKPOINT_METADATA', '_METADATA', 'manifest.ocdbt')
 
 Params = dict[str, Any]
 
@@ -73,112 +77,9 @@ class UnknownVariableError(CheckpointError, KeyError):
     return str(self.args[0]) if self.args else ''
 
 
-# ----------------------------------------------------------------------------
-# File system helpers: os for local paths, tf.io.gfile for URLs (gs://, ...).
-# ----------------------------------------------------------------------------
-
-
-def _is_remote(path: str) -> bool:
-  return '://' in str(path)
-
-
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  return tf.io.gfile
-
-
-def _join(*parts: str) -> str:
-  if _is_remote(parts[0]):
-    out = parts[0].rstrip('/')
-    for p in parts[1:]:
-      out = f'{out}/{p.strip("/")}'
-    return out
-  return os.path.join(*parts)
-
-
-def _basename(path: str) -> str:
-  return str(path).rstrip('/').rsplit('/', 1)[-1]
-
-
-def _dirname(path: str) -> str:
-  path = str(path).rstrip('/')
-  if _is_remote(path):
-    return path.rsplit('/', 1)[0]
-  return os.path.dirname(path)
-
-
-def _exists(path: str) -> bool:
-  return _gfile().exists(path) if _is_remote(path) else os.path.exists(path)
-
-
-def _isdir(path: str) -> bool:
-  return _gfile().isdir(path) if _is_remote(path) else os.path.isdir(path)
-
-
-def _isfile(path: str) -> bool:
-  if _is_remote(path):
-    gf = _gfile()
-    return gf.exists(path) and not gf.isdir(path)
-  return os.path.isfile(path)
-
-
-def _listdir(path: str) -> list[str]:
-  if _is_remote(path):
-    return [p.rstrip('/') for p in _gfile().listdir(path)]
-  return os.listdir(path)
-
-
-def _read_bytes(path: str) -> bytes:
-  if _is_remote(path):
-    with _gfile().GFile(path, 'rb') as f:
-      return f.read()
-  with open(path, 'rb') as f:
-    return f.read()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  if _is_remote(path):
-    with _gfile().GFile(path, 'wb') as f:
-      f.write(data)
-    return
-  with open(path, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _makedirs(path: str) -> None:
-  if _is_remote(path):
-    _gfile().makedirs(path)
-  else:
-    os.makedirs(path, exist_ok=True)
-
-
-def _rmtree(path: str) -> None:
-  if _is_remote(path):
-    _gfile().rmtree(path)
-  else:
-    import shutil  # pylint: disable=g-import-not-at-top
-
-    shutil.rmtree(path)
-
-
-def _rename(src: str, dst: str) -> None:
-  if _is_remote(src):
-    _gfile().rename(src, dst)
-  else:
-    os.rename(src, dst)
-
-
-def _abspath(path: str) -> str:
-  path = os.fspath(path)
-  return path.rstrip('/') if _is_remote(path) else os.path.abspath(path)
-
-
 def is_temporary_path(path: str) -> bool:
   """Whether `path` is the temporary directory of an unfinished save."""
-  return bool(_TMP_RE.search(_basename(path)))
+  return bool(_TMP_RE.search(fs.basename(path)))
 
 
 # ----------------------------------------------------------------------------
@@ -196,7 +97,12 @@ def _is_spec(x: Any) -> bool:
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  """Flattens nested mappings; spec dicts and non-mappings are leaves."""
+  """Flattens a msgpack tree to tuple keys; spec dicts and non-mappings are leaves.
+
+  Unlike `prompt_tuning.params.flatten_params` (the library's `/`-path helper, used for parameter
+  trees), this keeps the keys apart, so `save` can refuse keys that contain `/`, and keeps empty
+  subtrees (T5X writes `param_states: {}`), which the msgpack layout needs.
+  """
   if isinstance(tree, Mapping) and not _is_spec(tree):
     out = {}
     for k, v in tree.items():
@@ -217,17 +123,9 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
   return out
 
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Flattens a nested parameter dict to ``{'a/b/c': array}``."""
-  return {'/'.join(k): v for k, v in _flatten(params).items()}
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of :func:`flatten_params`."""
-  return _unflatten({tuple(k.split('/')): v for k, v in flat.items()})
-
-
-def select_variables(names: Iterable[str], variables: str | Sequence[str]) -> list[str]:
+def select_variables(
+    names: Iterable[str], variables: str | Sequence[str], *, missing_ok: bool = False
+) -> list[str]:
   """Returns the names selected by `variables`, in the order of `names`.
 
   Each entry of `variables` is, in this order of precedence: an exact
@@ -238,12 +136,14 @@ def select_variables(names: Iterable[str], variables: str | Sequence[str]) -> li
   Args:
     names: all available ``/``-joined paths.
     variables: one entry or a sequence of entries.
+    missing_ok: skip entries that select nothing instead of raising.
 
   Returns:
     The selected names.
 
   Raises:
-    UnknownVariableError: an entry selects nothing (close matches are listed).
+    UnknownVariableError: an entry selects nothing (close matches are listed)
+      and not `missing_ok`.
   """
   if isinstance(variables, str):
     variables = [variables]
@@ -269,6 +169,8 @@ def select_variables(names: Iterable[str], variables: str | Sequence[str]) -> li
     if matched:
       selected.update(matched)
       continue
+    if missing_ok:
+      continue
     close = difflib.get_close_matches(entry, names, n=5, cutoff=0.5)
     hint = (
         f' Close matches: {", ".join(close)}.'
@@ -287,31 +189,14 @@ def select_variables(names: Iterable[str], variables: str | Sequence[str]) -> li
 # ----------------------------------------------------------------------------
 
 
-def _has_orbax_metadata(directory: str) -> bool:
-  try:
-    entries = _listdir(directory)
-  except OSError:
-    return False
-  if any(m in entries for m in _ORBAX_MARKERS):
-    return True
-  for e in entries:
-    sub = _join(directory, e)
-    try:
-      if _isdir(sub) and any(m in _listdir(sub) for m in _ORBAX_MARKERS):
-        return True
-    except OSError:
-      continue
-  return False
-
-
 def checkpoint_steps(model_dir: str) -> list[int]:
   """Steps of the complete ``checkpoint_<step>`` directories in `model_dir`."""
-  if not _isdir(model_dir):
+  if not fs.isdir(model_dir):
     return []
   steps = []
-  for entry in _listdir(model_dir):
+  for entry in fs.listdir(model_dir):
     m = _STEP_DIR_RE.match(entry)
-    if m and _isfile(_join(model_dir, entry, CHECKPOINT_FILENAME)):
+    if m and fs.isfile(fs.join(model_dir, entry, CHECKPOINT_FILENAME)):
       steps.append(int(m.group(1)))
   return sorted(steps)
 
@@ -332,25 +217,25 @@ def find_checkpoint(path: str, step: int | None = None) -> str:
     FileNotFoundError: nothing exists at `path` or `step` is not there.
     CheckpointError: `path` exists but is not a complete T5X checkpoint.
   """
-  path = _abspath(os.fspath(path))
+  path = fs.abspath(os.fspath(path))
   if is_temporary_path(path) or (
-      is_temporary_path(_dirname(path)) and _basename(path) == CHECKPOINT_FILENAME
+      is_temporary_path(fs.dirname(path)) and fs.basename(path) == CHECKPOINT_FILENAME
   ):
     raise CheckpointError(
         f'{path} is the temporary directory of an unfinished (interrupted) '
         'save, not a complete checkpoint. Use the directory without the '
         '".tmp-<timestamp>" suffix, or delete this one.'
     )
-  if not _exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f'T5X checkpoint not found: {path} does not exist.')
-  if not _isdir(path):
-    if _basename(path) == CHECKPOINT_FILENAME:
-      return _dirname(path)
+  if not fs.isdir(path):
+    if fs.basename(path) == CHECKPOINT_FILENAME:
+      return fs.dirname(path)
     raise CheckpointError(
         f'{path} is a file but not a T5X checkpoint: pass the '
         'checkpoint_<step> directory or its "checkpoint" file.'
     )
-  if _isfile(_join(path, CHECKPOINT_FILENAME)):
+  if fs.isfile(fs.join(path, CHECKPOINT_FILENAME)):
     return path
   steps = checkpoint_steps(path)
   if steps:
@@ -359,12 +244,14 @@ def find_checkpoint(path: str, step: int | None = None) -> str:
       raise FileNotFoundError(
           f'No checkpoint for step {step} in {path}; available steps: ' f'{steps}.'
       )
-    return _join(path, f'checkpoint_{chosen}')
-  entries = set(_listdir(path))
-  if _has_orbax_metadata(path):
+    return fs.join(path, f'checkpoint_{chosen}')
+  entries = set(fs.listdir(path))
+  from prompt_tuning.checkpoints import orbax_format  # pylint: disable=g-import-not-at-top
+
+  if orbax_format.has_orbax_metadata(path):
     raise CheckpointError(
-        f'{path} is an Orbax checkpoint, not a T5X legacy checkpoint; load it '
-        'with prompt_tuning.runtime.checkpoints.'
+        f'{path} is an Orbax checkpoint, not a T5X legacy checkpoint; load its '
+        'parameters with prompt_tuning.checkpoints.formats.load_params.'
     )
   tmp = sorted(e for e in entries if is_temporary_path(e))
   extra = f' It contains unfinished saves ({", ".join(tmp)}), which are ' 'ignored.' if tmp else ''
@@ -379,12 +266,7 @@ def peek_top_level_keys(checkpoint_file: str) -> set[str] | None:
 
   Returns None when the file does not start with a msgpack map.
   """
-  if _is_remote(checkpoint_file):
-    data = _read_bytes(checkpoint_file)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(data)
-    return _peek_keys(unpacker)
-  with open(checkpoint_file, 'rb') as f:
+  with fs.open(checkpoint_file, 'rb') as f:
     unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=2**31 - 1)
     return _peek_keys(unpacker)
 
@@ -405,8 +287,8 @@ def _read_contents(ckpt_dir: str) -> dict[str, Any]:
   """Parses and validates the msgpack file of a checkpoint directory."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
-  ckpt_file = _join(ckpt_dir, CHECKPOINT_FILENAME)
-  data = _read_bytes(ckpt_file)
+  ckpt_file = fs.join(ckpt_dir, CHECKPOINT_FILENAME)
+  data = fs.read_bytes(ckpt_file)
   if data.startswith(b'model_checkpoint_path'):
     raise CheckpointError(
         f'{ckpt_file} is a TensorFlow (T5X_TF / Mesh TensorFlow) checkpoint '
@@ -465,7 +347,7 @@ def _kvstore_spec(array_dir: str) -> dict[str, Any] | str:
   if array_dir.startswith('gs://'):
     bucket, key = _parse_gs(array_dir)
     return {'driver': 'gcs', 'bucket': bucket, 'path': key + '/'}
-  if _is_remote(array_dir):
+  if fs.is_remote(array_dir):
     return array_dir.rstrip('/') + '/'  # Let TensorStore parse other URLs.
   return {'driver': 'file', 'path': os.path.abspath(array_dir) + '/'}
 
@@ -477,11 +359,11 @@ def _array_dir(ckpt_dir: str, spec: Mapping[str, Any]) -> str:
   top_path = spec.get('path', '')
 
   def absolute(p):
-    return _is_remote(p) or os.path.isabs(p)
+    return fs.is_remote(p) or os.path.isabs(p)
 
   if top_path:
     # Legacy form: the driver-level `path` is appended to the kvstore path.
-    rel = top_path if (not kv_path or absolute(kv_path)) else _join(kv_path, top_path)
+    rel = top_path if (not kv_path or absolute(kv_path)) else fs.join(kv_path, top_path)
   else:
     rel = kv_path
   rel = str(rel).rstrip('/')
@@ -489,11 +371,11 @@ def _array_dir(ckpt_dir: str, spec: Mapping[str, Any]) -> str:
     raise CheckpointError(f'Spec without a path in {ckpt_dir}: {spec}')
   if absolute(rel):
     # Saved with an absolute path; prefer the copy next to the msgpack file.
-    local = _join(ckpt_dir, _basename(rel))
-    if not _is_remote(local) and os.path.isdir(local):
+    local = fs.join(ckpt_dir, fs.basename(rel))
+    if not fs.is_remote(local) and os.path.isdir(local):
       return local
     return rel
-  return _join(ckpt_dir, rel)
+  return fs.join(ckpt_dir, rel)
 
 
 def _ts():
@@ -588,6 +470,17 @@ def _cast(x: Any, dtype: Any | None) -> Any:
   return x if x.dtype == dtype else x.astype(dtype)
 
 
+def cast(x: Any, dtype: Any | None) -> Any:
+  """Casts a floating-point numpy or jax array to `dtype`; other leaves are returned unchanged."""
+  if isinstance(x, np.ndarray):
+    return _cast(x, dtype)
+  if dtype is None or isinstance(x, np.generic) or not hasattr(x, 'astype'):
+    return x
+  if not hasattr(x, 'dtype') or not _is_float_dtype(x.dtype):
+    return x
+  return x.astype(dtype)
+
+
 def _to_numpy(x: Any) -> Any:
   """Inline leaves: numpy scalars become 0-d arrays; others are kept."""
   if isinstance(x, np.generic):
@@ -618,6 +511,7 @@ def load(
     *,
     dtype: Any | None = None,
     step: int | None = None,
+    missing_ok: bool = False,
 ) -> Params:
   """Loads the parameters (``optimizer/target``) of a T5X legacy checkpoint.
 
@@ -630,6 +524,8 @@ def load(
     dtype: if given, floating-point leaves are cast to it. By default stored
       dtypes (including bfloat16) are kept.
     step: the step to use when `path` is a model directory.
+    missing_ok: entries of `variables` that select nothing are skipped
+      instead of raising.
 
   Returns:
     Nested dicts of numpy arrays named as in the checkpoint.
@@ -643,8 +539,8 @@ def load(
   contents = _read_contents(ckpt_dir)
   flat = _target_flat(contents)
   if variables is not None:
-    flat = {n: flat[n] for n in select_variables(flat, variables)}
-  return unflatten_params(_materialize(ckpt_dir, flat, dtype))
+    flat = {n: flat[n] for n in select_variables(flat, variables, missing_ok=missing_ok)}
+  return params_lib.unflatten_params(_materialize(ckpt_dir, flat, dtype))
 
 
 def load_variable(
@@ -820,10 +716,10 @@ def save(
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
   ts = _ts()
-  path = _abspath(os.fspath(path))
+  path = fs.abspath(os.fspath(path))
   if is_temporary_path(path):
     raise ValueError(f'Refusing to save to a temporary-looking path {path}.')
-  if _exists(path) and not overwrite:
+  if fs.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass overwrite=True to replace it.')
 
   target = _state_dict(params)
@@ -848,9 +744,9 @@ def save(
       )
 
   tmp = f'{path}.tmp-{int(time.time())}'
-  while _exists(tmp):
+  while fs.exists(tmp):
     tmp = f'{path}.tmp-{int(time.time() * 1000)}'
-  _makedirs(tmp)
+  fs.makedirs(tmp)
   writes: list[Any] = []
   try:
     stored: dict[tuple[str, ...], Any] = {}
@@ -885,7 +781,7 @@ def save(
       write_spec = {
           'driver': 'zarr',
           'dtype': dtype_name,
-          'kvstore': _kvstore_spec(_join(tmp, name)),
+          'kvstore': _kvstore_spec(fs.join(tmp, name)),
           'metadata': dict(metadata, order='C'),
       }
       if inflight + leaf.nbytes > _MAX_INFLIGHT_BYTES and writes:
@@ -913,14 +809,9 @@ def save(
     data = serialization.msgpack_serialize(
         {'version': VERSION, 'optimizer': _unflatten(stored)}, in_place=True
     )
-    _write_bytes(_join(tmp, CHECKPOINT_FILENAME), data)  # Written last.
-    if _exists(path):  # overwrite=True: move the old one away, then delete.
-      old = f'{path}.old-{int(time.time() * 1000)}'
-      _rename(path, old)
-      _rename(tmp, path)
-      _rmtree(old)
-    else:
-      _rename(tmp, path)
+    fs.write_bytes(fs.join(tmp, CHECKPOINT_FILENAME), data)  # Written last.
+    # With overwrite, the old checkpoint is moved aside and deleted only once the new one is in.
+    fs.rename(tmp, path, overwrite=overwrite)
   except BaseException:
     for w in writes:  # Let pending writes finish before deleting their files.
       try:
@@ -928,7 +819,7 @@ def save(
       except Exception:  # pylint: disable=broad-except
         pass
     try:
-      _rmtree(tmp)
+      fs.rmtree(tmp)
     except Exception:  # pylint: disable=broad-except
       pass
     raise

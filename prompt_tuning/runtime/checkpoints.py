@@ -9,79 +9,37 @@ Layout under `MODEL_DIR`:
 A checkpoint is written under `checkpoint_<step>.tmp` and renamed only when complete, so a process
 killed mid-write leaves a `.tmp` directory that restore ignores (and the next save removes). Older
 checkpoints beyond `keep` are deleted only after the new one is committed.
+
+This module writes checkpoints and restores train states. Reading parameters out of a checkpoint
+of any format (ours, T5X, Hugging Face) is `prompt_tuning.checkpoints.formats.load_params`; the
+layout names and the reader of our checkpoints live in `prompt_tuning.checkpoints.orbax_format`.
+Files go through `prompt_tuning.fs` (local paths, `gs://`).
 """
 
+import io
 import json
 from absl import logging
-import os
 import re
-import shutil
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
+from prompt_tuning import fs
+from prompt_tuning import params as params_lib
+from prompt_tuning.checkpoints import formats
+from prompt_tuning.checkpoints import orbax_format
 from prompt_tuning.runtime import train_state as train_state_lib
 
-METADATA_FILE = 'prompt_tuning_checkpoint.json'
-_CKPT_RE = re.compile(r'^checkpoint_(\d+)$')
-_TMP_RE = re.compile(r'^checkpoint_(\d+)\.tmp.*$')
+METADATA_FILE = orbax_format.METADATA_FILE
+_TMP_RE = orbax_format.TMP_DIR_RE
 
-
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  return tf.io.gfile
-
-
-def _exists(path: str) -> bool:
-  return _gfile().exists(path) if '://' in path else os.path.exists(path)
-
-
-def _listdir(path: str):
-  if not _exists(path):
-    return []
-  return [p.rstrip('/') for p in (_gfile().listdir(path) if '://' in path else os.listdir(path))]
-
-
-def _rmtree(path: str) -> None:
-  if '://' in path:
-    if _gfile().exists(path):
-      _gfile().rmtree(path)
-  else:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def path_exists(path: str) -> bool:
-  return _exists(path)
-
-
-def is_complete_checkpoint(path: str) -> bool:
-  return _exists(os.path.join(path, METADATA_FILE))
-
-
-def read_metadata(path: str) -> Dict[str, Any]:
-  """The JSON metadata of a complete checkpoint (`{}` when it has none)."""
-  meta = os.path.join(path, METADATA_FILE)
-  if not _exists(meta):
-    return {}
-  with _gfile().GFile(meta, 'r') as f:
-    return json.loads(f.read())
-
-
-def all_steps(model_dir: str) -> Sequence[int]:
-  steps = []
-  for name in _listdir(model_dir):
-    m = _CKPT_RE.match(name)
-    if m and is_complete_checkpoint(os.path.join(model_dir, name)):
-      steps.append(int(m.group(1)))
-  return sorted(steps)
-
-
-def latest_checkpoint_path(model_dir: str) -> Optional[str]:
-  steps = all_steps(model_dir)
-  return os.path.join(model_dir, f'checkpoint_{steps[-1]}') if steps else None
+path_exists = fs.exists
+is_complete_checkpoint = orbax_format.is_complete_checkpoint
+read_metadata = orbax_format.read_metadata
+all_steps = orbax_format.checkpoint_steps
+latest_checkpoint_path = orbax_format.latest_checkpoint_path
 
 
 def _barrier(name: str) -> None:
@@ -111,15 +69,9 @@ def prompt_file_name(path: str) -> str:
 
 
 def _atomic_np_save(path: str, array: np.ndarray) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  if '://' in path:
-    with _gfile().GFile(tmp, 'wb') as f:
-      np.save(f, array)
-    _gfile().rename(tmp, path, overwrite=True)
-  else:
-    with open(tmp, 'wb') as f:
-      np.save(f, array)
-    os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def save_checkpoint(
@@ -136,15 +88,14 @@ def save_checkpoint(
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   step = int(jax.device_get(state.step))
-  final = os.path.join(model_dir, f'checkpoint_{step}')
+  final = fs.join(model_dir, f'checkpoint_{step}')
   tmp = final + '.tmp'
   if jax.process_index() == 0:
-    if not _exists(model_dir):
-      _gfile().makedirs(model_dir)
+    fs.makedirs(model_dir)
     # Leftovers of saves that were killed mid-write (never complete, never restored) are removed.
-    for name in _listdir(model_dir):
-      if _TMP_RE.match(name):
-        _rmtree(os.path.join(model_dir, name))
+    for name in fs.listdir(model_dir):
+      if _TMP_RE.match(name) or orbax_format.OLD_DIR_RE.match(name):
+        fs.rmtree(fs.join(model_dir, name), missing_ok=True)
   _barrier('pt_ckpt_pre')
   tree = state.state_dict()
   trainable = _to_host(tree['trainable'])
@@ -156,33 +107,28 @@ def save_checkpoint(
       'opt_state': _to_host(_drop_none(tree['opt_state'])),
       'data': {k: np.asarray(v) for k, v in (data_state or {}).items()},
   }
-  ocp.PyTreeCheckpointer().save(tmp, payload)
+  ocp.PyTreeCheckpointer().save(fs.abspath(tmp), payload)
   _barrier('pt_ckpt_written')
-  flat = train_state_lib.flatten(trainable)
+  flat = params_lib.flatten_params(trainable)
   if jax.process_index() == 0:
     meta = {
         'step': step,
-        'format': 'prompt_tuning/orbax-1',
+        'format': orbax_format.FORMAT_NAME,
         'time': time.time(),
         'trainable_paths': sorted(flat),
         **(extra_metadata or {}),
     }
-    with _gfile().GFile(os.path.join(tmp, METADATA_FILE), 'w') as f:
-      f.write(json.dumps(meta, indent=1))
-    if _exists(final):
-      _rmtree(final)
-    if '://' in final:
-      _gfile().rename(tmp, final, overwrite=True)
-    else:
-      os.replace(tmp, final)
-    np_dir = os.path.join(model_dir, 'numpy_checkpoints', f'checkpoint_{step}')
-    _gfile().makedirs(np_dir)
+    fs.write_text(fs.join(tmp, METADATA_FILE), json.dumps(meta, indent=1))
+    # An existing checkpoint of the same step is replaced only once the new one is complete.
+    fs.rename(tmp, final, overwrite=True)
+    np_dir = fs.join(model_dir, 'numpy_checkpoints', f'checkpoint_{step}')
+    fs.makedirs(np_dir)
     for path, value in flat.items():
       if re.fullmatch(prompt_regex, path):
-        _atomic_np_save(os.path.join(np_dir, prompt_file_name(path)), np.asarray(value))
+        _atomic_np_save(fs.join(np_dir, prompt_file_name(path)), np.asarray(value))
     if keep:
       for old in all_steps(model_dir)[:-keep]:
-        _rmtree(os.path.join(model_dir, f'checkpoint_{old}'))
+        fs.rmtree(fs.join(model_dir, f'checkpoint_{old}'), missing_ok=True)
     logging.info('Saved checkpoint %s', final)
   _barrier('pt_ckpt_done')
   return final
@@ -195,15 +141,13 @@ def _drop_none(tree):
 
 
 def restore_checkpoint(path: str) -> Dict[str, Any]:
-  """Reads a checkpoint written by `save_checkpoint` (raw nested dict)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Reads a checkpoint written by `save_checkpoint` (raw nested dict: step, trainable, opt_state, data).
 
-  if not is_complete_checkpoint(path):
-    raise ValueError(
-        f'{path} is not a complete prompt_tuning checkpoint (no {METADATA_FILE}); it may be '
-        'a partially written checkpoint from an interrupted run. Point to another checkpoint.'
-    )
-  return ocp.PyTreeCheckpointer().restore(path if '://' in path else os.path.abspath(path))
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    ValueError: `path` is not a complete checkpoint of this project.
+  """
+  return orbax_format.restore(path)
 
 
 def restore_into_state(
@@ -234,30 +178,10 @@ def _fill_none(template, raw):
 # ----------------------------------------------------------------------------- initial weights
 
 
-def _detect(path: str) -> str:
-  if is_complete_checkpoint(path):
-    return 'prompt_tuning'
-  latest = latest_checkpoint_path(path)
-  if latest is not None:
-    return 'prompt_tuning_dir'
-  from prompt_tuning.checkpoints import formats  # pylint: disable=g-import-not-at-top
-
-  return formats.detect_format(path)
-
-
 def checkpoint_step(path: str) -> Optional[int]:
   """The training step stored in a checkpoint (ours or T5X's); None when it has none (Hugging Face)."""
   try:
-    kind = _detect(path)
-    if kind == 'prompt_tuning_dir':
-      path, kind = latest_checkpoint_path(path), 'prompt_tuning'
-    if kind == 'prompt_tuning':
-      step = read_metadata(path).get('step')
-      return None if step is None else int(step)
-    if kind == 't5x':
-      from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
-
-      return t5x_format.read_step(path)
+    return formats.read_step(path)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Could not read the step of checkpoint %s (%s); starting at step 0.', path, e)
   return None
@@ -266,35 +190,21 @@ def checkpoint_step(path: str) -> Optional[int]:
 def load_checkpoint_params(
     path: str, variables: Optional[Sequence[str]] = None
 ) -> Dict[str, np.ndarray]:
-  """Flat `{path: array}` parameters from any supported checkpoint (ours, T5X legacy, Hugging Face)."""
-  if not _exists(path):
+  """Flat `{path: array}` parameters from any supported checkpoint (ours, T5X legacy, Hugging Face).
+
+  `variables` selects parameters (exact paths, subtree prefixes or regexes); those not in the
+  checkpoint are left out of the result rather than being an error (the caller decides).
+  """
+  if not fs.exists(path):
     raise FileNotFoundError(
         f'Checkpoint path {path!r} does not exist. Check INITIAL_CHECKPOINT_PATH / '
         'RestoreCheckpointConfig.path (a T5X checkpoint_<step> directory, a Hugging Face T5 directory or '
         'one of our checkpoint_<step> directories).'
     )
-  kind = _detect(path)
-  if kind == 'prompt_tuning_dir':
-    path, kind = latest_checkpoint_path(path), 'prompt_tuning'
-  if kind in ('prompt_tuning', 'orbax'):
-    raw = restore_checkpoint(path)
-    flat = train_state_lib.flatten(raw['trainable'])
-  elif kind == 't5x':
-    from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
-
-    flat = train_state_lib.flatten(
-        t5x_format.load(path, variables=list(variables) if variables else None)
-    )
-  elif kind == 'huggingface':
-    from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
-
-    _, params = huggingface.load_t5(path)
-    flat = train_state_lib.flatten(params)
-  else:
-    raise ValueError(f'Unsupported checkpoint format {kind!r} at {path}.')
-  if variables is not None:
-    flat = {k: v for k, v in flat.items() if k in set(variables)}
-  return flat
+  params = formats.load_params(
+      path, None if variables is None else list(variables), missing_ok=True
+  )
+  return params_lib.flatten_params(params)
 
 
 def _likely_cause(path: str, expected, found) -> str:
@@ -329,7 +239,8 @@ def load_initial_optimizer_state(
   Returns:
     `(opt_state, restored, kept)`: restored and kept-fresh slot names.
   """
-  if _detect(path) != 't5x':
+  ckpt = formats.resolve(path)
+  if ckpt.format != 't5x':
     return opt_state, [], []
   from flax import serialization  # pylint: disable=g-import-not-at-top
   from prompt_tuning.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
@@ -337,7 +248,7 @@ def load_initial_optimizer_state(
   state_dict = serialization.to_state_dict(opt_state.param_states)
   if not isinstance(state_dict, Mapping):
     return opt_state, [], []
-  flat = train_state_lib.flatten(state_dict)
+  flat = params_lib.flatten_params(state_dict)
   sources: Dict[str, str] = {}
   kept: List[str] = []
   for name, leaf in flat.items():
@@ -353,7 +264,7 @@ def load_initial_optimizer_state(
       kept.append(name)
     else:
       sources[name] = f'param_states/{src}/{slot}'
-  found = t5x_format.load_state_variables(path, sorted(set(sources.values())))
+  found = t5x_format.load_state_variables(ckpt.path, sorted(set(sources.values())))
   restored: List[str] = []
   for name, src in sources.items():
     value = found.get(src)
@@ -397,7 +308,7 @@ def load_initial_params(
   the checkpoint, keep their initial value when `fallback_to_scratch`; otherwise it is an error.
   `only(path)` restricts which parameters are looked up (e.g. only the frozen ones).
   """
-  target = train_state_lib.flatten(init_params)
+  target = params_lib.flatten_params(init_params)
   wanted: Dict[str, Optional[str]] = {}
   for p in target:
     if only is not None and not only(p):
@@ -431,4 +342,4 @@ def load_initial_params(
         'instead (e.g. a new prompt), set utils.RestoreCheckpointConfig.fallback_to_scratch = True and '
         'assignment_map = ((r".*prompt.*", None),).'
     )
-  return train_state_lib.unflatten(out)
+  return params_lib.unflatten_params(out)

@@ -30,7 +30,6 @@ are `LogicalAxes` (a `tuple` of logical axis names, one per array dimension,
 """
 
 import functools
-import re
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union)
 
 from flax import serialization
@@ -38,6 +37,8 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from prompt_tuning import params as params_lib
 
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
@@ -86,45 +87,10 @@ def _is_axes_leaf(x: Any) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def flatten_paths(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> Dict[str, Any]:
-  """Flattens nested mappings to `{'a/b/c': leaf}` (no leading slash).
-
-  Only `Mapping`s are descended into; anything else (arrays, None, state
-  dataclasses, tuples) is a leaf. Empty mappings contribute no entries.
-
-  Args:
-    tree: nested mappings.
-    is_leaf: optional predicate that stops the descent early.
-
-  Returns:
-    An insertion-ordered flat dict.
-  """
-  out: Dict[str, Any] = {}
-
-  def visit(node: Any, prefix: Tuple[str, ...]) -> None:
-    if isinstance(node, Mapping) and not (is_leaf and is_leaf(node)):
-      for k, v in node.items():
-        visit(v, prefix + (str(k),))
-    else:
-      out['/'.join(prefix)] = node
-
-  if isinstance(tree, Mapping) and not (is_leaf and is_leaf(tree)):
-    visit(tree, ())
-  else:
-    out[''] = tree
-  return out
-
-
-def unflatten_paths(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """Inverse of `flatten_paths` for `/`-joined keys."""
-  out: Dict[str, Any] = {}
-  for path, value in flat.items():
-    keys = path.split('/')
-    node = out
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = value
-  return out
+# The library's one `/`-path helper (`prompt_tuning.params`), under the names this module's callers
+# (adafactor, tests, benchmarks) use.
+flatten_paths = params_lib.flatten_params
+unflatten_paths = params_lib.unflatten_params
 
 
 _MISSING = object()
@@ -498,9 +464,10 @@ class ModelParamTraversal:
 def match_any(regexes: Union[str, Sequence[str]]) -> FilterFn:
   """Returns `filter_fn(path, value)`: whether any regex fully matches `path`.
 
-  As in prompt tuning's `utils.match_any`, `re.fullmatch` is used. Paths are
-  tried both as given and with/without the leading slash, so
-  `'.*/prompt/.*'` selects `encoder/prompt/prompt/prompt` and
+  The gin-configurable name (`optimizers.match_any.regexes = %PROMPT_REGEX`) of
+  `prompt_tuning.params.match_any`: as in prompt tuning's `utils.match_any`,
+  `re.fullmatch` is used, and paths are tried with and without the leading
+  slash, so `'.*/prompt/.*'` selects `encoder/prompt/prompt/prompt` and
   `/encoder/prompt/prompt/prompt` alike.
 
   Args:
@@ -508,19 +475,11 @@ def match_any(regexes: Union[str, Sequence[str]]) -> FilterFn:
 
   Returns:
     The filter function.
+
+  Raises:
+    ValueError: a regex does not compile.
   """
-  if isinstance(regexes, str):
-    regexes = [regexes]
-  compiled = [re.compile(r) for r in regexes]
-
-  def filter_fn(path: str, value: Any = None) -> bool:
-    del value
-    stripped = path.lstrip('/')
-    candidates = (path, stripped, '/' + stripped)
-    return any(r.fullmatch(c) for r in compiled for c in candidates)
-
-  filter_fn.regexes = tuple(regexes)  # type: ignore[attr-defined]
-  return filter_fn
+  return params_lib.match_any(regexes)
 
 
 def _filter_fn_of(traversal: Any) -> FilterFn:

@@ -1,8 +1,16 @@
-"""Smoke test of the benchmark suite: `python -m benchmarks.run --quick` into a temp dir."""
+"""Smoke test of the benchmark suite: `python -m benchmarks.run --quick` into a temp dir.
+
+The report must hold every table with the rows the quick shapes ask for, every cell measured (no
+`n/a`, no failure), numbers that are positive and finite (parsed with their sign, so a negative
+throughput or ratio fails), ratios whose paired range contains them, and table values that agree
+with the raw measurements in RESULTS.json.
+"""
 
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -13,6 +21,11 @@ pytest.importorskip('transformers')
 pytest.importorskip('peft')
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_NUMBER = re.compile(r'^[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?')
+_NUM = r'[-+]?[\d.,]+'
+_RATIO = re.compile(
+    rf'^(?P<value>{_NUM})x? \(pairs (?P<lo>{_NUM})-(?P<hi>{_NUM}); best/best (?P<best>{_NUM})\)$'
+)
 
 
 def _table(text, header_start):
@@ -25,14 +38,63 @@ def _table(text, header_start):
         if not row.startswith('|'):
           break
         rows.append([c.strip() for c in row.strip('|').split('|')])
+      assert rows, f'table {header_start!r} has no rows'
       return rows
   raise AssertionError(f'no table starting with {header_start!r} in:\n{text}')
 
 
 def _number(cell):
-  m = re.match(r'^([0-9][0-9,]*\.?[0-9]*)', cell.strip())
+  """The signed number a cell starts with ('1,114', '-0.5', '6.3e-08', '71%', '3.51x ...')."""
+  m = _NUMBER.match(cell.strip())
   assert m, f'not a number: {cell!r}'
-  return float(m.group(1).replace(',', ''))
+  return float(m.group(0).replace(',', ''))
+
+
+def _positive(cell):
+  x = _number(cell)
+  assert math.isfinite(x) and x > 0, f'expected a positive finite number, got {cell!r}'
+  return x
+
+
+def _ratio(cell):
+  """`1.15x (pairs 1.06-1.17; best/best 1.15)` -> (1.15, 1.06, 1.17, 1.15), all checked positive."""
+  m = _RATIO.match(cell.strip())
+  assert m, f'not a ratio cell: {cell!r}'
+  value, lo, hi, best = (_positive(m.group(k)) for k in ('value', 'lo', 'hi', 'best'))
+  # The ratio is the median of the pair ratios, so it lies within their range (2-decimal rounding).
+  assert lo - 0.01 <= value <= hi + 0.01, cell
+  return value, lo, hi, best
+
+
+def _close(cell, value, rel=0.01):
+  """A formatted table cell equals a raw measurement up to the rounding of its format."""
+  text = _NUMBER.match(cell.strip()).group(0)
+  decimals = len(text.split('.')[1]) if '.' in text and 'e' not in text.lower() else 0
+  shown = float(text.replace(',', ''))
+  assert shown == pytest.approx(value, rel=rel, abs=0.51 * 10**-decimals), (cell, value)
+
+
+def _pair_ratio(a, b):
+  """Recomputed from the raw repetitions: the median of the ratios of adjacent measurements."""
+  pairs = [x / y for x, y in zip(a, b) if x and y]
+  assert pairs, (a, b)
+  return statistics.median(pairs)
+
+
+def test_number_parsing_keeps_the_sign():
+  assert _number('-3.5') == -3.5 and _number('+2') == 2 and _number('1,114') == 1114
+  assert _number('6.3e-08') == pytest.approx(6.3e-8) and _number('71%') == 71
+  with pytest.raises(AssertionError, match='expected a positive'):
+    _positive('-1.2')
+  with pytest.raises(AssertionError, match='expected a positive'):
+    _positive('0.0')
+  with pytest.raises(AssertionError, match='not a number'):
+    _number('n/a')
+  assert _ratio('1.15x (pairs 1.06-1.17; best/best 1.15)') == (1.15, 1.06, 1.17, 1.15)
+  with pytest.raises(AssertionError):
+    _ratio('1.50x (pairs 1.06-1.17; best/best 1.15)')  # Outside its own range.
+  with pytest.raises(AssertionError):
+    _ratio('-1.15x (pairs -1.2--1.1; best/best 1.15)')
 
 
 @pytest.mark.slow
@@ -60,41 +122,74 @@ def test_quick_benchmark_writes_results(tmp_path):
   text = out.read_text()
   assert 'quick mode' in text
   assert 'GPU section' in text
+  assert 'Failures' not in text, text
+  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
+  assert raw['meta']['quick'] is True
+  (section,) = raw['results'].values()  # Quick mode: one (CPU, tiny) section.
 
   train = _table(text, '| prompt | ours ex/s')
   assert [r[0] for r in train] == ['4', '8']
   for r in train:
-    ours, peft, speedup = _number(r[1]), _number(r[2]), _number(r[3])
-    assert ours > 0 and peft > 0 and speedup > 0
-    rss_ours, rss_peft = (_number(x) for x in r[5].split('/'))
-    assert rss_ours > 0 and rss_peft > 0
-    loss_ours, loss_peft = (_number(x) for x in r[7].split('/'))
+    assert not [c for c in r if 'n/a' in c], r  # Every cell measured.
+    measured = section['train'][r[0]]
+    ours, peft = measured['ours'], measured['peft']
+    _positive(r[1])
+    _positive(r[2])
+    _close(r[1], statistics.median(ours['examples_per_s']))
+    _close(r[2], statistics.median(peft['examples_per_s']))
+    _ratio(r[3])
+    speedup = _pair_ratio(ours['examples_per_s'], peft['examples_per_s'])
+    _close(r[3], speedup)
+    assert r[4] == ('met' if speedup >= 1.5 else '**missed**')
+    rss_ours, rss_peft = (_positive(x) for x in r[5].split('/'))
+    _close(f'{rss_ours:.0f}', ours['peak_rss_mb'])
+    assert r[6] == ('met' if ours['peak_rss_mb'] <= peft['peak_rss_mb'] else '**missed**')
+    loss_ours, loss_peft = (_positive(x) for x in r[7].split('/'))
     assert loss_ours == pytest.approx(loss_peft, rel=1e-3)  # same model, same prompt, same loss
+    _close(r[7].split('/')[0].strip(), ours['first_loss'], rel=1e-4)
+    assert not ours['tensorflow_imported']  # The train step does not need TensorFlow.
 
   util = _table(text, '| prompt | GFLOP/step')
   assert [r[0] for r in util] == ['4', '8']
   for r in util:
-    assert _number(r[1]) >= 0  # tiny model: rounds to 0.0 GFLOP
-    assert all(_number(r[i]) > 0 for i in (2, 3, 4, 6, 7, 8))
+    assert not [c for c in r if 'n/a' in c], r
+    flops = _positive(r[1])  # Small for the tiny model, but never zero or negative.
+    _close(r[1], section['train'][r[0]]['ours']['flops_per_step'] / 1e9, rel=0.05)
+    assert flops < 10  # In GFLOP: the quick shapes' tiny model (a unit slip shows up here).
+    assert all(_positive(r[i]) for i in (2, 3, 4, 6, 7, 8))
+    assert r[5] in ('met', '**missed**')
 
   serve = _table(text, '| prompt | ours mixed ex/s')
   assert [r[0] for r in serve] == ['4']
   r = serve[0]
-  assert all(_number(r[i]) > 0 for i in (1, 2, 3, 5, 6, 8))
-  assert float(r[9]) < 1e-3  # mixed-task scores equal PEFT's per-task scores
+  assert not [c for c in r if 'n/a' in c], r
+  assert all(_positive(r[i]) for i in (1, 2, 5, 8))
+  ours, peft = section['serve']['4']['ours'], section['serve']['4']['peft']
+  _close(r[1], statistics.median(ours['mixed_examples_per_s']))
+  _ratio(r[3])
+  _ratio(r[6])
+  mixed_vs_peft = _pair_ratio(ours['mixed_examples_per_s'], peft['per_task_examples_per_s'])
+  _close(r[6], mixed_vs_peft)
+  assert r[7] == ('met' if mixed_vs_peft >= 4 else '**missed**')
+  assert r[4] in ('met', '**missed**')
+  score_diff = _number(r[9])
+  assert math.isfinite(score_diff) and 0 <= score_diff < 1e-3  # mixed-task = PEFT per-task scores
 
   generate = _table(text, '| prompt | ours mixed ex/s | PEFT per-task ex/s | ours / PEFT')
   assert [r[0] for r in generate] == ['4']
   r = generate[0]
-  assert all(_number(r[i]) > 0 for i in (1, 2, 3))
+  assert all(_positive(r[i]) for i in (1, 2))
+  _ratio(r[3])
   assert r[4] == '100.0%'  # mixed-task greedy labels equal PEFT's per-task `generate`
 
   decode = _table(text, '| prompt | ours tokens/s')
   assert [r[0] for r in decode] == ['4']
   r = decode[0]
-  assert all(_number(r[i]) > 0 for i in (1, 2, 3))
+  assert all(_positive(r[i]) for i in (1, 2))
+  ours, peft = section['decode']['4']['ours'], section['decode']['4']['peft']
+  _close(r[1], statistics.median(ours['tokens_per_s']))
+  _ratio(r[3])
+  speedup = _pair_ratio(ours['tokens_per_s'], peft['tokens_per_s'])
+  _close(r[3], speedup)
+  assert r[4] == ('met' if speedup >= 1.0 else '**missed**')
   assert r[5] == '100.0%'  # identical greedy tokens
-
-  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
-  assert raw['meta']['quick'] is True
-  assert 'Failures' not in text, text

@@ -14,14 +14,14 @@ import sys
 import numpy as np
 import pytest
 
+from prompt_tuning import params as params_lib
+from prompt_tuning.architectures import t5
 from prompt_tuning.checkpoints import formats
+from prompt_tuning.checkpoints import huggingface
 from prompt_tuning.checkpoints import t5x_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, 'scripts', 'convert_checkpoint.py')
-
-huggingface = pytest.importorskip('prompt_tuning.checkpoints.huggingface')
-t5 = pytest.importorskip('prompt_tuning.architectures.t5')
 
 
 def _load_script():
@@ -35,7 +35,7 @@ convert_checkpoint = _load_script()
 
 
 def assert_trees_bit_equal(a, b):
-  fa, fb = t5x_format.flatten_params(a), t5x_format.flatten_params(b)
+  fa, fb = params_lib.flatten_params(a), params_lib.flatten_params(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -148,11 +148,11 @@ def test_infer_config_matches_preset(tiny):
   assert tuple(inferred.mlp_activations) == ('gelu', 'linear')
   # From shapes only (no array read), as listed by list_variables.
   assert shape_fields(
-      formats.infer_t5_config({k: v.shape for k, v in t5x_format.flatten_params(params).items()})
+      formats.infer_t5_config({k: v.shape for k, v in params_lib.flatten_params(params).items()})
   ) == shape_fields(config)
   assert formats.infer_t5_config(params, 'tiny') == config
   # Without a relpos embedding the head split comes from head_dim.
-  flat = {k: v.shape for k, v in t5x_format.flatten_params(params).items() if 'relpos' not in k}
+  flat = {k: v.shape for k, v in params_lib.flatten_params(params).items() if 'relpos' not in k}
   c = formats.infer_t5_config(flat, head_dim=16)
   assert (c.num_heads, c.head_dim) == (2, 16)
   with pytest.raises(ValueError, match='no "token_embedder/embedding"'):
@@ -212,6 +212,7 @@ def test_missing_input_and_orbax(tmp_path, capsys):
   )
   assert rc == 1
   assert 'does not exist' in capsys.readouterr().err
+  # An orbax checkpoint some other program wrote (no prompt_tuning_checkpoint.json): refused.
   ob = tmp_path / 'orbax' / 'state'
   ob.mkdir(parents=True)
   (ob / '_CHECKPOINT_METADATA').write_text('{}')
@@ -219,8 +220,42 @@ def test_missing_input_and_orbax(tmp_path, capsys):
       ['--input', str(tmp_path / 'orbax'), '--output', str(tmp_path / 'out'), '--to', 't5x']
   )
   assert rc == 1
-  assert 'Orbax' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'orbax checkpoint without prompt_tuning_checkpoint.json' in err
+  assert 'interrupted' in err and 'another program' in err  # The two causes, and what to do.
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_our_orbax_checkpoint_converts(tiny, tmp_path):
+  """A model-tuning checkpoint of the runtime (MODEL_DIR) -> T5X (same step) -> Hugging Face."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
+
+  config, params, _ = tiny
+  model_dir = str(tmp_path / 'model')
+  state = train_state.TrainState(
+      step=jnp.asarray(40, jnp.int32),
+      trainable=params,
+      frozen={},
+      opt_state={'v': jnp.zeros((2,), jnp.float32)},
+  )
+  checkpoints.save_checkpoint(model_dir, state)
+  t5x_out = str(tmp_path / 't5x' / 'checkpoint_40')
+  assert convert_checkpoint.main(['--input', model_dir, '--output', t5x_out, '--to', 't5x']) == 0
+  assert_trees_bit_equal(t5x_format.load(t5x_out), params)
+  assert t5x_format.read_step(t5x_out) == 40  # The step recorded by the runtime.
+  hf_out = str(tmp_path / 'hf')
+  assert (
+      convert_checkpoint.main(
+          ['--input', os.path.join(model_dir, 'checkpoint_40'), '--output', hf_out]
+          + ['--to', 'huggingface']
+      )
+      == 0
+  )
+  config2, params2 = huggingface.load_t5(hf_out)
+  assert_trees_bit_equal(params2, params)
+  assert shape_fields(config2) == shape_fields(config)
 
 
 def test_command_line(round_trip, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from prompt_tuning import params as params_lib
 from prompt_tuning.runtime import adafactor
 from prompt_tuning.runtime import optimizers
 
@@ -75,8 +76,8 @@ def _prompt_multi_optimizer(**adafactor_kwargs):
 
 
 def _subtree(tree, paths):
-  flat = optimizers.flatten_paths(tree)
-  return optimizers.unflatten_paths({p: flat[p] for p in paths})
+  flat = params_lib.flatten_params(tree)
+  return params_lib.unflatten_params({p: flat[p] for p in paths})
 
 
 def _run(opt, params, state, steps, subtree_paths=None, jit=True):
@@ -88,9 +89,9 @@ def _run(opt, params, state, steps, subtree_paths=None, jit=True):
       params, state = apply(hp, params, state, grads)
     else:
       sub, state = apply(hp, _subtree(params, subtree_paths), state, _subtree(grads, subtree_paths))
-      flat = optimizers.flatten_paths(params)
-      flat.update(optimizers.flatten_paths(sub))
-      params = optimizers.unflatten_paths(flat)
+      flat = params_lib.flatten_params(params)
+      flat.update(params_lib.flatten_params(sub))
+      params = params_lib.unflatten_params(flat)
   return params, state
 
 
@@ -111,6 +112,25 @@ def test_match_any_fullmatch_and_slashes():
   assert not g('/encoder/prompt/prompt/prompt', None)
   h = optimizers.match_any(['.*query.*', '.*key.*'])
   assert h('/a/key/kernel', None) and h('/a/query/kernel', None)
+
+
+def test_match_any_is_the_library_helper_under_its_gin_name():
+  regexes = ['.*/prompt/.*', 'decoder/logits_dense/.*']
+  ours, library = optimizers.match_any(regexes), params_lib.match_any(regexes)
+  assert ours is not params_lib.match_any  # A gin-configurable function of its own.
+  paths = list(params_lib.flatten_params(_params())) + ['/decoder/logits_dense/bias']
+  assert [p for p in paths if ours(p)] == [p for p in paths if library(p)]
+  assert [p for p in paths if ours(p)] == [
+      PROMPT_PATH,
+      'decoder/logits_dense/kernel',
+      '/decoder/logits_dense/bias',
+  ]
+  assert ours.regexes == tuple(regexes)
+  with pytest.raises(ValueError, match=r"Invalid parameter-path regex '\(unclosed'"):
+    optimizers.match_any(['(unclosed'])
+  # The flatten helpers of this module are the library's.
+  assert optimizers.flatten_paths is params_lib.flatten_params
+  assert optimizers.unflatten_paths is params_lib.unflatten_params
 
 
 def test_model_param_traversal_paths_have_leading_slash():
@@ -137,12 +157,12 @@ def test_multi_optimizer_trains_only_prompt():
   opt.set_param_axes(_axes())
   params = _params()
   state = opt.init_state(params)
-  flat_state = optimizers.flatten_paths(state.param_states)
+  flat_state = params_lib.flatten_params(state.param_states)
   assert {p for p, s in flat_state.items() if s is not None} == {PROMPT_PATH}
   new_params, new_state = _run(opt, params, state, steps=3)
   assert int(new_state.step) == 3
-  flat_old = optimizers.flatten_paths(params)
-  flat_new = optimizers.flatten_paths(new_params)
+  flat_old = params_lib.flatten_params(params)
+  flat_new = params_lib.flatten_params(new_params)
   assert set(flat_old) == set(flat_new)
   for p in flat_old:
     if p == PROMPT_PATH:
@@ -150,7 +170,7 @@ def test_multi_optimizer_trains_only_prompt():
     else:
       np.testing.assert_array_equal(np.asarray(flat_new[p]), np.asarray(flat_old[p]))
       assert flat_new[p].dtype == flat_old[p].dtype
-  flat_new_state = optimizers.flatten_paths(new_state.param_states)
+  flat_new_state = params_lib.flatten_params(new_state.param_states)
   for p, s in flat_new_state.items():
     assert (s is None) == (p != PROMPT_PATH)
   # Only the (5, 16) prompt's unfactored second moment is held.
@@ -179,11 +199,11 @@ def test_subtree_mode_equals_full_tree_mode():
   opt = _prompt_multi_optimizer()
   full_params, full_state = _run(opt, params, opt.init_state(params), steps=3)
 
-  trainable = [p for p in optimizers.flatten_paths(params) if opt.trainable_filter(p)]
+  trainable = [p for p in params_lib.flatten_params(params) if opt.trainable_filter(p)]
   assert trainable == [PROMPT_PATH]
   opt2 = _prompt_multi_optimizer()
   sub_state0 = opt2.init_state(_subtree(params, trainable))
-  assert optimizers.flatten_paths(sub_state0.param_states).keys() == {PROMPT_PATH}
+  assert params_lib.flatten_params(sub_state0.param_states).keys() == {PROMPT_PATH}
   sub_params, sub_state = _run(opt2, params, sub_state0, steps=3, subtree_paths=trainable)
   np.testing.assert_array_equal(
       np.asarray(optimizers.get_path(full_params, PROMPT_PATH)),
@@ -277,7 +297,7 @@ def test_flax_traversal_and_plain_filter_accepted():
       ((lambda path, _: path.endswith('/scale'), adafactor.Adafactor()),)
   )
   state = opt2.init_state(_params())
-  flat = optimizers.flatten_paths(state.param_states)
+  flat = params_lib.flatten_params(state.param_states)
   assert [p for p, s in flat.items() if s is not None] == [
       'encoder/layers_0/pre_attention_layer_norm/scale'
   ]
