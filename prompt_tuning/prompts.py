@@ -32,7 +32,6 @@ This module holds the three building blocks of prompt tuning (Lester et al.
 """
 
 import logging
-import os
 import re
 import threading
 import weakref

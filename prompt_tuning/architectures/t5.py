@@ -48,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
 
 from prompt_tuning import masks as masks_lib
+from prompt_tuning import params as params_lib
 from prompt_tuning.architectures import hooks as hooks_lib
 from prompt_tuning.architectures import layers
 
@@ -960,18 +960,21 @@ class DecoderOnly(nn.Module):
 
 # The library's one `/`-path helper (`prompt_tuning.params`); these names stay for the callers that
 # use them through this module.
-from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 flatten_params = params_lib.flatten_params
 unflatten_params = params_lib.unflatten_params
 
 
 def make_model(
-    config: T5Config, *, decoder_only: bool = False, prompt_factory: Optional[PromptFactory] = None
+    config: T5Config,
+    *,
+    decoder_only: bool = False,
+    prompt_factory: Optional[PromptFactory] = None,
+    hooks: Optional[Hooks] = None,
 ) -> nn.Module:
-  """`EncoderDecoder(config)` or `DecoderOnly(config)`."""
+  """`EncoderDecoder(config)` or `DecoderOnly(config)`, with an optional prompt and hooks."""
   cls = DecoderOnly if decoder_only else EncoderDecoder
-  return cls(config, prompt_factory=prompt_factory)
+  return cls(config, prompt_factory=prompt_factory, hooks=hooks)
 
 
 def init_variables(
@@ -981,12 +984,13 @@ def init_variables(
     decoder_only: bool = False,
     prompt_factory: Optional[PromptFactory] = None,
     abstract: bool = False,
+    hooks: Optional[Hooks] = None,
 ) -> Dict[str, Any]:
   """`model.init` on dummy length-1 inputs: `{'params': ..., 'params_axes': ...}`.
 
   With `abstract=True` nothing is computed (`jax.eval_shape`) and leaves are ShapeDtypeStructs.
   """
-  model = make_model(config, decoder_only=decoder_only, prompt_factory=prompt_factory)
+  model = make_model(config, decoder_only=decoder_only, prompt_factory=prompt_factory, hooks=hooks)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   ones = jnp.ones((1, 1), jnp.int32)
 
