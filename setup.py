@@ -66,7 +66,14 @@ setuptools.setup(
             'torch==2.13.0',
             'transformers>=4.50,<6',
             'peft>=0.15,<1',
+            # The Ray executor of the sweeps and the HTTP server are tested too.
+            'ray>=2.40,<3',
+            'fastapi>=0.110,<1',
+            'uvicorn>=0.29,<1',
+            'httpx>=0.27,<1',
         ],
+        'ray': ['ray>=2.40,<3'],
+        'serve': ['fastapi>=0.110,<1', 'uvicorn>=0.29,<1'],
         'bench': [
             'torch==2.13.0',
             'transformers>=4.50,<6',
