@@ -234,11 +234,15 @@ def check_lengths(
   """
   lengths = _check_increasing(feature, lengths)
   if lengths[-1] < full_length:
+    lower = (
+        f', or lower {source}[{feature!r}] to {lengths[-1]} (seqio then truncates longer {feature})'
+        if source == 'TASK_FEATURE_LENGTHS'
+        else ''
+    )
     raise BucketError(
         f'The longest bucket of {feature!r} ({lengths[-1]}) is shorter than its padded length '
         f'{full_length} ({source}), so longer examples would fit no bucket. Add {full_length} as '
-        f"the last bucket (e.g. lengths = {{'{feature}': {list(lengths) + [full_length]}}}), or "
-        f'lower {source}[{feature!r}] to {lengths[-1]} (seqio then truncates longer {feature}).'
+        f"the last bucket (e.g. lengths = {{'{feature}': {list(lengths) + [full_length]}}}){lower}."
     )
   capped = [n for n in lengths if n < full_length] + [int(full_length)]
   return tuple(capped)
@@ -415,7 +419,7 @@ def bucket_host_examples(
     config: BucketConfig,
     allowed: Sequence[str] = tuple(GROUP_PREFIXES),
     buckets: Optional[Buckets] = None,
-    source: str = 'the longest example',
+    source: str = 'the padded length of the batches: TASK_FEATURE_LENGTHS, or the longest example',
 ) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
   """Eval/infer batching: `(indices, batch)` with every batch from one bucket, trimmed.
 
