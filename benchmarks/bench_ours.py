@@ -17,6 +17,14 @@ Sections:
           `targets` tokens for the mixed-task batch (`predict_batch_with_aux`, EOS suppressed).
   decode  greedy decoding of exactly `decode_tokens` tokens with the KV cache
           (`predict_batch_with_aux`, `temperature_sample` with topk=1, EOS suppressed).
+  realistic_{sst2,rte,boolq}
+          training on the input-length distribution of the task: fixed padding to 512 (T5X,
+          no packing) vs length buckets (`RealisticBench`).
+  dots    `jnp.dot` FLOP/s at the backbone's matmul shapes in float32, bfloat16 and bfloat16
+          with float32 results (the bfloat16 section).
+
+`--dtype bfloat16` runs bfloat16 activations; `--dots f32acc` adds the prototype of float32-
+accumulating dense matmuls (`benchmarks/bf16_dots.py`).
 """
 
 import dataclasses
@@ -26,6 +34,8 @@ import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 
@@ -252,6 +262,153 @@ class TrainBench:
     return res
 
 
+class RealisticBench:
+  """Training on realistic input lengths: T5X fixed padding vs length buckets.
+
+  Both variants batch the same example stream (`common.realistic_examples`) and train through the
+  runtime's `Trainer`: `fixed` pads every batch to `realistic_max_inputs` (T5X without packing, the
+  paper's recipe), `bucketed` forms batches within the buckets that `BucketConfig()`'s defaults
+  choose (4, plus the full length) and `bucketed_8` within 8. Each repetition times a stratified
+  sample of each variant's batches (`common.timed_batches`); every bucket shape is compiled in
+  setup, once (the jit cache entries are reported).
+  """
+
+  def __init__(self, args, shapes, dist):
+    self.args, self.shapes, self.dist = args, shapes, common.DISTRIBUTIONS[dist]
+    self.res = {'distribution': dist}
+
+  def setup(self) -> dict:
+    args, shapes, res, dist = self.args, self.shapes, self.res, self.dist
+    jax = self.jax = _setup_jax(args)
+    from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+    t0 = time.perf_counter()
+    p = args.prompt_length
+    config, params = _load(args, p)
+    model = _model(config, p)
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    examples = common.realistic_examples(shapes, dist)
+    b, full, tgt = shapes.batch, shapes.realistic_max_inputs, shapes.realistic_targets
+    plans = {'fixed': common.fixed_plan(examples, b, full)}
+    res['buckets'] = {}
+    for name, k in (('bucketed', 4), ('bucketed_8', 8)):
+      lengths = common.bucket_lengths(shapes, dist, k)
+      res['buckets'][name] = list(lengths)
+      plans[name] = common.bucketed_plan(examples, b, lengths)
+    res['padding_fraction'] = {n: common.padding_fraction(examples, pl) for n, pl in plans.items()}
+    res['mean_input_tokens'] = float(np.mean([len(e['inputs']) for e in examples]))
+    res['stream_examples'] = len(examples)
+    self.batches = {}
+    for name, plan in plans.items():
+      k = shapes.realistic_timed_fixed if name == 'fixed' else shapes.realistic_timed
+      timed = common.timed_batches(plan, k)
+      res[f'{name}_timed_padding_fraction'] = common.padding_fraction(examples, timed)
+      self.batches[name] = [common.realistic_batch(examples, rows, n, tgt) for rows, n in timed]
+    first = self.batches['fixed'][0]
+    builder = train_state.StateBuilder(
+        model,
+        partitioner,
+        {k: v.shape for k, v in first.items()},
+        {k: v.dtype for k, v in first.items()},
+    )
+    self.trainer = trainer_lib.Trainer(
+        model,
+        builder.build(params),
+        partitioner,
+        eval_names=[],
+        summary_dir=None,
+        train_state_axes=builder.state_axes,
+        rng=jax.random.PRNGKey(0),
+        learning_rate_fn=schedules.create_learning_rate_scheduler(
+            factors='constant', base_learning_rate=0.3
+        ),
+        log_period=10**9,
+    )
+    del params
+    gc.collect()
+    # Compile every shape once (each variant's distinct shapes), then time without compilation.
+    shapes_seen = {}
+    for name, batches in self.batches.items():
+      for batch in batches:
+        shape = batch['encoder_input_tokens'].shape
+        if shape not in shapes_seen:
+          shapes_seen[shape] = name
+          self.trainer.train(iter([batch]), 1)
+    self.shapes_compiled = sorted(shapes_seen)
+    step = self.trainer._partitioned_train_step  # pylint: disable=protected-access
+    res['jit_cache_entries_after_setup'] = step._jitted._cache_size()  # pylint: disable=protected-access
+    res['distinct_shapes'] = len(shapes_seen)
+    res['setup_s'] = time.perf_counter() - t0
+    for name in self.batches:
+      res[f'{name}_times_s'] = []
+    return {'setup_s': res['setup_s']}
+
+  def _run(self, batches):
+    self.trainer.train(iter(batches), len(batches))
+
+  def rep(self) -> dict:
+    return common.rep_variants(
+        self.res, {name: (lambda b=b: self._run(b)) for name, b in self.batches.items()}
+    )
+
+  def finish(self) -> dict:
+    res = self.res
+    for name, batches in self.batches.items():
+      res[f'{name}_examples_per_s'] = [
+          len(batches) * self.shapes.batch / t for t in res[f'{name}_times_s']
+      ]
+    step = self.trainer._partitioned_train_step  # pylint: disable=protected-access
+    res['jit_cache_entries_after_timing'] = step._jitted._cache_size()  # pylint: disable=protected-access
+    res['peak_rss_mb'] = common.peak_rss_mb()
+    return res
+
+
+class DotsBench:
+  """`jnp.dot` FLOP/s at the backbone's matmul shapes: float32, bfloat16 -> bfloat16 (what the
+  layers emit with bfloat16 activations) and bfloat16 -> float32 (`preferred_element_type`)."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.res = {'shapes': [list(x) for x in common.dot_shapes(shapes)]}
+    self.fns = {}
+
+  def setup(self) -> dict:
+    jax = _setup_jax(self.args)
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.RandomState(0)
+    for m, k, n in common.dot_shapes(self.shapes):
+      a32 = rng.standard_normal((m, k)).astype(np.float32)
+      b32 = rng.standard_normal((k, n)).astype(np.float32)
+      for name, dtype, out in (
+          ('f32', jnp.float32, None),
+          ('bf16', jnp.bfloat16, None),
+          ('bf16_f32acc', jnp.bfloat16, jnp.float32),
+      ):
+        a, b = jax.device_put(a32.astype(dtype)), jax.device_put(b32.astype(dtype))
+        f = jax.jit(lambda x, y, out=out: jnp.dot(x, y, preferred_element_type=out))
+        f(a, b).block_until_ready()
+        key = f'{name}_{m}x{k}x{n}'
+        self.fns[key] = lambda f=f, a=a, b=b: f(a, b).block_until_ready()
+        self.res[f'{key}_times_s'] = []
+        self.res[f'{key}_flops'] = 2.0 * m * k * n
+    return {}
+
+  def rep(self) -> dict:
+    return common.rep_variants(self.res, self.fns)
+
+  def finish(self) -> dict:
+    for key in self.fns:
+      self.res[f'{key}_gflops'] = (
+          self.res[f'{key}_flops'] / common.median(self.res[f'{key}_times_s']) / 1e9
+      )
+    self.res['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+    return self.res
+
+
 def _no_eos(logits, state):
   """Masks EOS so that every example decodes exactly the requested number of tokens."""
   del state
@@ -388,11 +545,17 @@ class DecodeBench:
     return self.res
 
 
-SECTIONS = {'train': TrainBench, 'serve': ServeBench, 'decode': DecodeBench}
+SECTIONS = {
+    'train': TrainBench,
+    'serve': ServeBench,
+    'decode': DecodeBench,
+    'dots': DotsBench,
+    **{f'realistic_{d}': (lambda a, s, d=d: RealisticBench(a, s, d)) for d in common.DISTRIBUTIONS},
+}
 
 
 def _meta(args) -> dict:
-  meta = {'remat': args.remat}
+  meta = {'remat': args.remat, 'dots': args.dots, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
   if 'jax' in sys.modules:
     jax = sys.modules['jax']
     meta.update({'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind})
@@ -410,6 +573,18 @@ def main(argv=None):
       help='persistent XLA compilation cache dir (re-compiling the step for '
       'cost_analysis then hits the cache)',
   )
+  parser.add_argument(
+      '--dots',
+      default='default',
+      choices=('default', 'f32acc'),
+      help="f32acc: route the dense layers' bfloat16 matmuls through float32-accumulating dots "
+      '(benchmarks/bf16_dots.py, a prototype of a change to architectures/layers.py)',
+  )
+  args, _ = parser.parse_known_args(argv)
+  if args.dots == 'f32acc':
+    from benchmarks import bf16_dots  # pylint: disable=g-import-not-at-top
+
+    bf16_dots.install()
   common.worker_main(parser, argv, SECTIONS, 'ours', _meta)
 
 

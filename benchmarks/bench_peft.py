@@ -15,12 +15,18 @@ Sections:
            greedy generation of `targets` label tokens, one `generate` per task.
   decode   `PeftModelForSeq2SeqLM.generate` (transformers `generate`, greedy, KV cache,
            `min_new_tokens = max_new_tokens` so exactly `decode_tokens` tokens are produced).
+  realistic_{sst2,rte,boolq}
+           training on the task's input-length distribution with pad-to-longest batches and
+           with `group_by_length` batches (`RealisticBench`).
+  dots     `torch.mm` FLOP/s at the backbone's matmul shapes, float32 and bfloat16.
 """
 
 import gc
 import os
 import sys
 import time
+
+import numpy as np
 
 from benchmarks import common
 
@@ -198,6 +204,138 @@ class TrainBench:
     return res
 
 
+class RealisticBench:
+  """PEFT training on realistic input lengths: `longest` = consecutive batches padded to their
+  longest example (`DataCollatorForSeq2Seq(padding=True)`, what `Trainer` does by default);
+  `grouped` = `TrainingArguments(group_by_length=True)`'s order (transformers'
+  `get_length_grouped_indices`: megabatches of 50 batches sorted by length), padded to the longest.
+  Labels are padded with -100. Timed on a stratified sample of each variant's batches."""
+
+  def __init__(self, args, shapes, dist):
+    self.args, self.shapes, self.dist = args, shapes, common.DISTRIBUTIONS[dist]
+    self.res = {'distribution': dist}
+
+  def setup(self) -> dict:
+    args, shapes, res, dist = self.args, self.shapes, self.res, self.dist
+    torch = self.torch = _torch(args)
+    from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
+    from transformers.trainer_pt_utils import get_length_grouped_indices  # pylint: disable=g-import-not-at-top
+
+    t0 = time.perf_counter()
+    model, device = _peft_model(args, torch, args.prompt_length)
+    model.train()
+    self.model, self.device = model, device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    self.opt = Adafactor(
+        trainable,
+        lr=0.3,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+        decay_rate=-0.8,
+        clip_threshold=1.0,
+        weight_decay=1e-5,
+    )
+    examples = common.realistic_examples(shapes, dist)
+    lengths = [len(e['inputs']) for e in examples]
+    b = shapes.batch
+    grouped = get_length_grouped_indices(
+        lengths, b, generator=torch.Generator().manual_seed(common.SEED)
+    )
+    plans = {
+        'longest': common.longest_plan(examples, range(len(examples)), b),
+        'grouped': common.longest_plan(examples, grouped, b),
+    }
+    res['padding_fraction'] = {n: common.padding_fraction(examples, pl) for n, pl in plans.items()}
+    res['mean_input_tokens'] = float(np.mean(lengths))
+    self.batches = {}
+    for name, plan in plans.items():
+      timed = common.timed_batches(plan, shapes.realistic_timed)
+      res[f'{name}_timed_padding_fraction'] = common.padding_fraction(examples, timed)
+      self.batches[name] = [self._collate(examples, rows) for rows, _ in timed]
+    self.sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    for batches in self.batches.values():  # warm up every shape once
+      self._run(batches[:1])
+      self._run(batches[-1:])
+    res['setup_s'] = time.perf_counter() - t0
+    for name in self.batches:
+      res[f'{name}_times_s'] = []
+    return {'setup_s': res['setup_s']}
+
+  def _collate(self, examples, rows):
+    torch = self.torch
+    n = max(len(examples[i]['inputs']) for i in rows)
+    t = max(len(examples[i]['targets']) for i in rows)
+    ids = np.zeros((len(rows), n), np.int64)
+    labels = np.full((len(rows), t), -100, np.int64)
+    for r, i in enumerate(rows):
+      x, y = examples[i]['inputs'], examples[i]['targets']
+      ids[r, : len(x)] = x
+      labels[r, : len(y)] = y
+    ids = torch.from_numpy(ids).to(self.device)
+    return {
+        'input_ids': ids,
+        'attention_mask': (ids != 0).long(),
+        'labels': torch.from_numpy(labels).to(self.device),
+    }
+
+  def _run(self, batches):
+    for batch in batches:
+      out = self.model(**batch)
+      out.loss.backward()
+      self.opt.step()
+      self.opt.zero_grad(set_to_none=True)
+    self.sync()
+
+  def rep(self) -> dict:
+    return common.rep_variants(
+        self.res, {name: (lambda b=b: self._run(b)) for name, b in self.batches.items()}
+    )
+
+  def finish(self) -> dict:
+    res = self.res
+    for name, batches in self.batches.items():
+      res[f'{name}_examples_per_s'] = [
+          len(batches) * self.shapes.batch / t for t in res[f'{name}_times_s']
+      ]
+    res['peak_rss_mb'] = common.peak_rss_mb()
+    return res
+
+
+class DotsBench:
+  """`torch.mm` FLOP/s at the backbone's matmul shapes, float32 and bfloat16."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.res = {'shapes': [list(x) for x in common.dot_shapes(shapes)]}
+    self.fns = {}
+
+  def setup(self) -> dict:
+    torch = _torch(self.args)
+    rng = np.random.RandomState(0)
+    for m, k, n in common.dot_shapes(self.shapes):
+      a32 = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+      b32 = torch.from_numpy(rng.standard_normal((k, n)).astype(np.float32))
+      for name, dtype in (('f32', torch.float32), ('bf16', torch.bfloat16)):
+        a, b = a32.to(dtype), b32.to(dtype)
+        torch.mm(a, b)
+        key = f'{name}_{m}x{k}x{n}'
+        self.fns[key] = lambda a=a, b=b: torch.mm(a, b)
+        self.res[f'{key}_times_s'] = []
+        self.res[f'{key}_flops'] = 2.0 * m * k * n
+    return {}
+
+  def rep(self) -> dict:
+    return common.rep_variants(self.res, self.fns)
+
+  def finish(self) -> dict:
+    for key in self.fns:
+      self.res[f'{key}_gflops'] = (
+          self.res[f'{key}_flops'] / common.median(self.res[f'{key}_times_s']) / 1e9
+      )
+    return self.res
+
+
 def _scores(torch, logits, targets):
   logp = torch.log_softmax(logits.float(), dim=-1)
   return logp.gather(-1, targets[..., None])[..., 0].sum(-1)
@@ -372,6 +510,8 @@ SECTIONS = {
     'serve': ServeBench,
     'decode': DecodeBench,
     'prepare': lambda a, s: _OneShot(section_prepare, a, s),
+    'dots': DotsBench,
+    **{f'realistic_{d}': (lambda a, s, d=d: RealisticBench(a, s, d)) for d in common.DISTRIBUTIONS},
 }
 
 

@@ -44,6 +44,21 @@ class Shapes:
   matmul_size: int = 2048
   matmul_reps: int = 5  # matmul timings after every repetition
   num_train_batches: int = 4  # distinct host batches cycled through
+  # Realistic-length training (issue 18): every variant batches the same stream of
+  # `realistic_stream` examples its own way; a repetition times `realistic_timed` of its batches,
+  # picked evenly over its batches sorted by padded length (`realistic_timed_fixed` for fixed
+  # padding, whose batches all have one shape). Then the padded input length (the paper's
+  # TASK_FEATURE_LENGTHS), the targets' padded length, the prompt length and the repetitions.
+  realistic_stream: int = 4096
+  realistic_timed: int = 16
+  realistic_timed_fixed: int = 4
+  realistic_max_inputs: int = 512
+  realistic_targets: int = 8
+  realistic_prompt: int = 100
+  realistic_reps: int = 3
+  # bfloat16 section: repetitions of the matmul microbenchmark; its (M, K, N) shapes are the T5
+  # shapes of `shapes` (see `dot_shapes`).
+  dots_reps: int = 5
 
 
 def _t5_1_1(d_model, d_ff, layers, heads, vocab=32128, d_kv=64) -> Dict[str, Any]:
@@ -105,6 +120,14 @@ SHAPES = {
         decode_prompt_lengths=(4,),
         matmul_size=256,
         matmul_reps=3,
+        realistic_stream=256,
+        realistic_timed=4,
+        realistic_timed_fixed=2,
+        realistic_max_inputs=64,
+        realistic_targets=4,
+        realistic_prompt=4,
+        realistic_reps=1,
+        dots_reps=1,
     ),
     # GPU section (only run when JAX sees a GPU): the same workloads on T5 1.1 base and large with
     # bfloat16 activations (the dtype is chosen by the workers' --dtype).
@@ -225,6 +248,195 @@ def prompt_bank(num: int, length: int, dim: int) -> np.ndarray:
   """`[num, length, dim]` float32 prompts, U[-0.5, 0.5) (Lester et al.'s random init)."""
   rng = np.random.RandomState(PROMPT_SEED)
   return rng.uniform(-0.5, 0.5, size=(num, length, dim)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------- realistic lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthDist:
+  """A task's input-length distribution in T5 SentencePiece tokens of the `inputs` feature (the
+  task's text template included, EOS included), modelled as a log-normal through `median` and
+  `p95`, clipped to `[shortest, longest]` (then truncated to the padded length, as seqio does)."""
+
+  name: str
+  median: float
+  p95: float
+  shortest: int
+  longest: int
+  targets: int  # target tokens with EOS (the label words)
+  basis: str  # where the numbers come from
+
+
+# Estimates, not measurements: nothing is downloaded. Word counts are those published for the
+# datasets (GLUE/SuperGLUE papers and dataset cards); they are converted at about 1.3 T5
+# SentencePiece tokens per English word, plus the tokens of the T5 text template and EOS.
+DISTRIBUTIONS = {
+    'sst2': LengthDist(
+        'SST-2',
+        median=13,
+        p95=36,
+        shortest=4,
+        longest=75,
+        targets=2,
+        basis=(
+            'GLUE SST-2 train: 67,349 movie-review phrases and sentences, about 9-10 words on '
+            'average (median about 7, longest about 52 words); template `sentence:` + EOS'
+        ),
+    ),
+    'rte': LengthDist(
+        'RTE',
+        median=66,
+        p95=150,
+        shortest=15,
+        longest=290,
+        targets=3,
+        basis=(
+            'GLUE/SuperGLUE RTE train: 2,490 premise/hypothesis pairs, premises about 43 words '
+            'and hypotheses about 9 on average, a long tail of premises past 200 words; template '
+            '`sentence1: ... sentence2: ...` + EOS'
+        ),
+    ),
+    'boolq': LengthDist(
+        'BoolQ',
+        median=150,
+        p95=330,
+        shortest=30,
+        longest=850,
+        targets=2,
+        basis=(
+            'SuperGLUE BoolQ train: 9,427 questions (about 9 words) with Wikipedia passages (about '
+            '108 words on average, Clark et al. 2019), the longest past 600 words, so a few '
+            'percent exceed 512 tokens and are truncated; template `question: ... passage: ...` '
+            '+ EOS'
+        ),
+    ),
+}
+
+
+def sample_lengths(dist: LengthDist, n: int, max_len: int, seed: int = SEED) -> np.ndarray:
+  """`n` input lengths of `dist`, scaled to a padded length of `max_len` (the distributions are
+  stated for 512; the quick shapes scale them down), truncated at `max_len`.
+
+  Stratified: the lengths are the distribution's quantiles at (i + 0.5) / n in a seeded random
+  order, so even a few dozen examples represent the distribution (its tail included).
+  """
+  from statistics import NormalDist  # pylint: disable=g-import-not-at-top
+
+  scale = max_len / 512.0
+  mu = np.log(dist.median)
+  sigma = (np.log(dist.p95) - mu) / NormalDist().inv_cdf(0.95)
+  q = (np.arange(n) + 0.5) / n
+  z = np.array([NormalDist().inv_cdf(float(x)) for x in q])
+  lengths = np.clip(np.exp(mu + sigma * z), dist.shortest, dist.longest) * scale
+  lengths = np.clip(np.round(lengths), 2, max_len).astype(np.int64)
+  return np.random.RandomState(seed).permutation(lengths)
+
+
+def realistic_examples(shapes: Shapes, dist: LengthDist) -> List[Dict[str, np.ndarray]]:
+  """The stream: `realistic_stream` unpadded examples, `inputs` (ending in EOS) and `targets`."""
+  rng = np.random.RandomState(SEED + 3)
+  vocab = shapes.hf_config['vocab_size']
+  targets = min(dist.targets, shapes.realistic_targets)
+  out = []
+  for n in sample_lengths(dist, shapes.realistic_stream, shapes.realistic_max_inputs):
+    inputs = np.append(_tokens(rng, (int(n) - 1,), vocab), EOS_ID).astype(np.int32)
+    tgt = np.append(_tokens(rng, (targets - 1,), vocab), EOS_ID).astype(np.int32)
+    out.append({'inputs': inputs, 'targets': tgt})
+  return out
+
+
+def bucket_lengths(shapes: Shapes, dist: LengthDist, num_buckets: int = 4) -> tuple:
+  """The bucket lengths the runtime would choose (`bucketing.choose_lengths`, defaults of
+  `BucketConfig`) from a 1000-example sample of `dist` (another seed than the timed examples)."""
+  from prompt_tuning.data import bucketing  # pylint: disable=g-import-not-at-top
+
+  sample = sample_lengths(dist, 1000, shapes.realistic_max_inputs, seed=SEED + 99)
+  return bucketing.choose_lengths(sample, shapes.realistic_max_inputs, num_buckets, 8)
+
+
+def fixed_plan(examples, batch: int, max_len: int) -> List[tuple]:
+  """T5X without packing: consecutive batches, every one padded to `max_len`."""
+  return [(list(range(i, i + batch)), max_len) for i in range(0, len(examples), batch)]
+
+
+def bucketed_plan(examples, batch: int, lengths: Sequence[int]) -> List[tuple]:
+  """`(indices, padded length)` of ours with length buckets, as the runtime's training stream.
+
+  Examples join their bucket's queue in stream order and a full queue becomes a batch (tf.data
+  `group_by_window`, `bucketing.bucket_batches`). In an endless training stream the examples still
+  queued at the end would wait for later ones; on this finite list they are promoted to the next
+  longer bucket (which holds them), and a last incomplete batch is filled with empty rows (counted
+  as padding), so every example is trained exactly once. Both can only overstate the padding of
+  bucketing.
+  """
+  queues: Dict[int, List[int]] = {}
+  plan = []
+  for i, ex in enumerate(examples):
+    b = int(np.searchsorted(lengths, len(ex['inputs']), side='left'))
+    queues.setdefault(b, []).append(i)
+    if len(queues[b]) == batch:
+      plan.append((queues.pop(b), int(lengths[b])))
+  carry: List[int] = []
+  for b in range(len(lengths)):
+    carry += queues.pop(b, [])
+    while len(carry) >= batch:
+      plan.append((carry[:batch], int(lengths[b])))
+      carry = carry[batch:]
+  if carry:
+    plan.append((carry + [None] * (batch - len(carry)), int(lengths[-1])))
+  return plan
+
+
+def longest_plan(examples, order: Sequence[int], batch: int) -> List[tuple]:
+  """Batches of `order`'s consecutive examples, each padded to its longest (pad-to-longest)."""
+  plan = []
+  for i in range(0, len(order) - batch + 1, batch):
+    rows = [int(j) for j in order[i : i + batch]]
+    plan.append((rows, max(len(examples[j]['inputs']) for j in rows)))
+  return plan
+
+
+def timed_batches(plan, k: int) -> List[tuple]:
+  """`k` batches of `plan` picked evenly over it sorted by padded length (a stratified sample: the
+  time of these batches, scaled, estimates the time of the whole plan)."""
+  ordered = sorted(plan, key=lambda item: (item[1], [-1 if i is None else i for i in item[0]]))
+  return [ordered[int((i + 0.5) * len(ordered) / k)] for i in range(min(k, len(ordered)))]
+
+
+def padding_fraction(examples, plan) -> float:
+  """Padding share of the input positions (prompt excluded) of a plan; empty rows are padding."""
+  real = sum(len(examples[i]['inputs']) for rows, _ in plan for i in rows if i is not None)
+  total = sum(len(rows) * n for rows, n in plan)
+  return 1.0 - real / total
+
+
+def realistic_batch(examples, rows: Sequence[Optional[int]], inputs_len: int, targets_len: int):
+  """A host batch in the EncDecFeatureConverter layout (`None` rows are all padding)."""
+  n = len(rows)
+  enc = np.zeros((n, inputs_len), np.int32)
+  tgt = np.zeros((n, targets_len), np.int32)
+  for r, i in enumerate(rows):
+    if i is None:
+      continue
+    x, t = examples[i]['inputs'], examples[i]['targets']
+    enc[r, : len(x)] = x
+    tgt[r, : len(t)] = t
+  return {
+      'encoder_input_tokens': enc,
+      'decoder_input_tokens': shift_right(tgt),
+      'decoder_target_tokens': tgt,
+      'decoder_loss_weights': (tgt > 0).astype(np.float32),
+  }
+
+
+def dot_shapes(shapes: Shapes) -> List[tuple]:
+  """(M, K, N) of the backbone's largest matmuls in a training step at `shapes` (prompt included):
+  the attention projections and the gated-GELU MLP over `batch * (P + inputs)` positions."""
+  hf = shapes.hf_config
+  m = shapes.batch * (max(shapes.prompt_lengths) + shapes.inputs)
+  inner = hf['num_heads'] * hf['d_kv']
+  return [(m, hf['d_model'], inner), (m, hf['d_model'], hf['d_ff']), (m, hf['d_ff'], hf['d_model'])]
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -440,10 +652,13 @@ def worker_main(
   def reps(section):
     if args.reps is not None:
       return args.reps
+    if section.startswith('realistic'):
+      return shapes.realistic_reps
     return {
         'train': shapes.train_reps,
         'serve': shapes.serve_reps,
         'decode': shapes.decode_reps,
+        'dots': shapes.dots_reps,
     }.get(section, 0)
 
   res = run_worker(make_bench, jobs, args.reply_fd, reps, finish_meta)

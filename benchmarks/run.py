@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # full CPU benchmark (T5 1.1 small shape, ~15 minutes)
     python -m benchmarks.run --quick    # tiny shapes, one repetition (< 1 minute; smoke test)
+    python -m benchmarks.run --sections realistic,bf16   # only those; -> RESULTS.realistic_bf16.md
 
 Needs the `bench` extra (`pip install -e .[bench]`: torch, transformers, peft, psutil).
 
@@ -32,6 +33,11 @@ from benchmarks import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CALL_TIMEOUT_S = 1800
+
+
+# `--sections`: the main comparison (sections 1-3, pinned runs, GPU), training on realistic
+# input lengths (issue 18), bfloat16 on the CPU (issue 18).
+SECTIONS = ('main', 'realistic', 'bf16')
 
 
 class WorkerError(RuntimeError):
@@ -332,6 +338,122 @@ def run_suite(
   return results
 
 
+def _prepare(shapes: common.Shapes, workdir: str, log_dir: str, log) -> Dict[str, Any]:
+  """Builds the random transformers checkpoint both frameworks load (the `prepare` job)."""
+  os.makedirs(workdir, exist_ok=True)
+  label = f'{shapes.name}_prepare'
+  prep = run_group(
+      [(label, _worker_argv('peft', [('prepare', 0)], shapes.name, workdir))],
+      [('prepare', 0)],
+      {},
+      log_dir,
+      log,
+      env={'CUDA_VISIBLE_DEVICES': ''},
+  )
+  return prep[label][0]
+
+
+CPU_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
+
+
+def run_realistic(
+    shapes: common.Shapes, workdir: str, log_dir: str, one_process: bool = False, log=print
+) -> Dict[str, Any]:
+  """Training on the SST-2 / RTE / BoolQ input-length distributions (issue 18): ours with fixed
+  padding and with length buckets, PEFT with pad-to-longest and with `group_by_length` batches."""
+  results: Dict[str, Any] = {'kind': 'realistic', 'shapes': shapes.name}
+  results['prepare'] = _prepare(shapes, workdir, log_dir, log)
+  if 'error' in results['prepare']:
+    return results
+  p = shapes.realistic_prompt
+  jobs = [(f'realistic_{d}', p) for d in common.DISTRIBUTIONS]
+  groups = [jobs] if one_process else [[job] for job in jobs]
+  cache = os.path.join(workdir, 'jax_cache')
+  reps = {section: shapes.realistic_reps for section, _ in jobs}
+  for group in groups:
+    tag = '_'.join(s.split('_', 1)[1] for s, _ in group) if len(group) < 3 else 'all'
+    specs = [
+        (
+            f'{shapes.name}_ours_realistic_{tag}',
+            _worker_argv('ours', group, shapes.name, workdir, compilation_cache=cache),
+        ),
+        (
+            f'{shapes.name}_peft_realistic_{tag}',
+            _worker_argv('peft', group, shapes.name, workdir),
+            TORCH_ENV,
+        ),
+    ]
+    log(f'[{shapes.name}] realistic lengths: ' + ', '.join(s for s, _ in group))
+    res = run_group(specs, group, reps, log_dir, log, CPU_ENV)
+    for j, (section, _) in enumerate(group):
+      results[section.split('_', 1)[1]] = {
+          'ours': res[specs[0][0]][j],
+          'peft': res[specs[1][0]][j],
+      }
+  return results
+
+
+# XLA flags tried for bfloat16 (the dots table measures each; see ANALYSIS.md).
+XLA_BF16_FLAGS = {
+    'default': '',
+    'onednn': '--xla_cpu_use_onednn=true',
+    'onednn_dot_fusion': '--xla_cpu_experimental_onednn_fusion_type=dot',
+    'xnn_dot_fusion': '--xla_cpu_experimental_xnn_fusion_type=dot',
+}
+
+
+def run_bf16(shapes: common.Shapes, workdir: str, log_dir: str, log=print) -> Dict[str, Any]:
+  """bfloat16 on the CPU: matmul microbenchmark (XLA flags, torch) and the training step of
+  section 1 (longest prompt) in float32 and bfloat16 for both frameworks."""
+  results: Dict[str, Any] = {'kind': 'bf16', 'shapes': shapes.name}
+  results['prepare'] = _prepare(shapes, workdir, log_dir, log)
+  if 'error' in results['prepare']:
+    return results
+  xla = os.environ.get('XLA_FLAGS', '')
+  dots_specs = [
+      (
+          f'{shapes.name}_ours_dots_{name}',
+          _worker_argv('ours', [('dots', 0)], shapes.name, workdir),
+          {'XLA_FLAGS': f'{xla} {flags}'.strip()} if flags else {},
+      )
+      for name, flags in XLA_BF16_FLAGS.items()
+  ] + [
+      (
+          f'{shapes.name}_peft_dots',
+          _worker_argv('peft', [('dots', 0)], shapes.name, workdir),
+          TORCH_ENV,
+      )
+  ]
+  log(f'[{shapes.name}] bfloat16: matmul microbenchmark')
+  res = run_group(dots_specs, [('dots', 0)], {'dots': shapes.dots_reps}, log_dir, log, CPU_ENV)
+  results['dots'] = {
+      spec[0].rsplit('_dots', 1)[1].lstrip('_') or 'peft': res[spec[0]][0] for spec in dots_specs
+  }
+  p = max(shapes.prompt_lengths)
+  cache = os.path.join(workdir, 'jax_cache_bf16')
+  variants = [
+      ('ours_float32', 'ours', dict(dtype='float32', compilation_cache=cache), {}),
+      ('ours_bfloat16', 'ours', dict(dtype='bfloat16', compilation_cache=cache), {}),
+      (
+          'ours_bfloat16_f32acc',
+          'ours',
+          dict(dtype='bfloat16', dots='f32acc', compilation_cache=cache),
+          {},
+      ),
+      ('peft_float32', 'peft', dict(dtype='float32'), TORCH_ENV),
+      ('peft_bfloat16', 'peft', dict(dtype='bfloat16'), TORCH_ENV),
+  ]
+  specs = [
+      (f'{shapes.name}_{name}', _worker_argv(fw, [('train', p)], shapes.name, workdir, **kw), env)
+      for name, fw, kw, env in variants
+  ]
+  log(f'[{shapes.name}] bfloat16: training P={p}, float32 and bfloat16')
+  res = run_group(specs, [('train', p)], {'train': shapes.train_reps}, log_dir, log, CPU_ENV)
+  results['train'] = {name: res[f'{shapes.name}_{name}'][0] for name, _, _, _ in variants}
+  results['prompt_length'] = p
+  return results
+
+
 # --------------------------------------------------------------------------------- report
 
 
@@ -408,8 +530,14 @@ def _machine() -> Dict[str, Any]:
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
+        if line.startswith('model name') and 'cpu' not in info:
           info['cpu'] = line.split(':', 1)[1].strip()
+        if line.startswith('flags'):
+          flags = line.split(':', 1)[1].split()
+          # The matmul-relevant ISA extensions (bfloat16: avx512_bf16, amx_bf16).
+          info['cpu_flags'] = sorted(
+              f for f in flags if f.startswith(('avx512', 'amx', 'avx_vnni', 'fma'))
+          )
           break
     with open('/proc/meminfo') as f:
       info['memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
@@ -592,6 +720,12 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
       f'{m["platform"]}, Python {m["python"]}; JAX default backend `{meta["backend"]}` (the CPU '
       'sections run with `JAX_PLATFORMS=cpu`).'
   )
+  if m.get('cpu_flags') is not None:
+    add(
+        '- CPU matmul extensions (`/proc/cpuinfo` flags): '
+        + (', '.join(f'`{f}`' for f in m['cpu_flags']) or 'none of AVX-512/AMX')
+        + '.'
+    )
   add('- Versions: ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + '.')
   add(
       f'- Load average (1/5/15 min) at start {meta["load_start"]}, at end {meta["load_end"]}. '
@@ -609,7 +743,20 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
       f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.'
   )
   for key, res in all_results.items():
-    lines += _render_suite(key, res, meta)
+    kind = res.get('kind') if isinstance(res, dict) else None
+    if kind == 'realistic':
+      lines += _render_realistic(key, res)
+    elif kind == 'bf16':
+      lines += _render_bf16(key, res)
+    else:
+      lines += _render_suite(key, res, meta)
+  for part in ('realistic', 'bf16'):
+    if meta.get(f'load_{part}_start') is not None:
+      add('')
+      add(
+          f'Load average during the {part} section: {meta[f"load_{part}_start"]} at its start, '
+          f'{meta.get(f"load_{part}_end")} at its end.'
+      )
   if meta.get('gpu_note'):
     add('')
     add('## GPU section')
@@ -911,6 +1058,202 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
   return lines
 
 
+def _commands(workers) -> List[str]:
+  cmds = sorted({w.get('command') for w in workers if isinstance(w, dict) and w.get('command')})
+  if not cmds:
+    return []
+  return ['', '<details><summary>Worker commands</summary>', '', '```', *cmds, '```', '</details>']
+
+
+def _render_realistic(key: str, res: Dict[str, Any]) -> List[str]:
+  lines: List[str] = []
+  add = lines.append
+  shapes = common.SHAPES[res['shapes']]
+  hf = shapes.hf_config
+  add('')
+  add(
+      f'## {key}: training on realistic input lengths (d_model {hf["d_model"]}, '
+      f'{hf["num_layers"]}+{hf["num_decoder_layers"]} layers, vocab {hf["vocab_size"]}, float32, '
+      f'batch {shapes.batch}, prompt {shapes.realistic_prompt})'
+  )
+  add('')
+  if _err(res.get('prepare')):
+    add(f'Preparing the checkpoint {_err(res["prepare"])}.')
+    return lines
+  add(
+      f'Every variant batches the same stream of {shapes.realistic_stream} generated examples '
+      "(random token ids) whose input lengths follow the task's distribution (below), targets "
+      f"padded to {shapes.realistic_targets} where padding is fixed. Ours: the runtime's `Trainer`; "
+      f'**fixed** = T5X without packing, every batch padded to {shapes.realistic_max_inputs} '
+      "(the paper's recipe, the README's SST-2 command); **bucketed** = `runs/bucketing.gin`: "
+      'batches within the buckets `BucketConfig()` chooses from the distribution (4 lengths, '
+      'plus the full length as catch-all); **bucketed 8** = `NUM_BUCKETS = 8`. PEFT: '
+      '**pad-to-longest** = consecutive batches padded to their longest example '
+      "(`DataCollatorForSeq2Seq(padding=True)`); **group_by_length** = transformers' "
+      '`get_length_grouped_indices` order (megabatches of 50 batches sorted by length), padded to '
+      'the longest. A repetition times '
+      f'{shapes.realistic_timed} batches of each variant ({shapes.realistic_timed_fixed} for fixed, '
+      'whose batches all have one shape) picked evenly from its batches sorted by padded length, '
+      "so their time estimates the whole stream's; examples/s = timed examples / time, medians "
+      f'over {shapes.realistic_reps} repetitions, the variants interleaved. Padding = share of '
+      'padded input positions over the whole stream (prompt excluded). Every bucket shape is '
+      'compiled once in setup.'
+  )
+  add('')
+  add(
+      '| task | mean input tokens | ours fixed ex/s | ours bucketed ex/s | ours bucketed 8 ex/s '
+      '| PEFT pad-to-longest ex/s | PEFT group_by_length ex/s | bucketed / PEFT longest '
+      '| target >= 1.5x | bucketed / PEFT grouped | target >= 1.0x | bucketed / fixed |'
+  )
+  add('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  pad_rows = []
+  workers = []
+  for d, dist in common.DISTRIBUTIONS.items():
+    r = res.get(d)
+    if r is None:
+      continue
+    o, q = r['ours'], r['peft']
+    workers += [o, q]
+    err = _err(o) or _err(q)
+    if err and (_err(o) and _err(q)):
+      add(f'| {dist.name} | {err} |' + ' |' * 10)
+      continue
+    med = lambda w, k: _med(w.get(f'{k}_examples_per_s', [])) if not _err(w) else float('nan')
+    allv = lambda w, k: w.get(f'{k}_examples_per_s', []) if not _err(w) else []
+    b_long = _pair_ratio(allv(o, 'bucketed'), allv(q, 'longest'))
+    b_grp = _pair_ratio(allv(o, 'bucketed'), allv(q, 'grouped'))
+    b_fix = _pair_ratio(allv(o, 'bucketed'), allv(o, 'fixed'))
+    mean_tokens = (o if not _err(o) else q).get('mean_input_tokens', float('nan'))
+    add(
+        f'| {dist.name} | {_fmt(mean_tokens, 1)} | {_fmt(med(o, "fixed"))} | '
+        f'{_fmt(med(o, "bucketed"))} | {_fmt(med(o, "bucketed_8"))} | {_fmt(med(q, "longest"))} | '
+        f'{_fmt(med(q, "grouped"))} | {_fmt(b_long)}x | {_ok(b_long, 1.5)} | {_fmt(b_grp)}x | '
+        f'{_ok(b_grp, 1.0)} | {_fmt(b_fix)}x |'
+    )
+    po = o.get('padding_fraction', {}) if not _err(o) else {}
+    pq = q.get('padding_fraction', {}) if not _err(q) else {}
+    pad_rows.append(
+        f'| {dist.name} | {_fmt(100 * po.get("fixed", float("nan")), 0)}% | '
+        f'{_fmt(100 * po.get("bucketed", float("nan")), 0)}% | '
+        f'{_fmt(100 * po.get("bucketed_8", float("nan")), 0)}% | '
+        f'{_fmt(100 * pq.get("longest", float("nan")), 0)}% | '
+        f'{_fmt(100 * pq.get("grouped", float("nan")), 0)}% | '
+        f'{(o.get("buckets") or {}).get("bucketed", "n/a")} / '
+        f'{(o.get("buckets") or {}).get("bucketed_8", "n/a")} | '
+        f'{o.get("distinct_shapes", "n/a")} / {o.get("jit_cache_entries_after_timing", "n/a")} |'
+    )
+  add('')
+  add(
+      '| task | padding ours fixed | ours bucketed | ours bucketed 8 | PEFT pad-to-longest '
+      '| PEFT group_by_length | bucket lengths (4 / 8) | shapes compiled / jit cache entries '
+      'after timing |'
+  )
+  add('|---|---|---|---|---|---|---|---|')
+  lines += pad_rows
+  add('')
+  add(
+      'Input-length distributions used (T5 SentencePiece tokens of the `inputs` feature, task '
+      'template and EOS included; log-normal through the median and 95th percentile, clipped to '
+      '[shortest, longest], truncated at '
+      f'{shapes.realistic_max_inputs}{" after scaling by " + str(shapes.realistic_max_inputs) + "/512" if shapes.realistic_max_inputs != 512 else ""}). '
+      'These are estimates from published word counts at about 1.3 T5 tokens per word, not '
+      'measurements of the datasets (nothing is downloaded):'
+  )
+  add('')
+  add('| task | median | 95th pct | shortest | longest | basis |')
+  add('|---|---|---|---|---|---|')
+  for dist in common.DISTRIBUTIONS.values():
+    add(
+        f'| {dist.name} | {dist.median:g} | {dist.p95:g} | {dist.shortest} | {dist.longest} | '
+        f'{dist.basis} |'
+    )
+  errors = [f'{w.get("error").strip().splitlines()[-1][:200]}' for w in workers if _err(w)]
+  if errors:
+    add('')
+    add('Failures: ' + '; '.join(errors))
+  lines += _commands(workers)
+  return lines
+
+
+def _render_bf16(key: str, res: Dict[str, Any]) -> List[str]:
+  lines: List[str] = []
+  add = lines.append
+  shapes = common.SHAPES[res['shapes']]
+  add('')
+  add(f'## {key}: bfloat16 on the CPU')
+  add('')
+  if _err(res.get('prepare')):
+    add(f'Preparing the checkpoint {_err(res["prepare"])}.')
+    return lines
+  dots = res.get('dots', {})
+  add(
+      "Matmul microbenchmark at the backbone's shapes in a training step (M = batch x (prompt + "
+      'inputs) positions; the attention projections and the gated-GELU MLP), GFLOP/s, median of '
+      f'{shapes.dots_reps} calls. Ours: jitted `jnp.dot` with float32 operands, bfloat16 operands '
+      'and result (what the layers emit with bfloat16 activations), and bfloat16 operands with '
+      'a float32 result (`preferred_element_type=jnp.float32`), under each `XLA_FLAGS` setting; '
+      'PEFT: `torch.mm` float32 and bfloat16.'
+  )
+  add('')
+  add(
+      '| run | dtype | '
+      + ' | '.join(f'{m}x{k}x{n}' for m, k, n in common.dot_shapes(shapes))
+      + ' |'
+  )
+  add('|---|---|' + '---|' * len(common.dot_shapes(shapes)))
+  workers = []
+  for name, w in dots.items():
+    workers.append(w)
+    if _err(w):
+      add(f'| {name} | {_err(w)} |' + ' |' * len(common.dot_shapes(shapes)))
+      continue
+    label = (
+        'PEFT `torch.mm`'
+        if name == 'peft'
+        else f'ours `jnp.dot`, XLA flags {name}'
+        + (f' (`{XLA_BF16_FLAGS[name]}`)' if XLA_BF16_FLAGS.get(name) else '')
+    )
+    for dt in ('f32', 'bf16', 'bf16_f32acc'):
+      cells = [w.get(f'{dt}_{m}x{k}x{n}_gflops') for m, k, n in common.dot_shapes(shapes)]
+      if all(c is None for c in cells):
+        continue
+      dt_name = {'f32': 'float32', 'bf16': 'bfloat16', 'bf16_f32acc': 'bfloat16 -> float32'}[dt]
+      add(f'| {label} | {dt_name} | ' + ' | '.join(_fmt(c, 0) for c in cells) + ' |')
+  train = res.get('train', {})
+  p = res.get('prompt_length')
+  add('')
+  add(
+      f'Training step of section 1 (batch {shapes.batch}, inputs {shapes.inputs}, targets '
+      f'{shapes.targets}, prompt {p}; {shapes.train_reps} repetitions of {shapes.train_steps} '
+      'steps, all five workers interleaved). Ours bfloat16: `T5Config.dtype = bfloat16` '
+      '(activations and matmuls in bfloat16, weights stored float32 and cast, layer-norm '
+      'statistics and logits float32). Ours bfloat16 + f32-accumulating dense dots: the same with '
+      '`benchmarks/bf16_dots.py`, a prototype of the `layers.DenseGeneral` change proposed in '
+      'ANALYSIS.md (`bench_ours --dots f32acc`). PEFT bfloat16: the transformers model loaded '
+      'with `dtype=torch.bfloat16`.'
+  )
+  add('')
+  add('| variant | ex/s | vs ours float32 | vs PEFT float32 | vs PEFT bfloat16 | first-step loss |')
+  add('|---|---|---|---|---|---|')
+  get = lambda n: train.get(n) if train.get(n) and not _err(train.get(n)) else None
+  for name, w in train.items():
+    workers.append(w)
+    if _err(w):
+      add(f'| {name} | {_err(w)} | | | | |')
+      continue
+    ex = w['examples_per_s']
+    ratio = (
+        lambda other: _pair_ratio(ex, get(other)['examples_per_s']) if get(other) else float('nan')
+    )
+    add(
+        f'| {name.replace("_", " ")} | {_fmt(_med(ex))} | {_fmt(ratio("ours_float32"))}x | '
+        f'{_fmt(ratio("peft_float32"))}x | {_fmt(ratio("peft_bfloat16"))}x | '
+        f'{_fmt(w.get("first_loss"), 4)} |'
+    )
+  lines += _commands(workers)
+  return lines
+
+
 def _all_workers(res):
   for section in ('train', 'serve', 'decode', 'pinned_train', 'pinned_serve', 'pinned_decode'):
     for p, r in (res.get(section) or {}).items():
@@ -978,11 +1321,22 @@ def main(argv=None) -> int:
       help='re-render the output from its .json (e.g. after editing ANALYSIS.md)',
   )
   parser.add_argument('--gpu-section-on-cpu', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument(
+      '--sections',
+      default=','.join(SECTIONS),
+      help='comma-separated subset of ' + ', '.join(SECTIONS) + ' (default: all). Without `main` '
+      'the report goes to benchmarks/RESULTS.<sections>.md, so RESULTS.md keeps the main run.',
+  )
   args = parser.parse_args(argv)
+  sections = [x for x in args.sections.split(',') if x]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    parser.error(f'unknown --sections {unknown}; choose from {list(SECTIONS)}')
   t_start = time.time()
   if args.torch_omp_active:
     TORCH_ENV.clear()
-  output = args.output or os.path.join(HERE, 'RESULTS.quick.md' if args.quick else 'RESULTS.md')
+  stem = 'RESULTS' + ('' if 'main' in sections else '.' + '_'.join(sections))
+  output = args.output or os.path.join(HERE, stem + ('.quick' if args.quick else '') + '.md')
   if args.render_only:
     with open(os.path.splitext(output)[0] + '.json') as f:
       raw = json.load(f)
@@ -1003,23 +1357,39 @@ def main(argv=None) -> int:
       'machine': _machine(),
       'quick': args.quick,
       'load_start': common.load_avg(),
-      'command': 'python -m benchmarks.run' + (' --quick' if args.quick else ''),
+      'command': 'python -m benchmarks.run'
+      + (' --quick' if args.quick else '')
+      + (f' --sections {",".join(sections)}' if set(sections) != set(SECTIONS) else ''),
       'torch_env': dict(TORCH_ENV),
   }
   meta['backend'] = jax_default_backend()
   results: Dict[str, Any] = {}
   try:
     cpu_shapes = common.SHAPES['quick' if args.quick else 'full']
-    results['CPU, T5 1.1 small shape' if not args.quick else 'CPU, tiny'] = run_suite(
-        cpu_shapes,
-        os.path.join(workdir, cpu_shapes.name),
-        'float32',
-        log_dir,
-        one_process=args.quick,
-        pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')),
-    )
+    cpu_name = 'CPU, T5 1.1 small shape' if not args.quick else 'CPU, tiny'
+    if 'main' in sections:
+      results[cpu_name] = run_suite(
+          cpu_shapes,
+          os.path.join(workdir, cpu_shapes.name),
+          'float32',
+          log_dir,
+          one_process=args.quick,
+          pinned=() if (args.no_pinned or args.quick) else tuple(args.pinned.split(',')),
+      )
+    if 'realistic' in sections:
+      meta['load_realistic_start'] = common.load_avg()
+      results[cpu_name + ', realistic lengths'] = run_realistic(
+          cpu_shapes, os.path.join(workdir, cpu_shapes.name), log_dir, one_process=args.quick
+      )
+      meta['load_realistic_end'] = common.load_avg()
+    if 'bf16' in sections:
+      meta['load_bf16_start'] = common.load_avg()
+      results[cpu_name + ', bfloat16'] = run_bf16(
+          cpu_shapes, os.path.join(workdir, cpu_shapes.name), log_dir
+      )
+      meta['load_bf16_end'] = common.load_avg()
     on_gpu = meta['backend'] in ('gpu', 'cuda', 'rocm')
-    if on_gpu or args.gpu_section_on_cpu:
+    if 'main' in sections and (on_gpu or args.gpu_section_on_cpu):
       names = (
           ['gpu_tiny'] if (args.gpu_section_on_cpu and not on_gpu) else ['gpu_base', 'gpu_large']
       )
@@ -1037,7 +1407,7 @@ def main(argv=None) -> int:
           'Ran on ' + meta['backend'] + ' (bfloat16 activations, utilisation vs a '
           'bfloat16 matmul); see the GPU tables above.'
       )
-    else:
+    elif 'main' in sections:
       meta['gpu_note'] = (
           f'Skipped: JAX sees no GPU (backend `{meta["backend"]}`). On a machine '
           'with a GPU (`pip install -e .[gpu,bench]`) the same command also runs '

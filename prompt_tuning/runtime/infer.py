@@ -94,6 +94,7 @@ def infer(
           partitioner,
           params,
           state_axes=axes,
+          bucketing=dataset_cfg.bucketing,
       )
     else:
       fn = inference.get_infer_fn(
@@ -102,6 +103,8 @@ def infer(
           partitioner,
           params,
           state_axes=axes,
+          bucketing=dataset_cfg.bucketing,
+          bucketed_features=inference.PREDICT_BUCKETED_FEATURES,
       )
     out = fn(model_ds)
     results = out[0] if isinstance(out, tuple) else out

@@ -2,7 +2,7 @@
 
 from absl import logging
 import os
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -24,6 +24,10 @@ def _pad_batch(
   }, n
 
 
+# Decoding generates up to the `targets` length of its batch, so predictions bucket only the inputs.
+PREDICT_BUCKETED_FEATURES = ('inputs',)
+
+
 def get_infer_fn(
     infer_step: Callable,
     batch_size: int,
@@ -31,6 +35,8 @@ def get_infer_fn(
     state=None,
     keep_aux_as_numpy: bool = False,
     state_axes: Any = None,
+    bucketing=None,
+    bucketed_features: Sequence[str] = ('inputs', 'targets'),
 ) -> Callable:
   """Returns `fn(enumerated_ds, state=state) -> [(index, output)]` (and aux) running `infer_step(state, batch)`.
 
@@ -40,6 +46,12 @@ def get_infer_fn(
   The final partial batch is zero-padded to `batch_size` so one compiled step serves every batch.
   `state_axes` (mesh PartitionSpecs matching `state`, default replicated) keeps model-parallel
   parameters sharded during inference.
+
+  With `bucketing` (a `prompt_tuning.data.bucketing.BucketConfig`) the examples are batched within
+  length buckets (windows of `bucketing.window` batches, in dataset order within a bucket) and each
+  batch's padding is trimmed to its bucket; only the features in `bucketed_features` are trimmed
+  (predictions keep the full `targets` length, which bounds decoding). Outputs carry their
+  example's index, so the caller's results are those of the unbucketed run.
   """
   jitted = partitioner.partition(
       infer_step,
@@ -54,7 +66,8 @@ def get_infer_fn(
     del model_feature_shapes, rng
     outputs: List[Tuple[int, Any]] = []
     aux_all = {}
-    for indices, batch in ds.batch(batch_size).as_numpy_iterator():
+    aux_indices: List[int] = []
+    for indices, batch in _batches(ds, batch_size, bucketing, bucketed_features):
       padded, n = _pad_batch(dict(batch), batch_size)
       local = {k: v[lo : lo + local_bs] for k, v in padded.items()}
       result = jitted(state, partitioner.shard_host_batch(local))
@@ -66,14 +79,29 @@ def get_infer_fn(
       for i, idx in enumerate(indices[:n]):
         outputs.append((int(idx), out[i].tolist() if out.ndim > 1 else float(out[i])))
       if aux is not None:
+        aux_indices.extend(int(i) for i in indices[:n])
         for k, v in jax.device_get(aux).items():
           v = np.asarray(v)[:n]
           aux_all.setdefault(k, []).extend(list(v) if keep_aux_as_numpy else v.tolist())
     if aux_all:
+      # Aux values in example-index order (bucketed batches come out of dataset order).
+      order = np.argsort(np.asarray(aux_indices), kind='stable')
+      aux_all = {k: [v[i] for i in order] for k, v in aux_all.items()}
       return outputs, aux_all
     return outputs
 
   return infer_fn
+
+
+def _batches(ds: tf.data.Dataset, batch_size: int, bucketing, bucketed_features):
+  """`(indices, batch)` of an enumerated dataset: plain batches, or batches within length buckets."""
+  if bucketing is None:
+    return ds.batch(batch_size).as_numpy_iterator()
+  from prompt_tuning.data import bucketing as bucketing_lib  # pylint: disable=g-import-not-at-top
+
+  return bucketing_lib.bucket_host_examples(
+      ds.as_numpy_iterator(), batch_size, bucketing, allowed=tuple(bucketed_features)
+  )
 
 
 class InferenceEvaluator:
@@ -122,8 +150,18 @@ class InferenceEvaluator:
       return model.score_batch(p, batch)
 
     bs = infer_eval_dataset_cfg.batch_size
-    self._predict_fn = get_infer_fn(predict_step, bs, partitioner, state_axes=params_axes)
-    self._score_fn = get_infer_fn(score_step, bs, partitioner, state_axes=params_axes)
+    bucketing = infer_eval_dataset_cfg.bucketing
+    self._predict_fn = get_infer_fn(
+        predict_step,
+        bs,
+        partitioner,
+        state_axes=params_axes,
+        bucketing=bucketing,
+        bucketed_features=PREDICT_BUCKETED_FEATURES,
+    )
+    self._score_fn = get_infer_fn(
+        score_step, bs, partitioner, state_axes=params_axes, bucketing=bucketing
+    )
 
   @property
   def eval_tasks(self):

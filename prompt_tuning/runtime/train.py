@@ -12,6 +12,7 @@ run skips the batches already consumed (recorded in the checkpoint) and reuses t
 seed when RANDOM_SEED is unset, so it sees the same data and dropout as an uninterrupted run.
 """
 
+import dataclasses
 import functools
 from absl import logging
 import os
@@ -37,6 +38,9 @@ P = partitioning.PartitionSpec
 
 
 def _input_shapes(cfg: utils.DatasetConfig, feature_converter_cls, num_shards: int):
+  # The full padded shapes (with bucketing, the longest bucket): parameter shapes do not depend on
+  # the lengths, and the train step is compiled for each bucket shape when it first occurs.
+  cfg = dataclasses.replace(cfg, bucketing=None)
   ds = utils.get_dataset(cfg, 0, num_shards, feature_converter_cls, num_epochs=1)
   spec = ds.element_spec
   shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in spec.items()}
@@ -147,6 +151,7 @@ def train(
 
   layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
   fc = model.FEATURE_CONVERTER_CLS
+  train_dataset_cfg, bucket_lengths = _fix_buckets(model, train_dataset_cfg, fc, latest)
   input_shapes, input_types = _input_shapes(train_dataset_cfg, fc, layout.num_shards)
   builder = StateBuilder(model, partitioner, input_shapes, input_types)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(builder.trainable_shape))
@@ -277,6 +282,7 @@ def train(
             'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
             'random_seed': int(random_seed),
             'total_steps': int(total_steps),
+            **({'train_bucket_lengths': bucket_lengths} if bucket_lengths else {}),
         },
     )
 
@@ -337,6 +343,43 @@ def train(
   trainer.final_metrics = final_metrics
   trainer.close()
   return host_step, trainer.train_state
+
+
+def _fix_buckets(model, cfg: utils.DatasetConfig, feature_converter_cls, latest: Optional[str]):
+  """Fixes the training bucket lengths for the whole run: `(cfg, lengths or None)`.
+
+  A resumed run reuses the lengths recorded in its checkpoint (so it skips its consumed batches in
+  exactly the stream it trained on, even if the data or the choice of lengths changed since);
+  otherwise they are resolved now (given, or chosen from the data) and recorded at every save.
+  """
+  if cfg.bucketing is None:
+    return cfg, None
+  from prompt_tuning.data import bucketing  # pylint: disable=g-import-not-at-top
+
+  recorded = checkpoints.read_metadata(latest).get('train_bucket_lengths') if latest else None
+  if recorded:
+    config = dataclasses.replace(
+        cfg.bucketing, lengths={k: list(v) for k, v in recorded.items()}, features=tuple(recorded)
+    )
+    cfg = dataclasses.replace(cfg, bucketing=config)
+    logging.info('Resuming with the training bucket lengths recorded in %s: %s', latest, recorded)
+  buckets = utils.resolve_buckets(cfg, feature_converter_cls)
+  if 'targets' in buckets.features:
+    factor = model.loss_normalizing_factor
+    name = getattr(factor, 'name', factor)
+    if isinstance(name, str) and name.upper() == 'NUM_TOTAL_TARGET_TOKENS':
+      raise bucketing.BucketError(
+          "Bucketing 'targets' changes the padded target length, by which the loss is normalized "
+          '(loss_normalizing_factor = NUM_TOTAL_TARGET_TOKENS), so the loss would change with the '
+          "bucket. Bucket only 'inputs' (bucketing.BucketConfig.features = ['inputs']) or "
+          "normalize by 'NUM_REAL_TARGET_TOKENS'."
+      )
+  logging.info(
+      'Training with length buckets %s (at most %d compiled shapes of the train step).',
+      buckets.describe(),
+      buckets.num_shapes,
+  )
+  return utils.with_buckets(cfg, buckets), buckets.as_json()
 
 
 def all_saved(model_dir):

@@ -11,6 +11,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from prompt_tuning.data import bucketing as bucketing_lib
 from prompt_tuning.runtime.schedules import create_learning_rate_scheduler  # pylint: disable=unused-import
 
 
@@ -35,6 +36,10 @@ class DatasetConfig:
   # of processes. True: T5X's behaviour, each process reads only its shard of the data source (cheaper
   # for huge corpora, but the data order then depends on the process count).
   shard_data_source: bool = False
+  # Not in T5X. Length-bucketed batches (`prompt_tuning.data.bucketing.BucketConfig`; see
+  # configs/runs/bucketing.gin): each batch is padded to one of a few lengths chosen from the data
+  # instead of TASK_FEATURE_LENGTHS. None (default): T5X's fixed padding.
+  bucketing: Optional[bucketing_lib.BucketConfig] = None
 
 
 @dataclasses.dataclass
@@ -243,6 +248,8 @@ def get_dataset(
     check_feature_lengths(cfg)
   ds_seed = cfg.seed if cfg.seed is not None else seed
   slice_batches = num_shards > 1 and not cfg.shard_data_source
+  if cfg.bucketing is not None:
+    return _get_bucketed_dataset(cfg, shard_id, num_shards, feature_converter, num_epochs, ds_seed)
   ds = seqio.get_dataset(
       mixture_or_task_name=cfg.mixture_or_task_name,
       task_feature_lengths=cfg.task_feature_lengths,
@@ -257,6 +264,121 @@ def get_dataset(
       batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards,
   )
   if slice_batches:
+    local = cfg.batch_size // num_shards
+    lo = shard_id * local
+    ds = ds.map(lambda b: {k: v[lo : lo + local] for k, v in b.items()})
+  return ds
+
+
+# Seed of the shuffled read whose first examples choose the bucket lengths: fixed, so that every
+# process and every (resumed) run of the same data choose the same lengths.
+BUCKET_SAMPLE_SEED = 0
+
+
+def _check_bucketing(cfg: DatasetConfig, num_shards: int) -> None:
+  if cfg.pack:
+    raise bucketing_lib.BucketError(
+        'Length bucketing and packing do not combine (packing already fills the rows with several '
+        'examples; prompt tuning needs one example per row). Set pack=False '
+        '(utils.DatasetConfig.pack = False) or drop utils.DatasetConfig.bucketing.'
+    )
+  if num_shards > 1 and cfg.shard_data_source:
+    raise bucketing_lib.BucketError(
+        'Length bucketing needs every process to read the same global stream (so that all pick the '
+        'same bucket at every step), but shard_data_source=True gives each process its own shard. '
+        'Set utils.DatasetConfig.shard_data_source = False, or drop utils.DatasetConfig.bucketing.'
+    )
+
+
+def _converted(
+    cfg: DatasetConfig, feature_converter, *, shuffle, seed, num_epochs, shard_info=None
+):
+  """The feature-converted, unbatched examples of `cfg`."""
+  return seqio.get_dataset(
+      mixture_or_task_name=cfg.mixture_or_task_name,
+      task_feature_lengths=cfg.task_feature_lengths,
+      dataset_split=cfg.split,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      feature_converter=feature_converter,
+      shard_info=shard_info,
+      use_cached=cfg.use_cached,
+      seed=seed,
+      trim_output_features=cfg.trim_output_features,
+      batch_size=None,
+  )
+
+
+def resolve_buckets(cfg: DatasetConfig, feature_converter_cls) -> bucketing_lib.Buckets:
+  """The bucket lengths of `cfg.bucketing` for `cfg`'s data (explicit, or chosen from a sample).
+
+  The sample is the first `sample_size` examples of the split read in a shuffled order with a
+  fixed seed (`BUCKET_SAMPLE_SEED`), the same in every process and every run.
+  """
+  import_module(cfg.module)
+  config = cfg.bucketing
+  if config is None:
+    raise ValueError('resolve_buckets needs a DatasetConfig with bucketing.')
+  _check_bucketing(cfg, 1)
+  if not cfg.task_feature_lengths:
+    raise bucketing_lib.BucketError(
+        'Length bucketing of a training dataset needs TASK_FEATURE_LENGTHS (the longest bucket of '
+        'each feature is its TASK_FEATURE_LENGTHS entry).'
+    )
+  feature_converter = feature_converter_cls(pack=False, use_custom_packing_ops=False)
+  spec = _converted(
+      cfg, feature_converter, shuffle=False, seed=BUCKET_SAMPLE_SEED, num_epochs=1
+  ).element_spec
+  groups = bucketing_lib.model_feature_groups(k for k, v in spec.items() if v.shape.rank >= 1)
+  full = {f: int(spec[names[0]].shape[-1]) for f, names in groups.items()}
+  features = config.bucketed_features(list(groups))
+  need = [f for f in features if not (config.lengths and f in config.lengths)]
+  sample = None
+  if need:
+    ds = _converted(cfg, feature_converter, shuffle=True, seed=BUCKET_SAMPLE_SEED, num_epochs=1)
+    sample = {f: [] for f in need}
+    for batch in ds.take(config.sample_size).batch(256).as_numpy_iterator():
+      for f in need:
+        sample[f].append(bucketing_lib.row_lengths(batch, groups[f]))
+    sample = {f: np.concatenate(v) if v else np.zeros((0,), np.int64) for f, v in sample.items()}
+  buckets = bucketing_lib.resolve(config, full, {f: groups[f] for f in groups}, sample)
+  multihost_assert_equal(
+      np.asarray([n for f in buckets.features for n in buckets.lengths[f]], np.int32),
+      'The bucket lengths differ between processes.',
+  )
+  return buckets
+
+
+def with_buckets(cfg: DatasetConfig, buckets: bucketing_lib.Buckets) -> DatasetConfig:
+  """`cfg` with its bucket lengths fixed to `buckets` (no sampling when it is read)."""
+  config = dataclasses.replace(
+      cfg.bucketing, lengths=buckets.as_json(), features=tuple(buckets.features)
+  )
+  return dataclasses.replace(cfg, bucketing=config)
+
+
+def _get_bucketed_dataset(
+    cfg: DatasetConfig, shard_id: int, num_shards: int, feature_converter, num_epochs, seed
+):
+  """`get_dataset` with length buckets: the global stream, bucketed, then this process's rows."""
+  _check_bucketing(cfg, num_shards)
+  buckets = resolve_buckets(cfg, type(feature_converter))
+  logging.info(
+      'Length buckets of %s (%s split): %s (at most %d padded shapes).',
+      getattr(cfg.mixture_or_task_name, 'name', cfg.mixture_or_task_name),
+      cfg.split,
+      buckets.describe(),
+      buckets.num_shapes,
+  )
+  ds = _converted(cfg, feature_converter, shuffle=cfg.shuffle, seed=seed, num_epochs=num_epochs)
+  ds = bucketing_lib.bucket_batches(
+      ds,
+      buckets,
+      cfg.batch_size,
+      shuffle_window=cfg.bucketing.shuffle_window if cfg.shuffle else 0,
+      seed=seed,
+  )
+  if num_shards > 1:
     local = cfg.batch_size // num_shards
     lo = shard_id * local
     ds = ds.map(lambda b: {k: v[lo : lo + local] for k, v in b.items()})

@@ -116,7 +116,7 @@ def test_quick_benchmark_writes_results(tmp_path):
       env=env,
       capture_output=True,
       text=True,
-      timeout=600,
+      timeout=1200,  # quick mode runs every section; a loaded 2-core machine needs minutes
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -193,3 +193,51 @@ def test_quick_benchmark_writes_results(tmp_path):
   _close(r[3], speedup)
   assert r[4] == ('met' if speedup >= 1.0 else '**missed**')
   assert r[5] == '100.0%'  # identical greedy tokens
+
+  # Realistic input lengths (issue 18): ours fixed / bucketed vs PEFT pad-to-longest /
+  # group_by_length, on the three distributions, with their padding fractions.
+  realistic = _table(text, '| task | mean input tokens')
+  assert [r[0] for r in realistic] == ['SST-2', 'RTE', 'BoolQ']
+  for r in realistic:
+    assert all(_number(r[i]) > 0 for i in (1, 2, 3, 4, 5, 6, 7, 9, 11)), r
+  padding = _table(text, '| task | padding ours fixed')
+  for r in padding:
+    fixed, bucketed, _, longest, grouped = (_number(r[i]) for i in range(1, 6))
+    assert fixed > bucketed and fixed > longest > grouped, r  # bucketing removes padding
+    shapes, cache = (int(x) for x in r[7].split('/'))
+    assert shapes == cache  # one compilation of the train step per bucket shape
+
+  # bfloat16 on the CPU: the dots microbenchmark and the five training variants.
+  dots = _table(text, '| run | dtype')
+  assert any('bfloat16 -> float32' in r[1] for r in dots)
+  assert any(r[0].startswith('PEFT') for r in dots)
+  bf16 = _table(text, '| variant | ex/s')
+  assert [r[0] for r in bf16] == [
+      'ours float32',
+      'ours bfloat16',
+      'ours bfloat16 f32acc',
+      'peft float32',
+      'peft bfloat16',
+  ]
+  for r in bf16:
+    assert _number(r[1]) > 0
+  losses = [_number(r[5]) for r in bf16]
+  assert max(losses) - min(losses) < 0.05 * max(losses)  # same model and data in every variant
+  assert 'amx' in text or 'CPU matmul extensions' in text
+
+  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
+  assert raw['meta']['quick'] is True
+  assert 'Failures' not in text, text
+
+
+def test_unknown_sections_are_refused(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--quick', '--sections', 'nonsense'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode != 0 and 'unknown --sections' in proc.stderr
