@@ -60,6 +60,11 @@ class RestoreCheckpointConfig:
   (recognised automatically). `assignment_map` is a sequence of `(regex, replacement_or_None)`: a
   parameter whose path matches a regex mapped to `None` is not read from the checkpoint (with
   `fallback_to_scratch=True` it keeps its initializer's value, e.g. the prompt).
+
+  Only trained parameters (those the optimizer's `trainable_filter` selects: the prompt, a method's
+  parameters) may start from their initializer. A frozen parameter missing from the checkpoint, or
+  a checkpoint parameter the model does not have, is an error naming the likely cause (T5 1.0 vs
+  1.1, the size gin) unless `allow_partial_frozen` (not in T5X) is set on purpose.
   """
 
   path: Union[str, Sequence[str], None]
@@ -72,6 +77,7 @@ class RestoreCheckpointConfig:
   checkpointer_cls: Any = None
   state_transformation_fns: Sequence[Callable] = ()
   checkpoint_manager_cls: Any = None
+  allow_partial_frozen: bool = False
 
   def __post_init__(self):
     if self.mode not in ('specific', 'latest', 'all'):
