@@ -154,8 +154,9 @@ def check_macros(gin_bindings: Sequence[str] = ()) -> None:
     return
   known = known_macros()
   unknown = [m for m in unused if m not in known]
+  on_command_line = lambda m: any(re.match(rf'\s*{re.escape(m)}\s*=', b) for b in gin_bindings)
   for m in unused:
-    if m in known:
+    if m in known and on_command_line(m):
       logging.getLogger(__name__).warning('Macro %s is set but not used by this configuration.', m)
   if not unknown:
     return
@@ -164,11 +165,7 @@ def check_macros(gin_bindings: Sequence[str] = ()) -> None:
   candidates = sorted(referenced | known)
   problems = []
   for m in unknown:
-    where = (
-        'on the command line'
-        if any(re.match(rf'\s*{re.escape(m)}\s*=', b) for b in gin_bindings)
-        else 'in a gin file'
-    )
+    where = 'on the command line' if on_command_line(m) else 'in a gin file'
     close = difflib.get_close_matches(m, candidates, n=3, cutoff=0.6)
     hint = f' (did you mean {" or ".join(close)}?)' if close else ''
     problems.append(f'{m}, set {where},{hint}')

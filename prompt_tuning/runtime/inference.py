@@ -199,6 +199,7 @@ class InferenceEvaluator:
         return fn(ds, state=params)
       if kind not in mixed:
         names = list(datasets)
+        logging.info('Evaluating %d tasks in mixed batches (prompt bank): %s', len(names), names)
         self._mixed_names = names
         try:
           out = fn(interleave_tasks([datasets[n] for n in names]), state=params)

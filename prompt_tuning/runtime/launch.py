@@ -180,8 +180,10 @@ def _message(e: BaseException) -> str:
   msg = str(e).strip()
   if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
     msg = e.args[0]
-  # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: keep the name, drop the address.
-  return re.sub(r' \(<(?:function|class|bound method) [^>]*>\)', '', msg)
+  # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: the message is the
+  # user's one line without them (--verbose shows the traceback and gin's context).
+  lines = [l for l in msg.splitlines() if not l.strip().startswith('In call to configurable')]
+  return re.sub(r' \(<(?:function|class|bound method) [^>]*>\)', '', '\n'.join(lines)).strip()
 
 
 def main_with_gin(fn: Callable, argv) -> None:

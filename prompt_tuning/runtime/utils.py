@@ -249,19 +249,39 @@ def get_dataset(
     check_feature_lengths(cfg)
   ds_seed = cfg.seed if cfg.seed is not None else seed
   slice_batches = num_shards > 1 and not cfg.shard_data_source
-  ds = seqio.get_dataset(
-      mixture_or_task_name=cfg.mixture_or_task_name,
-      task_feature_lengths=cfg.task_feature_lengths,
-      dataset_split=cfg.split,
-      shuffle=cfg.shuffle,
-      num_epochs=num_epochs,
-      feature_converter=feature_converter,
-      shard_info=None if slice_batches else seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-      use_cached=cfg.use_cached,
-      seed=ds_seed,
-      trim_output_features=cfg.trim_output_features,
-      batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards,
-  )
+  shard_info = None if slice_batches else seqio.ShardInfo(index=shard_id, num_shards=num_shards)
+  batch_size = cfg.batch_size if slice_batches else cfg.batch_size // num_shards
+  passthrough = list(getattr(feature_converter, 'conditioning_features', ()) or ())
+  if isinstance(provider, seqio.Mixture) and passthrough:
+    # seqio.get_dataset drops a mixture's features other than its output features: keep the
+    # per-example conditioning features (a prompt bank's `prompt_ids`), as a Task keeps them.
+    ds = provider.get_dataset(
+        cfg.task_feature_lengths,
+        split=cfg.split,
+        use_cached=cfg.use_cached,
+        shuffle=cfg.shuffle,
+        seed=ds_seed,
+        shard_info=shard_info,
+        num_epochs=num_epochs,
+        passthrough_features=passthrough,
+        trim_output_features=cfg.trim_output_features,
+    )
+    ds = feature_converter(ds, task_feature_lengths=cfg.task_feature_lengths)
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = seqio.get_dataset(
+        mixture_or_task_name=cfg.mixture_or_task_name,
+        task_feature_lengths=cfg.task_feature_lengths,
+        dataset_split=cfg.split,
+        shuffle=cfg.shuffle,
+        num_epochs=num_epochs,
+        feature_converter=feature_converter,
+        shard_info=shard_info,
+        use_cached=cfg.use_cached,
+        seed=ds_seed,
+        trim_output_features=cfg.trim_output_features,
+        batch_size=batch_size,
+    )
   if slice_batches:
     local = cfg.batch_size // num_shards
     lo = shard_id * local
