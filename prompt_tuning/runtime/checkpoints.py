@@ -508,15 +508,17 @@ def load_initial_params(
 ) -> Dict[str, Any]:
   """Fills `init_params` (a nested tree of arrays or shape structs) from the checkpoint at `path`.
 
-  Only *trainable* parameters (`trainable(path)`, the optimizer's `trainable_filter`) may keep
-  their initial value: those `assignment_map` maps to `None` or that the checkpoint lacks, when
-  `fallback_to_scratch` (otherwise, with `strict`, they are an error). Every frozen parameter must
-  come from the checkpoint, and every parameter of the checkpoint must be one the model has (under
-  `assignment_map`): a checkpoint of another architecture or size (T5 1.0 into T5 1.1, 3 layers
-  into 2) is a `CheckpointMismatchError` listing the parameters and naming the likely cause,
-  unless `allow_partial_frozen` (then those frozen parameters keep their random initialization
-  and unused checkpoint parameters are ignored, with a warning). `trainable=None` counts every
-  parameter as trainable (T5X's rule: `fallback_to_scratch` applies to all).
+  A parameter that `assignment_map` maps to `None` keeps its initializer's value (it is
+  deliberately not read: the prompt, or a method's parameters read from a file). Of the others,
+  only *trainable* ones (`trainable(path)`, the optimizer's `trainable_filter`) may keep their
+  initial value when the checkpoint lacks them, with `fallback_to_scratch` (otherwise, with
+  `strict`, they are an error). Every other frozen parameter must come from the checkpoint, and
+  every parameter of the checkpoint must be one the model has (under `assignment_map`): a
+  checkpoint of another architecture or size (T5 1.0 into T5 1.1, 3 layers into 2) is a
+  `CheckpointMismatchError` listing the parameters and naming the likely cause, unless
+  `allow_partial_frozen` (then those frozen parameters keep their random initialization and unused
+  checkpoint parameters are ignored, with a warning). `trainable=None` counts every parameter as
+  trainable (T5X's rule: `fallback_to_scratch` applies to all).
   `only(path)` restricts which parameters are looked up (e.g. only the frozen ones on resume).
 
   Raises:
@@ -544,7 +546,10 @@ def load_initial_params(
   out = dict(target)
   fresh, missing_trainable, missing_frozen, mismatched = [], [], [], []
   for p, src in wanted.items():
-    if src is None or src not in found:
+    if src is None:  # Mapped to None on purpose: keeps its initializer (e.g. a prompt file).
+      fresh.append(p)
+      continue
+    if src not in found:
       if not may_start_fresh(p):
         missing_frozen.append(p)
       elif fallback_to_scratch:
@@ -580,8 +585,8 @@ def load_initial_params(
     raise CheckpointMismatchError(
         f'Checkpoint {ckpt.path} does not match the model: {" and ".join(parts)}. Likely cause: '
         f'{"; ".join(causes)}. Frozen parameters must all come from the checkpoint (only trained '
-        'ones, such as the prompt, may start from their initializer); to run with a partly '
-        'random frozen model on purpose, set '
+        'ones, such as the prompt, or those assignment_map maps to None may start from their '
+        'initializer); to run with a partly random frozen model on purpose, set '
         '--gin.utils.RestoreCheckpointConfig.allow_partial_frozen=True.'
     )
   if missing_frozen:

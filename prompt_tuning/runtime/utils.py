@@ -62,9 +62,10 @@ class RestoreCheckpointConfig:
   `fallback_to_scratch=True` it keeps its initializer's value, e.g. the prompt).
 
   Only trained parameters (those the optimizer's `trainable_filter` selects: the prompt, a method's
-  parameters) may start from their initializer. A frozen parameter missing from the checkpoint, or
-  a checkpoint parameter the model does not have, is an error naming the likely cause (T5 1.0 vs
-  1.1, the size gin) unless `allow_partial_frozen` (not in T5X) is set on purpose.
+  parameters) and those `assignment_map` maps to `None` may start from their initializer. A frozen
+  parameter missing from the checkpoint, or a checkpoint parameter the model does not have, is an
+  error naming the likely cause (T5 1.0 vs 1.1, the size gin) unless `allow_partial_frozen` (not in
+  T5X) is set on purpose.
   """
 
   path: Union[str, Sequence[str], None]

@@ -155,6 +155,23 @@ def test_allow_partial_frozen_opts_in_and_leaves_the_missing_frozen_parameters_r
   )
 
 
+def test_frozen_parameters_mapped_to_none_keep_their_initializer(ckpts):
+  """An explicit `(regex, None)` is the opt-in per parameter (e.g. frozen source prompts)."""
+  from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+
+  relpos = 'encoder/relpos_bias/rel_embedding'
+  out = checkpoints.load_initial_params(
+      ckpts['t5_1_1'],
+      ckpts['model'],
+      assignment_map=((r'.*prompt.*', None), (relpos, None)),
+      fallback_to_scratch=True,
+      trainable=lambda p: '/prompt/' in p,
+  )
+  target = params_lib.flatten_params(ckpts['model'])
+  np.testing.assert_array_equal(params_lib.flatten_params(out)[relpos], target[relpos])
+
+
 def test_trainable_parameters_without_fallback_are_still_an_error(ckpts):
   from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
 
