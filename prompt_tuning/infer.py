@@ -2,7 +2,13 @@
 
 import gin
 
-from prompt_tuning.runtime.infer import infer  # pylint: disable=unused-import
+if __name__ == '__main__':
+  # Before TensorFlow is imported (below, through seqio): its C++ start-up lines stay quiet.
+  from prompt_tuning.runtime import launch as _launch  # pylint: disable=g-import-not-at-top
+
+  _launch.quiet_startup()
+
+from prompt_tuning.runtime.infer import infer  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
 
 
 def main(argv):

@@ -78,7 +78,15 @@ def _is_concrete(x: Array) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_feature_dim(table: Array, shape: Shape, what: str) -> None:
+def _source_of(value: Any) -> Optional[str]:
+  """Where an embedding table comes from ('checkpoint X', 'file Y'), when it says."""
+  if isinstance(value, LazyVariable):
+    return f'checkpoint {value.checkpoint_path}'
+  path = getattr(value, 'source_path', None)
+  return f'file {path}' if path else None
+
+
+def _check_feature_dim(table: Array, shape: Shape, what: str, source: Optional[str] = None) -> None:
   if len(shape) != 2:
     raise ValueError(
         f'{what} initializes a [length, embed_dim] prompt, but was asked for '
@@ -87,6 +95,13 @@ def _check_feature_dim(table: Array, shape: Shape, what: str) -> None:
   if table.ndim != 2:
     raise ValueError(
         f'{what} needs a [vocab, embed_dim] embedding table, got shape ' f'{tuple(table.shape)}.'
+    )
+  if table.shape[-1] != shape[-1] and source is not None:
+    raise ValueError(
+        f'{what}: {source} is of a model with d_model {table.shape[-1]} (its token embedding '
+        f'has shape {tuple(table.shape)}) but the model being built has d_model {shape[-1]}: the '
+        'checkpoint and the model gin are of different sizes. Use the models/*_<size>_prompt.gin '
+        '(or EMBED_DIM) that matches the checkpoint, or a checkpoint of this size.'
     )
   if table.shape[-1] != shape[-1]:
     raise ValueError(
@@ -114,8 +129,24 @@ def _open(path: str, mode: str = 'rb'):
   return fs.open(path, mode)
 
 
+class PromptFileError(ValueError):
+  """A prompt (or embedding) file is damaged, not a `.npy` array, or holds NaN/Inf values."""
+
+
+class FileArray(np.ndarray):
+  """An array read by `np_load`; `source_path` names the file in later errors (e.g. its shape)."""
+
+  source_path: Optional[str] = None
+
+  def __array_finalize__(self, obj):
+    self.source_path = getattr(obj, 'source_path', None)
+
+
 def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
-  """Loads a `.npy` file (local or `gs://...` through `tf.io.gfile`).
+  """Loads a `.npy` prompt or embedding file (local or `gs://...`) and validates it.
+
+  Pickled objects are never read. The array must be floating point and hold only finite values: a
+  prompt saved from a diverged run (NaN) would otherwise decode to empty predictions.
 
   Args:
     path: the file (the original repo's numpy checkpoints have no `.npy`
@@ -123,19 +154,52 @@ def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
     restore_dtype: optional dtype to cast the array to.
 
   Returns:
-    The array.
+    The array (a `FileArray`, whose `source_path` is `path`).
 
   Raises:
     FileNotFoundError: with the path, when the file does not exist.
+    PromptFileError: naming the file, when it is damaged, not a `.npy` array (a text file, an
+      `.npz` archive, a pickle), not floating point, or holds NaN or infinite values.
   """
   try:
     with _open(path, 'rb') as f:
-      arr = np.load(f, allow_pickle=False)
+      data = f.read()
   except FileNotFoundError as e:
     raise FileNotFoundError(f'Prompt/embedding file {path!r} does not exist (np_load).') from e
+  import io  # pylint: disable=g-import-not-at-top
+
+  damaged = (
+      f'Prompt/embedding file {path} is damaged or not a .npy array file ({{}}). Write prompts '
+      'with numpy.save, or use the files training writes to MODEL_DIR/numpy_checkpoints/.'
+  )
+  if not data.startswith(b'\x93NUMPY'):
+    kind = 'an .npz archive' if data.startswith(b'PK') else 'no .npy header'
+    raise PromptFileError(damaged.format(kind))
+  try:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = 'it holds Python objects' if 'pickle' in str(e) else str(e).splitlines()[0][:200]
+    raise PromptFileError(damaged.format(reason)) from None
+  kind = arr.dtype.kind
+  if kind not in 'fc' and arr.dtype.name != 'bfloat16':
+    raise PromptFileError(
+        f'Prompt/embedding file {path} holds {arr.dtype} values, not floating-point numbers: it '
+        'is not a prompt or an embedding table.'
+    )
+  finite = np.isfinite(np.asarray(arr, np.float32))
+  if not finite.all():
+    values = np.asarray(arr, np.float32)
+    raise PromptFileError(
+        f'Prompt/embedding file {path} contains {int(np.isnan(values).sum())} NaN and '
+        f'{int(np.isinf(values).sum())} infinite value(s) (of {values.size}): it cannot be used. '
+        'It was probably saved by a run whose loss diverged; use the prompt of an earlier '
+        'checkpoint.'
+    )
   if restore_dtype is not None:
     arr = arr.astype(restore_dtype)
-  return arr
+  out = np.asarray(arr).view(FileArray)
+  out.source_path = str(path)
+  return out
 
 
 _VARIABLE_CACHE: 'weakref.WeakValueDictionary[Tuple[str, str, str], np.ndarray]'
@@ -326,7 +390,7 @@ def from_sample_of_embeddings(
 
   def init(rng: Array, shape: Shape, dtype: DType = jnp.float32) -> Array:
     table = _resolve(embeddings)
-    _check_feature_dim(table, shape, 'from_sample_of_embeddings')
+    _check_feature_dim(table, shape, 'from_sample_of_embeddings', _source_of(embeddings))
     population = table.shape[0]
     if population_size is not None:
       if population_size > population:
@@ -399,7 +463,7 @@ def from_embedded_list(
 
   def init(rng: Array, shape: Shape, dtype: DType = jnp.float32) -> Array:
     table = _resolve(embeddings)
-    _check_feature_dim(table, shape, 'from_embedded_list')
+    _check_feature_dim(table, shape, 'from_embedded_list', _source_of(embeddings))
     if len(texts) > shape[0]:
       raise ValueError(
           f'from_embedded_list got {len(texts)} texts ({texts}) but the '
@@ -441,7 +505,7 @@ def from_embedded_string(
 
   def init(rng: Array, shape: Shape, dtype: DType = jnp.float32) -> Array:
     table = _resolve(embeddings)
-    _check_feature_dim(table, shape, 'from_embedded_string')
+    _check_feature_dim(table, shape, 'from_embedded_string', _source_of(embeddings))
     rows, ids = _embed_text(table, vocab, text)
     if len(ids) > shape[0]:
       logger.warning(
@@ -496,8 +560,12 @@ def from_array(
             'with --gin_file=prompts/bank_from_file.gin '
             f'--gin.NUM_PROMPTS={np.shape(value)[0]}.'
         )
+      elif len(shape) == 3 and np.ndim(value) == 3 and tuple(value.shape[1:]) == tuple(shape[1:]):
+        hint = f'It is a bank of {value.shape[0]} prompts: set NUM_PROMPTS={value.shape[0]}.'
+      path = getattr(value, 'source_path', None)
+      what = f'The prompt in {path}' if path else 'The loaded prompt'
       raise ValueError(
-          f'The loaded prompt has shape {tuple(value.shape)} but the model '
+          f'{what} has shape {tuple(value.shape)} but the model '
           f'expects a prompt of shape {tuple(shape)} (PROMPT_LENGTH, embed '
           f'dim). {hint}'
       )

@@ -5,7 +5,13 @@ Gin files refer to this module as `import __main__ as train_script` and bind `tr
 
 import gin
 
-from prompt_tuning.runtime.train import train  # pylint: disable=unused-import
+if __name__ == '__main__':
+  # Before TensorFlow is imported (below, through seqio): its C++ start-up lines stay quiet.
+  from prompt_tuning.runtime import launch as _launch  # pylint: disable=g-import-not-at-top
+
+  _launch.quiet_startup()
+
+from prompt_tuning.runtime.train import train  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
 
 
 def main(argv):

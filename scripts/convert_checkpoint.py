@@ -13,14 +13,22 @@ Examples::
       --input gs://t5-data/pretrained_models/t5x/t5_1_1_lm100k_base/checkpoint_1100000 \\
       --output /ckpts/t5_1_1_lm100k_base_hf --to huggingface --config t5_1_1_base
 
+  # A checkpoint of this project (MODEL_DIR/checkpoint_<step>, or MODEL_DIR for
+  # its latest): its trained parameters (the prompt) over the frozen backbone
+  # its run started from (recorded in the checkpoint; --backbone overrides it).
+  python scripts/convert_checkpoint.py --input /tmp/sst2_prompt/checkpoint_1150000 \\
+      --output /ckpts/sst2_prompt_t5x/checkpoint_1150000 --to t5x
+
 The input format is detected once (:func:`prompt_tuning.checkpoints.formats.
 resolve`) and the parameters are read with :func:`prompt_tuning.checkpoints.
-formats.load_params`, so a checkpoint this project wrote
-(``MODEL_DIR/checkpoint_<step>``, which holds the trained parameters) converts
-too. Only parameters are converted: a T5X output gets empty optimizer state,
-and prompt parameters (``*/prompt/*``) are dropped when writing Hugging Face.
-An existing output is never replaced without ``--overwrite``; outputs are
-written to a temporary sibling and renamed.
+formats.load_params`. A checkpoint this project wrote holds only the parameters
+its run trained (the prompt, or every weight for model tuning); the frozen ones
+are read from the run's INITIAL_CHECKPOINT_PATH, which the checkpoint records,
+or from ``--backbone``. Only parameters are converted: a T5X output gets empty
+optimizer state (and keeps the prompt, as the original prompt-tuning code's
+checkpoints do), and prompt parameters (``*/prompt/*``) are dropped when
+writing Hugging Face. An existing output is never replaced without
+``--overwrite``; outputs are written to a temporary sibling and renamed.
 """
 
 from __future__ import annotations
@@ -101,6 +109,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       choices=_DTYPES,
       help='Cast floating-point parameters to this dtype (default: ' 'keep the stored dtypes).',
   )
+  p.add_argument(
+      '--backbone',
+      default=None,
+      help='For a checkpoint of this project that holds only its trained parameters: the '
+      'checkpoint of the frozen parameters (default: the INITIAL_CHECKPOINT_PATH its run '
+      'recorded).',
+  )
   p.add_argument('--overwrite', action='store_true', help='Replace an existing output.')
   return p.parse_args(argv)
 
@@ -121,6 +136,41 @@ def _save_huggingface(output: str, config: Any, params: Any, overwrite: bool) ->
     fs.rmtree(tmp, missing_ok=True)
 
 
+def _with_backbone(ckpt: Any, trained: Any, backbone: str | None) -> Any:
+  """The trained parameters of our checkpoint `ckpt` over the frozen ones of its backbone."""
+  from prompt_tuning.checkpoints import orbax_format  # pylint: disable=g-import-not-at-top
+
+  flat = params_lib.flatten_params(trained)
+  if 'token_embedder/embedding' in flat and backbone is None:
+    return trained  # Model tuning: the checkpoint holds every weight.
+  recorded = orbax_format.read_metadata(ckpt.path).get('initial_checkpoint_path')
+  source = backbone or recorded
+  names = ', '.join(sorted(flat)[:3]) + (' ...' if len(flat) > 3 else '')
+  if not source or source == 'None':
+    raise ValueError(
+        f'{ckpt.path} is a checkpoint of this project holding only the parameters its run '
+        f'trained ({names}), and its run recorded no INITIAL_CHECKPOINT_PATH: pass the frozen '
+        'checkpoint with --backbone=PATH.'
+    )
+  if not fs.exists(source):
+    raise FileNotFoundError(
+        f'{ckpt.path} holds only the parameters its run trained ({names}); its frozen '
+        f'parameters were read from {source}, which does not exist (any more): pass the frozen '
+        'checkpoint with --backbone=PATH.'
+    )
+  base = formats.resolve(source)
+  if base.format == 'huggingface':
+    from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
+
+    _, frozen = huggingface.load_t5(base.path)
+  else:
+    frozen = formats.load_params(base)
+  merged = params_lib.flatten_params(frozen)
+  merged.update(flat)
+  _log(f'{len(flat)} trained parameter(s) ({names}) over the frozen parameters of {source}')
+  return params_lib.unflatten_params(merged)
+
+
 def convert(
     input_path: str,
     output_path: str,
@@ -131,6 +181,7 @@ def convert(
     step: int | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    backbone: str | None = None,
 ) -> str:
   """Converts `input_path` to format `to` at `output_path`; returns it.
 
@@ -158,6 +209,8 @@ def convert(
     from prompt_tuning.checkpoints import huggingface  # pylint: disable=g-import-not-at-top
 
     source_config, params = huggingface.load_t5(ckpt.path)
+  elif ckpt.is_ours:
+    params = _with_backbone(ckpt, formats.load_params(ckpt), backbone)
   else:
     params = formats.load_params(ckpt)
   _log(f'loaded {_summary(params)} in {time.time() - t0:.1f}s')
@@ -210,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step=args.step,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        backbone=args.backbone,
     )
   except (FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
     print(f'convert_checkpoint: error: {e}', file=sys.stderr, flush=True)

@@ -232,6 +232,26 @@ def _select(
   return params_lib.unflatten_params(flat)
 
 
+def list_params(path: PathOrCheckpoint) -> dict[str, tuple[int, ...] | None]:
+  """Names (flaxformer ``/``-paths) of the parameters a checkpoint holds, with their shapes.
+
+  No array is read for T5X checkpoints (shapes come from the msgpack/zarr metadata) nor for this
+  project's orbax checkpoints (names from their metadata; shapes are ``None``). A Hugging Face
+  directory is read whole (its names depend on the weights it holds).
+  """
+  ckpt = resolve(path)
+  if ckpt.format == 't5x':
+    return {n: tuple(shape) for n, (shape, _) in t5x_format.list_variables(ckpt.path).items()}
+  if ckpt.format == 'orbax':
+    if not ckpt.is_ours:
+      raise orbax_format.IncompleteCheckpointError(orbax_format.incomplete_message(ckpt.path))
+    return {n: None for n in orbax_format.trainable_paths(ckpt.path)}
+  from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
+
+  flat = params_lib.flatten_params(load_params(ckpt))
+  return {n: tuple(v.shape) for n, v in flat.items()}
+
+
 def read_step(path: PathOrCheckpoint) -> int | None:
   """The training step a checkpoint records (T5X, ours), or None (Hugging Face). No array is read."""
   ckpt = resolve(path)

@@ -235,21 +235,55 @@ def _np_dtype(code: str) -> np.dtype:
   return np.dtype(_SAFETENSORS_DTYPES[code])
 
 
+class DamagedFileError(ValueError):
+  """A checkpoint file is truncated or corrupt."""
+
+
+def _damaged(path: str, why: str) -> DamagedFileError:
+  return DamagedFileError(
+      f'{path} is damaged ({why}); it is not a complete checkpoint file. Download or convert the '
+      'checkpoint again.'
+  )
+
+
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """Reads a `.safetensors` file into numpy (floating tensors as float32; bf16 supported)."""
+  """Reads a `.safetensors` file into numpy (floating tensors as float32; bf16 supported).
+
+  Raises:
+    DamagedFileError: naming the file, when it is truncated or its header is corrupt.
+  """
   data = fs.read_bytes(path)
+  if len(data) < 8:
+    raise _damaged(path, f'it has {len(data)} bytes, fewer than the 8 of the header length')
   (header_len,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8 : 8 + header_len])
+  if 8 + header_len > len(data):
+    raise _damaged(path, f'its header should have {header_len} bytes but the file has {len(data)}')
+  try:
+    header = json.loads(data[8 : 8 + header_len].decode('utf-8'))
+  except (UnicodeDecodeError, ValueError):
+    raise _damaged(path, 'its JSON header cannot be read') from None
+  if not isinstance(header, dict):
+    raise _damaged(path, 'its header is not a JSON object')
   base = 8 + header_len
   out = {}
   for name, info in header.items():
     if name == '__metadata__':
       continue
-    start, end = info['data_offsets']
-    dtype = _np_dtype(info['dtype'])
+    try:
+      start, end = (int(x) for x in info['data_offsets'])
+      dtype = _np_dtype(info['dtype'])
+      shape = [int(d) for d in info['shape']]
+    except (KeyError, TypeError, ValueError):
+      raise _damaged(path, f'the header entry of tensor {name!r} is malformed') from None
+    if base + end > len(data):
+      raise _damaged(
+          path, f'truncated: tensor {name!r} ends at byte {base + end} but the file has {len(data)}'
+      )
+    if end - start != int(np.prod(shape)) * dtype.itemsize or start > end:
+      raise _damaged(path, f'the byte range of tensor {name!r} does not match its shape {shape}')
     arr = np.frombuffer(
         data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
-    ).reshape(info['shape'])
+    ).reshape(shape)
     out[name] = _to_float32(arr)
   return out
 
@@ -268,12 +302,17 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
         f'{path} is a PyTorch checkpoint and reading it needs torch: `pip install torch` (CPU '
         'build is enough), or convert the checkpoint to model.safetensors.'
     ) from e
-  if fs.is_remote(path):
-    import io  # pylint: disable=g-import-not-at-top
+  try:
+    if fs.is_remote(path):
+      import io  # pylint: disable=g-import-not-at-top
 
-    state = torch.load(io.BytesIO(fs.read_bytes(path)), map_location='cpu', weights_only=True)
-  else:
-    state = torch.load(fs.abspath(path), map_location='cpu', weights_only=True)
+      state = torch.load(io.BytesIO(fs.read_bytes(path)), map_location='cpu', weights_only=True)
+    else:
+      state = torch.load(fs.abspath(path), map_location='cpu', weights_only=True)
+  except (FileNotFoundError, ImportError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(path, f'torch cannot read it: {str(e).splitlines()[0][:200]}') from None
   out = {}
   for name, tensor in state.items():
     if tensor.is_floating_point():
@@ -467,7 +506,10 @@ def read_hf_config(path: str) -> Dict[str, Any]:
   cfg_path = fs.join(path, CONFIG_NAME)
   if not fs.exists(cfg_path):
     raise FileNotFoundError(f'{cfg_path} not found: {path!r} is not a transformers T5 directory.')
-  return json.loads(fs.read_text(cfg_path))
+  try:
+    return json.loads(fs.read_text(cfg_path))
+  except (UnicodeDecodeError, ValueError):
+    raise _damaged(cfg_path, 'it is not valid JSON') from None
 
 
 def load_t5(

@@ -15,7 +15,7 @@ feature, bind `conditioning_features` of both the converter and the model, e.g. 
 `models.EncoderDecoderModel.conditioning_features = %CONDITIONING_FEATURES`.
 """
 
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import seqio
 import tensorflow as tf
@@ -128,3 +128,49 @@ class _LMFeatureConverter(seqio.LMFeatureConverter):
       if name in task_feature_lengths:
         lengths[name] = task_feature_lengths[name]
     return lengths
+
+
+def out_of_range_ids(
+    mixture_or_task: Any,
+    split: str,
+    sizes: Mapping[str, int],
+    max_examples: Optional[int] = 100_000,
+) -> List[Tuple[str, str, List[int]]]:
+  """Which tasks hold conditioning ids outside `sizes` (`{feature: number of ids}`).
+
+  The ids are checked on every host batch (`models.*Model.check_conditioning_features`), which does
+  not know the task of a row of a mixture; this reads the tasks' examples (up to `max_examples`
+  each, unpreprocessed lengths) to name them in the error.
+
+  Returns:
+    `[(task name, feature, sorted out-of-range values)]`, in the mixture's task order.
+  """
+  provider = (
+      seqio.get_mixture_or_task(mixture_or_task)
+      if isinstance(mixture_or_task, str)
+      else (mixture_or_task)
+  )
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  found = []
+  for task in tasks:
+    if split not in task.splits:
+      continue
+    ds = task.get_dataset(
+        sequence_length=None, split=split, shuffle=False, num_epochs=1, trim_output_features=False
+    )
+    names = [k for k in sizes if k in ds.element_spec]
+    if not names:
+      continue
+    ds = ds.map(lambda ex: {k: tf.reshape(ex[k], [-1]) for k in names})
+    if max_examples:
+      ds = ds.take(max_examples)
+    bad: Dict[str, set] = {k: set() for k in names}
+    for ex in ds.as_numpy_iterator():
+      for k in names:
+        for v in ex[k].tolist():
+          if v < 0 or v >= sizes[k]:
+            bad[k].add(int(v))
+    for k in names:
+      if bad[k]:
+        found.append((task.name, k, sorted(bad[k])))
+  return found

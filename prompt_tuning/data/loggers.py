@@ -15,6 +15,7 @@ Use it like seqio's loggers, e.g. in gin:
 (with `prompt_tuning.data.loggers` imported).
 """
 
+from absl import logging
 import os
 import random
 import zlib
@@ -29,6 +30,35 @@ from prompt_tuning.data import metrics as pt_metrics
 from prompt_tuning.data import utils
 
 RANDOM_TAG = 'examples/random'
+
+
+class PyLoggingLogger(seqio.Logger):
+  """seqio's `PyLoggingLogger` without its "at step -1" for step 0 (offline evaluation).
+
+  Logs `<task>/<metric> at step <step>: <value>` for scalar and text metrics.
+  """
+
+  def __call__(
+      self,
+      task_name: str,
+      step: Optional[int],
+      metrics: Mapping[str, Any],
+      dataset: Optional[tf.data.Dataset],
+      inferences: Optional[Mapping[str, Sequence[Any]]],
+      targets: Optional[Sequence[Any]],
+  ) -> None:
+    del dataset, inferences, targets
+    where = f' at step {int(step)}' if step is not None else ''
+    for name, value in metrics.items():
+      if isinstance(value, seqio.metrics.Scalar):
+        text = f'{float(np.asarray(value.value)):.3f}'
+      elif isinstance(value, seqio.metrics.Text):
+        text = value.textdata
+      else:
+        continue
+      logging.info('%s/%s%s: %s', task_name, name, where, text)
+
+
 WRONG_TAG = 'examples/wrong'
 
 

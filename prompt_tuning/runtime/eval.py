@@ -8,14 +8,15 @@ checkpoint reproduce the metrics seen during training.
 
 import json
 from absl import logging
-import os
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 import seqio
 
+from prompt_tuning import fs
 from prompt_tuning.runtime import checkpoints
+from prompt_tuning.runtime import faults
 from prompt_tuning.runtime import gin_utils
 from prompt_tuning.runtime import inference
 from prompt_tuning.runtime import partitioning
@@ -83,6 +84,8 @@ def restore_params(
         fallback_to_scratch=restore_checkpoint_cfg.fallback_to_scratch,
         dtype=restore_checkpoint_cfg.dtype,
         strict=restore_checkpoint_cfg.strict,
+        trainable=getattr(model.optimizer_def, 'trainable_filter', None),
+        allow_partial_frozen=restore_checkpoint_cfg.allow_partial_frozen,
     )
   axes = params_mesh_axes(model, partitioner, batch_size)
   return (
@@ -93,6 +96,13 @@ def restore_params(
       ),
       axes,
   )
+
+
+def _checkpoint_step(restore_cfg: Optional[utils.RestoreCheckpointConfig]) -> int:
+  path = restore_cfg.path if restore_cfg is not None else None
+  if isinstance(path, (list, tuple)):
+    path = path[0] if path else None
+  return int(checkpoints.checkpoint_step(str(path)) or 0) if path else 0
 
 
 def evaluate(
@@ -114,6 +124,8 @@ def evaluate(
   del training_evaluator_cls, use_orbax, train_state_initializer_cls, train_eval_get_dataset_fn
   if output_dir is None:
     raise ValueError('EVAL_OUTPUT_DIR is not set: pass --gin.EVAL_OUTPUT_DIR="\'/path\'".')
+  if jax.process_index() == 0:
+    faults.check_output_dir(output_dir, 'EVAL_OUTPUT_DIR')  # Before any work.
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
   utils.import_module(dataset_cfg.module)
   utils.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
@@ -121,24 +133,22 @@ def evaluate(
       model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size, fallback_init_rng
   )
   if jax.process_index() == 0:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    tf.io.gfile.makedirs(os.path.join(output_dir, 'inference_eval'))
+    fs.makedirs(fs.join(output_dir, 'inference_eval'))
     if summarize_config_fn is not None:
       summarize_config_fn(output_dir, None, 0)
   evaluator = inference.InferenceEvaluator(
       dataset_cfg, inference_evaluator_cls, model, partitioner, log_dir=output_dir, params_axes=axes
   )
-  results = evaluator.evaluate(params, step=0)
+  # As T5X, the metrics are logged at the step of the evaluated checkpoint (0 when it has none).
+  results = evaluator.evaluate(params, step=_checkpoint_step(restore_checkpoint_cfg))
   if jax.process_index() == 0:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    with tf.io.gfile.GFile(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-      json.dump(
-          {k: {m: float(np.asarray(v)) for m, v in d.items()} for k, d in results.items()},
-          f,
-          indent=1,
-      )
+    fs.write_text(
+        fs.join(output_dir, 'metrics.json'),
+        json.dumps(
+            {k: {m: float(np.asarray(v)) for m, v in d.items()} for k, d in results.items()},
+            indent=1,
+        ),
+    )
   for task, metrics in results.items():
     logging.info('eval %s: %s', task, metrics)
   return results

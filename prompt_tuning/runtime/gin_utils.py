@@ -55,6 +55,24 @@ def _guard_package_reader() -> None:
       readers[i] = (reader, _package_file_exists)
 
 
+# T5X's gin files bind `train_script.train` (`import __main__ as train_script`); its users write the
+# same scope on the command line, where no import statement names `__main__`.
+SCRIPT_ALIASES = (
+    ('train_script.train.', 'train.'),
+    ('eval_script.evaluate.', 'evaluate.'),
+    ('infer_script.infer.', 'infer.'),
+)
+
+
+def _resolve_script_alias(binding: str) -> str:
+  """`train_script.train.x = 1` -> `train.x = 1` (likewise `eval_script`, `infer_script`)."""
+  stripped = binding.lstrip()
+  for alias, name in SCRIPT_ALIASES:
+    if stripped.startswith(alias):
+      return name + stripped[len(alias) :]
+  return binding
+
+
 def rewrite_gin_args(args: Sequence[str]) -> Sequence[str]:
   """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
   out = []
@@ -78,14 +96,101 @@ class GinConfigError(ValueError):
   """A gin file or binding could not be parsed."""
 
 
+class UnusedMacroError(GinConfigError):
+  """A macro is set that no binding references (a typo would silently leave the default)."""
+
+
+_MACRO_DEF = re.compile(r'^([A-Z_][A-Z0-9_]*)\s*=', re.M)
+_KNOWN_MACROS: Optional[set] = None
+
+
+def known_macros() -> set:
+  """Macro names defined by the shipped gin files (`configs/`)."""
+  global _KNOWN_MACROS
+  if _KNOWN_MACROS is None:
+    names = set()
+    for root in default_search_paths():
+      for dirpath, _, files in os.walk(root):
+        for name in files:
+          if name.endswith('.gin'):
+            with open(os.path.join(dirpath, name)) as f:
+              names.update(_MACRO_DEF.findall(f.read()))
+    _KNOWN_MACROS = names
+  return _KNOWN_MACROS
+
+
+def _macro_references(value, out: set) -> None:
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == 'gin.macro' and value.scopes:
+      out.add(value.scopes[-1])
+  elif isinstance(value, dict):
+    for v in list(value.keys()) + list(value.values()):
+      _macro_references(v, out)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_references(v, out)
+
+
+def check_macros(gin_bindings: Sequence[str] = ()) -> None:
+  """Fails on a macro that is set but referenced by no binding, unless the shipped configs define it.
+
+  `--gin.BATCHSIZE=4` or `TRAIN_STEP = 5` in a gin file would otherwise train with the defaults
+  without a word. A macro the shipped configs define (e.g. EVAL_PERIOD passed to `infer` as well)
+  only gets a warning. Entry points skip the check with `--allow_unused_macros`.
+
+  Raises:
+    UnusedMacroError: naming the macro, where it was set and the closest referenced names.
+  """
+  try:
+    config = gin.config._CONFIG  # pylint: disable=protected-access
+    defined = [scope for (scope, selector) in config if selector == 'gin.macro' and scope]
+    referenced: set = set()
+    for params in config.values():
+      _macro_references(dict(params), referenced)
+  except (AttributeError, TypeError):  # Another gin version: skip the check.
+    return
+  unused = [m for m in defined if m not in referenced]
+  if not unused:
+    return
+  known = known_macros()
+  unknown = [m for m in unused if m not in known]
+  on_command_line = lambda m: any(re.match(rf'\s*{re.escape(m)}\s*=', b) for b in gin_bindings)
+  for m in unused:
+    if m in known and on_command_line(m):
+      logging.getLogger(__name__).warning('Macro %s is set but not used by this configuration.', m)
+  if not unknown:
+    return
+  import difflib  # pylint: disable=g-import-not-at-top
+
+  candidates = sorted(referenced | known)
+  problems = []
+  for m in unknown:
+    where = 'on the command line' if on_command_line(m) else 'in a gin file'
+    close = difflib.get_close_matches(m, candidates, n=3, cutoff=0.6)
+    hint = f' (did you mean {" or ".join(close)}?)' if close else ''
+    problems.append(f'{m}, set {where},{hint}')
+  raise UnusedMacroError(
+      f'Macro(s) set but used by no binding: {"; ".join(problems)}. A misspelled macro leaves the '
+      'default in place. Fix the name, or pass --allow_unused_macros if the extra macro is '
+      'deliberate.'
+  )
+
+
 def parse_gin_flags(
     gin_search_paths: Sequence[str],
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
     skip_unknown: bool = False,
     finalize_config: bool = True,
+    allow_unused_macros: bool = True,
 ) -> None:
-  """Parses gin files and bindings, with clear errors for unknown names and missing files."""
+  """Parses gin files and bindings, with clear errors for unknown names and missing files.
+
+  T5X's script scopes (`train_script.train.x = ...`) are accepted in bindings. With
+  `allow_unused_macros=False` (the entry points' default) a macro that nothing references is an
+  error (`check_macros`).
+  """
+  gin_bindings = [_resolve_script_alias(b) for b in gin_bindings]
   _guard_package_reader()
   for path in list(gin_search_paths) + list(default_search_paths()):
     for p in str(path).split(','):
@@ -150,6 +255,8 @@ def parse_gin_flags(
     raise GinConfigError(f'Could not parse the gin configuration: {text}\nHint: {hint}') from e
   finally:
     logging.getLogger().removeFilter(noise)
+  if not allow_unused_macros:
+    check_macros(gin_bindings)
 
 
 def summarize_gin_config(model_dir: str, summary_writer=None, step: int = 0) -> None:

@@ -7,15 +7,14 @@ decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the s
 
 import json
 from absl import logging
-import os
-from typing import Any, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jax
-import numpy as np
 import seqio
-import tensorflow as tf
 
+from prompt_tuning import fs
 from prompt_tuning.runtime import eval as eval_lib
+from prompt_tuning.runtime import faults
 from prompt_tuning.runtime import inference
 from prompt_tuning.runtime import partitioning
 from prompt_tuning.runtime import utils
@@ -57,6 +56,8 @@ def infer(
     raise ValueError(f"infer mode must be 'predict', 'score' or 'predict_with_aux', got {mode!r}.")
   if output_dir is None:
     raise ValueError('INFER_OUTPUT_DIR is not set: pass --gin.INFER_OUTPUT_DIR="\'/path\'".')
+  if jax.process_index() == 0:
+    faults.check_output_dir(output_dir, 'INFER_OUTPUT_DIR')  # Before any work.
   partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
   utils.import_module(dataset_cfg.module)
   provider = utils.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
@@ -64,10 +65,8 @@ def infer(
       model, restore_checkpoint_cfg, partitioner, dataset_cfg.batch_size, fallback_init_rng
   )
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  if jax.process_index() == 0:
-    tf.io.gfile.makedirs(output_dir)
   fc = model.FEATURE_CONVERTER_CLS(pack=False)
-  last_path = None
+  loaded = []
   for task in tasks:
     task_ds = task.get_dataset(
         sequence_length=dataset_cfg.task_feature_lengths,
@@ -78,57 +77,92 @@ def infer(
         shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
         use_cached=dataset_cfg.use_cached,
     )
-    examples = list(task_ds.as_numpy_iterator())
-    lengths = dataset_cfg.task_feature_lengths
-    if lengths is None:
-      lengths = {
-          k: max(len(e[k]) for e in examples)
-          for k in ('inputs', 'targets')
-          if examples and k in examples[0]
-      }
-    model_ds = fc(task_ds, lengths).enumerate()
-    if mode == 'score':
-      fn = inference.get_infer_fn(
-          lambda p, b: model.score_batch(p, b),
-          dataset_cfg.batch_size,
-          partitioner,
-          params,
-          state_axes=axes,
-          bucketing=dataset_cfg.bucketing,
-      )
+    loaded.append((task, task_ds, list(task_ds.as_numpy_iterator())))
+
+  names: List[Optional[str]] = [None]
+
+  def check_batch(indices, batch):
+    if names[0] is None:  # Mixed batches: the task is in the key.
+      task_of = lambda row: tasks[inference.task_of_key(indices[row])].name
     else:
-      fn = inference.get_infer_fn(
-          lambda p, b: model.predict_batch_with_aux(p, b),
-          dataset_cfg.batch_size,
-          partitioner,
-          params,
-          state_axes=axes,
-          bucketing=dataset_cfg.bucketing,
-          bucketed_features=inference.PREDICT_BUCKETED_FEATURES,
-      )
-    out = fn(model_ds)
-    results = out[0] if isinstance(out, tuple) else out
-    aux = out[1] if isinstance(out, tuple) else {}
+      task_of = lambda row: names[0]
+    model.check_conditioning_features(batch, task_of=task_of)
+
+  if mode == 'score':
+    step = lambda p, b: model.score_batch(p, b)
+  else:
+    step = lambda p, b: model.predict_batch_with_aux(p, b)
+  fn = inference.get_infer_fn(
+      step,
+      dataset_cfg.batch_size,
+      partitioner,
+      params,
+      state_axes=axes,
+      check_batch=check_batch,
+      bucketing=dataset_cfg.bucketing,
+      bucketed_features=(
+          ('inputs', 'targets') if mode == 'score' else inference.PREDICT_BUCKETED_FEATURES
+      ),
+  )
+  # With a prompt bank, every batch mixes the tasks (one prompt per example), as in serving.
+  mix = bool(model.conditioning_feature_sizes().get('prompt_ids')) and len(tasks) > 1
+  if mix:
+    lengths = dataset_cfg.task_feature_lengths or _lengths([e for _, _, ex in loaded for e in ex])
+    names[0] = None
+    mixed = _run(
+        fn, inference.interleave_tasks([fc(ds, lengths).enumerate() for _, ds, _ in loaded])
+    )
+    per_task = inference.split_by_task(mixed, len(tasks))
+    logging.info('Ran %d tasks in mixed batches (prompt bank).', len(tasks))
+  else:
+    per_task = []
+    for task, task_ds, examples in loaded:
+      names[0] = task.name
+      lengths = dataset_cfg.task_feature_lengths or _lengths(examples)
+      per_task.append(_run(fn, fc(task_ds, lengths).enumerate()))
+  last_path = None
+  for (task, _, examples), results in zip(loaded, per_task):
     results = sorted(results, key=lambda x: x[0])
     vocab = task.output_features[output_vocab_feature_name].vocabulary
-    path = os.path.join(output_dir, f'{task.name}-{dataset_cfg.split}.{file_extension}')
+    path = fs.join(output_dir, f'{task.name}-{dataset_cfg.split}.{file_extension}')
     last_path = path
     if jax.process_index() != 0:
       continue
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      for (idx, value), ex in zip(results, examples):
-        row = {'inputs': _text(ex, 'inputs'), 'targets': _text(ex, 'targets')}
-        if mode == 'score':
-          row['score'] = float(value)
-        else:
-          row['prediction'] = _decode(vocab, value)
-          if mode == 'predict_with_aux' and 'scores' in aux:
-            row['aux'] = {'score': float(aux['scores'][idx])}
-        f.write(json.dumps(row) + '\n')
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    rows = []
+    for (_, (value, aux_score)), ex in zip(results, examples):
+      row = {'inputs': _text(ex, 'inputs'), 'targets': _text(ex, 'targets')}
+      if mode == 'score':
+        row['score'] = float(value)
+      else:
+        row['prediction'] = _decode(vocab, value)
+        if mode == 'predict_with_aux' and aux_score is not None:
+          row['aux'] = {'score': float(aux_score)}
+      rows.append(json.dumps(row) + '\n')
+    fs.write_text(path, ''.join(rows))
     logging.info('Wrote %d %s results to %s', len(results), mode, path)
   return last_path
+
+
+def _lengths(examples) -> Mapping[str, int]:
+  """The longest `inputs` and `targets` of `examples` (TASK_FEATURE_LENGTHS = None)."""
+  return {
+      k: max(len(e[k]) for e in examples)
+      for k in ('inputs', 'targets')
+      if examples and k in examples[0]
+  }
+
+
+def _run(fn, model_ds) -> List[Tuple[int, Tuple[Any, Optional[float]]]]:
+  """`[(index, (output, aux score or None))]` of `fn` over an enumerated model dataset."""
+  out = fn(model_ds)
+  # In example (key) order, the order of the aux values (bucketed batches leave dataset order).
+  results = sorted(out[0] if isinstance(out, tuple) else out, key=lambda x: x[0])
+  aux = out[1] if isinstance(out, tuple) else {}
+  scores = aux.get('scores') if aux else None
+  return [
+      (idx, (value, None if scores is None else scores[pos]))
+      for pos, (idx, value) in enumerate(results)
+  ]
 
 
 def _text(example, key):

@@ -2,7 +2,7 @@
 
 from absl import logging
 import os
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -28,6 +28,39 @@ def _pad_batch(
 PREDICT_BUCKETED_FEATURES = ('inputs',)
 
 
+# Keys of `interleave_tasks`: task index * _KEY_BASE + the example's index within its task.
+_KEY_BASE = 1 << 32
+
+
+def interleave_tasks(datasets: Sequence[tf.data.Dataset]) -> tf.data.Dataset:
+  """One enumerated dataset taking the examples of `datasets` (each enumerated) in turn.
+
+  Every batch then mixes the tasks (one prompt of a bank per example). An element's index is
+  `task_index * 2**32 + its index in its task` (`split_by_task` undoes it); tasks with fewer
+  examples simply run out first.
+  """
+  keyed = [
+      ds.map(lambda i, ex, t=t: (tf.cast(i, tf.int64) + t * _KEY_BASE, ex))
+      for t, ds in enumerate(datasets)
+  ]
+  choice = tf.data.Dataset.range(len(keyed)).repeat()
+  return tf.data.Dataset.choose_from_datasets(keyed, choice, stop_on_empty_dataset=False)
+
+
+def task_of_key(key: int) -> int:
+  return int(key) // _KEY_BASE
+
+
+def split_by_task(
+    outputs: Sequence[Tuple[int, Any]], num_tasks: int
+) -> List[List[Tuple[int, Any]]]:
+  """`[(key, output)]` of an `interleave_tasks` dataset -> per task `[(index, output)]`."""
+  out: List[List[Tuple[int, Any]]] = [[] for _ in range(num_tasks)]
+  for key, value in outputs:
+    out[int(key) // _KEY_BASE].append((int(key) % _KEY_BASE, value))
+  return out
+
+
 def get_infer_fn(
     infer_step: Callable,
     batch_size: int,
@@ -37,6 +70,7 @@ def get_infer_fn(
     state_axes: Any = None,
     bucketing=None,
     bucketed_features: Sequence[str] = ('inputs', 'targets'),
+    check_batch: Optional[Callable[[np.ndarray, Mapping[str, np.ndarray]], None]] = None,
 ) -> Callable:
   """Returns `fn(enumerated_ds, state=state) -> [(index, output)]` (and aux) running `infer_step(state, batch)`.
 
@@ -45,7 +79,8 @@ def get_infer_fn(
   inference sees each example exactly once; outputs are replicated, so every process gets all of them.
   The final partial batch is zero-padded to `batch_size` so one compiled step serves every batch.
   `state_axes` (mesh PartitionSpecs matching `state`, default replicated) keeps model-parallel
-  parameters sharded during inference.
+  parameters sharded during inference. `check_batch(indices, batch)` sees every host batch before
+  padding (e.g. to check its conditioning ids).
 
   With `bucketing` (a `prompt_tuning.data.bucketing.BucketConfig`) the examples are batched within
   length buckets (windows of `bucketing.window` batches, in dataset order within a bucket) and each
@@ -68,6 +103,8 @@ def get_infer_fn(
     aux_all = {}
     aux_indices: List[int] = []
     for indices, batch in _batches(ds, batch_size, bucketing, bucketed_features):
+      if check_batch is not None:
+        check_batch(indices, batch)
       padded, n = _pad_batch(dict(batch), batch_size)
       local = {k: v[lo : lo + local_bs] for k, v in padded.items()}
       result = jitted(state, partitioner.shard_host_batch(local))
@@ -150,35 +187,70 @@ class InferenceEvaluator:
       return model.score_batch(p, batch)
 
     bs = infer_eval_dataset_cfg.batch_size
-    bucketing = infer_eval_dataset_cfg.bucketing
-    self._predict_fn = get_infer_fn(
-        predict_step,
-        bs,
-        partitioner,
+    kw = dict(
         state_axes=params_axes,
-        bucketing=bucketing,
-        bucketed_features=PREDICT_BUCKETED_FEATURES,
+        check_batch=self._check_batch,
+        bucketing=infer_eval_dataset_cfg.bucketing,
     )
-    self._score_fn = get_infer_fn(
-        score_step, bs, partitioner, state_axes=params_axes, bucketing=bucketing
+    self._predict_fn = get_infer_fn(
+        predict_step, bs, partitioner, bucketed_features=PREDICT_BUCKETED_FEATURES, **kw
     )
+    self._score_fn = get_infer_fn(score_step, bs, partitioner, **kw)
+    self._current_task: Optional[str] = None
+    self._mixed_names: Optional[List[str]] = None
+    sizes = getattr(model, 'conditioning_feature_sizes', lambda: {})()
+    datasets = self._evaluator.cached_model_datasets if self._evaluator.eval_tasks else {}
+    specs = {str(ds.element_spec) for ds in datasets.values()}
+    # With a prompt bank, every batch mixes the tasks (one prompt per example), as in serving.
+    self.mix_tasks = bool(sizes.get('prompt_ids')) and len(datasets) > 1 and len(specs) == 1
+
+  def _check_batch(self, indices, batch) -> None:
+    check = getattr(self._model, 'check_conditioning_features', None)
+    if check is None:
+      return
+    if self._mixed_names is not None:
+      names = self._mixed_names
+      check(batch, task_of=lambda row: names[task_of_key(indices[row])])
+    else:
+      check(batch, task_of=lambda row: self._current_task)
 
   @property
   def eval_tasks(self):
     return self._evaluator.eval_tasks
 
   def evaluate(self, params, step: int) -> Mapping[str, Mapping[str, Any]]:
+    """Decodes and scores every eval task and computes their metrics (`{task: {metric: value}}`)."""
     if not self._evaluator.eval_tasks:
       return {}
+    datasets = dict(self._evaluator.cached_model_datasets)
+    name_of = {id(ds): name for name, ds in datasets.items()}
+    mixed: Dict[str, Dict[str, Any]] = {}
+
+    def run(kind: str, fn: Callable, ds) -> Any:
+      name = name_of.get(id(ds))
+      if not (self.mix_tasks and name is not None):
+        self._current_task = name
+        return fn(ds, state=params)
+      if kind not in mixed:
+        names = list(datasets)
+        logging.info('Evaluating %d tasks in mixed batches (prompt bank): %s', len(names), names)
+        self._mixed_names = names
+        try:
+          out = fn(interleave_tasks([datasets[n] for n in names]), state=params)
+        finally:
+          self._mixed_names = None
+        out = out[0] if isinstance(out, tuple) else out
+        mixed[kind] = dict(zip(names, split_by_task(out, len(names))))
+      return mixed[kind][name]
 
     def predict_tokens(ds, *a, **k):
       del a, k
-      out = self._predict_fn(ds, state=params)
+      out = run('predict', self._predict_fn, ds)
       return out[0] if isinstance(out, tuple) else out
 
     def score(ds, *a, **k):
       del a, k
-      return self._score_fn(ds, state=params)
+      return run('score', self._score_fn, ds)
 
     all_metrics, _ = self._evaluator.evaluate(
         compute_metrics=jax.process_index() == 0,

@@ -1,10 +1,17 @@
-"""Shared command-line handling of the train/eval/infer entry points (T5X's flags)."""
+"""Shared command-line handling of the train/eval/infer entry points (T5X's flags).
 
+Output is quiet by default: this project's progress lines, and warnings and errors of the libraries;
+not the INFO lines of orbax, seqio or TensorFlow, nor TensorFlow's C++ start-up lines. `--verbose`
+(or absl's `-v 1`) shows everything, and full tracebacks of errors. Errors a user can cause end in
+one `ERROR: ...` line; Ctrl-C and SIGTERM in one line saying where to resume.
+"""
+
+import contextlib
 import logging as py_logging
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import flags
 from absl import logging
@@ -42,6 +49,81 @@ def define_flags() -> None:
   flags.DEFINE_string(
       'cpu_collectives', 'gloo', 'CPU collectives implementation for multi-process CPU runs.'
   )
+  flags.DEFINE_boolean(
+      'verbose',
+      False,
+      'Show the INFO logs of the libraries (orbax, seqio, TensorFlow start-up) and full tracebacks.',
+  )
+  flags.DEFINE_boolean(
+      'allow_unused_macros',
+      False,
+      'Accept gin macros that no binding references (by default a likely typo, and an error).',
+  )
+
+
+def _verbose_requested(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return (
+      any(a in ('--verbose', '--verbose=true', '--verbose=True', '-v') for a in argv)
+      or any(re.match(r'^(--verbosity|-v)=?[1-9]', a) for a in argv)
+      or bool(os.environ.get('PROMPT_TUNING_VERBOSE'))
+  )
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+  """Sends file descriptor 2 to /dev/null (C++ libraries write there directly)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def quiet_startup() -> None:
+  """Imports TensorFlow without its C++ start-up lines (oneDNN, CUDA probing) unless verbose.
+
+  Call it before anything imports TensorFlow (seqio does); the entry modules do.
+  """
+  if _verbose_requested() or 'tensorflow' in sys.modules:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+  with _stderr_silenced():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.experimental.set_visible_devices([], 'GPU')
+
+
+class _QuietFilter(py_logging.Filter):
+  """Quiet mode: this project's records, and the libraries' warnings (orbax's not at all).
+
+  orbax logs every step of every save at INFO and, when a save fails, the same error with a
+  traceback from each of its threads; the run reports the failure itself in one line.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    path = record.pathname or ''
+    if (
+        f'{os.sep}prompt_tuning{os.sep}' in path
+        and 'site-packages' not in path.split(f'{os.sep}prompt_tuning{os.sep}')[-1]
+    ):
+      return True
+    if f'{os.sep}orbax{os.sep}' in path:
+      return record.levelno >= py_logging.CRITICAL
+    return record.levelno >= py_logging.WARNING
+
+
+def _quiet_logging() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietFilter) for f in handler.filters):
+    handler.addFilter(_QuietFilter())
 
 
 def initialize_distributed() -> None:
@@ -78,7 +160,7 @@ def _user_error_types():
 
   types = [
       ValueError,
-      FileNotFoundError,
+      OSError,  # FileNotFoundError, PermissionError, NotADirectoryError, ...
       KeyError,
       TypeError,
       RuntimeError,
@@ -98,24 +180,34 @@ def _message(e: BaseException) -> str:
   msg = str(e).strip()
   if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
     msg = e.args[0]
-  # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: keep the name, drop the address.
-  return re.sub(r' \(<(?:function|class|bound method) [^>]*>\)', '', msg)
+  # gin appends "In call to configurable 'x' (<function x at 0x...>)" lines: the message is the
+  # user's one line without them (--verbose shows the traceback and gin's context).
+  lines = [l for l in msg.splitlines() if not l.strip().startswith('In call to configurable')]
+  return re.sub(r' \(<(?:function|class|bound method) [^>]*>\)', '', '\n'.join(lines)).strip()
 
 
 def main_with_gin(fn: Callable, argv) -> None:
   """Parses gin (with clear errors), sets up TF/TFDS/distributed state, then calls `fn()`.
 
   Errors a user can cause end in one `ERROR: ...` message naming the cause and the fix, exit code 1
-  (2 for gin configuration errors), without a traceback; `PROMPT_TUNING_TRACEBACK=1` re-raises them.
+  (2 for gin configuration errors), without a traceback; `--verbose` (or
+  `PROMPT_TUNING_TRACEBACK=1`) re-raises them. Ctrl-C and SIGTERM end in one line, exit code
+  128 + the signal number.
   """
   del argv
+  verbose = FLAGS.verbose or _verbose_requested() or logging.get_verbosity() > logging.INFO
+  quiet_startup()
   import gin  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import faults  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import gin_utils  # pylint: disable=g-import-not-at-top
 
   tf.config.experimental.set_visible_devices([], 'GPU')
-  logging.set_verbosity(logging.INFO)
-  py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))
+  py_logging.getLogger('absl').setLevel(py_logging.DEBUG if verbose else py_logging.INFO)
+  if not verbose:
+    _quiet_logging()
+    faults.quiet_closed_event_loop()
   if FLAGS.tfds_data_dir:
     import seqio  # pylint: disable=g-import-not-at-top
 
@@ -124,9 +216,14 @@ def main_with_gin(fn: Callable, argv) -> None:
     import seqio  # pylint: disable=g-import-not-at-top
 
     seqio.add_global_cache_dirs(FLAGS.seqio_additional_cache_dirs)
-  traceback_wanted = bool(os.environ.get('PROMPT_TUNING_TRACEBACK'))
+  traceback_wanted = verbose or bool(os.environ.get('PROMPT_TUNING_TRACEBACK'))
   try:
-    gin_utils.parse_gin_flags(FLAGS.gin_search_paths, FLAGS.gin_file, FLAGS.gin_bindings)
+    gin_utils.parse_gin_flags(
+        FLAGS.gin_search_paths,
+        FLAGS.gin_file,
+        FLAGS.gin_bindings,
+        allow_unused_macros=FLAGS.allow_unused_macros,
+    )
   except gin_utils.GinConfigError as e:
     if traceback_wanted:
       raise
@@ -135,12 +232,24 @@ def main_with_gin(fn: Callable, argv) -> None:
   try:
     initialize_distributed()
     fn()
+  except KeyboardInterrupt as e:
+    if traceback_wanted:
+      raise
+    code = getattr(e, 'exit_code', 130)
+    message = (
+        str(e)
+        if isinstance(e, faults.TrainingInterrupted) and str(e)
+        else ('interrupted (Ctrl-C); nothing written so far is lost: rerun the same command.')
+    )
+    logging.warning('%s', message)
+    print(f'\n{message}', file=sys.stderr, flush=True)
+    sys.exit(code)
   except _user_error_types() as e:  # pylint: disable=catching-non-exception
     if traceback_wanted:
       raise
     logging.error('%s: %s', type(e).__name__, _message(e))
     print(
-        f'\nERROR: {type(e).__name__}: {_message(e)}\n(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)',
+        f'\nERROR: {type(e).__name__}: {_message(e)}\n(--verbose shows the full traceback)',
         file=sys.stderr,
     )
     sys.exit(1)

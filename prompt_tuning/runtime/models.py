@@ -44,6 +44,28 @@ class DecoderParams:
 CONDITIONING_FEATURES = hooks_lib.CONDITIONING_FEATURES
 
 
+class ConditioningFeatureError(ValueError):
+  """A per-example id (e.g. `prompt_ids`) is outside the range the model has (its bank size)."""
+
+
+def out_of_range_message(
+    name: str, value: int, size: int, task: Optional[str] = None, values: Sequence[int] = ()
+) -> str:
+  """The message of a `ConditioningFeatureError`."""
+  where = f' of task {task!r}' if task else ''
+  others = [v for v in values if v != value]
+  also = f' (also {", ".join(map(str, others[:5]))})' if others else ''
+  what = 'the prompt bank has' if name == 'prompt_ids' else 'the model has'
+  unit = 'prompts' if name == 'prompt_ids' else f'{name} values'
+  fix = (
+      'Give the task prompt_ids below the bank size, or serve a bank with more prompts '
+      '(NUM_PROMPTS / PromptEncoderDecoder.num_prompts and a PROMPT_FILE of that many).'
+      if name == 'prompt_ids'
+      else f'Give the task {name} below {size}, or configure the model for more.'
+  )
+  return f'{name} {value}{where} is out of range{also}: {what} {size} {unit} (ids 0..{size - 1}). {fix}'
+
+
 def _term_name(fn: Callable) -> str:
   name = getattr(fn, 'name', None) or getattr(fn, '__name__', None)
   if not name or name == '<lambda>':
@@ -111,6 +133,45 @@ class BaseTransformerModel:
   def features_of(self, batch: Mapping[str, Array]) -> Dict[str, Array]:
     """The batch's per-example conditioning features (those of `conditioning_features` present)."""
     return {k: batch[k] for k in self.conditioning_features if k in batch}
+
+  def conditioning_feature_sizes(self) -> Dict[str, int]:
+    """How many ids each conditioning feature may take (`prompt_ids`: the bank's `num_prompts`).
+
+    A module declares more with an attribute `conditioning_feature_sizes` (a `{feature: size}`
+    mapping); a bank's `num_prompts` sizes `prompt_ids`.
+    """
+    sizes = dict(getattr(self.module, 'conditioning_feature_sizes', None) or {})
+    num_prompts = getattr(self.module, 'num_prompts', None)
+    if num_prompts:
+      sizes.setdefault('prompt_ids', int(num_prompts))
+    return {k: int(v) for k, v in sizes.items() if k in self.conditioning_features}
+
+  def check_conditioning_features(
+      self, batch: Mapping[str, Any], task_of: Optional[Callable[[int], Optional[str]]] = None
+  ) -> None:
+    """Checks a host batch's conditioning ids against `conditioning_feature_sizes` (numpy, cheap).
+
+    An out-of-range id would otherwise select nothing (a `PromptBank` fills NaN, so the example
+    decodes to nothing and scores NaN, without an error).
+
+    Args:
+      batch: host arrays, one id per example for each conditioning feature present.
+      task_of: optional `row -> task name`, to name the task of a bad example.
+
+    Raises:
+      ConditioningFeatureError: naming the feature, the id, the size and the task when known.
+    """
+    for name, size in self.conditioning_feature_sizes().items():
+      if name not in batch:
+        continue
+      ids = np.asarray(batch[name]).reshape(-1)
+      bad = np.flatnonzero((ids < 0) | (ids >= size))
+      if bad.size:
+        row = int(bad[0])
+        task = task_of(row) if task_of is not None else None
+        raise ConditioningFeatureError(
+            out_of_range_message(name, int(ids[row]), size, task, sorted(set(ids[bad].tolist())))
+        )
 
   def _feature_kwargs(self, batch: Mapping[str, Array]) -> dict:
     features = self.features_of(batch)

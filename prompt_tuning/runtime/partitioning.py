@@ -320,6 +320,11 @@ class PjitPartitioner:
     return jax.tree_util.tree_map(one, batch)
 
 
+# T5X's name for the same partitioner (`partitioning.ModelBasedPjitPartitioner` in its gin files):
+# one class, so gin bindings of either name configure it.
+ModelBasedPjitPartitioner = PjitPartitioner
+
+
 class PartitionedFn:
   """A jitted function that runs inside its partitioner's mesh and logical-rule context."""
 

@@ -17,8 +17,9 @@ import functools
 from absl import logging
 import os
 import re
+import signal
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import flax.linen.partitioning as nn_partitioning
 import jax
@@ -26,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from prompt_tuning import fs
 from prompt_tuning.runtime import checkpoints
+from prompt_tuning.runtime import faults
 from prompt_tuning.runtime import gin_utils
 from prompt_tuning.runtime import inference
+from prompt_tuning.runtime import models as models_lib
 from prompt_tuning.runtime import partitioning
 from prompt_tuning.runtime import train_state as train_state_lib
 from prompt_tuning.runtime import trainer as trainer_lib
@@ -84,6 +88,8 @@ def _restore_params(
       dtype=restore_cfg.dtype,
       strict=restore_cfg.strict,
       only=only,
+      trainable=builder.is_trainable,
+      allow_partial_frozen=restore_cfg.allow_partial_frozen,
   )
 
 
@@ -116,7 +122,93 @@ def train(
     train_state_initializer_cls=None,
     verify_matching_vocabs_fn=None,
 ):
-  """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`."""
+  """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`.
+
+  Before any work `MODEL_DIR` must be a writable directory that no other run is using (a lock file
+  names the holder). Ctrl-C and SIGTERM end the run with one line naming the step and the last
+  complete checkpoint; on SIGTERM (preemption) the current step is saved first.
+  """
+  kwargs = dict(locals())
+  if model_dir is None:
+    raise ValueError('MODEL_DIR is not set: pass --gin.MODEL_DIR="\'/path/to/model_dir\'".')
+  model_dir = os.path.abspath(model_dir) if '://' not in model_dir else model_dir
+  kwargs['model_dir'] = model_dir
+  faults.check_output_dir(model_dir, 'MODEL_DIR')
+  lock = _lock_model_dir(model_dir)
+  progress: Dict[str, Any] = {'step': None}
+  interrupts = faults.Interrupts()
+  if jax.process_count() == 1:
+    # Several processes must stop at the same step; they keep the default handlers.
+    interrupts.install()
+  try:
+    return _train(interrupts=interrupts, progress=progress, **kwargs)
+  except faults.TrainingInterrupted as e:
+    steps = checkpoints.all_steps(model_dir)
+    last = (steps[-1], fs.join(model_dir, f'checkpoint_{steps[-1]}')) if steps else None
+    raise faults.TrainingInterrupted(
+        e.signum, faults.interrupted_message(e.signum, progress['step'], last)
+    ) from None
+  finally:
+    interrupts.restore()
+    if lock is not None:
+      lock.release()
+
+
+def _lock_model_dir(model_dir: str) -> Optional[faults.RunLock]:
+  """Process 0 locks MODEL_DIR for the whole job; every process fails if it cannot."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = faults.RunLock(model_dir).acquire()
+    except faults.ModelDirInUseError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    ok = int(multihost_utils.broadcast_one_to_all(np.asarray(error is None, np.int32)))
+    if not ok and error is None:
+      raise faults.ModelDirInUseError(
+          f'MODEL_DIR {model_dir} is in use by another run (process 0 could not lock it).'
+      )
+  if error is not None:
+    raise error
+  if lock is not None and lock.took_over is None:
+    logging.info('Locked MODEL_DIR %s (%s).', model_dir, lock.path)
+  return lock
+
+
+def _train(
+    *,
+    model,
+    train_dataset_cfg: utils.DatasetConfig,
+    train_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+    infer_eval_dataset_cfg: Optional[utils.DatasetConfig] = None,
+    checkpoint_cfg: utils.CheckpointConfig = utils.CheckpointConfig(),
+    partitioner: Optional[partitioning.PjitPartitioner] = None,
+    trainer_cls: Callable = trainer_lib.Trainer,
+    model_dir: str,
+    total_steps: int,
+    eval_steps: int = 10,
+    eval_period: int = 1000,
+    relative_steps: Optional[int] = None,
+    stats_period: Optional[int] = None,
+    random_seed: Optional[int] = None,
+    use_hardware_rng: bool = False,
+    summarize_config_fn: Optional[Callable] = gin_utils.summarize_gin_config,
+    inference_evaluator_cls=seqio.Evaluator,
+    get_dataset_fn: Callable = utils.get_dataset,
+    concurrent_metrics: bool = True,
+    actions: Optional[Mapping[str, Sequence[trainer_lib.BaseAction]]] = None,
+    train_eval_get_dataset_fn: Callable = utils.get_training_eval_datasets,
+    run_eval_before_training: bool = False,
+    use_orbax: bool = True,
+    gc_period: int = 0,
+    train_state_initializer_cls=None,
+    verify_matching_vocabs_fn=None,
+    interrupts: faults.Interrupts,
+    progress: Dict[str, Any],
+):
+  """The body of `train` (MODEL_DIR checked and locked, signal handlers installed)."""
   del use_hardware_rng, concurrent_metrics, use_orbax, gc_period, train_state_initializer_cls
   del verify_matching_vocabs_fn
   if model_dir is None:
@@ -128,7 +220,8 @@ def train(
   if restore_cfg is not None and restore_cfg.mode == 'all':
     raise ValueError("RestoreCheckpointConfig.mode='all' is for evaluation, not training.")
   _check_restore_path(restore_cfg)
-  latest = checkpoints.latest_checkpoint_path(model_dir)
+  # The newest checkpoint that reads back whole; damaged newer ones are moved aside.
+  latest, raw_latest = checkpoints.restore_latest(model_dir)
   if random_seed is None and latest is not None:
     # A resumed run continues with the seed of the run it resumes, so the data order and the dropout
     # masks stay those of an uninterrupted run even when RANDOM_SEED was not set.
@@ -168,7 +261,7 @@ def train(
     logging.info('Resuming from %s', latest)
     params = _restore_params(builder, restore_cfg, init_rng, only_frozen=True)
     state = builder.build(params)
-    raw = checkpoints.restore_checkpoint(latest)
+    raw = raw_latest
     state = checkpoints.restore_into_state(state, raw)
     state = jax.tree_util.tree_map(
         lambda x, s: jax.device_put(x, s),
@@ -214,6 +307,7 @@ def train(
           total_steps,
       )
   host_step = int(jax.device_get(state.step))
+  progress['step'] = host_step
   if host_step >= total_steps:
     logging.info(
         'Step %d already reaches total_steps=%d; nothing to train.', host_step, total_steps
@@ -272,19 +366,20 @@ def train(
     if save_cfg is None:
       return
     step = int(jax.device_get(step_state.step))
-    checkpoints.save_checkpoint(
-        model_dir,
-        step_state,
-        data_state={'batches_consumed': step - data_start_step, 'start_step': data_start_step},
-        keep=keep,
-        dtype=save_dtype,
-        extra_metadata={
-            'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
-            'random_seed': int(random_seed),
-            'total_steps': int(total_steps),
-            **({'train_bucket_lengths': bucket_lengths} if bucket_lengths else {}),
-        },
-    )
+    with interrupts.deferred():  # A signal during a save stops the run once the save is done.
+      checkpoints.save_checkpoint(
+          model_dir,
+          step_state,
+          data_state={'batches_consumed': step - data_start_step, 'start_step': data_start_step},
+          keep=keep,
+          dtype=save_dtype,
+          extra_metadata={
+              'initial_checkpoint_path': str(restore_cfg.path) if restore_cfg else None,
+              'random_seed': int(random_seed),
+              'total_steps': int(total_steps),
+              **({'train_bucket_lengths': bucket_lengths} if bucket_lengths else {}),
+          },
+      )
 
   def run_evals(step):
     results = {}
@@ -305,6 +400,65 @@ def train(
             trainer.stop_training = True
     return results
 
+  interrupts.on_stop = lambda: setattr(trainer, 'stop_training', True)
+  try:
+    _loop(
+        trainer=trainer,
+        train_iter=train_iter,
+        host_step=host_step,
+        total_steps=total_steps,
+        run_evals=run_evals,
+        run_eval_before_training=run_eval_before_training,
+        save=save,
+        eval_period=eval_period,
+        period=period,
+        checkpoint_steps=checkpoint_steps,
+        actions=actions,
+        nan_action=nan_action,
+        model_dir=model_dir,
+        interrupts=interrupts,
+        progress=progress,
+        model=model,
+        train_dataset_cfg=train_dataset_cfg,
+    )
+  except faults.TrainingInterrupted as e:
+    # As T5X on preemption: SIGTERM saves the current step first (a Ctrl-C does not).
+    step = int(jax.device_get(trainer.train_state.step))
+    progress['step'] = step
+    if e.signum == signal.SIGTERM and save_cfg is not None and step not in all_saved(model_dir):
+      logging.warning('SIGTERM: saving step %d before exiting.', step)
+      save(trainer.train_state)
+    raise
+  host_step = progress['step']
+  if save_cfg is not None and host_step not in all_saved(model_dir):
+    save(trainer.train_state)
+  final_metrics = run_evals(host_step) if (train_eval_iters or evaluator) else {}
+  trainer.final_metrics = final_metrics
+  trainer.close()
+  return host_step, trainer.train_state
+
+
+def _loop(
+    *,
+    trainer,
+    train_iter,
+    host_step: int,
+    total_steps: int,
+    run_evals: Callable,
+    run_eval_before_training: bool,
+    save: Callable,
+    eval_period: int,
+    period: Optional[int],
+    checkpoint_steps,
+    actions,
+    nan_action,
+    model_dir: str,
+    interrupts: faults.Interrupts,
+    progress: Dict[str, Any],
+    model,
+    train_dataset_cfg: utils.DatasetConfig,
+) -> None:
+  """Trains from `host_step` to `total_steps` with the evals and saves in between."""
   if run_eval_before_training:
     run_evals(host_step)
   periods = [p for p in (eval_period, period) if p]
@@ -314,14 +468,19 @@ def train(
     stops = [(host_step // p + 1) * p for p in periods] + [s for s in extra_stops if s > host_step]
     n = min(stops + [total_steps]) - host_step
     try:
-      summary = trainer.train(train_iter, n, start_step=host_step, total_steps=total_steps)
+      with interrupts.deferred():  # A signal stops training after the current step.
+        summary = trainer.train(train_iter, n, start_step=host_step, total_steps=total_steps)
       nan_action.run(trainer.train_state, {'train': summary})
     except trainer_lib.NanLossError as e:
       last_good = checkpoints.latest_checkpoint_path(model_dir)
       raise trainer_lib.NanLossError(
           f'{e} Last good checkpoint: {last_good or "none (no checkpoint was written yet)"}.'
       ) from None
+    except models_lib.ConditioningFeatureError as e:
+      raise _name_the_task(e, model, train_dataset_cfg) from None
     new_step = int(jax.device_get(trainer.train_state.step))
+    progress['step'] = new_step
+    interrupts.check()
     if new_step == host_step:
       logging.warning(
           'The training data ran out at step %d (before TRAIN_STEPS=%d).', host_step, total_steps
@@ -335,14 +494,30 @@ def train(
     host_step = int(jax.device_get(trainer.train_state.step))
     if (period and host_step % period == 0) or host_step in checkpoint_steps:
       save(trainer.train_state)
+      interrupts.check()
     if eval_period and host_step % eval_period == 0 and host_step < total_steps:
       run_evals(host_step)
-  if save_cfg is not None and host_step not in all_saved(model_dir):
-    save(trainer.train_state)
-  final_metrics = run_evals(host_step) if (train_eval_iters or evaluator) else {}
-  trainer.final_metrics = final_metrics
-  trainer.close()
-  return host_step, trainer.train_state
+  progress['step'] = host_step
+
+
+def _name_the_task(
+    error: Exception, model, cfg: utils.DatasetConfig
+) -> models_lib.ConditioningFeatureError:
+  """The error of an out-of-range id in a training batch, naming the task(s) that hold it."""
+  from prompt_tuning.data import feature_converters  # pylint: disable=g-import-not-at-top
+
+  found = feature_converters.out_of_range_ids(
+      cfg.mixture_or_task_name, cfg.split, model.conditioning_feature_sizes()
+  )
+  if not found:
+    return models_lib.ConditioningFeatureError(str(error))
+  task, name, values = found[0]
+  size = model.conditioning_feature_sizes()[name]
+  message = models_lib.out_of_range_message(name, values[0], size, task, values)
+  others = [t for t, _, _ in found[1:]]
+  if others:
+    message += f' Other tasks with out-of-range ids: {", ".join(others)}.'
+  return models_lib.ConditioningFeatureError(message)
 
 
 def _fix_buckets(model, cfg: utils.DatasetConfig, feature_converter_cls, latest: Optional[str]):

@@ -283,6 +283,7 @@ class Trainer:
     self._eval_writers: Dict[str, Any] = {}
     self._partitioned_train_step = None
     self._partitioned_eval_step = None
+    self._compiled = False
     self.loss_history: Dict[int, float] = {}
 
   # -------------------------------------------------------------------- steps
@@ -325,7 +326,11 @@ class Trainer:
 
   # -------------------------------------------------------------------- loops
   def place_batch(self, batch: Mapping[str, Any]):
-    return self._partitioner.shard_host_batch({k: np.asarray(v) for k, v in batch.items()})
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    check = getattr(self._model, 'check_conditioning_features', None)
+    if check is not None:
+      check(batch)  # Out-of-range ids (e.g. prompt_ids past the bank) fail here, not as NaN.
+    return self._partitioner.shard_host_batch(batch)
 
   def train(
       self,
@@ -334,15 +339,21 @@ class Trainer:
       start_step: Optional[int] = None,
       total_steps: Optional[int] = None,
   ) -> Dict[str, float]:
-    """Runs `num_steps` steps. Logs step, loss, steps/s, examples/s and ETA every `log_period` steps."""
+    """Runs `num_steps` steps. Logs step, loss, steps/s, examples/s and ETA every `log_period` steps.
+
+    The rates (and so the ETA) leave out the first step of the trainer, which compiles. Training
+    stops after the current step once `stop_training` is set (an action, or a signal handler); the
+    metrics of every step run are written.
+    """
     start_step = int(self.train_state.step) if start_step is None else start_step
     it = _Prefetch(batch_iter, self.place_batch, limit=num_steps)
     pending = []
     summary = {}
-    t_start = time.time()
-    t_last, step_last = t_start, start_step
+    t_last, step_last = time.time(), start_step
     total_steps = total_steps or (start_step + num_steps)
     for i in range(num_steps):
+      if self.stop_training:
+        break
       try:
         batch = next(it)
       except StopIteration:
@@ -352,13 +363,19 @@ class Trainer:
       self.train_state, metrics = step_fn(self.train_state, batch, self._base_rng)
       pending.append((start_step + i + 1, metrics))
       step_now = start_step + i + 1
-      if (step_now % self._log_period == 0) or i == num_steps - 1:
+      if not self._compiled:
+        # The first step compiles: time the steps after it, so the first ETA is not inflated.
+        jax.block_until_ready(metrics)
+        self._compiled = True
+        t_last, step_last = time.time(), step_now
+      if (step_now % self._log_period == 0) or i == num_steps - 1 or self.stop_training:
         summary = self._flush(pending, batch)
         pending = []
         now = time.time()
-        steps_per_sec = (step_now - step_last) / max(now - t_last, 1e-9)
+        timed = step_now - step_last
+        steps_per_sec = timed / max(now - t_last, 1e-9) if timed else float('nan')
         batch_size = next(iter(batch.values())).shape[0]
-        eta = (total_steps - step_now) / max(steps_per_sec, 1e-9)
+        eta = (total_steps - step_now) / steps_per_sec if timed else float('nan')
         summary.update(
             {
                 'timing/steps_per_second': steps_per_sec,
@@ -368,7 +385,7 @@ class Trainer:
         write_scalars(
             self._train_writer,
             step_now,
-            {k: v for k, v in summary.items() if k.startswith('timing/')},
+            {k: v for k, v in summary.items() if k.startswith('timing/') and np.isfinite(v)},
         )
         logging.info(
             'step %d/%d: loss=%.4f accuracy=%.4f lr=%.3g | %.2f steps/s, %.1f examples/s, ETA %s',
@@ -389,8 +406,8 @@ class Trainer:
               'training stopped and the last good checkpoint is kept. Lower the learning rate, check the '
               'inputs, or use float32 activations (--gin.ACTIVATION_DTYPE="\'float32\'").'
           )
-        if self.stop_training:
-          break
+    if pending:
+      summary = self._flush(pending, batch)
     return summary
 
   def _flush(self, pending, batch) -> Dict[str, float]:

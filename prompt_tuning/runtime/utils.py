@@ -65,6 +65,12 @@ class RestoreCheckpointConfig:
   (recognised automatically). `assignment_map` is a sequence of `(regex, replacement_or_None)`: a
   parameter whose path matches a regex mapped to `None` is not read from the checkpoint (with
   `fallback_to_scratch=True` it keeps its initializer's value, e.g. the prompt).
+
+  Only trained parameters (those the optimizer's `trainable_filter` selects: the prompt, a method's
+  parameters) and those `assignment_map` maps to `None` may start from their initializer. A frozen
+  parameter missing from the checkpoint, or a checkpoint parameter the model does not have, is an
+  error naming the likely cause (T5 1.0 vs 1.1, the size gin) unless `allow_partial_frozen` (not in
+  T5X) is set on purpose.
   """
 
   path: Union[str, Sequence[str], None]
@@ -77,6 +83,7 @@ class RestoreCheckpointConfig:
   checkpointer_cls: Any = None
   state_transformation_fns: Sequence[Callable] = ()
   checkpoint_manager_cls: Any = None
+  allow_partial_frozen: bool = False
 
   def __post_init__(self):
     if self.mode not in ('specific', 'latest', 'all'):
@@ -250,19 +257,39 @@ def get_dataset(
   slice_batches = num_shards > 1 and not cfg.shard_data_source
   if cfg.bucketing is not None:
     return _get_bucketed_dataset(cfg, shard_id, num_shards, feature_converter, num_epochs, ds_seed)
-  ds = seqio.get_dataset(
-      mixture_or_task_name=cfg.mixture_or_task_name,
-      task_feature_lengths=cfg.task_feature_lengths,
-      dataset_split=cfg.split,
-      shuffle=cfg.shuffle,
-      num_epochs=num_epochs,
-      feature_converter=feature_converter,
-      shard_info=None if slice_batches else seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-      use_cached=cfg.use_cached,
-      seed=ds_seed,
-      trim_output_features=cfg.trim_output_features,
-      batch_size=cfg.batch_size if slice_batches else cfg.batch_size // num_shards,
-  )
+  shard_info = None if slice_batches else seqio.ShardInfo(index=shard_id, num_shards=num_shards)
+  batch_size = cfg.batch_size if slice_batches else cfg.batch_size // num_shards
+  passthrough = list(getattr(feature_converter, 'conditioning_features', ()) or ())
+  if isinstance(provider, seqio.Mixture) and passthrough:
+    # seqio.get_dataset drops a mixture's features other than its output features: keep the
+    # per-example conditioning features (a prompt bank's `prompt_ids`), as a Task keeps them.
+    ds = provider.get_dataset(
+        cfg.task_feature_lengths,
+        split=cfg.split,
+        use_cached=cfg.use_cached,
+        shuffle=cfg.shuffle,
+        seed=ds_seed,
+        shard_info=shard_info,
+        num_epochs=num_epochs,
+        passthrough_features=passthrough,
+        trim_output_features=cfg.trim_output_features,
+    )
+    ds = feature_converter(ds, task_feature_lengths=cfg.task_feature_lengths)
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = seqio.get_dataset(
+        mixture_or_task_name=cfg.mixture_or_task_name,
+        task_feature_lengths=cfg.task_feature_lengths,
+        dataset_split=cfg.split,
+        shuffle=cfg.shuffle,
+        num_epochs=num_epochs,
+        feature_converter=feature_converter,
+        shard_info=shard_info,
+        use_cached=cfg.use_cached,
+        seed=ds_seed,
+        trim_output_features=cfg.trim_output_features,
+        batch_size=batch_size,
+    )
   if slice_batches:
     local = cfg.batch_size // num_shards
     lo = shard_id * local

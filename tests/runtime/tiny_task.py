@@ -14,6 +14,10 @@ Tasks:
   tiny_count_mixed  tiny_count whose example i carries `prompt_ids = i % 2` (a two-prompt bank).
   tiny_count_tasks  tiny_count whose example i carries `task_ids = i % 2` (a per-example feature
                     other than `prompt_ids`).
+  tiny_count_p<k>   tiny_count whose every example carries `prompt_ids = k` (k = 0..3).
+
+Mixtures: `tiny_bank_mix` (tiny_count_p0, tiny_count_p1: served by a bank of 2 prompts) and
+`tiny_bank_mix4` (tiny_count_p0 ... p3: ids 2 and 3 are out of range for a bank of 2).
 """
 
 import os
@@ -46,13 +50,17 @@ def examples(split: str, repeat: int = 1) -> List[Dict[str, str]]:
   return out
 
 
-def _dataset_fn(repeat: int, num_prompts: int = 0, id_feature: str = 'prompt_ids'):
+def _dataset_fn(
+    repeat: int, num_prompts: int = 0, id_feature: str = 'prompt_ids', constant_id=None
+):
   def dataset_fn(split: str, shuffle_files: bool = False, seed=None):
     del shuffle_files, seed
     rows = examples(split, repeat)
     data = {'inputs': [r['inputs'] for r in rows], 'targets': [r['targets'] for r in rows]}
     if num_prompts:
       data[id_feature] = np.arange(len(rows), dtype=np.int32) % num_prompts
+    if constant_id is not None:
+      data[id_feature] = np.full(len(rows), constant_id, np.int32)
     return tf.data.Dataset.from_tensor_slices(data)
 
   return dataset_fn
@@ -75,18 +83,19 @@ def register() -> None:
       'inputs': seqio.Feature(vocabulary=vocab, add_eos=True),
       'targets': seqio.Feature(vocabulary=vocab, add_eos=True),
   }
-  for name, repeat, num_prompts, id_feature in (
-      ('tiny_count', 1, 0, None),
-      ('tiny_count_long', 4, 0, None),
-      ('tiny_count_mixed', 1, 2, 'prompt_ids'),
-      ('tiny_count_tasks', 1, 2, 'task_ids'),
+  for name, repeat, num_prompts, id_feature, constant_id in (
+      ('tiny_count', 1, 0, None, None),
+      ('tiny_count_long', 4, 0, None, None),
+      ('tiny_count_mixed', 1, 2, 'prompt_ids', None),
+      ('tiny_count_tasks', 1, 2, 'task_ids', None),
+      *((f'tiny_count_p{k}', 1, 0, 'prompt_ids', k) for k in range(4)),
   ):
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            _dataset_fn(repeat, num_prompts, id_feature),
+            _dataset_fn(repeat, num_prompts, id_feature, constant_id),
             splits=('train', 'validation'),
             num_input_examples=SPLIT_SIZES,
         ),
@@ -94,6 +103,12 @@ def register() -> None:
         output_features=features,
         metric_fns=[accuracy, mean_log_likelihood],
     )
+  for name, tasks in (
+      ('tiny_bank_mix', ['tiny_count_p0', 'tiny_count_p1']),
+      ('tiny_bank_mix4', [f'tiny_count_p{k}' for k in range(4)]),
+  ):
+    if name not in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.add(name, tasks, default_rate=1.0)
 
 
 register()

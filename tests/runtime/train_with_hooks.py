@@ -5,7 +5,10 @@ here), with two optional environment hooks used by the resume tests:
 
   HOOK_STEP_DELAY=<seconds>   sleep after every training step (so a test can `kill -9` mid-run);
   HOOK_KILL_IN_SAVE=<step>    SIGKILL this process inside the checkpoint save of that step, right after
-                              orbax has written the state and before the checkpoint is committed.
+                              orbax has written the state and before the checkpoint is committed;
+  HOOK_ENOSPC_IN_SAVE=<step>  fail the orbax write of that step as a full disk does: a partial
+                              `*.orbax-checkpoint-tmp` directory, then TensorStore's RESOURCE_EXHAUSTED
+                              error with os_error_code 28 (what orbax raised on a full tmpfs).
 """
 
 import os
@@ -52,6 +55,30 @@ def _install_hooks() -> None:
       return result
 
     ocp.PyTreeCheckpointer.save = save_then_die
+
+  enospc_step = os.environ.get('HOOK_ENOSPC_IN_SAVE')
+  if enospc_step:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    original = ocp.PyTreeCheckpointer.save
+
+    def save_on_full_disk(self, directory, *args, **kwargs):
+      item = args[0] if args else kwargs.get('item', kwargs.get('args'))
+      step = int(item['step']) if isinstance(item, dict) and 'step' in item else None
+      if step != int(enospc_step):
+        return original(self, directory, *args, **kwargs)
+      partial = f'{directory}.orbax-checkpoint-tmp'
+      os.makedirs(os.path.join(partial, 'ocdbt.process_0', 'd'), exist_ok=True)
+      with open(os.path.join(partial, 'ocdbt.process_0', 'd', 'e9f8d7d2'), 'wb') as f:
+        f.write(b'\0' * 4096)
+      raise ValueError(
+          'RESOURCE_EXHAUSTED: Error writing "trainable.encoder.prompt.prompt.prompt/0.0" in OCDBT '
+          f'database at local file "{partial}/ocdbt.process_0/": Failed writing: '
+          f'"{partial}/ocdbt.process_0/d/e9f8d7d2": Failed to write 2163704 bytes to file 14: No '
+          "space left on device [os_error_code='28']"
+      )
+
+    ocp.PyTreeCheckpointer.save = save_on_full_disk
 
 
 if __name__ == '__main__':
