@@ -267,6 +267,9 @@ def train(
     if save_cfg is None:
       return
     step = int(jax.device_get(step_state.step))
+    exports = None
+    if save_cfg.export_fn is not None:
+      exports = save_cfg.export_fn(model, step_state.params)
     checkpoints.save_checkpoint(
         model_dir,
         step_state,
@@ -278,6 +281,7 @@ def train(
             'random_seed': int(random_seed),
             'total_steps': int(total_steps),
         },
+        numpy_exports=exports,
     )
 
   def run_evals(step):
