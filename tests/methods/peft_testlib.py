@@ -133,13 +133,13 @@ def our_loss_and_grads(
 
 
 def logits(module, params, enc, tgt) -> np.ndarray:
+  apply = jax.jit(functools.partial(module.apply, enable_dropout=False))
   return np.asarray(
-      module.apply(
+      apply(
           {'params': params},
           enc.astype(np.int32),
           decoder_inputs(tgt).astype(np.int32),
           tgt.astype(np.int32),
-          enable_dropout=False,
       )
   )
 
