@@ -95,7 +95,7 @@ def peft_logits(peft_model, enc, tgt) -> np.ndarray:
         attention_mask=torch.from_numpy((enc > 0).astype(np.int64)),
         labels=torch.from_numpy(np.where(tgt > 0, tgt, -100)),
     )
-  return out.logits.numpy()
+  return out.logits.numpy()[tgt > 0]
 
 
 def decoder_inputs(tgt: np.ndarray) -> np.ndarray:
@@ -133,6 +133,7 @@ def our_loss_and_grads(
 
 
 def logits(module, params, enc, tgt) -> np.ndarray:
+  """Logits at the real target positions `[num real targets, vocab]` (padding rows are noise)."""
   apply = jax.jit(functools.partial(module.apply, enable_dropout=False))
   return np.asarray(
       apply(
@@ -141,7 +142,7 @@ def logits(module, params, enc, tgt) -> np.ndarray:
           decoder_inputs(tgt).astype(np.int32),
           tgt.astype(np.int32),
       )
-  )
+  )[tgt > 0]
 
 
 def with_method_params(base: Mapping[str, object], method: Mapping[str, object]):
