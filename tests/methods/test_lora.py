@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
 
-import peft_testlib as lib  # pylint: disable=g-import-not-at-top
+import methods_testlib as lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
 from prompt_tuning.checkpoints import peft as peft_io  # pylint: disable=g-import-not-at-top
 from prompt_tuning.methods import lora  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
 
-import peft_testlib as lib  # pylint: disable=g-import-not-at-top
+import methods_testlib as lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning.architectures import prompted  # pylint: disable=g-import-not-at-top
 from prompt_tuning.methods import p_tuning  # pylint: disable=g-import-not-at-top

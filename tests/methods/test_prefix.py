@@ -23,7 +23,7 @@ torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
 
 import numpy_t5  # pylint: disable=g-import-not-at-top
-import peft_testlib as lib  # pylint: disable=g-import-not-at-top
+import methods_testlib as lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
 from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
 from prompt_tuning.methods import prefix  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""Shared rig of the methods' equivalence tests against Hugging Face PEFT 0.21.
+"""Shared rig of the methods' tests: a tiny T5 in ours and in transformers/PEFT, losses, gradients.
 
 One random tiny transformers T5 1.1 (gated GELU, untied head, dropout 0) is converted to our
 parameter tree, so PEFT and our model hold the same weights. `peft_loss_and_grads` runs PEFT's
@@ -19,6 +19,34 @@ from prompt_tuning.runtime import train_state
 
 VOCAB = 100
 D_MODEL, D_KV, HEADS, D_FF = 32, 8, 4, 64
+
+
+def tiny_config(**overrides):
+  """The tiny T5 1.1 of the methods' numpy tests (vocabulary `VOCAB`)."""
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
+  return t5.get_config('tiny', vocab_size=VOCAB, **overrides)
+
+
+def random_backbone(config, seed: int = 0) -> Dict[str, object]:
+  """Random backbone parameters for `config`, drawn in numpy (nothing compiled)."""
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
+  shapes = params_lib.flatten_params(t5.init_variables(config, abstract=True)['params'])
+  rng = np.random.RandomState(seed)
+  out = {}
+  for path, leaf in shapes.items():
+    shape = tuple(leaf.shape)
+    if path.endswith('/scale'):
+      value = 1.0 + 0.1 * rng.normal(size=shape)
+    elif path.endswith('token_embedder/embedding'):
+      value = rng.normal(size=shape)
+    elif path.endswith('rel_embedding'):
+      value = 0.5 * rng.normal(size=shape)
+    else:
+      value = rng.normal(size=shape) / np.sqrt(shape[0])
+    out[path] = value.astype(np.float32)
+  return params_lib.unflatten_params(out)
 
 
 def hf_model(num_layers: int = 2, d_kv: int = D_KV, seed: int = 0):
