@@ -15,6 +15,7 @@ initializer. Gin: `configs/methods/from_artifact.gin` (`ARTIFACT_DIR`), used by
 `configs/methods/eval.gin` and `infer.gin`.
 """
 
+import json
 import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -54,7 +55,7 @@ class Artifact:
     self.path = str(path)
     self.config = config
     self._lock = threading.Lock()
-    self._peft: Optional[Dict[str, np.ndarray]] = None
+    self._peft: Any = None
     if not fs.isdir(self.path):
       raise FileNotFoundError(
           f'ARTIFACT_DIR {self.path!r} is not a directory. Point it at '
@@ -66,7 +67,7 @@ class Artifact:
   def is_peft(self) -> bool:
     return fs.exists(fs.join(self.path, PEFT_CONFIG_NAME))
 
-  def _peft_params(self) -> Dict[str, np.ndarray]:
+  def _adapter(self) -> Any:
     with self._lock:
       if self._peft is None:
         from prompt_tuning.checkpoints import peft  # pylint: disable=g-import-not-at-top
@@ -76,8 +77,30 @@ class Artifact:
               f'{self.path} is a PEFT adapter: reading it needs the model config '
               '(Artifact.config = %T5_CONFIG, as configs/methods/from_artifact.gin binds it).'
           )
-        self._peft = peft.load_adapter(self.path, self.config).params
+        self._peft = peft.load_adapter(self.path, self.config)
       return self._peft
+
+  def _peft_params(self) -> Dict[str, np.ndarray]:
+    return self._adapter().params
+
+  def lora_scale(self) -> Optional[float]:
+    """LoRA's `alpha / r` when the artifact records it (a PEFT adapter, or `lora.json`)."""
+    if self.is_peft:
+      return self._adapter().lora_scale
+    info = fs.join(self.path, 'lora.json')
+    if fs.exists(info):
+      meta = json.loads(fs.read_text(info))
+      return float(meta['alpha']) / float(meta['rank'])
+    return None
+
+  def check_covers(self, wanted: Callable[[str], bool], what: str, fix: str) -> None:
+    """Raises if the artifact holds parameters the model would not load (`wanted` is False)."""
+    extra = [p for p in self.paths() if not wanted(p)]
+    if extra:
+      raise ValueError(
+          f'The artifact {self.path} has {what} parameters this configuration does not create, '
+          f'e.g. {extra[:4]}: they would be silently ignored. {fix}'
+      )
 
   def paths(self) -> Sequence[str]:
     """The parameter paths the artifact holds."""

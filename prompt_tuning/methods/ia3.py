@@ -96,6 +96,17 @@ class IA3Hooks(hooks.Hooks):
   def __post_init__(self):
     object.__setattr__(self, 'attention_blocks', tuple(self.attention_blocks))
     object.__setattr__(self, 'stacks', tuple(self.stacks))
+    if self.artifact is not None:
+
+      def wanted(path):
+        parts = path.split('/')
+        if parts[0] not in self.stacks or parts[-1] != PARAM:
+          return False
+        if parts[-2] == 'intermediate_conv':
+          return self.mlp
+        return parts[-3] in self.attention_blocks
+
+      self.artifact.check_covers(wanted, 'IA3', 'Set IA3Hooks.attention_blocks / mlp / stacks.')
 
   def attention(self, site):
     if site.stack not in self.stacks or site.block not in self.attention_blocks:

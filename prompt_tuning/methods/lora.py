@@ -129,6 +129,33 @@ class LoraHooks(hooks.Hooks):
       raise ValueError(f'LoraHooks.kernels must be among {sorted(KERNEL_AXES)}, got {unknown}.')
     if self.rank <= 0:
       raise ValueError(f'LoraHooks.rank must be positive, got {self.rank}.')
+    if self.artifact is not None:
+      self._check_artifact()
+
+  def _check_artifact(self):
+    scale = self.artifact.lora_scale()
+    if scale is not None and abs(scale - self.scale) > 1e-6 * max(1.0, abs(scale)):
+      raise ValueError(
+          f'The LoRA artifact {self.artifact.path} has scale alpha/r = {scale:g}, but LoraHooks has '
+          f'rank {self.rank} and alpha {self.alpha} (scale {self.scale:g}): set LORA_ALPHA = '
+          f'{scale * self.rank:g}.'
+      )
+
+    def wanted(path):
+      parts = path.split('/')
+      return (
+          len(parts) >= 4
+          and parts[-2] == 'lora'
+          and parts[-3] in self.kernels
+          and parts[0] in self.stacks
+          and (
+              parts[-4] in self.blocks or (parts[-3] == 'logits_dense' and 'logits' in self.blocks)
+          )
+      )
+
+    self.artifact.check_covers(
+        wanted, 'LoRA', f'Set LORA_KERNELS / LoraHooks.blocks to cover them (now {self.kernels}).'
+    )
 
   @property
   def scale(self) -> float:

@@ -42,7 +42,7 @@ Array = Any
 Initializer = Callable[..., Array]
 
 REPARAMETERIZATIONS = ('mlp', 'lstm')
-REPLICATED = ('prompt_embed', 'prompt_embed')
+REPLICATED = (None, None)  # small networks: replicated, not factored by Adafactor
 
 
 def torch_uniform(fan_in: int) -> Initializer:

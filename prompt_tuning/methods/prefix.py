@@ -146,6 +146,15 @@ class PrefixHooks(hooks.Hooks):
       raise ValueError(f'PrefixHooks.blocks must be among {ALL_BLOCKS}, got {unknown}.')
     if self.num_prefix <= 0:
       raise ValueError(f'PrefixHooks.num_prefix must be positive, got {self.num_prefix}.')
+    if self.artifact is not None:
+
+      def wanted(path):
+        parts = path.split('/')
+        return parts[0] in self.stacks and len(parts) >= 4 and parts[-3] in self.blocks
+
+      self.artifact.check_covers(
+          wanted, 'prefix', f'Set PREFIX_BLOCKS / PREFIX_STACKS to cover them (now {self.blocks}).'
+      )
 
   @property
   def projected(self) -> bool:
