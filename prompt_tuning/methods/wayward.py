@@ -38,10 +38,21 @@ def length(vocab: Any, text: str) -> int:
 
 
 def discrete_prompt(embeddings: Any, vocab: Any, text: str, prompt_length: int) -> np.ndarray:
-  """`D`: the embedded pieces of `text` in a zero `[prompt_length, H]` matrix."""
-  init = prompts.from_embedded_string(embeddings, vocab, text, initializer=prompts.zeros())
-  table = prompts._resolve(embeddings)  # pylint: disable=protected-access
-  return np.asarray(init(None, (prompt_length, table.shape[-1])), np.float32)
+  """`D`: the embedded pieces of `text` in a zero `[prompt_length, H]` matrix (numpy).
+
+  The same matrix as `prompts.from_embedded_string(embeddings, vocab, text, prompts.zeros())`
+  (the prompt's init): the pieces of `vocab.encode(text)` (no EOS), truncated to the length.
+  """
+  table = np.asarray(prompts._resolve(embeddings))  # pylint: disable=protected-access
+  ids = list(vocab.encode(text))[:prompt_length]
+  if ids and max(ids) >= table.shape[0]:
+    raise ValueError(
+        f'{text!r} encodes to ids {ids} but the embedding table has {table.shape[0]} rows: the '
+        'vocabulary does not match the model.'
+    )
+  out = np.zeros((prompt_length, table.shape[-1]), np.float32)
+  out[: len(ids)] = table[ids]
+  return out
 
 
 def squared_l2_distance(x: Array, y: Array) -> Array:

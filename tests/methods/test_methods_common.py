@@ -117,7 +117,11 @@ def _model(name):
       (
           (
               optimizers.ModelParamTraversal(optimizers.match_any(regexes)),
-              adafactor.Adafactor(decay_rate=0.8, multiply_by_parameter_scale=False),
+              adafactor.Adafactor(
+                  decay_rate=0.8,
+                  multiply_by_parameter_scale=False,
+                  logical_factor_rules=adafactor.standard_logical_factor_rules(),
+              ),
           ),
       )
   )
@@ -133,9 +137,10 @@ def _model(name):
 
 def _state(model):
   shapes = {k: v.shape for k, v in BATCH.items()}
-  params = jax.jit(lambda r: model.get_initial_variables(r, shapes)['params'])(
-      jax.random.PRNGKey(1)
-  )
+  variables = jax.jit(lambda r: model.get_initial_variables(r, shapes))(jax.random.PRNGKey(1))
+  params = variables['params']
+  # As the runtime's StateBuilder: Adafactor factors by the parameters' logical axes.
+  model.optimizer_def.set_param_axes(train_state_lib.logical_axes(variables['params_axes'], params))
   # Backbone weights from numpy (larger than the flax init: decoding is not degenerate); method
   # parameters moved away from their no-op values (LoRA's B, IA3's ones, DePT's B are no-ops).
   flat = params_lib.flatten_params(jax.device_get(params))
