@@ -214,6 +214,11 @@ def _prefix_params(cfg, tensors, config) -> Dict[str, np.ndarray]:
   if table is None:
     raise ValueError(f'The PEFT PREFIX_TUNING adapter has no {PROMPT_KEY!r} tensor.')
   n, num_layers = int(cfg['num_virtual_tokens']), int(cfg['num_layers'])
+  if int(cfg.get('num_transformer_submodules') or 2) != 2:
+    raise ValueError(
+        'PEFT prefix adapters for T5 have num_transformer_submodules=2 (PEFT cannot run a '
+        f'seq2seq prefix with {cfg["num_transformer_submodules"]} either).'
+    )
   heads, token_dim = int(cfg['num_attention_heads']), int(cfg['token_dim'])
   expected = (n, 2 * num_layers * token_dim)
   if tuple(table.shape) != expected:
@@ -499,6 +504,9 @@ def _prefix_to_peft(flat, config, cfg):
     table[:, (4 * layer + 1) % (2 * num_layers)] = sites[(layer, 'value')]
   cfg.update(_prompt_learning_config(config, n, num_layers))
   cfg.update(
+      # PEFT's seq2seq layout (it concatenates the table with itself); with 1 PEFT's own forward
+      # fails on T5.
+      num_transformer_submodules=2,
       token_dim=heads * dh,
       encoder_hidden_size=heads * dh,
       prefix_projection=False,

@@ -37,8 +37,10 @@ from prompt_tuning.runtime import optimizers
 from prompt_tuning.runtime import train_state as train_state_lib
 from prompt_tuning.runtime import trainer
 
+pytestmark = pytest.mark.slow  # ten methods, each compiling a train step and a decoding loop
+
 B, L, T, P = 4, 12, 6, 3
-CFG = lib.tiny_config()
+CFG = lib.tiny_config(num_encoder_layers=1, num_decoder_layers=1)
 EOS = 1
 HEADS = dict(num_heads=CFG.num_heads, head_dim=CFG.head_dim)
 

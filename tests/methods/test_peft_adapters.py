@@ -85,7 +85,8 @@ def _ours(kind, config):
     module = t5.EncoderDecoder(config, hooks=lora.LoraHooks(rank=4, alpha=16.0))
   enc, tgt = lib.batch()
   shapes = lib.method_param_shapes(module, enc, tgt, lib.random_backbone(config))
-  params = {k: rng.normal(size=s) * 0.5 + (1.0 if 'ia3' in k else 0.0) for k, s in shapes.items()}
+  scale = 0.1 if kind == 'lora' else 0.5  # LoRA's update is scaled by 4 here
+  params = {k: rng.normal(size=s) * scale + (1.0 if 'ia3' in k else 0.0) for k, s in shapes.items()}
   return module, params, {'lora_scale': 4.0} if kind == 'lora' else {}
 
 
