@@ -60,6 +60,41 @@ class ShiftHooks(hooks.Hooks):
     return None
 
 
+class SharedVector(nn.Module):
+  """A model-level trainable vector (the shared-hook door): its value is `ctx.shared[name]`."""
+
+  width: int
+  scale: float = 0.5
+
+  @nn.compact
+  def __call__(self, ctx):
+    del ctx
+    return param_with_axes('vector', _normal(self.scale), (self.width,), axes=('embed',))
+
+
+class SharedShift(nn.Module):
+  """Adds the model-level vector `ctx.shared['shared_shift']` to a layer's input."""
+
+  @nn.compact
+  def __call__(self, x, ctx):
+    return x + jnp.asarray(ctx.shared['shared_shift'], x.dtype)[None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedShiftHooks(hooks.Hooks):
+  """One vector, owned by the model, added to the input of every layer of `stacks`."""
+
+  width: int = 32
+  stacks: Tuple[str, ...] = ('encoder', 'decoder')
+  scale: float = 0.5
+
+  def shared(self):
+    return SharedVector(self.width, self.scale, name='shared_shift')
+
+  def layer_input(self, site):
+    return SharedShift(name='shift') if site.stack in self.stacks else None
+
+
 # --------------------------------------------------------------------- key/value door --
 
 

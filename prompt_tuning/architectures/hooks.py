@@ -24,6 +24,11 @@ Sites (`Site`), and what a hook module built there is called with:
 * `dense(site)`: any dense kernel application (`site.kernel` in `query`, `key`, `value`, `out`,
   `wi`, `wi_0`, `wi_1`, `wo`, `logits_dense`), `hook(x, y, ctx) -> y` where `y = x @ kernel`
   (LoRA: `y + s * (x @ A) @ B`).
+* `shared()`: model-level modules, built once in the model (not per site) with an explicit `name`
+  (their parameters live at the top of the tree, e.g. `prefix_projection/embedding`), and called
+  as `module(ctx) -> value` at the start of every `encode`, `decode` and decoder-only call. Every
+  hook of that call reads the value as `ctx.shared[name]`: parameters shared by many sites (prefix
+  tuning's reparameterisation network, whose hidden state all layers' prefixes are projected from).
 
 Each `Hooks` method is called inside the parent module (the layer, the attention, the MLP or the
 dense layer), so a module constructed there becomes the parent's child: give it a `name` and its
@@ -130,12 +135,14 @@ class Context:
     input_mask: `[B, L']` bool, the real (non-padding) positions, prompt included (None when
       decoding).
     decode: the call is an incremental decoding step over the KV cache.
+    shared: `{name: value}` of the model-level `shared()` modules of the hooks (empty without).
   """
 
   features: Mapping[str, Array] = flax.struct.field(default_factory=dict)
   prompt_mask: Optional[Array] = None
   input_mask: Optional[Array] = None
   decode: bool = flax.struct.field(pytree_node=False, default=False)
+  shared: Mapping[str, Any] = flax.struct.field(default_factory=dict)
 
 
 class Hooks:
@@ -165,6 +172,10 @@ class Hooks:
 
   def dense(self, site: Site) -> HookResult:
     del site
+    return None
+
+  def shared(self) -> HookResult:
+    """Model-level modules (each with an explicit `name`), see the module docstring."""
     return None
 
 
@@ -198,6 +209,12 @@ class Compose(Hooks):
   def dense(self, site):
     return self._all('dense', site)
 
+  def shared(self):
+    out = []
+    for h in self.hooks:
+      out.extend(as_modules(h.shared()))
+    return tuple(out)
+
 
 def as_modules(result: HookResult) -> Tuple[nn.Module, ...]:
   """A hook method's result as a tuple of modules."""
@@ -217,6 +234,24 @@ def build(hooks: Optional[Hooks], kind: str, site: Site) -> Tuple[nn.Module, ...
   if hooks is None or site is None:
     return ()
   return as_modules(getattr(hooks, kind)(site))
+
+
+def build_shared(hooks: Optional[Hooks]) -> Tuple[nn.Module, ...]:
+  """Calls `hooks.shared()` (inside the model) and returns the modules; their names must differ."""
+  if hooks is None:
+    return ()
+  modules = as_modules(hooks.shared())
+  names = [m.name for m in modules]
+  if any(n is None for n in names) or len(set(names)) != len(names):
+    raise ValueError(f'Shared hook modules need distinct explicit names, got {names}.')
+  return modules
+
+
+def with_shared(modules: Sequence[nn.Module], ctx: Context) -> Context:
+  """`ctx` with `shared` holding each shared module's value `module(ctx)` (ctx unchanged without)."""
+  if not modules:
+    return ctx
+  return ctx.replace(shared={m.name: m(ctx) for m in modules})
 
 
 def prefix_length(hooks: Optional[Hooks], site: Site) -> int:

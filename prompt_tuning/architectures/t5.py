@@ -30,7 +30,8 @@ Doors for methods (see CONTRIBUTING.md, "Where things go"):
   `combine_mask`;
 * the hook doors: `hooks` (`architectures/hooks.py`) put small modules at each layer's input, on
   each attention's keys/values (rescaling, or prefix keys/values), on the MLP's intermediate
-  activations and on any dense kernel;
+  activations and on any dense kernel, plus model-level modules whose values every hook reads
+  (`ctx.shared`);
 * per-example `features` (`prompt_ids`, `task_ids`, ...) reach the prompt module and the hooks.
 
 As in T5X's `network.py`, `EncoderDecoder.encode`/`decode` and `DecoderOnly.__call__` build every
@@ -733,6 +734,7 @@ class EncoderDecoder(nn.Module):
         hooks=self.hooks,
     )
     self.decoder = Decoder(cfg, shared_embedder=self.token_embedder, hooks=self.hooks)
+    self.shared_hooks = hooks_lib.build_shared(self.hooks)
 
   def encoder_input_mask(self, encoder_input_tokens: Array) -> Array:
     """Boolean `[B, L']`: which encoded positions are real (prompt positions included)."""
@@ -762,6 +764,7 @@ class EncoderDecoder(nn.Module):
     )
     x = self.encoder.embed(encoder_input_tokens, enable_dropout=enable_dropout, features=features)
     ctx = hooks_lib.Context(features=features, prompt_mask=m.prompt_mask, input_mask=m.input_mask)
+    ctx = hooks_lib.with_shared(self.shared_hooks, ctx)
     return self.encoder(x, m.attention_mask, m.input_mask, ctx=ctx, enable_dropout=enable_dropout)
 
   def decode(
@@ -806,6 +809,7 @@ class EncoderDecoder(nn.Module):
     ctx = hooks_lib.Context(
         features=features, input_mask=None if decode else m.query_mask, decode=decode
     )
+    ctx = hooks_lib.with_shared(self.shared_hooks, ctx)
     return self.decoder(
         x,
         encoded,
@@ -879,6 +883,7 @@ class DecoderOnly(nn.Module):
         decoder_only=True,
         hooks=self.hooks,
     )
+    self.shared_hooks = hooks_lib.build_shared(self.hooks)
 
   def __call__(
       self,
@@ -939,6 +944,7 @@ class DecoderOnly(nn.Module):
         input_mask=None if decode else m.query_mask,
         decode=decode,
     )
+    ctx = hooks_lib.with_shared(self.shared_hooks, ctx)
     return self.decoder(
         x,
         None,

@@ -85,8 +85,13 @@ def save_checkpoint(
     prompt_regex: str = r'.*prompt.*',
     dtype: Optional[str] = None,
     extra_metadata: Optional[Mapping[str, Any]] = None,
+    numpy_exports: Optional[Mapping[str, Any]] = None,
 ) -> str:
-  """Saves the state atomically and exports prompt-like trainable parameters as `.npy`."""
+  """Saves the state atomically and exports prompt-like trainable parameters as `.npy`.
+
+  `numpy_exports` (`{path: array}`, e.g. from `SaveCheckpointConfig.export_fn`) replaces the
+  default `.npy` export of the trainable parameters matching `prompt_regex`.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   step = int(jax.device_get(state.step))
@@ -126,9 +131,12 @@ def save_checkpoint(
       fs.rename(tmp, final, overwrite=True)
       np_dir = fs.join(model_dir, 'numpy_checkpoints', f'checkpoint_{step}')
       fs.makedirs(np_dir)
-      for path, value in flat.items():
-        if re.fullmatch(prompt_regex, path):
-          _atomic_np_save(fs.join(np_dir, prompt_file_name(path)), np.asarray(value))
+      if numpy_exports is None:
+        exports = {p: v for p, v in flat.items() if re.fullmatch(prompt_regex, p)}
+      else:
+        exports = _to_host(dict(numpy_exports))
+      for path, value in exports.items():
+        _atomic_np_save(fs.join(np_dir, prompt_file_name(path)), np.asarray(value))
       if keep:
         for old in all_steps(model_dir)[:-keep]:
           fs.rmtree(fs.join(model_dir, f'checkpoint_{old}'), missing_ok=True)

@@ -366,6 +366,9 @@ def _train(
     if save_cfg is None:
       return
     step = int(jax.device_get(step_state.step))
+    exports = None
+    if save_cfg.export_fn is not None:
+      exports = save_cfg.export_fn(model, step_state.params)
     with interrupts.deferred():  # A signal during a save stops the run once the save is done.
       checkpoints.save_checkpoint(
           model_dir,
@@ -379,6 +382,7 @@ def _train(
               'total_steps': int(total_steps),
               **({'train_bucket_lengths': bucket_lengths} if bucket_lengths else {}),
           },
+          numpy_exports=exports,
       )
 
   def run_evals(step):

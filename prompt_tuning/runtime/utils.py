@@ -55,6 +55,12 @@ class SaveCheckpointConfig:
   checkpointer_cls: Any = None
   state_transformation_fns: Sequence[Callable] = ()
   checkpoint_manager_cls: Any = None
+  # Not in T5X. `export_fn(model, params) -> {path: array}`: the arrays each save writes as `.npy`
+  # under MODEL_DIR/numpy_checkpoints/checkpoint_<step>/ (`path` with '/' -> '.'), instead of the
+  # trainable parameters whose path contains 'prompt'. A method whose trained parameters are not
+  # what inference needs (P-tuning's reparameterisation network, prefix tuning's projection)
+  # exports the inference parameters it computes from them.
+  export_fn: Optional[Callable[[Any, Any], Mapping[str, Any]]] = None
 
 
 @dataclasses.dataclass

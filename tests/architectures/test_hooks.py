@@ -8,6 +8,7 @@ per-layer shift folded into the embedding); and greedy decoding by full forward 
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -393,7 +394,11 @@ def _greedy_without_cache(forward, params, batch, length):
 
 @pytest.mark.parametrize(
     'name,hooks_obj',
-    [('all doors', toy_methods.all_doors()), ('prefix', toy_methods.PrefixHooks(num_prefix=3))],
+    [
+        ('all doors', toy_methods.all_doors()),
+        ('prefix', toy_methods.PrefixHooks(num_prefix=3)),
+        ('shared', toy_methods.SharedShiftHooks(width=CFG.emb_dim)),
+    ],
 )
 def test_cached_decoding_equals_uncached_with_the_doors_in_use(name, hooks_obj):
   module = prompted.PromptEncoderDecoder(CFG, prompt_length=2, hooks=hooks_obj, num_prompts=2)
@@ -413,6 +418,62 @@ def test_cached_decoding_equals_uncached_with_the_doors_in_use(name, hooks_obj):
   expected = _greedy_without_cache(forward, params, batch, T)
   np.testing.assert_array_equal(decodes, expected, err_msg=name)
   assert len(set(expected.ravel().tolist())) >= 3, 'degenerate decodes make a weak test'
+
+
+# ---------------------------------------------------------------------- shared-hook door --
+
+
+def test_a_shared_module_is_built_once_and_every_hook_reads_its_value(base):
+  """One model-level vector added at every layer equals per-layer vectors all set to it."""
+  module, params = base
+  shared = t5.EncoderDecoder(CFG, hooks=toy_methods.SharedShiftHooks(width=CFG.emb_dim))
+  shared_params = _with_base(_init(shared)['params'], params)
+  assert _hook_paths(shared_params, params) == ['shared_shift/vector']
+  v = np.asarray(shared_params['shared_shift']['vector'])
+  per_layer = t5.EncoderDecoder(
+      CFG, hooks=toy_methods.ShiftHooks(stacks=('encoder', 'decoder'), scale=0.5)
+  )
+  flat = params_lib.flatten_params(_with_base(_init(per_layer)['params'], params))
+  layer_paths = [p for p in flat if p.endswith('/shift/vector')]
+  assert len(layer_paths) == CFG.num_encoder_layers + CFG.num_decoder_layers
+  for p in layer_paths:
+    flat[p] = v
+  per_layer_params = params_lib.unflatten_params(flat)
+  np.testing.assert_allclose(
+      _logits(shared, shared_params), _logits(per_layer, per_layer_params), rtol=1e-5, atol=1e-5
+  )
+  assert np.abs(_logits(shared, shared_params) - _logits(module, params)).max() > 1e-3
+
+  def loss(m, p):
+    return jnp.sum(_logits_j(m, p) ** 2) * 1e-3
+
+  g_shared = jax.grad(lambda p: loss(shared, p))(shared_params)['shared_shift']['vector']
+  g_layers = params_lib.flatten_params(jax.grad(lambda p: loss(per_layer, p))(per_layer_params))
+  np.testing.assert_allclose(
+      np.asarray(g_shared),
+      sum(np.asarray(g_layers[p]) for p in layer_paths),
+      rtol=1e-4,
+      atol=1e-6,
+  )
+
+
+class _Unnamed(hooks.Hooks):
+
+  def shared(self):
+    return toy_methods.SharedVector(4)
+
+
+def test_shared_modules_need_distinct_names():
+  twice = hooks.Compose(
+      (
+          toy_methods.SharedShiftHooks(width=CFG.emb_dim),
+          toy_methods.SharedShiftHooks(width=CFG.emb_dim),
+      )
+  )
+  with pytest.raises(flax.errors.NameInUseError, match='shared_shift'):
+    _init(t5.EncoderDecoder(CFG, hooks=twice))
+  with pytest.raises(ValueError, match='distinct explicit names'):
+    hooks.build_shared(_Unnamed())
 
 
 # ------------------------------------------------------------------------------ contracts --

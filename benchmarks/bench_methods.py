@@ -1,0 +1,378 @@
+"""The methods table: each method's training speed and peak memory beside Hugging Face PEFT's.
+
+    python -m benchmarks.bench_methods [--shapes full|quick] [--methods prompt,lora,...] \\
+        [--workdir benchmarks/_work/methods]
+
+For every method, one worker process per framework (so each peak RSS is that method's alone) runs
+the method's training step on the same synthetic batches (`common.train_batches`, T5 1.1 small
+shape for `full`: batch 8, 128 inputs, 8 targets, float32 on CPU): ours is the runtime's jitted
+train step (`trainer.train_with_lr`, T5X Adafactor over the method's parameters only); PEFT's is
+forward with labels, backward and transformers' Adafactor over PEFT's trainable parameters. The
+workers alternate method by method in one run. Written: `<workdir>/methods.json` (every time) and
+`<workdir>/methods.md` (the table, examples/s and peak RSS per framework and their ratios).
+
+Configurations are PEFT's for the methods PEFT has: prompt tuning (100 tokens, encoder only:
+`num_transformer_submodules=1`), P-tuning (MLP, 20 tokens, hidden = d_model, encoder only),
+prefix tuning (10 tokens, PEFT's T5 placement: decoder self-attention, no projection), IA3
+(k, v, wo), LoRA (r 8 on q and v). Methods PEFT does not have (per-layer, residual, DePT, deep
+prompts on every attention) are measured for ours alone.
+
+Workers: `python -m benchmarks.bench_methods --worker ours|peft --method M --shapes S` print one
+JSON line prefixed `RESULT`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+from benchmarks import common
+
+PEFT_METHODS = ('prompt', 'p_tuning', 'prefix', 'ia3', 'lora')
+OURS_ONLY = ('deep_prompts', 'per_layer', 'residual', 'dept')
+METHODS = PEFT_METHODS + OURS_ONLY
+PROMPT_LENGTH = {
+    'prompt': 100,
+    'p_tuning': 20,
+    'prefix': 10,
+    'deep_prompts': 10,
+    'per_layer': 10,
+    'residual': 100,
+    'dept': 40,
+}
+
+
+# ------------------------------------------------------------------------------------- ours
+
+
+def _our_config(hf: Dict[str, Any]):
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+
+  return t5.T5Config(
+      vocab_size=hf['vocab_size'],
+      emb_dim=hf['d_model'],
+      num_heads=hf['num_heads'],
+      head_dim=hf['d_kv'],
+      mlp_dim=hf['d_ff'],
+      num_encoder_layers=hf['num_layers'],
+      num_decoder_layers=hf['num_decoder_layers'],
+      mlp_activations=('gelu', 'linear'),
+      logits_via_embedding=False,
+      dropout_rate=0.0,
+      dtype='float32',
+  )
+
+
+def our_module(method: str, config, inputs: int):
+  """`(module, trainable regex)` of a method (the benchmark's configuration)."""
+  from prompt_tuning.architectures import prompted  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.methods import dept, ia3, lora, p_tuning, per_layer, prefix, residual  # pylint: disable=g-import-not-at-top,g-multiple-import
+
+  p = PROMPT_LENGTH.get(method)
+  heads = dict(num_heads=config.num_heads, head_dim=config.head_dim)
+  if method == 'prompt':
+    return prompted.PromptEncoderDecoder(config, prompt_length=p), '.*/prompt/.*'
+  if method == 'p_tuning':
+    factory = p_tuning.prompt_factory(p, 'mlp', hidden_size=config.emb_dim)
+    return prompted.PromptEncoderDecoder(config, prompt_factory=factory), '.*/prompt/.*'
+  if method == 'residual':
+    factory = residual.prompt_factory(p, bottleneck=800)
+    return prompted.PromptEncoderDecoder(config, prompt_factory=factory), '.*/prompt/.*'
+  if method == 'dept':
+    factory = dept.prompt_factory(p, max_length=inputs, rank=45)
+    return prompted.PromptEncoderDecoder(config, prompt_factory=factory), '.*/prompt/.*'
+  if method == 'per_layer':
+    hooks = per_layer.PerLayerPromptHooks(length=p)
+    return prompted.PromptEncoderDecoder(config, prompt_length=p, hooks=hooks), '.*/prompt/.*'
+  if method == 'prefix':
+    hooks = prefix.PrefixHooks(
+        num_prefix=p, blocks=('self_attention',), stacks=('decoder',), **heads
+    )
+    return t5.EncoderDecoder(config, hooks=hooks), '.*prefix.*'
+  if method == 'deep_prompts':
+    return t5.EncoderDecoder(config, hooks=prefix.PrefixHooks(num_prefix=p, **heads)), '.*prefix.*'
+  if method == 'ia3':
+    return t5.EncoderDecoder(config, hooks=ia3.IA3Hooks()), '.*/ia3_scaling.*'
+  if method == 'lora':
+    return t5.EncoderDecoder(config, hooks=lora.LoraHooks(rank=8)), '.*/lora/.*'
+  raise ValueError(f'Unknown method {method!r}; known: {METHODS}.')
+
+
+def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from prompt_tuning.runtime import adafactor, models, optimizers, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prompt_tuning.runtime import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
+
+  res = {'rss_mb': {'start': common.rss_mb()}}
+  t_setup = time.perf_counter()
+  config = _our_config(shapes.hf_config)
+  module, regex = our_module(method, config, shapes.inputs)
+  opt = optimizers.MultiOptimizer(
+      (
+          (
+              optimizers.ModelParamTraversal(optimizers.match_any([regex])),
+              adafactor.Adafactor(
+                  decay_rate=0.8,
+                  step_offset=0,
+                  multiply_by_parameter_scale=False,
+                  weight_decay_rate=1e-5,
+                  logical_factor_rules=adafactor.standard_logical_factor_rules(),
+              ),
+          ),
+      )
+  )
+  model = models.EncoderDecoderModel(
+      module,
+      None,
+      None,
+      optimizer_def=opt,
+      z_loss=0.0,
+      loss_normalizing_factor='NUM_REAL_TARGET_TOKENS',
+  )
+  batches = common.train_batches(shapes)
+  input_shapes = {k: v.shape for k, v in batches[0].items()}
+  init = jax.jit(lambda r: model.get_initial_variables(r, input_shapes))
+  variables = init(jax.random.PRNGKey(common.SEED))
+  axes = variables['params_axes']
+  opt.set_param_axes(train_state_lib.logical_axes(axes, variables['params']))
+  trainable, frozen = train_state_lib.split_params(variables['params'], opt.trainable_filter)
+  state = train_state_lib.TrainState(
+      step=jnp.asarray(0, jnp.int32),
+      trainable=trainable,
+      frozen=frozen,
+      opt_state=opt.init_state(trainable),
+  )
+  res['params'] = {
+      'trainable': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))),
+      'frozen': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(frozen))),
+  }
+  step = jax.jit(
+      functools.partial(trainer.train_with_lr, learning_rate=0.3, dropout_rng=None, model=model),
+      donate_argnums=(0,),
+  )
+  res['rss_mb']['loaded'] = common.rss_mb()
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(state)
+  res['first_loss'] = float(metrics['loss'])
+  res['setup_s'] = time.perf_counter() - t_setup
+  times = []
+  for _ in range(shapes.train_reps):
+    t0 = time.perf_counter()
+    for i in range(shapes.train_steps):
+      state, metrics = step(state, batches[i % len(batches)])
+    jax.block_until_ready(state)
+    times.append((time.perf_counter() - t0) / shapes.train_steps)
+  res['step_times_s'] = times
+  res['examples_per_s'] = shapes.batch / common.median(times)
+  res['peak_rss_mb'] = common.peak_rss_mb()
+  return res
+
+
+# ------------------------------------------------------------------------------------- PEFT
+
+
+def _peft_config(method: str, hf: Dict[str, Any]):
+  import peft  # pylint: disable=g-import-not-at-top
+
+  task = peft.TaskType.SEQ_2_SEQ_LM
+  p = PROMPT_LENGTH.get(method)
+  if method == 'prompt':
+    return peft.PromptTuningConfig(
+        task_type=task, num_virtual_tokens=p, num_transformer_submodules=1
+    )
+  if method == 'p_tuning':
+    return peft.PromptEncoderConfig(
+        task_type=task,
+        num_virtual_tokens=p,
+        encoder_hidden_size=hf['d_model'],
+        num_transformer_submodules=1,
+    )
+  if method == 'prefix':
+    return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=p)
+  if method == 'ia3':
+    return peft.IA3Config(task_type=task)
+  if method == 'lora':
+    return peft.LoraConfig(task_type=task, r=8, lora_alpha=8)
+  raise ValueError(f'PEFT has no {method!r} (methods with a PEFT equivalent: {PEFT_METHODS}).')
+
+
+def run_peft(method: str, shapes: common.Shapes) -> Dict[str, Any]:
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
+
+  res = {'rss_mb': {'start': common.rss_mb()}}
+  t_setup = time.perf_counter()
+  torch.manual_seed(common.SEED)
+  config = transformers.T5Config(**shapes.hf_config)
+  base = transformers.T5ForConditionalGeneration(config)
+  if base.lm_head.weight is base.shared.weight:  # T5 1.1 has its own head (see bench_peft.py)
+    base.lm_head.weight = torch.nn.Parameter(
+        torch.randn_like(base.shared.weight) * config.d_model**-0.5
+    )
+  model = peft.get_peft_model(base, _peft_config(method, shapes.hf_config))
+  model.train()
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  res['params'] = {
+      'trainable': int(sum(p.numel() for p in trainable)),
+      'frozen': int(sum(p.numel() for p in model.parameters() if not p.requires_grad)),
+  }
+  opt = Adafactor(
+      trainable,
+      lr=0.3,
+      relative_step=False,
+      scale_parameter=False,
+      warmup_init=False,
+      decay_rate=-0.8,
+      clip_threshold=1.0,
+      weight_decay=1e-5,
+  )
+  batches = []
+  for b in common.train_batches(shapes):
+    enc = torch.from_numpy(b['encoder_input_tokens']).long()
+    batches.append(
+        {
+            'input_ids': enc,
+            'attention_mask': torch.ones_like(enc),
+            'labels': torch.from_numpy(b['decoder_target_tokens']).long(),
+        }
+    )
+  res['rss_mb']['loaded'] = common.rss_mb()
+
+  def run(n):
+    for i in range(n):
+      out = model(**batches[i % len(batches)])
+      out.loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+  res['first_loss'] = run(1)
+  res['setup_s'] = time.perf_counter() - t_setup
+  times = []
+  for _ in range(shapes.train_reps):
+    t0 = time.perf_counter()
+    run(shapes.train_steps)
+    times.append((time.perf_counter() - t0) / shapes.train_steps)
+  res['step_times_s'] = times
+  res['examples_per_s'] = shapes.batch / common.median(times)
+  res['peak_rss_mb'] = common.peak_rss_mb()
+  return res
+
+
+# ------------------------------------------------------------------------------ orchestration
+
+
+def _worker(framework: str, method: str, shapes: str, timeout: float) -> Dict[str, Any]:
+  cmd = [
+      sys.executable,
+      '-m',
+      'benchmarks.bench_methods',
+      '--worker',
+      framework,
+      '--method',
+      method,
+      '--shapes',
+      shapes,
+  ]
+  env = dict(
+      os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu')
+  )
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  t0 = time.time()
+  proc = subprocess.run(
+      cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout, check=False
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
+  if proc.returncode != 0 or not lines:
+    return {'error': (proc.stderr or proc.stdout)[-2000:], 'wall_s': time.time() - t0}
+  out = json.loads(lines[-1][len('RESULT') :])
+  out['wall_s'] = time.time() - t0
+  return out
+
+
+def _fmt(x, spec):
+  return '—' if x is None else format(x, spec)
+
+
+def table(results: Dict[str, Dict[str, Any]]) -> str:
+  """The markdown table of `results[method][framework]`."""
+  rows = [
+      '| method | trainable params (ours / PEFT) | examples/s ours | examples/s PEFT | speed ours/PEFT '
+      '| peak RSS MiB ours | peak RSS MiB PEFT | memory ours/PEFT |',
+      '|---|---|---|---|---|---|---|---|',
+  ]
+  for method, r in results.items():
+    ours, theirs = r.get('ours', {}), r.get('peft', {})
+    get = lambda d, k: None if 'error' in d or k not in d else d[k]
+    eo, ep = get(ours, 'examples_per_s'), get(theirs, 'examples_per_s')
+    mo, mp = get(ours, 'peak_rss_mb'), get(theirs, 'peak_rss_mb')
+    po = get(ours, 'params') and ours['params']['trainable']
+    pp = get(theirs, 'params') and theirs['params']['trainable']
+    rows.append(
+        f'| {method} | {_fmt(po, ",")} / {_fmt(pp, ",")} | {_fmt(eo, ".2f")} | {_fmt(ep, ".2f")} '
+        f'| {_fmt(eo / ep if eo and ep else None, ".2f")} | {_fmt(mo, ".0f")} | {_fmt(mp, ".0f")} '
+        f'| {_fmt(mo / mp if mo and mp else None, ".2f")} |'
+    )
+  return '\n'.join(rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--workdir', default=os.path.join('benchmarks', '_work', 'methods'))
+  parser.add_argument('--timeout', type=float, default=1800.0)
+  parser.add_argument('--worker', choices=('ours', 'peft'), default=None)
+  parser.add_argument('--method', default=None)
+  args = parser.parse_args(argv)
+  shapes = common.SHAPES[args.shapes]
+  if args.worker:
+    run = run_ours if args.worker == 'ours' else run_peft
+    print('RESULT' + json.dumps(run(args.method, shapes), default=float), flush=True)
+    return 0
+  os.makedirs(args.workdir, exist_ok=True)
+  methods = [m for m in args.methods.split(',') if m]
+  results: Dict[str, Dict[str, Any]] = {}
+  meta = {'shapes': args.shapes, 'load_avg_start': common.load_avg(), 'time': time.time()}
+  for method in methods:
+    results[method] = {}
+    frameworks: List[str] = ['ours', 'peft'] if method in PEFT_METHODS else ['ours']
+    for framework in frameworks:
+      results[method][framework] = r = _worker(framework, method, args.shapes, args.timeout)
+      r['load_avg'] = common.load_avg()
+      status = (
+          r.get('error', '').splitlines()[-1:]
+          if 'error' in r
+          else f'{r["examples_per_s"]:.2f} ex/s'
+      )
+      print(f'[bench_methods] {method} {framework}: {status}', flush=True)
+      common.write_json(
+          os.path.join(args.workdir, 'methods.json'), {'meta': meta, 'results': results}
+      )
+  meta['load_avg_end'] = common.load_avg()
+  common.write_json(os.path.join(args.workdir, 'methods.json'), {'meta': meta, 'results': results})
+  text = (
+      f'Methods, {args.shapes} shapes ({shapes.hf_config["d_model"]}d, '
+      f'{shapes.hf_config["num_layers"]}+{shapes.hf_config["num_decoder_layers"]} layers, batch '
+      f'{shapes.batch}, {shapes.inputs} inputs, {shapes.targets} targets), one run; load average '
+      f'{meta["load_avg_start"]} -> {meta["load_avg_end"]}.\n\n' + table(results) + '\n'
+  )
+  with open(os.path.join(args.workdir, 'methods.md'), 'w') as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
