@@ -41,6 +41,9 @@ import gin, jax
 import numpy as np
 from prompt_tuning import params as params_lib
 from prompt_tuning.runtime import gin_utils
+from prompt_tuning.runtime import train as train_lib
+import __main__
+__main__.train = train_lib.train  # `import __main__ as train_script`, as `python -m prompt_tuning.train`
 out = {}
 for key, files, bindings in json.loads(sys.argv[1]):
   gin.clear_config()
@@ -69,6 +72,10 @@ def probed():
   common = [
       f'seqio.SentencePieceVocabulary.sentencepiece_model_file = "{vocab}"',
       'INITIAL_CHECKPOINT_PATH = None',
+      'MODEL_DIR = "/nonexistent/model_dir"',  # required by the run gin; nothing is written
+      'MIXTURE_OR_TASK_NAME = "unused"',
+      'TASK_FEATURE_LENGTHS = {"inputs": 8, "targets": 4}',
+      'TRAIN_STEPS = 1',
   ]
   cases = []
   for name, (extra, _) in EXPECTED.items():
