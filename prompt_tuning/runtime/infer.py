@@ -2,7 +2,10 @@
 
 `python -m prompt_tuning.infer --gin_file=... --gin.CHECKPOINT_PATH=... --gin.INFER_OUTPUT_DIR=...`
 writes `INFER_OUTPUT_DIR/<task>-<split>.jsonl`, one line per example: the pretokenized `inputs`, the
-decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them.
+decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them. With
+`mode='predict_with_aux'` each row also has `aux`: the beam `score` and every per-example output
+the model returned (what its modules sowed into `hooks.PER_EXAMPLE_OUTPUTS`, e.g. ATTEMPT's
+`mixture_weights`), as lists.
 """
 
 import json
@@ -122,6 +125,7 @@ def infer(
           row['prediction'] = _decode(vocab, value)
           if mode == 'predict_with_aux' and 'scores' in aux:
             row['aux'] = {'score': float(aux['scores'][idx])}
+            row['aux'].update({k: v[idx] for k, v in aux.items() if k != 'scores'})
         f.write(json.dumps(row) + '\n')
     tf.io.gfile.rename(tmp, path, overwrite=True)
     logging.info('Wrote %d %s results to %s', len(results), mode, path)
