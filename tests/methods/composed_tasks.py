@@ -61,7 +61,7 @@ def _dataset_fn(make):
     rows = make(split)
     data = {k: [r[k] for r in rows] for k in ('inputs', 'targets')}
     for k in ('task_ids', 'lang_ids'):
-      data[k] = np.asarray([r[k] for r in rows], np.int32)
+      data[k] = np.asarray([[r[k]] for r in rows], np.int32)
     return tf.data.Dataset.from_tensor_slices(data)
 
   return dataset_fn
@@ -73,7 +73,7 @@ def _id_feature(size: int) -> seqio.Feature:
       add_eos=False,
       required=False,
       dtype=tf.int32,
-      rank=0,
+      rank=1,
   )
 
 
@@ -85,6 +85,8 @@ def _tokenize_text(dataset, output_features):
 
 def register() -> None:
   vocab = tiny_task.get_vocabulary()
+  # `task_ids` / `lang_ids` are output features (a seqio Mixture keeps only those) of one int per
+  # example, stored as [1] vectors (seqio's evaluator measures the length of every output feature).
   features = {
       'inputs': seqio.Feature(vocabulary=vocab, add_eos=True),
       'targets': seqio.Feature(vocabulary=vocab, add_eos=True),

@@ -10,21 +10,27 @@ languages (`composed_tasks.py`), from its gin file in `configs/methods/`:
    Adafactor's weight decay), while the used rows moved.
 3. `prompt_tuning.infer` serves the run from its saved artifacts (the frozen checkpoint plus
    `methods/from_params_dir.gin` on `numpy_checkpoints/checkpoint_6`) on `composed_interleaved`,
-   whose batches mix all tasks and languages: each example's target log-likelihood equals the one
-   the training run's evaluation computed for it in its single-task batch.
-4. ATTEMPT: `mode='predict_with_aux'` writes each example's mixture weights, equal to a numpy
-   computation from the artifacts.
+   whose batches mix all tasks and languages (`mode='score'`): each example's target
+   log-likelihood equals the one the training run's evaluation computed for it in its single-task
+   batch.
+4. ATTEMPT is served in `mode='predict_with_aux'`: the same predictions as the training run's
+   evaluation, and each example's mixture weights in the JSONL equal a float64 numpy computation
+   from the artifacts.
 """
 
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 
-import composed_tasks
-import runtime_testlib as rt
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runtime')
+)
+import composed_tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+import runtime_testlib as rt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,24 +163,29 @@ def test_train_kill_resume_and_serve_mixed_batches(method, setup):
   change = [float(np.abs(after[i] - before[i]).max() / np.abs(before[i]).max()) for i in range(4)]
   assert min(change[:3]) > 1e-3 and change[3] < 1e-4, change
 
-  # Served from the artifacts in batches that mix tasks and languages.
+  # Served from the artifacts in batches that mix tasks and languages: each example gets what the
+  # training run's evaluation computed for it in a single-task batch (ATTEMPT: its prediction and
+  # its mixture weights; the others: the target log-likelihood).
   reference = _train_eval_rows(model_dir)
-  rows = _infer(method, setup, model_dir, str(setup['root'] / f'{method}_infer'), 'score')
+  mode = 'predict_with_aux' if method == 'attempt' else 'score'
+  rows = _infer(method, setup, model_dir, str(setup['root'] / f'{method}_infer'), mode)
   pairs = composed_tasks.PAIRS
   assert len(rows) == len(pairs) * composed_tasks.SPLIT_SIZES['validation']
   for i, row in enumerate(rows):
     ref = reference[pairs[i % len(pairs)]][i // len(pairs)]
     assert row['inputs'] == ref['input']['inputs_pretokenized'], i
-    assert row['score'] == pytest.approx(ref['score'], rel=1e-5, abs=1e-5), i
-  scores = [r['score'] for r in rows]
-  assert np.std(scores) > 0.1  # the examples are really scored differently
+    if mode == 'score':
+      assert row['score'] == pytest.approx(ref['score'], rel=1e-5, abs=1e-5), i
+    else:
+      assert row['prediction'] == ref['prediction'], i
+  if mode == 'score':
+    assert np.std([r['score'] for r in rows]) > 0.1  # the examples are really scored differently
+  else:
+    _check_mixture_weights(setup, model_dir, rows)
 
-  if method == 'attempt':
-    _check_mixture_weights(setup, model_dir)
 
-
-def _check_mixture_weights(setup, model_dir):
-  rows = _infer('attempt', setup, model_dir, str(setup['root'] / 'attempt_aux'), 'predict_with_aux')
+def _check_mixture_weights(setup, model_dir, rows):
+  """Each row's mixture weights equal ATTEMPT's formula on the artifacts, in float64 numpy."""
   vocab = __import__('tiny_task').get_vocabulary()
   emb = rt.tiny_backbone_params(seed=1)['token_embedder']['embedding'].astype(np.float64)
   art = lambda n: _npy(model_dir, STEPS, n).astype(np.float64)
@@ -186,6 +197,7 @@ def _check_mixture_weights(setup, model_dir):
   )
   sources = np.stack([np.load(p) for p in setup['sources']]).astype(np.float64)
   examples = composed_tasks.interleaved('validation')
+  spread = []
   for row, ex in zip(rows, examples):
     ids = list(vocab.encode(ex['inputs'])) + [1]
     pooled = emb[ids].max(0)
@@ -198,3 +210,5 @@ def _check_mixture_weights(setup, model_dir):
     weights = np.asarray(row['aux']['mixture_weights'])
     assert weights.shape == (3,)
     np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+    spread.append(weights)
+  assert np.ptp(np.stack(spread), axis=0).max() > 1e-4  # per-example weights, not one mixture
