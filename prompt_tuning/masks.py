@@ -12,9 +12,13 @@ here are what they call:
   after-BOS, user-written) gets exact masks;
 * `encoder_decoder_mask(...)`: cross-attention.
 
-The prompt is always fully visible: prompt <-> prompt and prompt <-> real tokens attend to each
+By default the prompt is fully visible: prompt <-> prompt and prompt <-> real tokens attend to each
 other, padding is masked (as queries and as keys). In a decoder-only prefix LM the prompt belongs
-to the bidirectional prefix.
+to the bidirectional prefix. A prompt module may restrict this with an *attention policy* (its
+`attention_policy` attribute, see `AttentionPolicy`): the stacks hand it to `encoder_masks` /
+`decoder_masks`, which apply it to the self-attention mask given the prompt positions
+(`prompt_tuning/methods/prompt_masks.py` has the original code's input/prompt visibility modes).
+Without a policy the masks are exactly the default ones.
 
 The factories of the original prompt-tuning code (`create_prompt_encoder_mask(prompt_length)`,
 `create_prompt_encoder_decoder_mask`, `create_prompt_decoder_only_mask`) and their functions
@@ -34,6 +38,13 @@ Array = Any
 DType = Any
 # `combine_mask(tokens [B, L], mask [B, L] bool) -> [B, L'] bool`: where a prompt goes.
 LayoutFn = Callable[[Array, Array], Array]
+# `policy(attention [B, 1, Q, K] bool, prompt_mask [B, K] bool, *, causal_lm: bool, decode: bool)
+#  -> [B, 1, Q, K] bool`: the self-attention mask restricted (or extended) around the prompt.
+# `attention` is the default mask of the stack (its queries and keys are the same positions);
+# `causal_lm` says the stack is a decoder-only causal LM (no bidirectional prefix); `decode` says
+# the mask is the in-chunk mask of a decoding prefill (the layers OR it with the causal mask, so a
+# policy must keep the causal pairs there).
+AttentionPolicy = Callable[..., Array]
 
 # Large negative number used to turn boolean masks into additive attention biases (flaxformer).
 NEG_INF = -1e10
@@ -125,6 +136,7 @@ def encoder_masks(
     segment_ids: Optional[Array] = None,
     *,
     combine_mask: Optional[LayoutFn] = None,
+    attention_policy: Optional[AttentionPolicy] = None,
 ) -> EncoderMasks:
   """Self-attention masks of the encoder: non-padding (and the prompt) see each other.
 
@@ -132,6 +144,8 @@ def encoder_masks(
     tokens: `[B, L]` int, 0 is padding.
     segment_ids: packed segments (`[B, L]`); an error with a prompt.
     combine_mask: the prompt's layout, or None without a prompt.
+    attention_policy: the prompt's attention policy (`AttentionPolicy`), applied to the
+      attention mask; None keeps the default (everything real sees everything real).
   """
   if combine_mask is not None and segment_ids is not None:
     raise ValueError(PACKING_ERROR)
@@ -139,7 +153,10 @@ def encoder_masks(
   attention = make_attention_mask(input_mask, input_mask)
   if segment_ids is not None:
     attention = combine_masks(attention, make_attention_mask(segment_ids, segment_ids, jnp.equal))
-  return EncoderMasks(input_mask, attention, prompt_positions(tokens, combine_mask))
+  prompt_mask = prompt_positions(tokens, combine_mask)
+  if attention_policy is not None and prompt_mask is not None:
+    attention = attention_policy(attention, prompt_mask, causal_lm=False, decode=False)
+  return EncoderMasks(input_mask, attention, prompt_mask)
 
 
 class DecoderMasks(NamedTuple):
@@ -162,6 +179,7 @@ def decoder_masks(
     combine_mask: Optional[LayoutFn] = None,
     prompt_in_chunk: bool = False,
     length: Optional[int] = None,
+    attention_policy: Optional[AttentionPolicy] = None,
 ) -> DecoderMasks:
   """Masks of a decoder stack, causal or prefix LM, with an optional prompt.
 
@@ -178,6 +196,9 @@ def decoder_masks(
     prompt_in_chunk: decoding: the chunk holds the prompt (a prefill), laid out by
       `combine_mask`.
     length: decoding: the chunk length (defaults to `T`, or the prompt layout's length).
+    attention_policy: the prompt's attention policy (`AttentionPolicy`), applied to the
+      self-attention mask (and, when decoding, to the in-chunk mask of a prefill that holds the
+      prompt and the prefix); None keeps the default masks.
 
   Returns:
     `DecoderMasks`.
@@ -188,10 +209,14 @@ def decoder_masks(
   if decode:
     layout = combine_mask if prompt_in_chunk else None
     chunk_mask = None
+    prompt_mask = prompt_positions(tokens, layout)
     if causal_attention is not None:
       # Bidirectional prefix inside the chunk; with a prompt, the prompt belongs to the prefix.
       prefix = _layout(layout, tokens, causal_attention > 0)
       chunk_mask = make_attention_mask(prefix, prefix)
+      if attention_policy is not None and prompt_mask is not None:
+        full = chunk_mask | make_causal_mask(prefix.shape[1])
+        chunk_mask = attention_policy(full, prompt_mask, causal_lm=False, decode=True)
     if length is None:
       length = _layout(layout, tokens, tokens > -1).shape[1]
     return DecoderMasks(
@@ -199,7 +224,7 @@ def decoder_masks(
         chunk_mask,
         None,
         jnp.ones((batch, length), bool),
-        prompt_positions(tokens, layout),
+        prompt_mask,
     )
   real = targets > 0 if targets is not None else decoder_logit_mask(tokens)
   real = _layout(combine_mask, tokens, real)
@@ -211,7 +236,12 @@ def decoder_masks(
   self_mask = combine_masks(causal, make_attention_mask(real, real))
   if segment_ids is not None:
     self_mask = combine_masks(self_mask, make_attention_mask(segment_ids, segment_ids, jnp.equal))
-  return DecoderMasks(self_mask, None, logit_real, real, prompt_positions(tokens, combine_mask))
+  prompt_mask = prompt_positions(tokens, combine_mask)
+  if attention_policy is not None and prompt_mask is not None:
+    self_mask = attention_policy(
+        self_mask, prompt_mask, causal_lm=causal_attention is None, decode=False
+    )
+  return DecoderMasks(self_mask, None, logit_real, real, prompt_mask)
 
 
 def encoder_decoder_mask(

@@ -59,6 +59,13 @@ HookResult = Union[None, nn.Module, Sequence[nn.Module]]
 # batch has them: the models hand them over (`features=`), the feature converters keep them.
 CONDITIONING_FEATURES = ('prompt_ids', 'task_ids', 'lang_ids')
 
+# The Flax collection in which a prompt module or a hook may record per-example outputs for
+# inference (`self.sow(PER_EXAMPLE_OUTPUTS, name, value)`, `value` of shape `[B, ...]`, e.g.
+# ATTEMPT's mixture weights). The models' `predict_batch_with_aux` returns them in the aux dict
+# under `name`, and `prompt_tuning.infer` writes them into each JSONL row's `aux`
+# (`mode='predict_with_aux'`). Sowing is a no-op everywhere else (training, scoring).
+PER_EXAMPLE_OUTPUTS = 'per_example_outputs'
+
 SITE_BLOCKS = (
     'layer',
     'attention',

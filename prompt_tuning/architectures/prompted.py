@@ -122,10 +122,14 @@ class CombinedPrompt(nn.Module):
     prompt: the generator child (stored under the name `prompt`): returns `[P, H]` (broadcast to
       the batch) or `[B, P, H]`, and has a `length` attribute.
     combine: `combine(prompt [B, P, H], embedded [B, L, H], tokens [B, L]) -> [B, P + L, H]`.
+    attention_policy: optional `masks.AttentionPolicy` restricting which of the prompt and the
+      inputs attend to each other (None: the default, fully visible prompt). The backbone's masks
+      apply it (`masks.encoder_masks` / `masks.decoder_masks`).
   """
 
   prompt: nn.Module
   combine: CombineFn = prompts.prefix_prompt
+  attention_policy: Optional[Callable[..., Array]] = None
 
   @property
   def length(self) -> int:
@@ -184,6 +188,7 @@ def make_prompt_factory(
     dtype: DType = jnp.float32,
     num_prompts: Optional[int] = None,
     bank_init: Optional[Initializer] = None,
+    attention_policy: Optional[Callable[..., Array]] = None,
 ) -> Callable[[], CombinedPrompt]:
   """A `prompt_factory` for `t5.EncoderDecoder` / `t5.DecoderOnly`.
 
@@ -196,6 +201,7 @@ def make_prompt_factory(
     num_prompts: if given, a `PromptBank` of that many prompts (selected by `prompt_ids`).
     bank_init: with `num_prompts`, an initializer of the whole `[N, P, H]` bank (e.g. a bank of
       trained prompts from `prompts.from_array`); `prompt_init` then is not used.
+    attention_policy: optional `masks.AttentionPolicy` of the prompt (see `CombinedPrompt`).
 
   Returns:
     A zero-argument function building a `CombinedPrompt`.
@@ -216,10 +222,11 @@ def make_prompt_factory(
           bank_init=bank_init,
           parent=None,
       )
-    return CombinedPrompt(prompt=generator, combine=combine)
+    return CombinedPrompt(prompt=generator, combine=combine, attention_policy=attention_policy)
 
   factory.combine = combine
   factory.length = length
+  factory.attention_policy = attention_policy
   return factory
 
 
@@ -245,6 +252,12 @@ def _resolve_prompt_fields(module: nn.Module) -> None:
         dtype=module.config.activation_dtype,
         num_prompts=module.num_prompts,
         bank_init=module.bank_init,
+        attention_policy=module.attention_policy,
+    )
+  elif module.attention_policy is not getattr(factory, 'attention_policy', None):
+    raise ValueError(
+        f'{type(module).__name__}: give the attention_policy to the prompt_factory (the factories '
+        'of prompt_tuning.methods take `attention_policy=`), not next to a prompt_factory.'
     )
   object.__setattr__(module, 'prompt_factory', factory)
   object.__setattr__(module, 'prompt_length', length)
@@ -269,6 +282,8 @@ class PromptEncoderDecoder(t5.EncoderDecoder):
     num_prompts: if given, a `PromptBank` of that many prompts selected by `prompt_ids`.
     bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank (serving trained
       prompts: `configs/prompts/bank_from_file.gin`).
+    attention_policy: optional `masks.AttentionPolicy` (which of the prompt and the inputs see
+      each other; `configs/methods/prompt_masks.gin`).
   """
 
   prompt_length: Optional[int] = None
@@ -276,6 +291,7 @@ class PromptEncoderDecoder(t5.EncoderDecoder):
   combine: CombineFn = prompts.prefix_prompt
   num_prompts: Optional[int] = None
   bank_init: Optional[Initializer] = None
+  attention_policy: Optional[Callable[..., Array]] = None
 
   def __post_init__(self):
     _resolve_prompt_fields(self)
@@ -297,6 +313,7 @@ class PromptDecoderOnly(t5.DecoderOnly):
       BOS first).
     num_prompts: if given, a `PromptBank` selected by `prompt_ids`.
     bank_init: with `num_prompts`, initializer of the whole `[N, P, H]` bank.
+    attention_policy: optional `masks.AttentionPolicy` of the prompt.
   """
 
   prompt_length: Optional[int] = None
@@ -304,6 +321,7 @@ class PromptDecoderOnly(t5.DecoderOnly):
   combine: CombineFn = prompts.prefix_prompt
   num_prompts: Optional[int] = None
   bank_init: Optional[Initializer] = None
+  attention_policy: Optional[Callable[..., Array]] = None
 
   def __post_init__(self):
     _resolve_prompt_fields(self)

@@ -308,6 +308,11 @@ def _call_prompt(prompt: nn.Module, tokens: Array, embedded: Array, features) ->
   return prompt(tokens, embedded, prompt_ids=features.get('prompt_ids'), **kwargs)
 
 
+def _attention_policy(prompt: nn.Module) -> Optional[masks_lib.AttentionPolicy]:
+  """A prompt module's optional `attention_policy` attribute (None: the default masks)."""
+  return getattr(prompt, 'attention_policy', None)
+
+
 def _get_prompt(prompt: nn.Module, batch_size: int, features) -> Array:
   kwargs = {'features': features} if _accepts_features(prompt, 'get_prompt') else {}
   return prompt.get_prompt(batch_size, features.get('prompt_ids'), **kwargs)
@@ -517,6 +522,10 @@ class Encoder(nn.Module):
     """The prompt's `combine_mask` (where it sits in the inputs), None without a prompt."""
     return self.prompt.combine_mask if self.prompt_factory is not None else None
 
+  def attention_policy(self) -> Optional[masks_lib.AttentionPolicy]:
+    """The prompt module's `attention_policy` (see `masks.AttentionPolicy`), or None."""
+    return _attention_policy(self.prompt) if self.prompt_factory is not None else None
+
   def input_mask(self, tokens: Array) -> Array:
     """Boolean `[B, L']`: real encoder positions (prompt positions included)."""
     return masks_lib.encoder_masks(tokens, combine_mask=self.layout()).input_mask
@@ -613,6 +622,10 @@ class Decoder(nn.Module):
   def layout(self) -> Optional[masks_lib.LayoutFn]:
     """The prompt's `combine_mask`, None without a prompt."""
     return self.prompt.combine_mask if self.prompt_factory is not None else None
+
+  def attention_policy(self) -> Optional[masks_lib.AttentionPolicy]:
+    """The prompt module's `attention_policy` (see `masks.AttentionPolicy`), or None."""
+    return _attention_policy(self.prompt) if self.prompt_factory is not None else None
 
   def embed(
       self,
@@ -760,7 +773,10 @@ class EncoderDecoder(nn.Module):
       raise ValueError(PACKING_WITH_PROMPT_ERROR)
     features = _features(features, prompt_ids)
     m = masks_lib.encoder_masks(
-        encoder_input_tokens, encoder_segment_ids, combine_mask=self.encoder.layout()
+        encoder_input_tokens,
+        encoder_segment_ids,
+        combine_mask=self.encoder.layout(),
+        attention_policy=self.encoder.attention_policy(),
     )
     x = self.encoder.embed(encoder_input_tokens, enable_dropout=enable_dropout, features=features)
     ctx = hooks_lib.Context(features=features, prompt_mask=m.prompt_mask, input_mask=m.input_mask)
@@ -934,6 +950,7 @@ class DecoderOnly(nn.Module):
         combine_mask=self.decoder.layout(),
         prompt_in_chunk=prefill_prefix,
         length=x.shape[1],
+        attention_policy=self.decoder.attention_policy(),
     )
     prompt_mask = m.prompt_mask
     if prefill_prompt and not prefill_prefix:

@@ -2,7 +2,10 @@
 
 `python -m prompt_tuning.infer --gin_file=... --gin.CHECKPOINT_PATH=... --gin.INFER_OUTPUT_DIR=...`
 writes `INFER_OUTPUT_DIR/<task>-<split>.jsonl`, one line per example: the pretokenized `inputs`, the
-decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them.
+decoded `prediction` (or `score` in `mode='score'`) and the `targets` when the split has them. With
+`mode='predict_with_aux'` each row also has `aux`: the beam `score` and every per-example output
+the model returned (what its modules sowed into `hooks.PER_EXAMPLE_OUTPUTS`, e.g. ATTEMPT's
+`mixture_weights`), as lists.
 """
 
 import json
@@ -129,14 +132,17 @@ def infer(
     if jax.process_index() != 0:
       continue
     rows = []
-    for (_, (value, aux_score)), ex in zip(results, examples):
+    for (_, (value, aux_row)), ex in zip(results, examples):
       row = {'inputs': _text(ex, 'inputs'), 'targets': _text(ex, 'targets')}
       if mode == 'score':
         row['score'] = float(value)
       else:
         row['prediction'] = _decode(vocab, value)
-        if mode == 'predict_with_aux' and aux_score is not None:
-          row['aux'] = {'score': float(aux_score)}
+        if mode == 'predict_with_aux' and aux_row:
+          # The sequence score, then what the model's modules sowed per example (hooks'
+          # PER_EXAMPLE_OUTPUTS, e.g. ATTEMPT's mixture weights).
+          row['aux'] = {'score': float(aux_row['scores'])} if 'scores' in aux_row else {}
+          row['aux'].update({k: v for k, v in aux_row.items() if k != 'scores'})
       rows.append(json.dumps(row) + '\n')
     fs.write_text(path, ''.join(rows))
     logging.info('Wrote %d %s results to %s', len(results), mode, path)
@@ -152,15 +158,14 @@ def _lengths(examples) -> Mapping[str, int]:
   }
 
 
-def _run(fn, model_ds) -> List[Tuple[int, Tuple[Any, Optional[float]]]]:
-  """`[(index, (output, aux score or None))]` of `fn` over an enumerated model dataset."""
+def _run(fn, model_ds) -> List[Tuple[int, Tuple[Any, Mapping[str, Any]]]]:
+  """`[(index, (output, {aux name: this example's value}))]` of `fn` over an enumerated dataset."""
   out = fn(model_ds)
   # In example (key) order, the order of the aux values (bucketed batches leave dataset order).
   results = sorted(out[0] if isinstance(out, tuple) else out, key=lambda x: x[0])
-  aux = out[1] if isinstance(out, tuple) else {}
-  scores = aux.get('scores') if aux else None
+  aux = (out[1] if isinstance(out, tuple) else None) or {}
   return [
-      (idx, (value, None if scores is None else scores[pos]))
+      (idx, (value, {k: v[pos] for k, v in aux.items()}))
       for pos, (idx, value) in enumerate(results)
   ]
 

@@ -13,6 +13,9 @@ Two doors for methods:
 * Extra loss terms: `loss_terms` are callables `(params, batch, outputs) -> (scalar, metrics)`
   (`outputs = {'logits': ...}`); each scalar is added to the cross entropy and reported as the
   metric `loss_terms/<name>`, its metrics as `<name>/<key>`.
+* Per-example auxiliary outputs: what the module sows into `hooks.PER_EXAMPLE_OUTPUTS` while the
+  inputs are encoded (or the prompt prefilled) is returned by `predict_batch_with_aux` next to
+  `scores` (one `[B, ...]` array per name), and written by `prompt_tuning.infer`.
 
 `loss_fn` returns metrics that carry their own reduction (`runtime/metrics.py`).
 """
@@ -42,6 +45,7 @@ class DecoderParams:
 # Per-example integer features handed to the module (and from it to prompt modules and hooks)
 # when a batch has them. The feature converters pass the same names through from seqio tasks.
 CONDITIONING_FEATURES = hooks_lib.CONDITIONING_FEATURES
+PER_EXAMPLE_OUTPUTS = hooks_lib.PER_EXAMPLE_OUTPUTS
 
 
 class ConditioningFeatureError(ValueError):
@@ -387,13 +391,15 @@ class EncoderDecoderModel(BaseTransformerModel):
     prompt_kwargs = self._feature_kwargs(batch)
     encoder_input_tokens = batch['encoder_input_tokens']
     decoder_input_tokens = batch['decoder_input_tokens']
-    encoded = self.module.apply(
+    encoded, sown = self.module.apply(
         {'params': params},
         encoder_input_tokens,
         enable_dropout=False,
         method=self.module.encode,
+        mutable=[PER_EXAMPLE_OUTPUTS],
         **prompt_kwargs,
     )
+    per_example = per_example_outputs(sown)
     cache = self._init_cache(params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs)
     encoded = decoding.flat_batch_beam_expand(encoded, num_decodes)
     expanded_tokens = decoding.flat_batch_beam_expand(encoder_input_tokens, num_decodes)
@@ -437,8 +443,8 @@ class EncoderDecoderModel(BaseTransformerModel):
         **decoder_params,
     )
     if return_all_decodes:
-      return decodes, {'scores': scores}
-    return decodes[:, -1, :], {'scores': scores[:, -1]}
+      return decodes, {'scores': scores, **per_example}
+    return decodes[:, -1, :], {'scores': scores[:, -1], **per_example}
 
 
 class DecoderOnlyModel(BaseTransformerModel):
@@ -554,6 +560,7 @@ class DecoderOnlyModel(BaseTransformerModel):
     )
     cache = variables['cache']
     prefix_len = None
+    per_example = {}
     if self._inputs_bidirectional_attention:
       # Prefix LM (T5X's `_compute_kv_cache`): the prompt and the whole input prefix go into the
       # cache in one chunk, bidirectional as in training. The decode loop then restarts after the
@@ -568,10 +575,11 @@ class DecoderOnlyModel(BaseTransformerModel):
           enable_dropout=False,
           decode=True,
           max_decode_length=max_len,
-          mutable=['cache'],
+          mutable=['cache', PER_EXAMPLE_OUTPUTS],
           **(dict(prefill_prompt=True) if p else {}),
           **prompt_kwargs,
       )
+      per_example = per_example_outputs(variables)
       cache = _set_cache_index(variables['cache'], p)
       # Shifted-right layout: BOS, then the inputs; the last input token sits at `prefix_len`.
       prefix_len = jnp.sum(causal_attention > 0, axis=1).astype(jnp.int32) - 1
@@ -584,9 +592,10 @@ class DecoderOnlyModel(BaseTransformerModel):
           decode=True,
           max_decode_length=max_len,
           prefill_prompt=True,
-          mutable=['cache'],
+          mutable=['cache', PER_EXAMPLE_OUTPUTS],
           **prompt_kwargs,
       )
+      per_example = per_example_outputs(variables)
       cache = variables['cache']
     expanded_kwargs = _expand_features(prompt_kwargs, num_decodes)
 
@@ -627,8 +636,32 @@ class DecoderOnlyModel(BaseTransformerModel):
     prefix_len = jnp.sum(decode_inputs != 0, axis=-1)
     decodes = _remove_prefix(decodes, prefix_len)
     if return_all_decodes:
-      return decodes, {'scores': scores}
-    return decodes[:, -1, :], {'scores': scores[:, -1]}
+      return decodes, {'scores': scores, **per_example}
+    return decodes[:, -1, :], {'scores': scores[:, -1], **per_example}
+
+
+def per_example_outputs(variables: Mapping[str, Any]) -> Dict[str, jnp.ndarray]:
+  """`{name: [B, ...]}` of what the module sowed into `hooks.PER_EXAMPLE_OUTPUTS`.
+
+  Names of nested modules are dropped: the sown name is the key (a name sown by two modules is
+  an error). `sow` appends to a tuple; the last value is taken.
+  """
+  out: Dict[str, jnp.ndarray] = {}
+
+  def visit(tree):
+    for key, value in tree.items():
+      if isinstance(value, tuple):
+        if key in out or key == 'scores':
+          raise ValueError(
+              f'Two modules sowed the per-example output {key!r} (or it shadows `scores`); give '
+              'them distinct names.'
+          )
+        out[key] = value[-1]
+      elif isinstance(value, Mapping):
+        visit(value)
+
+  visit(variables.get(PER_EXAMPLE_OUTPUTS, {}))
+  return out
 
 
 def _expand_features(kwargs: Mapping[str, Any], num_decodes: int) -> dict:
