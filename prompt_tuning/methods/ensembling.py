@@ -3,8 +3,9 @@
 Each example is replicated N times in a `PromptBank` batch (copy i gets `prompt_ids = i`), so the
 N prompts are evaluated together, and their predictions are combined:
 
-* ``majority``: majority vote over the members' predictions (decoded token sequences, or the
-  classes of rank classification). Ties go to the tied prediction that the lowest-index member
+* ``majority``: majority vote over the members' predictions (their texts in `EnsembleEvaluator`;
+  their token sequences inside `EnsembleModel`'s compiled step, which is the same unless distinct
+  token sequences spell one text). Ties go to the tied prediction that the lowest-index member
   made (the paper does not say; this makes the rule deterministic).
 * ``mean_score``: rank classification with the task's class labels: each class's log-likelihood is
   averaged over the N prompts and the best class wins (members predict by their own scores).
@@ -71,6 +72,15 @@ def _strip(key: Tuple) -> Tuple:
   while key and key[-1] == 0:
     key.pop()
   return tuple(key)
+
+
+def decode_prediction(vocabulary: Any, tokens: Sequence[int]) -> str:
+  """The text of predicted tokens, as `prompt_tuning.infer` writes it (cut at EOS, no padding)."""
+  tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
+  eos = getattr(vocabulary, 'eos_id', None)
+  if eos is not None and eos in tokens:
+    tokens = tokens[: tokens.index(eos)]
+  return vocabulary.decode([t for t in tokens if t > 0])
 
 
 def mean_score_vote(scores: np.ndarray) -> np.ndarray:
@@ -263,3 +273,348 @@ def format_table(task: str, table: Mapping[str, Mapping[str, Any]], names: Seque
         f'{row["ensemble"]:.2f} ({members})'
     )
   return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ensemble from gin: a bank of the member prompts.
+# ----------------------------------------------------------------------------------------------
+
+
+def ensemble_size(prompts: Sequence[str]) -> int:
+  """N, the number of members of `ENSEMBLE` (gin: `NUM_PROMPTS = @ensembling.ensemble_size()`)."""
+  if not prompts or isinstance(prompts, str):
+    raise ValueError(
+        "ENSEMBLE must be a list of prompts (.npy files or 'library:NAME'), e.g. "
+        "--gin.ENSEMBLE=\"['library:sst2_a', 'library:sst2_b', 'library:sst2_c']\"."
+    )
+  return len(prompts)
+
+
+def member_length(prompts: Sequence[str], library_dir: Optional[str] = None) -> int:
+  """P, the length of the first member (gin: `PROMPT_LENGTH = @ensembling.member_length()`)."""
+  from prompt_tuning import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+
+  ensemble_size(prompts)
+  return int(np.shape(prompts_lib.np_load(prompts[0], library_dir=library_dir))[-2])
+
+
+def load_members(
+    prompts: Sequence[str], library_dir: Optional[str] = None, backbone: Any = None
+) -> np.ndarray:
+  """`[N, P, H]`: the members (`.npy` files or `library:NAME`, checked against `backbone`)."""
+  from prompt_tuning import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+
+  arrays = [
+      np.asarray(prompts_lib.np_load(p, library_dir=library_dir, backbone=backbone))
+      for p in prompts
+  ]
+  for p, a in zip(prompts, arrays):
+    if a.ndim != 2 or a.shape != arrays[0].shape:
+      raise ValueError(
+          f'Ensemble member {p} has shape {a.shape}, but {prompts[0]} has {arrays[0].shape}: the '
+          'members of an ensemble are prompts of one length for one backbone.'
+      )
+  return np.stack(arrays).astype(np.float32)
+
+
+def bank_init(
+    prompts: Sequence[str], library_dir: Optional[str] = None, backbone: Any = None
+) -> Callable[..., Any]:
+  """A `PromptBank.bank_init` holding the members (read when the parameters are initialized)."""
+
+  def init(rng, shape, dtype=np.float32):
+    del rng
+    value = load_members(prompts, library_dir, backbone)
+    if tuple(value.shape) != tuple(shape):
+      raise ValueError(
+          f'The ensemble members stack to {tuple(value.shape)} but the model expects '
+          f'{tuple(shape)} (NUM_PROMPTS, PROMPT_LENGTH, embed): set PROMPT_LENGTH to the '
+          "members' length."
+      )
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    return jnp.asarray(value, dtype)
+
+  return init
+
+
+def _expand_dataset(ds: Any, num_prompts: int, candidates: Optional[np.ndarray] = None):
+  """The enumerated model dataset with every example N times (`prompt_ids`), and with
+  `candidates` every copy C times more with the candidate as its target: index `(i*N + n)*C + c`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  n = num_prompts
+  c = 1 if candidates is None else candidates.shape[0]
+  if candidates is not None:
+    _, spec = ds.element_spec
+    length = int(spec['decoder_target_tokens'].shape[-1])
+    if candidates.shape[1] > length:
+      raise ValueError(
+          f'A class label has {candidates.shape[1]} tokens, more than the targets length {length}.'
+      )
+    padded = np.zeros((c, length), np.int32)
+    padded[:, : candidates.shape[1]] = candidates
+    targets = np.tile(padded, (n, 1))  # row n*C + c: candidate c
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]
+    cand = {
+        'decoder_target_tokens': tf.constant(targets),
+        'decoder_input_tokens': tf.constant(inputs),
+        'decoder_loss_weights': tf.constant((targets > 0).astype(np.int32)),
+    }
+
+  def expand(index, example):
+    rows = n * c
+    ids = index * rows + tf.range(rows, dtype=index.dtype)
+    out = {k: tf.repeat(tf.expand_dims(v, 0), rows, axis=0) for k, v in example.items()}
+    out['prompt_ids'] = tf.repeat(tf.range(n, dtype=tf.int32), c)
+    if candidates is not None:
+      for k, v in cand.items():
+        out[k] = tf.cast(v, example[k].dtype) if k in example else v
+    return tf.data.Dataset.from_tensor_slices((ids, out))
+
+  return ds.flat_map(expand)
+
+
+def _group(indexed: Sequence[Tuple[int, Any]], rows: int) -> Dict[int, List[Any]]:
+  out: Dict[int, List[Any]] = {}
+  for index, value in sorted(indexed, key=lambda x: x[0]):
+    out.setdefault(index // rows, []).append(value)
+  return out
+
+
+def _evaluator_base():
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  return seqio.Evaluator
+
+
+class EnsembleEvaluator(_evaluator_base()):  # pytype: disable=base-class-error
+  """A `seqio.Evaluator` that evaluates the N prompts of a prompt-bank model in one pass.
+
+  Bound as `evaluate.inference_evaluator_cls` by `configs/runs/ensemble_eval.gin`. The model
+  functions it is given run on the dataset with every example replicated N times (`prompt_ids`
+  0..N-1); the members' outputs are split apart and combined by `rule`. The task's metrics are
+  computed for each member and for the ensemble; the loggers (TensorBoard, JSON) get the
+  ensemble's, and the returned metrics hold the ensemble's under the task's metric names plus
+  `member_<i>/<metric>`, `members_mean/<metric>` and `members_best/<metric>` (Table 3; also in
+  `output_dir/ensemble.json`).
+  """
+
+  def __init__(
+      self,
+      *args: Any,
+      prompts: Sequence[str] = (),
+      rule: str = 'majority',
+      class_labels: Optional[Sequence[str]] = None,
+      output_dir: Optional[str] = None,
+      **kwargs: Any,
+  ):
+    super().__init__(*args, **kwargs)
+    if rule not in RULES:
+      raise ValueError(f'ENSEMBLE_RULE must be one of {RULES}, got {rule!r}.')
+    if rule == 'mean_score' and not class_labels:
+      raise ValueError(
+          "ENSEMBLE_RULE='mean_score' ranks the class labels: set CLASS_LABELS (e.g. "
+          "--gin.CLASS_LABELS=\"['yes', 'no']\")."
+      )
+    self.prompts = list(prompts)
+    self.num_prompts = ensemble_size(self.prompts)
+    self.rule = rule
+    self.class_labels = list(class_labels) if class_labels else None
+    self.output_dir = output_dir
+    self.tables: Dict[str, Any] = {}
+
+  def _candidates(self, task) -> np.ndarray:
+    return candidate_tokens(task.output_features['targets'].vocabulary, self.class_labels)
+
+  def evaluate(
+      self,
+      *,
+      compute_metrics: bool,
+      step: Optional[int] = None,
+      predict_fn=None,
+      score_fn=None,
+      predict_with_aux_fn=None,
+      model_fns=None,
+  ):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    del predict_with_aux_fn, model_fns
+    n = self.num_prompts
+    tasks = {id(self._cached_model_datasets[t.name]): t for t in self.eval_tasks}
+    predictions: Dict[Tuple[int, int], List[Any]] = {}  # (ds, member or -1) -> per example
+    scores: Dict[Tuple[int, int], List[float]] = {}
+
+    def run_predictions(ds):
+      key = id(ds)
+      if (key, -1) in predictions:
+        return
+      task = tasks[key]
+      if self.rule == 'majority':
+        grouped = _group(predict_fn(_expand_dataset(ds, n)), n)
+        per_member = [[grouped[i][m] for i in sorted(grouped)] for m in range(n)]
+        # The vote is over the predicted texts (distinct token sequences can spell one text).
+        vocab = task.output_features['targets'].vocabulary
+        voted = []
+        for i in sorted(grouped):
+          texts = [decode_prediction(vocab, t) for t in grouped[i]]
+          winner = majority_vote([[(k,) for k in texts]])[0][0]
+          voted.append(grouped[i][texts.index(winner)])
+      else:
+        cands = self._candidates(task)
+        c = cands.shape[0]
+        grouped = _group(score_fn(_expand_dataset(ds, n, cands)), n * c)
+        table = np.asarray([grouped[i] for i in sorted(grouped)], np.float64).reshape(-1, n, c)
+        padded = [list(row) for row in cands]
+        per_member = [[padded[k] for k in np.argmax(table[:, m], axis=-1)] for m in range(n)]
+        voted = [padded[k] for k in mean_score_vote(table)]
+      for m in range(n):
+        predictions[(key, m)] = per_member[m]
+      predictions[(key, -1)] = voted
+
+    def run_scores(ds):
+      key = id(ds)
+      if (key, -1) in scores:
+        return
+      grouped = _group(score_fn(_expand_dataset(ds, n)), n)
+      table = np.asarray([grouped[i] for i in sorted(grouped)], np.float64)
+      for m in range(n):
+        scores[(key, m)] = [float(x) for x in table[:, m]]
+      scores[(key, -1)] = [float(x) for x in table.mean(axis=1)]
+
+    def fns(member):
+      def predict(ds):
+        run_predictions(ds)
+        return list(enumerate(predictions[(id(ds), member)]))
+
+      def score(ds):
+        run_scores(ds)
+        return list(enumerate(scores[(id(ds), member)]))
+
+      return predict, score
+
+    loggers = self._loggers
+    member_metrics = []
+    try:
+      self._loggers = ()
+      for m in range(n):
+        predict, score = fns(m)
+        metrics, _ = super().evaluate(
+            compute_metrics=True, step=step, predict_fn=predict, score_fn=score
+        )
+        member_metrics.append(metrics.result() or {})
+    finally:
+      self._loggers = loggers
+    predict, score = fns(-1)
+    metrics, outputs = super().evaluate(
+        compute_metrics=compute_metrics, step=step, predict_fn=predict, score_fn=score
+    )
+    if not compute_metrics:
+      return metrics, outputs
+    ensemble = metrics.result() or {}
+    combined = {}
+    for task_name, values in ensemble.items():
+      members = [mm.get(task_name, {}) for mm in member_metrics]
+      table = ensemble_table(members, values)
+      self.tables[task_name] = table
+      logging.info(
+          'Prompt ensemble (%s):\n%s', self.rule, format_table(task_name, table, self.prompts)
+      )
+      row = dict(values)
+      for metric, entry in table.items():
+        for i, v in enumerate(entry['members']):
+          row[f'member_{i}/{metric}'] = v
+        row[f'members_mean/{metric}'] = entry['mean']
+        row[f'members_best/{metric}'] = entry['best']
+      combined[task_name] = row
+    if self.output_dir:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      if jax.process_index() == 0:
+        fs.makedirs(self.output_dir)
+        fs.write_text(
+            fs.join(self.output_dir, 'ensemble.json'),
+            json.dumps(
+                {'prompts': self.prompts, 'rule': self.rule, 'step': step, 'tasks': self.tables},
+                indent=1,
+            ),
+        )
+    future = concurrent.futures.Future()
+    future.set_result(combined)
+    return future, outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: a model that votes inside the compiled step.
+# ----------------------------------------------------------------------------------------------
+
+
+def majority_vote_jnp(tokens: Any) -> Any:
+  """`[B, N, T]` token predictions -> `[B]` index of the winning member (most frequent sequence;
+  ties to the lowest index), in jnp (for use inside jit)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  equal = jnp.all(tokens[:, :, None, :] == tokens[:, None, :, :], axis=-1)  # [B, N, N]
+  counts = jnp.sum(equal, axis=-1)
+  return jnp.argmax(counts, axis=-1)  # first maximum: the lowest index
+
+
+@dataclasses.dataclass
+class EnsembleModel:
+  """A model wrapper that predicts with N prompts of a bank in one pass and votes (majority).
+
+  `predict_batch_with_aux(params, batch)` replicates the batch N times with `prompt_ids`, runs the
+  wrapped model's prediction once, and returns the majority prediction per example with aux
+  `scores` (the winning member's) and `member_predictions` `[B, N, T]`. `score_batch` returns the
+  members' mean log-likelihood. Everything else is the wrapped model's (so `prompt_tuning.infer`,
+  and anything else that takes a model, works unchanged).
+  """
+
+  model: Any
+  num_prompts: int
+
+  def __getattr__(self, name: str) -> Any:
+    if name in ('model', 'num_prompts'):
+      raise AttributeError(name)
+    return getattr(self.model, name)
+
+  @property
+  def FEATURE_CONVERTER_CLS(self):  # pylint: disable=invalid-name
+    return self.model.FEATURE_CONVERTER_CLS
+
+  def _replicate(self, batch):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    n = self.num_prompts
+    size = batch['encoder_input_tokens'].shape[0]
+    out = {k: jnp.repeat(v, n, axis=0) for k, v in batch.items() if k != 'prompt_ids'}
+    out['prompt_ids'] = jnp.tile(jnp.arange(n, dtype=jnp.int32), size)
+    return out, size
+
+  def predict_batch_with_aux(self, params, batch, rng=None, **kwargs):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    expanded, size = self._replicate(batch)
+    tokens, aux = self.model.predict_batch_with_aux(params, expanded, rng=rng, **kwargs)
+    tokens = tokens.reshape((size, self.num_prompts) + tokens.shape[1:])
+    if tokens.ndim != 3:
+      raise ValueError('EnsembleModel votes over one decode per member (return_all_decodes=False).')
+    winner = majority_vote_jnp(tokens)
+    best = jnp.take_along_axis(tokens, winner[:, None, None], axis=1)[:, 0]
+    member_scores = aux['scores'].reshape((size, self.num_prompts))
+    out_aux = {
+        'scores': jnp.take_along_axis(member_scores, winner[:, None], axis=1)[:, 0],
+        'member_predictions': tokens,
+        'member_scores': member_scores,
+    }
+    return best, out_aux
+
+  def predict_batch(self, params, batch, rng=None):
+    return self.predict_batch_with_aux(params, batch, rng=rng)[0]
+
+  def score_batch(self, params, batch, return_intermediates: bool = False):
+    expanded, size = self._replicate(batch)
+    scores = self.model.score_batch(params, expanded, return_intermediates)
+    return scores.reshape((size, self.num_prompts)).mean(axis=1)
