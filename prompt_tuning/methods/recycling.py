@@ -79,7 +79,8 @@ def recycling_vocabulary(
     word_offset: int = DEFAULT_WORD_OFFSET,
 ) -> np.ndarray:
   """Ids of the shared vocabulary the recyclers are fit on: positions `[word_offset, word_offset +
-  num_words)` of the English-only pieces (or of the ids in `vocab_file`, `{id: piece}` JSON).
+  num_words)` of the English-only pieces (or of the ids in `vocab_file`, `{id: piece}` JSON);
+  `num_words=0` takes every piece from `word_offset` on.
 
   Raises:
     RecyclingError: fewer pieces than `word_offset + num_words`.
@@ -90,11 +91,11 @@ def recycling_vocabulary(
     ids = english_only_ids(vocabulary)
   else:
     raise RecyclingError('Give a vocabulary (or vocab_file) to choose the shared pieces.')
-  if word_offset < 0 or num_words <= 0:
-    raise RecyclingError(
-        f'num_words must be > 0 and word_offset >= 0 ({num_words}, {word_offset}).'
-    )
-  if word_offset + num_words > len(ids):
+  if word_offset < 0 or num_words < 0:
+    raise RecyclingError(f'num_words and word_offset must be >= 0 ({num_words}, {word_offset}).')
+  if not num_words:  # 0: every piece from the offset on
+    num_words = len(ids) - word_offset
+  if num_words <= 0 or word_offset + num_words > len(ids):
     raise RecyclingError(
         f'The vocabulary has {len(ids)} English-only pieces, fewer than word_offset '
         f'({word_offset}) + num_words ({num_words}); lower them (e.g. --word_offset=0 '
@@ -289,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       help='SentencePiece model file or module:function returning a seqio vocabulary',
   )
   parser.add_argument('--vocab_file', help='JSON {id: piece} of the shared vocabulary')
-  parser.add_argument('--num_words', type=int, default=DEFAULT_NUM_WORDS)
+  parser.add_argument('--num_words', type=int, default=DEFAULT_NUM_WORDS, help='0: all')
   parser.add_argument('--word_offset', type=int, default=DEFAULT_WORD_OFFSET)
   parser.add_argument('--seed', type=int, default=0, help='v2v-nn initialization and shuffling')
   parser.add_argument('--eval_task', help='evaluate with rank classification on this seqio task')
