@@ -142,16 +142,26 @@ class FileArray(np.ndarray):
     self.source_path = getattr(obj, 'source_path', None)
 
 
-def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
-  """Loads a `.npy` prompt or embedding file (local or `gs://...`) and validates it.
+def np_load(
+    path: str,
+    restore_dtype: Optional[DType] = None,
+    library_dir: Optional[str] = None,
+    backbone: Any = None,
+) -> np.ndarray:
+  """Loads a `.npy` prompt or embedding file (local or `gs://...`) and validates it, or a library entry.
 
   Pickled objects are never read. The array must be floating point and hold only finite values: a
   prompt saved from a diverged run (NaN) would otherwise decode to empty predictions.
 
   Args:
     path: the file (the original repo's numpy checkpoints have no `.npy`
-      suffix; any name works).
+      suffix; any name works), or `library:NAME`, an entry of the prompt
+      library (`prompt_tuning.library`).
     restore_dtype: optional dtype to cast the array to.
+    library_dir: the library of `library:NAME` paths (`LIBRARY_DIR`; default
+      `$PROMPT_TUNING_LIBRARY`). Unused for files.
+    backbone: for `library:NAME`, the frozen checkpoint the prompt is used
+      with: the entry must have been trained on it. Unused for files.
 
   Returns:
     The array (a `FileArray`, whose `source_path` is `path`).
@@ -161,6 +171,11 @@ def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
     PromptFileError: naming the file, when it is damaged, not a `.npy` array (a text file, an
       `.npz` archive, a pickle), not floating point, or holds NaN or infinite values.
   """
+  if isinstance(path, str) and path.startswith('library:'):
+    from prompt_tuning import library  # pylint: disable=g-import-not-at-top
+
+    arr = library.load_prompt(path, library_dir=library_dir, backbone=backbone)
+    return arr.astype(restore_dtype) if restore_dtype is not None else arr
   try:
     with _open(path, 'rb') as f:
       data = f.read()

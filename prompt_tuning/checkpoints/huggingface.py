@@ -288,6 +288,84 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+def safetensors_index(path: str) -> Dict[str, Tuple[str, str, Tuple[int, ...], int, int]]:
+  """`{tensor name: (file, dtype code, shape, start, end)}` of a `.safetensors` file or of a
+  transformers directory's `model.safetensors[.index.json]`, reading only the headers."""
+  if fs.isfile(path):
+    files = [path]
+  elif fs.exists(fs.join(path, SAFETENSORS_NAME)):
+    files = [fs.join(path, SAFETENSORS_NAME)]
+  elif fs.exists(fs.join(path, SAFETENSORS_INDEX_NAME)):
+    weight_map = json.loads(fs.read_text(fs.join(path, SAFETENSORS_INDEX_NAME)))['weight_map']
+    files = [fs.join(path, shard) for shard in sorted(set(weight_map.values()))]
+  else:
+    raise FileNotFoundError(f'No {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME} in {path!r}.')
+  out = {}
+  for file in files:
+    with fs.open(file, 'rb') as f:
+      (header_len,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    for name, info in header.items():
+      if name == '__metadata__':
+        continue
+      start, end = info['data_offsets']
+      out[name] = (file, info['dtype'], tuple(info['shape']), base + start, base + end)
+  return out
+
+
+def read_safetensor(entry: Tuple[str, str, Tuple[int, ...], int, int]) -> np.ndarray:
+  """Reads one tensor described by a `safetensors_index` entry (floating tensors as float32)."""
+  file, code, shape, start, end = entry
+  with fs.open(file, 'rb') as f:
+    f.seek(start)
+    data = f.read(end - start)
+  return _to_float32(np.frombuffer(data, dtype=_np_dtype(code)).reshape(shape))
+
+
+def lazy_params(path: str) -> Tuple[T5Config, Dict[str, Any]]:
+  """`(config, {flattened flax path: zero-argument loader})` of a transformers T5 directory.
+
+  With safetensors weights each loader reads (and transposes) only its own tensor, so a caller
+  can go through a checkpoint larger than memory one parameter at a time. `pytorch_model.bin`
+  checkpoints cannot be read per tensor: they are loaded whole once, and the loaders index it.
+  """
+  hf_config = read_hf_config(path)
+  scale = hf_scales_decoder_outputs(hf_config)
+  try:
+    index = safetensors_index(path)
+  except FileNotFoundError:
+    logging.warning('%s has no safetensors weights: reading the whole checkpoint.', path)
+    sd = read_state_dict(path)
+    index = None
+
+  def read(name):
+    return read_safetensor(index[name]) if index is not None else sd[name]
+
+  names = set(index if index is not None else sd)
+  shared = 'shared.weight' if 'shared.weight' in names else 'encoder.embed_tokens.weight'
+  separate = 'lm_head.weight' in names and not np.array_equal(read('lm_head.weight'), read(shared))
+  config = config_from_hf(hf_config, separate_lm_head=separate)
+  loaders: Dict[str, Any] = {}
+  for hf_name, flax_path, transpose in name_mapping(config):
+    hf_name = shared if hf_name == 'shared.weight' else hf_name
+    if hf_name not in names:
+      raise ValueError(f'The HF checkpoint {path} lacks {hf_name} (needed by its config.json).')
+    loaders[flax_path] = (
+        lambda n=hf_name, t=transpose: np.ascontiguousarray(read(n).T) if t else read(n)
+    )
+  if not config.logits_via_embedding:
+    head = 'lm_head.weight' if 'lm_head.weight' in names else shared
+    factor = np.float32(config.emb_dim**-0.5) if scale else None
+
+    def head_kernel(n=head):
+      kernel = np.ascontiguousarray(read(n).T)
+      return kernel * factor if factor is not None else kernel
+
+    loaders['decoder/logits_dense/kernel'] = head_kernel
+  return config, loaders
+
+
 def _to_float32(arr: np.ndarray) -> np.ndarray:
   if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == 'bfloat16':
     return np.array(arr, dtype=np.float32)

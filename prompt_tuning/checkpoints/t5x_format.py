@@ -683,6 +683,7 @@ def save(
     inline_max_size: int = DEFAULT_INLINE_MAX_SIZE,
     overwrite: bool = False,
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    max_inflight_bytes: int = _MAX_INFLIGHT_BYTES,
 ) -> str:
   """Writes a T5X legacy checkpoint (``VERSION = 3``) to directory `path`.
 
@@ -693,7 +694,10 @@ def save(
 
   Args:
     path: the checkpoint directory to create, e.g. ``.../checkpoint_1000``.
-    params: nested dict of arrays (numpy or jax), stored under ``target``.
+    params: nested dict of arrays (numpy or jax), stored under ``target``. A
+      leaf may also be a zero-argument callable returning the array: it is
+      called when that leaf is written, so a tree of loaders is saved one
+      array at a time (streaming; see `max_inflight_bytes`).
     step: the training step, stored as ``state/step``.
     optimizer_state: optional optimizer state: an object with a
       ``param_states`` attribute / key (e.g. ``OptimizerState``), or the
@@ -705,6 +709,9 @@ def save(
       stored inline in the msgpack file; larger ones as zarr arrays.
     overwrite: replace an existing checkpoint at `path`.
     max_chunk_bytes: largest zarr chunk.
+    max_inflight_bytes: arrays handed to TensorStore but not yet written are
+      kept below this many bytes (0: each array is written before the next
+      one is read or computed).
 
   Returns:
     The absolute path of the written checkpoint.
@@ -756,6 +763,13 @@ def save(
     n_arrays = 0
     t0 = time.time()
     for keys, leaf in flat.items():
+      if callable(leaf):
+        if max_inflight_bytes <= 0 and writes:  # Streaming: the previous array is written first.
+          for w in writes:
+            w.result()
+          writes.clear()
+          inflight = 0
+        leaf = leaf()
       leaf = _leaf_to_numpy(leaf)
       if keys[0] == 'target':
         leaf = _cast(leaf, dtype)
@@ -784,7 +798,7 @@ def save(
           'kvstore': _kvstore_spec(fs.join(tmp, name)),
           'metadata': dict(metadata, order='C'),
       }
-      if inflight + leaf.nbytes > _MAX_INFLIGHT_BYTES and writes:
+      if inflight + leaf.nbytes > max_inflight_bytes and writes:
         for w in writes:
           w.result()
         writes.clear()

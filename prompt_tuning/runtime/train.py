@@ -121,12 +121,17 @@ def train(
     gc_period: int = 0,
     train_state_initializer_cls=None,
     verify_matching_vocabs_fn=None,
+    on_train_end: Sequence[Callable[..., Any]] = (),
 ):
   """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`.
 
   Before any work `MODEL_DIR` must be a writable directory that no other run is using (a lock file
   names the holder). Ctrl-C and SIGTERM end the run with one line naming the step and the last
   complete checkpoint; on SIGTERM (preemption) the current step is saved first.
+
+  `on_train_end` callbacks are called once training is done, as
+  `callback(model_dir=..., train_state=..., step=..., metrics=...)` (`metrics`: the final
+  evaluation's results), e.g. `library.AddToLibrary` (configs/runs/add_to_library.gin).
   """
   kwargs = dict(locals())
   if model_dir is None:
@@ -205,6 +210,7 @@ def _train(
     gc_period: int = 0,
     train_state_initializer_cls=None,
     verify_matching_vocabs_fn=None,
+    on_train_end: Sequence[Callable[..., Any]] = (),
     interrupts: faults.Interrupts,
     progress: Dict[str, Any],
 ):
@@ -439,6 +445,10 @@ def _train(
   final_metrics = run_evals(host_step) if (train_eval_iters or evaluator) else {}
   trainer.final_metrics = final_metrics
   trainer.close()
+  for callback in on_train_end or ():
+    callback(
+        model_dir=model_dir, train_state=trainer.train_state, step=host_step, metrics=final_metrics
+    )
   return host_step, trainer.train_state
 
 
