@@ -60,8 +60,12 @@ def run_ray(
     kwargs: Dict[str, Any] = {'include_dashboard': False, 'log_to_driver': False}
     if address:
       kwargs['address'] = address
-    elif num_cpus:
-      kwargs['num_cpus'] = int(num_cpus)
+    else:
+      # A local instance for this sweep: the tasks pass only small records, so a small object
+      # store keeps Ray's shared memory out of the runs' way.
+      kwargs['object_store_memory'] = 256 * 1024 * 1024
+      if num_cpus:
+        kwargs['num_cpus'] = int(num_cpus)
     ray.init(**kwargs)
   try:
     options = {'num_cpus': 1, 'max_retries': 0}
