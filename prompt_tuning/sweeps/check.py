@@ -16,7 +16,7 @@ import json
 import re
 import sys
 import types
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 from prompt_tuning.sweeps import spec as spec_lib
 
@@ -26,17 +26,29 @@ _ENTRY_FUNCTIONS = {
 }
 
 
+def train(**kwargs):
+  """Stands in for `train_script.train` while a run's gin configuration is read: it has the
+  signature of `prompt_tuning.runtime.train.train` (so gin checks parameter names against it) and
+  returns the arguments gin would pass (the vectorized job reads its runs' settings this way)."""
+  return kwargs
+
+
 @contextlib.contextmanager
-def _entry_main(entry: str) -> Iterator[None]:
+def entry_main(entry: str) -> Iterator[None]:
   """`import __main__ as train_script` in gin files finds the entry point's function, as when the
   entry module runs (`python -m prompt_tuning.train` has `train` in its `__main__`)."""
   import importlib  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
 
   module_name, fn_name = _ENTRY_FUNCTIONS[entry]
   stand_in = _STAND_INS.get(entry)
   if stand_in is None:
     stand_in = types.ModuleType('__main__')
-    setattr(stand_in, fn_name, getattr(importlib.import_module(module_name), fn_name))
+    real = getattr(importlib.import_module(module_name), fn_name)
+    if fn_name == 'train':
+      train.__signature__ = inspect.signature(real)
+      real = train
+    setattr(stand_in, fn_name, real)
     _STAND_INS[entry] = stand_in
   saved = sys.modules.get('__main__')
   sys.modules['__main__'] = stand_in
@@ -60,7 +72,7 @@ def _search_paths(flags: Sequence[str]) -> List[str]:
 
 
 def check_run(run: spec_lib.Run) -> List[str]:
-  """The problems of one run's gin configuration (empty when it parses and uses every binding)."""
+  """The problems of one run's gin configuration (see `unused_macros` for the other check)."""
   import gin  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import gin_utils  # pylint: disable=g-import-not-at-top
 
@@ -68,7 +80,7 @@ def check_run(run: spec_lib.Run) -> List[str]:
   problems = []
   gin.clear_config()
   try:
-    with _entry_main(run.entry):
+    with entry_main(run.entry):
       gin_utils.parse_gin_flags(
           _search_paths(run.flags) or ['.'],
           run.gin_files,
@@ -87,20 +99,38 @@ def check_run(run: spec_lib.Run) -> List[str]:
     text = None
   finally:
     gin.clear_config()
-  if text is not None:
-    used = set(re.findall(r'%([A-Za-z_][\w.]*)', text))
-    for key, _ in run.bindings:
-      if '.' not in key and '/' not in key and key not in used:
-        problems.append(
-            f'the macro {key} is bound but no gin file of the run uses it (misspelled? the '
-            'configuration refers to macros as %NAME).'
-        )
+  _USED[run.name] = None if text is None else set(re.findall(r'%([A-Za-z_][\w.]*)', text))
   return problems
+
+
+_USED: Dict[str, Optional[Set[str]]] = {}
+
+
+def unused_macros(runs: Sequence[spec_lib.Run]) -> List[str]:
+  """Macros bound by the sweep that no run's configuration uses (misspelled names).
+
+  A macro used by some runs only is fine (e.g. CLASS_LABELS next to a random initialization).
+  """
+  bound: Dict[str, List[str]] = {}
+  for run in runs:
+    for key, _ in run.bindings:
+      if '.' not in key and '/' not in key:
+        bound.setdefault(key, []).append(run.name)
+  out = []
+  for key, names in bound.items():
+    parsed = [_USED.get(n) for n in names]
+    if parsed and all(u is not None and key not in u for u in parsed):
+      out.append(
+          f'run {names[0]}: the macro {key} is bound but no gin file of any run uses it '
+          '(misspelled? the configuration refers to macros as %NAME).'
+      )
+  return out
 
 
 def check_runs(runs: Sequence[spec_lib.Run]) -> List[str]:
   """Problems of all runs, one line per distinct problem (naming the first run that has it)."""
   by_problem: Dict[str, List[str]] = {}
+  _USED.clear()
   for run in runs:
     for p in check_run(run):
       by_problem.setdefault(p, []).append(run.name)
@@ -108,7 +138,7 @@ def check_runs(runs: Sequence[spec_lib.Run]) -> List[str]:
   for p, names in by_problem.items():
     more = f' (and {len(names) - 1} more runs)' if len(names) > 1 else ''
     out.append(f'run {names[0]}{more}: {p}')
-  return out
+  return out + unused_macros(runs)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -120,7 +120,7 @@ def run_rows(
       row: Dict[str, Any] = {'sweep': plan.name, 'run': run.name}
       row.update(run.settings)
       row['_plot_x'] = dict(run.plot_x)
-      value = metric_value(metrics, m, step_mode, mode) if m else None
+      value = metric_value(metrics, spec_lib.run_metric(m, run), step_mode, mode) if m else None
       row['step'] = value[0] if value else None
       row['value'] = value[1] if value else None
       if states is not None:

@@ -137,6 +137,7 @@ def run_done(run: spec_lib.Run, metric: Optional[str]) -> (bool, str):
   step, total = meta.get('step'), meta.get('total_steps')
   if step is None or total is None or int(step) < int(total):
     return False, f'step {step}/{total}'
+  metric = spec_lib.run_metric(metric, run)
   if metric:
     metrics = collect.read_metrics(run.run_dir)
     try:

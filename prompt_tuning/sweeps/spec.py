@@ -84,7 +84,7 @@ class Sweep:
     flags: extra command-line flags of every run (e.g. `--gin_search_paths=...`).
     tfds_data_dir: passed as `--tfds_data_dir` when set.
     metric: the reported metric, `TASK/METRIC` of the runs' inference evaluation (`METRIC` alone
-      when the runs evaluate one task).
+      when the runs evaluate one task); `{AXIS}` is replaced by the run's label on that axis.
     metric_step: `'final'` (the value at the last evaluated step) or `'best'`.
     metric_mode: `'max'` or `'min'`: what `'best'` means.
     figure_x: the axis on the figures' x axis (None: the first axis).
@@ -158,6 +158,16 @@ def _substitute(value: Any, names: Mapping[str, str]) -> Any:
   if isinstance(value, Mapping):
     return {k: _substitute(v, names) for k, v in value.items()}
   return value
+
+
+def run_metric(metric: Optional[str], run: 'Run') -> Optional[str]:
+  """The sweep's metric for one run: `{AXIS}` replaced by the run's label on that axis.
+
+  E.g. `'taskless_glue_{target}_v002/accuracy'` when the evaluated task depends on an axis.
+  """
+  if not metric:
+    return metric
+  return _substitute(metric, dict(run.settings))
 
 
 def label_of(value: Any) -> str:
@@ -331,8 +341,11 @@ def _axis_values(axis: str, spec: Mapping[str, Sequence[Any]]) -> List[_AxisValu
     )
   n = next(iter(lengths.values()))
   bound = [k for k in spec if k not in ('label', 'plot_x')]
-  if not bound:
-    raise SpecError(f'Axis {axis!r} binds nothing: add a gin name or a gin_file list.')
+  if not bound and 'label' not in spec:
+    raise SpecError(
+        f'Axis {axis!r} binds nothing: add a gin name, a gin_file list, or labels used as '
+        f"'{{{axis}}}' in the spec's gin files or bindings."
+    )
   out = []
   for i in range(n):
     if 'label' in spec:
@@ -470,6 +483,16 @@ def expand(sweep: Sweep, root: str) -> Plan:
         f'{len(dups)} run name(s) occur more than once: {dups[:5]}. Two values of one axis have '
         'the same label: give the axis distinct `label`s.'
     )
+  same: Dict[str, str] = {}
+  for r in runs:
+    key = json.dumps([r.entry, r.gin_files, [b for b in r.bindings if b[0] != output_macro]])
+    if key in same:
+      raise SpecError(
+          f'Runs {same[key]} and {r.name} would compute the same thing (the same gin files and '
+          'bindings): an axis changes nothing. Bind something per value, or use its label as '
+          "'{AXIS}' in gin_files or bindings."
+      )
+    same[key] = r.name
   report = {
       'name': sweep.name,
       'axes': [axis for axis, _ in axes],
@@ -513,6 +536,8 @@ def load_sweep(path: str, bindings: Sequence[str] = (), search_paths: Sequence[s
     except gin_utils.GinConfigError as e:
       raise SpecError(f'The sweep spec {path} does not parse: {e}') from None
     try:
+      if 'Sweep.' not in gin.config_str():
+        raise KeyError('Sweep')
       configurable = gin.get_configurable(Sweep)
     except (KeyError, ValueError):
       raise SpecError(

@@ -26,25 +26,19 @@ so a job killed mid-save resumes every run from the same step.
 The job checks that the members are compatible and names the first difference when they are not.
 """
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import os
 import sys
 import time
-import types
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 
 from prompt_tuning import fs
-
-
-def train(**kwargs):
-  """Stands in for `train_script.train` while a member's gin configuration is read."""
-  return kwargs
+from prompt_tuning.sweeps import check
 
 
 class IncompatibleRunsError(ValueError):
@@ -63,19 +57,6 @@ class Member:
   config_text: str
 
 
-@contextlib.contextmanager
-def _main_module() -> Iterator[None]:
-  stand_in = types.ModuleType('__main__')
-  stand_in.train = train
-  saved = sys.modules.get('__main__')
-  sys.modules['__main__'] = stand_in
-  try:
-    yield
-  finally:
-    if saved is not None:
-      sys.modules['__main__'] = saved
-
-
 def _train_defaults() -> Dict[str, Any]:
   from prompt_tuning.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -92,7 +73,7 @@ def _parse_member(spec: Mapping[str, Any], search_paths: Sequence[str]) -> None:
 
   gin.clear_config()
   bindings = [f'{k} = {v}' for k, v in spec['bindings']]
-  with _main_module():
+  with check.entry_main('prompt_tuning.train'):
     gin_utils.parse_gin_flags(search_paths, spec['gin_files'], bindings)
 
 
@@ -102,9 +83,9 @@ def capture_member(spec: Mapping[str, Any], search_paths: Sequence[str]) -> Memb
 
   _parse_member(spec, search_paths)
   text = gin.config_str()
-  with _main_module():
+  with check.entry_main('prompt_tuning.train'):
     kwargs = dict(_train_defaults())
-    kwargs.update(gin.get_configurable(train)())
+    kwargs.update(gin.get_configurable(check.train)())
   trainer = kwargs['trainer_cls'](
       model=kwargs['model'],
       train_state=None,
@@ -162,8 +143,14 @@ def describe(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Any:
     return ('fn', getattr(obj, '__module__', ''), getattr(obj, '__qualname__', str(obj)), cells)
   if inspect.isclass(obj):
     return ('class', obj.__module__, obj.__qualname__)
-  if hasattr(obj, 'vocab_size') and hasattr(obj, 'encode'):
-    return ('vocabulary', type(obj).__name__, obj.vocab_size)
+  if hasattr(type(obj), 'vocab_size') and hasattr(type(obj), 'encode'):
+    # A vocabulary, by what defines it (reading `vocab_size` would load the model file).
+    fields = {
+        k: describe(v, depth + 1, seen)
+        for k, v in vars(obj).items()
+        if not k.startswith('__') and isinstance(v, (str, int, float, bool, type(None), tuple))
+    }
+    return ('vocabulary', type(obj).__name__, fields)
   if id(obj) in seen:
     return ('cycle', type(obj).__name__)
   seen.add(id(obj))
