@@ -217,8 +217,10 @@ class Run:
     return self.entry.rsplit('.', 1)[-1] + '.log'
 
   def fingerprint(self) -> str:
-    """Changes whenever what the run computes changes."""
-    text = json.dumps([self.entry, self.gin_files, self.bindings, self.flags])
+    """Changes whenever what the run computes changes (not when its root moves)."""
+    output = OUTPUT_MACROS.get(self.entry)
+    bindings = [list(b) for b in self.bindings if b[0] != output]
+    text = json.dumps([self.entry, self.gin_files, bindings, self.flags])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
   def to_json(self) -> Dict[str, Any]:

@@ -209,5 +209,8 @@ def test_a_plan_survives_moving_its_root(tmp_path):
   assert moved.root == str(tmp_path / 'b')
   assert all(r.run_dir.startswith(str(tmp_path / 'b') + os.sep) for r in moved.runs)
   assert [r.name for r in moved.runs] == [r.name for r in plan.runs]
+  # What the runs compute does not depend on where the root is.
+  again = spec_lib.expand(_sweep(), str(tmp_path / 'b'))
+  assert [r.fingerprint() for r in again.runs] == [r.fingerprint() for r in plan.runs]
   with pytest.raises(FileNotFoundError, match='not a sweep root'):
     spec_lib.load_plan(str(tmp_path / 'a'))
