@@ -317,7 +317,20 @@ class Attempt:
     )
     self._log.write(header.encode())
     self._log.flush()
-    self.proc = subprocess_popen(self.job.argv, self._log, self.env, self.cwd, pass_fds=(self._fd,))
+    try:
+      self.proc = subprocess_popen(
+          self.job.argv, self._log, self.env, self.cwd, pass_fds=(self._fd,)
+      )
+    except OSError as e:  # e.g. no such interpreter or working directory on this node
+      reason = f'could not start: {type(e).__name__}: {e}'
+      self._log.write(f'{reason}\n'.encode())
+      self._log.close()
+      self._status['attempts'][-1].update({'end': time.time(), 'exit_code': -1, 'reason': reason})
+      _write_status(self.job.job_dir, self._status)
+      unlock(self._fd)
+      return JobResult(
+          self.job.name, 'failed', exit_code=-1, reason=reason, runs=len(self.job.runs)
+      )
     return None
 
   def poll(self) -> Optional[int]:

@@ -97,6 +97,16 @@ def test_a_failure_is_recorded_with_exit_code_and_log_tail_then_retried(tmp_path
   assert open(jobs[1].log_path).read().count(runner.HEADER) == 2
 
 
+def test_a_job_that_cannot_start_is_failed_and_unlocked(tmp_path):
+  _, jobs = _jobs(tmp_path, ['ok'])
+  jobs[0].argv[0] = str(tmp_path / 'no_such_python')
+  (result,) = runner.run_local(jobs, METRIC, dict(os.environ), out=_quiet)
+  assert result.outcome == 'failed' and 'could not start' in result.reason
+  assert not runner.is_running(jobs[0].job_dir)
+  state = runner.job_states(jobs, METRIC)[0]
+  assert state.state == 'failed' and state.exit_code == -1
+
+
 def test_exit_zero_without_the_metric_is_not_done(tmp_path):
   _, jobs = _jobs(tmp_path, ['no_metric'])
   (result,) = runner.run_local(jobs, METRIC, dict(os.environ), out=_quiet, poll_seconds=0.05)
