@@ -451,6 +451,7 @@ def from_embedded_list(
     vocab: Any,
     texts: Sequence[str],
     initializer: Optional[Initializer] = None,
+    truncate: bool = False,
 ) -> Initializer:
   """ "Class label" init: position i is the embedding of `texts[i]`.
 
@@ -465,13 +466,15 @@ def from_embedded_list(
     vocab: a `seqio.Vocabulary` (anything with `encode(str) -> list[int]`).
     texts: the class labels (e.g. `['positive', 'negative']`).
     initializer: fills the positions after the labels.
+    truncate: with more texts than prompt positions, use the first P texts
+      (e.g. a prompt-length sweep down to one token) instead of failing.
 
   Returns:
     `init(rng, shape, dtype=float32)` for a `[P, H]` shape.
 
   Raises:
-    ValueError (at init): more texts than prompt positions, a text that
-      encodes to nothing, or mismatched feature sizes.
+    ValueError (at init): more texts than prompt positions (unless
+      `truncate`), a text that encodes to nothing, or mismatched feature sizes.
   """
   texts = [texts] if isinstance(texts, str) else list(texts)
   fallback = initializer
@@ -479,15 +482,17 @@ def from_embedded_list(
   def init(rng: Array, shape: Shape, dtype: DType = jnp.float32) -> Array:
     table = _resolve(embeddings)
     _check_feature_dim(table, shape, 'from_embedded_list', _source_of(embeddings))
-    if len(texts) > shape[0]:
+    used = texts[: shape[0]] if truncate else texts
+    if len(used) > shape[0]:
       raise ValueError(
           f'from_embedded_list got {len(texts)} texts ({texts}) but the '
-          f'prompt has only {shape[0]} positions; increase PROMPT_LENGTH or '
-          'pass fewer CLASS_LABELS.'
+          f'prompt has only {shape[0]} positions; increase PROMPT_LENGTH, '
+          'pass fewer CLASS_LABELS, or set from_embedded_list.truncate = True '
+          'to use the first ones.'
       )
-    rows = [_embed_text(table, vocab, t)[0].mean(axis=0) for t in texts]
+    rows = [_embed_text(table, vocab, t)[0].mean(axis=0) for t in used]
     labels = jnp.asarray(np.stack(rows)) if rows else jnp.zeros((0, shape[-1]), jnp.float32)
-    rest = shape[0] - len(texts)
+    rest = shape[0] - len(used)
     if rest == 0:
       return labels.astype(dtype)
     fill = fallback if fallback is not None else _default_fallback(table)

@@ -160,6 +160,19 @@ def test_class_labels_too_many(vocab, table):
     init(jax.random.PRNGKey(0), (2, H))
 
 
+def test_class_labels_truncated_to_the_prompt(vocab, table):
+  texts = ['positive', 'negative', 'b']
+  init = prompts.from_embedded_list(table, vocab, texts, prompts.uniform(), truncate=True)
+  x = np.asarray(init(jax.random.PRNGKey(0), (2, H)))
+  for i, text in enumerate(texts[:2]):
+    np.testing.assert_allclose(x[i], table[vocab.encode(text)].mean(axis=0), rtol=1e-6)
+  # With room for every label, truncation changes nothing.
+  long = prompts.from_embedded_list(table, vocab, texts, prompts.uniform(), truncate=True)
+  plain = prompts.from_embedded_list(table, vocab, texts, prompts.uniform())
+  rng = jax.random.PRNGKey(1)
+  np.testing.assert_array_equal(np.asarray(long(rng, (5, H))), np.asarray(plain(rng, (5, H))))
+
+
 def test_class_labels_empty_text(vocab, table):
   init = prompts.from_embedded_list(table, vocab, [''], prompts.uniform())
   with pytest.raises(ValueError, match='no tokens'):
