@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import jax
 from jax import lax
@@ -81,7 +81,27 @@ class DenseGeneral(nn.Module):
   site: Optional[hooks_lib.Site] = None
 
   @nn.compact
-  def __call__(self, inputs: Array, ctx: Optional[hooks_lib.Context] = None) -> Array:
+  def __call__(
+      self,
+      inputs: Array,
+      ctx: Optional[hooks_lib.Context] = None,
+      *,
+      product: Optional[Array] = None,
+      kernel_only: bool = False,
+  ) -> Any:
+    """`inputs @ kernel`, then the dense hooks.
+
+    Args:
+      inputs: `[..., in_features]`.
+      ctx: what the hooks may read.
+      product: `inputs @ kernel` computed already (by one matmul over several kernels, see
+        `fused_dense`); only the hooks run on it.
+      kernel_only: return `(kernel, has_hooks)` instead: the kernel cast to `dtype`, and whether
+        dense hooks sit on it.
+
+    Returns:
+      `[..., features]`, or `(kernel, has_hooks)` with `kernel_only`.
+    """
     dtype = to_dtype(self.dtype)
     kernel = param_with_axes(
         'kernel',
@@ -91,13 +111,58 @@ class DenseGeneral(nn.Module):
         axes=self.kernel_axes,
     )
     kernel = jnp.asarray(kernel, dtype)
+    hook_modules = hooks_lib.build(self.hooks, 'dense', self.site)
+    if kernel_only:
+      return kernel, bool(hook_modules)
     inputs = jnp.asarray(inputs, dtype)
-    y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
-    if self.hooks is not None and self.site is not None:
+    if product is None:
+      y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    else:
+      y = product
+    if hook_modules:
       ctx = hooks_lib.Context() if ctx is None else ctx
-      for hook in hooks_lib.build(self.hooks, 'dense', self.site):
+      for hook in hook_modules:
         y = hook(inputs, y, ctx)
     return y
+
+
+def fused_dense(
+    denses: Sequence[DenseGeneral],
+    inputs: Array,
+    ctx: Optional[hooks_lib.Context] = None,
+    fuse: bool = True,
+) -> List[Array]:
+  """Applies several `DenseGeneral`s to the same input, with one matmul when `fuse`.
+
+  The kernels stay separate parameters (flaxformer's names: `query/kernel`, `key/kernel`, ...);
+  they are concatenated along their output axis inside the computation, multiplied once, and the
+  product is split again. Each dense's hooks then run on its own slice, so a hook sees exactly the
+  `(x, x @ kernel)` it would see unfused. One wide matmul reads the input once and keeps the
+  matrix unit busier than several narrow ones.
+
+  Args:
+    denses: the dense layers (same input width, same dtype).
+    inputs: `[..., in_features]`.
+    ctx: what the hooks may read.
+    fuse: with False, each dense runs on its own (the reference the fused path is tested against).
+
+  Returns:
+    The outputs, one per dense, in order.
+  """
+  if not fuse or len(denses) < 2:
+    return [d(inputs, ctx) for d in denses]
+  kernels = [d(inputs, kernel_only=True)[0] for d in denses]
+  x = jnp.asarray(inputs, kernels[0].dtype)
+  # Named after the kernels (`query+key+value`), so profiles and HLO dumps say what it is.
+  with jax.named_scope('+'.join(str(d.name) for d in denses)):
+    joined = jnp.concatenate(kernels, axis=1)
+    y = lax.dot_general(x, joined, (((x.ndim - 1,), (0,)), ((), ())))
+  outs, start = [], 0
+  for d, kernel in zip(denses, kernels):
+    width = kernel.shape[1]
+    outs.append(d(inputs, ctx, product=y[..., start : start + width]))
+    start += width
+  return outs
 
 
 class LayerNorm(nn.Module):
@@ -227,6 +292,35 @@ class RelativePositionBiases(nn.Module):
     return values
 
 
+def _attention_dropout(
+    attn_weights: Array, dropout_rng: Optional[Array], dropout_rate: float, dtype: DType
+) -> Array:
+  """Dropout on attention weights `[b, h, q, k]`, one mask broadcast over the queries."""
+  keep_prob = 1.0 - dropout_rate
+  dropout_shape = list(attn_weights.shape)
+  dropout_shape[-2] = 1
+  keep = jax.random.bernoulli(dropout_rng, keep_prob, dropout_shape)
+  keep = jnp.broadcast_to(keep, attn_weights.shape)
+  multiplier = keep.astype(attn_weights.dtype) / jnp.asarray(keep_prob, dtype=dtype)
+  return attn_weights * multiplier
+
+
+def _softmax_weights(
+    logits: Array,
+    bias: Optional[Array],
+    dropout_rng: Optional[Array],
+    dropout_rate: float,
+    deterministic: bool,
+    dtype: DType,
+) -> Array:
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  weights = jax.nn.softmax(logits).astype(dtype)
+  if not deterministic and dropout_rate > 0.0:
+    weights = _attention_dropout(weights, dropout_rng, dropout_rate, dtype)
+  return weights
+
+
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -259,18 +353,160 @@ def dot_product_attention(
     query = query.astype(jnp.float32)
     key = key.astype(jnp.float32)
   attn_weights = jnp.einsum('bqhd,bkhd->bhqk', query, key)
-  if bias is not None:
-    attn_weights = attn_weights + bias.astype(attn_weights.dtype)
-  attn_weights = jax.nn.softmax(attn_weights).astype(dtype)
-  if not deterministic and dropout_rate > 0.0:
-    keep_prob = 1.0 - dropout_rate
-    dropout_shape = list(attn_weights.shape)
-    dropout_shape[-2] = 1
-    keep = jax.random.bernoulli(dropout_rng, keep_prob, dropout_shape)
-    keep = jnp.broadcast_to(keep, attn_weights.shape)
-    multiplier = keep.astype(attn_weights.dtype) / jnp.asarray(keep_prob, dtype=dtype)
-    attn_weights = attn_weights * multiplier
+  attn_weights = _softmax_weights(
+      attn_weights, bias, dropout_rng, dropout_rate, deterministic, dtype
+  )
   return jnp.einsum('bhqk,bkhd->bqhd', attn_weights, value.astype(dtype))
+
+
+def head_major_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Optional[Array] = None,
+    *,
+    dtype: DType = jnp.float32,
+    float32_logits: bool = False,
+) -> Array:
+  """`dot_product_attention` over keys `[batch, heads, head_dim, kv_len]` and values `[batch,
+  heads, kv_len, head_dim]`: the layouts the two batched matmuls read without a transpose (the
+  encoder keys and values a decode keeps, see `MultiHeadDotProductAttention`). No dropout (only
+  used when decoding).
+
+  Returns:
+    `[batch, q_len, heads, head_dim]`.
+  """
+  if float32_logits:
+    query = query.astype(jnp.float32)
+    key = key.astype(jnp.float32)
+  attn_weights = jnp.einsum('bqhd,bhdk->bhqk', query, key)
+  attn_weights = _softmax_weights(attn_weights, bias, None, 0.0, True, dtype)
+  return jnp.einsum('bhqk,bhkd->bqhd', attn_weights, value.astype(dtype))
+
+
+def single_query_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Optional[Array] = None,
+    *,
+    dtype: DType = jnp.float32,
+    float32_logits: bool = False,
+) -> Array:
+  """`dot_product_attention` of one query per example, reading keys and values where they lie.
+
+  A decoding step's query meets the whole cache `[batch, kv_len, heads, head_dim]`. The batched
+  matmuls of `dot_product_attention` want the heads before the positions, so XLA would copy both
+  caches into that layout at every step (a re-layout of the whole cache per token). Here the two
+  products are element-wise multiplications reduced over `head_dim` and over the positions, which
+  XLA fuses into single passes over the cache in its own layout. No dropout (decoding).
+
+  Args:
+    query: `[batch, 1, heads, head_dim]`.
+    key: `[batch, kv_len, heads, head_dim]`.
+    value: `[batch, kv_len, heads, head_dim]`.
+    bias: additive bias broadcastable to `[batch, heads, 1, kv_len]`.
+    dtype: computation dtype.
+    float32_logits: compute logits and softmax in float32.
+
+  Returns:
+    `[batch, 1, heads, head_dim]`.
+  """
+  if float32_logits:
+    query = query.astype(jnp.float32)
+    key = key.astype(jnp.float32)
+  logits = jnp.sum(query * key, axis=-1)  # [batch, kv_len, heads]
+  logits = jnp.transpose(logits, (0, 2, 1))[:, :, None, :]  # [batch, heads, 1, kv_len]
+  weights = _softmax_weights(logits, bias, None, 0.0, True, dtype)
+  weights = jnp.transpose(weights[:, :, 0, :], (0, 2, 1))[..., None]  # [batch, kv_len, heads, 1]
+  return jnp.sum(weights * value.astype(dtype), axis=1, keepdims=True)
+
+
+def folded_cross_attention(
+    query: Array,
+    inputs_kv: Array,
+    key_kernel: Array,
+    value_kernel: Array,
+    bias: Optional[Array] = None,
+    *,
+    dropout_rng: Optional[Array] = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dtype: DType = jnp.float32,
+    float32_logits: bool = False,
+) -> Array:
+  """Attention to `inputs_kv` with the key and value projections folded into the other factors.
+
+  Per head h, with `e = inputs_kv`: `softmax(q (e Wk_h)^T) (e Wv_h) = softmax((q Wk_h^T) e^T)
+  ((p e) Wv_h)`. The left side projects every one of the `kv_len` encoder positions (two
+  `[kv_len, d] x [d, heads*head_dim]` matmuls per example); the right side multiplies only the
+  `q_len` queries and weighted sums by the kernels, and contracts over `d` instead of `head_dim`
+  in the two attention products. For a decoder of `q_len` targets much shorter than the encoder
+  (T5's classification and short-answer targets) that is several times fewer FLOPs, forward and
+  backward (`cross_attention_fold_saves`). Mathematically equal; float rounding differs (the sums
+  are associated differently).
+
+  Args:
+    query: `[batch, q_len, heads, head_dim]`, projected.
+    inputs_kv: `[batch, kv_len, d]`, not projected.
+    key_kernel: `[d, heads * head_dim]`.
+    value_kernel: `[d, heads * head_dim]`.
+    bias: additive bias broadcastable to `[batch, heads, q_len, kv_len]`.
+    dropout_rng: PRNG key for the attention-weight dropout.
+    dropout_rate: dropout rate on the attention weights.
+    deterministic: disables dropout.
+    dtype: computation dtype.
+    float32_logits: compute logits and softmax in float32.
+
+  Returns:
+    `[batch, q_len, heads, head_dim]`.
+  """
+  heads, head_dim = query.shape[-2:]
+  d = inputs_kv.shape[-1]
+  wk = key_kernel.reshape(d, heads, head_dim)
+  wv = value_kernel.reshape(d, heads, head_dim).astype(dtype)
+  e = jnp.asarray(inputs_kv, dtype)
+  e_logits = e
+  if float32_logits:
+    query, wk, e_logits = (a.astype(jnp.float32) for a in (query, wk, e))
+  qk = jnp.einsum('bqhk,dhk->bhqd', query, wk)
+  attn_weights = jnp.einsum('bhqd,bld->bhql', qk, e_logits)
+  attn_weights = _softmax_weights(
+      attn_weights, bias, dropout_rng, dropout_rate, deterministic, dtype
+  )
+  weighted = jnp.einsum('bhql,bld->bhqd', attn_weights, e)
+  return jnp.einsum('bhqd,dhk->bqhk', weighted, wv)
+
+
+def cross_attention_fold_saves(
+    q_len: int, kv_len: int, features: int, num_heads: int, head_dim: int
+) -> bool:
+  """Whether `folded_cross_attention` takes at most half the FLOPs of projecting keys and values.
+
+  Per example and layer, forward (the backward pass scales alike): projecting is `4 kv_len d hD`
+  for the two kernels plus `4 q_len kv_len hD` for the two attention products; folding is
+  `4 q_len d hD` for the query and output sides plus `4 h q_len kv_len d` for the attention
+  products. The folded products are batched matmuls far smaller than the projections, so they run
+  at a lower FLOP rate; the factor 2 keeps the fold to shapes where it clearly wins (T5 small:
+  decoders up to ~25 positions against a 228-position encoder).
+  """
+  inner = num_heads * head_dim
+  project = 4 * kv_len * features * inner + 4 * q_len * kv_len * inner
+  fold = 4 * q_len * features * inner + 4 * num_heads * q_len * kv_len * features
+  return 2 * fold <= project
+
+
+# The variable collection holding, per cross-attention, the keys and values of the encoder output
+# for one decode (`MultiHeadDotProductAttention`, `encoded_kv_cache=True`).
+ENCODED_KV = 'encoded_kv'
+
+
+def _mask_with_prefix(mask: Optional[Array], num_prefix: int) -> Optional[Array]:
+  """Extends a boolean mask `[..., k]` by `num_prefix` visible columns in front."""
+  if mask is None or not num_prefix:
+    return mask
+  visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
+  return jnp.concatenate([visible, mask.astype(bool)], axis=-1)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -284,9 +520,26 @@ class MultiHeadDotProductAttention(nn.Module):
   `n`. When the cache does not exist yet (the `init` call), it is created with length
   `max_decode_length` (default: the input length) and left empty.
 
+  Cross-attention while decoding (`encoded_kv_cache=True`): the keys and values of the encoder
+  output are the same at every step. When the collection `encoded_kv` is mutable, the call stores
+  them there (`key` `[batch, heads, head_dim, kv_len]`, `value` `[batch, heads, kv_len,
+  head_dim]`: the layouts the attention products read directly, hooks and prefix applied); when it
+  holds them, the call uses them instead of projecting `inputs_kv`. A decode loop thus projects
+  the encoder output once (`models.EncoderDecoderModel.predict_batch_with_aux`).
+
+  The parameters are flaxformer's (`query`, `key`, `value`, `out`, each a 2-D `kernel`), and how
+  they are applied never changes them:
+
+  * `fuse_kernels`: self-attention multiplies its input once by the query, key and value kernels
+    side by side (`fused_dense`), cross-attention the encoder output by the key and value kernels.
+  * `fold_cross_attention`: a cross-attention over many more keys than queries, with no hooks on
+    its keys and values, folds the key and value projections into the query and the attention
+    weights (`folded_cross_attention`), when that saves at least half the FLOPs.
+
   Hooks (`hooks.attention(site)`, see `hooks.py`) transform the projected keys and values before
   they are cached, and may add prefix keys/values, which every query sees and which are never
-  cached. Dense hooks reach the `query`, `key`, `value` and `out` kernels.
+  cached. Dense hooks reach the `query`, `key`, `value` and `out` kernels (on their slice of a
+  fused product).
 
   Attributes:
     num_heads: heads.
@@ -297,6 +550,8 @@ class MultiHeadDotProductAttention(nn.Module):
     kernel_init: initializer of the projection kernels.
     hooks: the methods' hooks, or None.
     site: this attention's site (`hooks.Site`), needed with `hooks`.
+    fuse_kernels: one matmul for the projections of the same input.
+    fold_cross_attention: fold the cross-attention key/value projections where it saves FLOPs.
   """
 
   num_heads: int
@@ -307,6 +562,8 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel_init: Initializer = attention_kernel_init
   hooks: Optional[hooks_lib.Hooks] = None
   site: Optional[hooks_lib.Site] = None
+  fuse_kernels: bool = True
+  fold_cross_attention: bool = True
 
   @nn.compact
   def __call__(
@@ -322,12 +579,13 @@ class MultiHeadDotProductAttention(nn.Module):
       chunk_mask: Optional[Array] = None,
       ctx: Optional[hooks_lib.Context] = None,
       bias_offset: int = 0,
+      encoded_kv_cache: bool = False,
   ) -> Array:
     """Applies attention.
 
     Args:
       inputs_q: `[batch, q_len, d_model]`.
-      inputs_kv: `[batch, kv_len, d_model]`.
+      inputs_kv: `[batch, kv_len, d_model]`; the same array as `inputs_q` for self-attention.
       mask: boolean attention mask `[batch, 1, q_len, kv_len]` (None: attend everywhere).
       bias: additive bias, e.g. relative positions `[1, heads, bias_offset + q_len, bias_offset +
         kv_len]`; in decode mode the full `[1, heads, bias_offset + max_len, bias_offset +
@@ -341,6 +599,8 @@ class MultiHeadDotProductAttention(nn.Module):
       bias_offset: the number of prefix positions the stack's `bias` has room for before the
         first token (the largest prefix of its layers); this attention's own `P` prefix keys
         take the last `P` of them.
+      encoded_kv_cache: cross-attention inside a decode: keep (or use) the keys and values of
+        `inputs_kv` in the `encoded_kv` collection.
 
     Returns:
       `[batch, q_len, d_model]`.
@@ -366,15 +626,75 @@ class MultiHeadDotProductAttention(nn.Module):
     def query_init(rng, shape, init_dtype=jnp.float32):
       return self.kernel_init(rng, shape, init_dtype) / np.sqrt(head_dim).astype(np.float32)
 
-    def project(name, init, x):
-      y = dense(inner, ('embed', 'joined_kv'), init, name)(x, ctx)
+    def split_heads(y):
       y = y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
       return with_sharding_constraint(y, ('batch', 'length', 'heads', 'kv'))
 
-    query = project('query', query_init, inputs_q)
-    key = project('key', self.kernel_init, inputs_kv)
-    value = project('value', self.kernel_init, inputs_kv)
+    def output(x):
+      x = x.reshape(x.shape[:-2] + (inner,))
+      out = dense(features, ('joined_kv', 'embed'), self.kernel_init, 'out')(x, ctx)
+      return with_sharding_constraint(out, ('batch', 'length', 'embed'))
+
+    query_dense = dense(inner, ('embed', 'joined_kv'), query_init, 'query')
+    key_dense = dense(inner, ('embed', 'joined_kv'), self.kernel_init, 'key')
+    value_dense = dense(inner, ('embed', 'joined_kv'), self.kernel_init, 'value')
     kv_hooks = hooks_lib.build(self.hooks, 'attention', site) if self.hooks is not None else ()
+    dropout_rng = None
+    deterministic = not enable_dropout or self.dropout_rate == 0.0
+
+    if inputs_kv is inputs_q:
+      q, k, v = fused_dense((query_dense, key_dense, value_dense), inputs_q, ctx, self.fuse_kernels)
+      query, key, value = split_heads(q), split_heads(k), split_heads(v)
+    else:
+      query = split_heads(query_dense(inputs_q, ctx))
+      if encoded_kv_cache and self.has_variable(ENCODED_KV, 'key'):
+        # A decoding step: the encoder's keys and values were projected once for the decode.
+        key = self.get_variable(ENCODED_KV, 'key')
+        value = self.get_variable(ENCODED_KV, 'value')
+        if bias is not None:
+          raise ValueError('A cross-attention with cached encoder keys takes no bias.')
+        mask = _mask_with_prefix(mask, key.shape[-1] - inputs_kv.shape[1])
+        x = head_major_attention(
+            query,
+            key,
+            value,
+            masks_lib.mask_to_bias(mask, dtype),
+            dtype=dtype,
+            float32_logits=self.float32_logits,
+        )
+        return output(x)
+      if (
+          self.fold_cross_attention
+          and not encoded_kv_cache
+          and not kv_hooks
+          and cross_attention_fold_saves(
+              inputs_q.shape[1], inputs_kv.shape[1], inputs_kv.shape[-1], self.num_heads, head_dim
+          )
+      ):
+        key_kernel, key_hooked = key_dense(inputs_kv, kernel_only=True)
+        value_kernel, value_hooked = value_dense(inputs_kv, kernel_only=True)
+        if not (key_hooked or value_hooked):
+          attention_bias = masks_lib.mask_to_bias(mask, dtype)
+          if bias is not None:
+            attention_bias = bias if attention_bias is None else attention_bias + bias.astype(dtype)
+          if not deterministic:
+            dropout_rng = self.make_rng('dropout')
+          x = folded_cross_attention(
+              query,
+              inputs_kv,
+              key_kernel,
+              value_kernel,
+              attention_bias,
+              dropout_rng=dropout_rng,
+              dropout_rate=self.dropout_rate,
+              deterministic=deterministic,
+              dtype=dtype,
+              float32_logits=self.float32_logits,
+          )
+          return output(x)
+      k, v = fused_dense((key_dense, value_dense), inputs_kv, ctx, self.fuse_kernels)
+      key, value = split_heads(k), split_heads(v)
+
     for hook in kv_hooks:
       key, value = hook(key, value, ctx)
     prefix = hooks_lib.prefix_of(kv_hooks, query.shape[0], ctx) if kv_hooks else None
@@ -442,21 +762,31 @@ class MultiHeadDotProductAttention(nn.Module):
       # Prefix keys/values (never cached) go before the keys; every query sees them.
       key = jnp.concatenate([prefix[0].astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix[1].astype(value.dtype), value], axis=1)
-      if mask is not None:
-        visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
-        mask = jnp.concatenate(
-            [jnp.broadcast_to(visible, mask.shape[:-1] + (num_prefix,)), mask.astype(bool)], axis=-1
-        )
+      mask = _mask_with_prefix(mask, num_prefix)
+
+    if encoded_kv_cache and self.is_mutable_collection(ENCODED_KV):
+      # The first call of a decode: keep the encoder's keys and values for the following steps.
+      self.put_variable(ENCODED_KV, 'key', jnp.transpose(key, (0, 2, 3, 1)))
+      self.put_variable(ENCODED_KV, 'value', jnp.transpose(value, (0, 2, 1, 3)))
 
     attention_bias = masks_lib.mask_to_bias(mask, dtype)
     if bias is not None:
       attention_bias = bias if attention_bias is None else attention_bias + bias.astype(dtype)
 
-    dropout_rng = None
-    deterministic = not enable_dropout or self.dropout_rate == 0.0
     if not deterministic:
       dropout_rng = self.make_rng('dropout')
 
+    if decode and deterministic and query.shape[1] == 1 and prefix is None:
+      # One new token against the cache: no re-layout of the cache (`single_query_attention`).
+      x = single_query_attention(
+          query,
+          key,
+          value,
+          attention_bias,
+          dtype=dtype,
+          float32_logits=self.float32_logits,
+      )
+      return output(x)
     x = dot_product_attention(
         query,
         key,
@@ -468,9 +798,7 @@ class MultiHeadDotProductAttention(nn.Module):
         dtype=dtype,
         float32_logits=self.float32_logits,
     )
-    x = x.reshape(x.shape[:-2] + (inner,))
-    out = dense(features, ('joined_kv', 'embed'), self.kernel_init, 'out')(x, ctx)
-    return with_sharding_constraint(out, ('batch', 'length', 'embed'))
+    return output(x)
 
 
 _ACTIVATIONS = {
@@ -499,7 +827,11 @@ class MlpBlock(nn.Module):
 
   One activation (T5 1.0 `('relu',)`) names the input kernel `wi`; several (T5 1.1
   `('gelu', 'linear')`, gated GELU) name them `wi_0`, `wi_1`, .... `hooks.mlp_intermediate(site)`
-  modules rescale or transform the intermediate activations; dense hooks reach every kernel.
+  modules rescale or transform the intermediate activations; dense hooks reach every kernel (on
+  their slice of a fused product).
+
+  With `fuse_kernels`, the input kernels `wi_0`, `wi_1`, ... are applied as one matmul over the
+  kernels side by side (`fused_dense`); the parameters stay separate.
   """
 
   intermediate_dim: int
@@ -509,6 +841,7 @@ class MlpBlock(nn.Module):
   kernel_init: Initializer = default_kernel_init
   hooks: Optional[hooks_lib.Hooks] = None
   site: Optional[hooks_lib.Site] = None
+  fuse_kernels: bool = True
 
   @nn.compact
   def __call__(
@@ -531,11 +864,16 @@ class MlpBlock(nn.Module):
           name=name,
       )
 
-    hidden = []
-    for i, act in enumerate(self.activations):
-      name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-      h = dense(self.intermediate_dim, ('embed', 'mlp'), name)(inputs, ctx)
-      hidden.append(get_activation(act)(h))
+    names = (
+        ['wi'] if len(self.activations) == 1 else [f'wi_{i}' for i in range(len(self.activations))]
+    )
+    products = fused_dense(
+        [dense(self.intermediate_dim, ('embed', 'mlp'), name) for name in names],
+        inputs,
+        ctx,
+        self.fuse_kernels,
+    )
+    hidden = [get_activation(act)(h) for act, h in zip(self.activations, products)]
     x = functools.reduce(operator.mul, hidden)
     for hook in hooks_lib.build(self.hooks, 'mlp_intermediate', self.site):
       x = hook(x, ctx)

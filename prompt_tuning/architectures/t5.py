@@ -102,6 +102,15 @@ class T5Config:
       (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: little extra compute, less
       memory).
     float32_attention_logits: compute attention logits and softmax in float32.
+    fuse_kernels: apply the kernels that read the same input as one matmul: query, key and value
+      of a self-attention, key and value of a cross-attention, `wi_0` and `wi_1` of a gated MLP
+      (`layers.fused_dense`). The parameters keep flaxformer's names and shapes (unlike
+      flaxformer's own `fuse_kernels`, nothing is stored fused), dense hooks see their own slice,
+      and the results equal the separate matmuls up to float rounding.
+    fold_cross_attention: a cross-attention whose decoder is much shorter than the encoder (T5
+      classification, short answers) folds the key and value projections of the encoder output
+      into the query and the attention weights (`layers.folded_cross_attention`; only where that
+      halves the FLOPs and no hook sits on those keys and values). Equal up to float rounding.
   """
 
   vocab_size: int
@@ -120,6 +129,8 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   remat: Union[bool, str] = False
   float32_attention_logits: bool = False
+  fuse_kernels: bool = True
+  fold_cross_attention: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
@@ -252,6 +263,8 @@ def _attention(
       float32_logits=config.float32_attention_logits,
       hooks=hooks,
       site=site,
+      fuse_kernels=config.fuse_kernels,
+      fold_cross_attention=config.fold_cross_attention,
   )
 
 
@@ -269,6 +282,7 @@ def _mlp(
       intermediate_dropout_rate=config.dropout_rate,
       hooks=hooks,
       site=site,
+      fuse_kernels=config.fuse_kernels,
   )
 
 
@@ -470,7 +484,13 @@ class DecoderLayer(nn.Module):
       if logit_mask is not None:
         y = logit_mask * y
       y = self.encoder_decoder_attention(
-          y, encoded, cross_mask, None, enable_dropout=enable_dropout, ctx=ctx
+          y,
+          encoded,
+          cross_mask,
+          None,
+          enable_dropout=enable_dropout,
+          ctx=ctx,
+          encoded_kv_cache=decode,
       )
       x = _constrain(x + self.post_cross_attention_dropout(y, deterministic=deterministic))
     z = _constrain(self.pre_mlp_layer_norm(x))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_tuning.architectures import hooks as hooks_lib
+from prompt_tuning.architectures import layers
 from prompt_tuning.runtime import decoding
 from prompt_tuning.runtime import losses
 from prompt_tuning.runtime import metrics as metrics_lib
@@ -369,6 +370,33 @@ class EncoderDecoderModel(BaseTransformerModel):
     )
     return variables['cache']
 
+  def _init_decoding(
+      self, params, encoded, encoder_input_tokens, decoder_input_tokens, prompt_kwargs
+  ) -> Tuple[PyTree, PyTree]:
+    """A zero decoding cache, and the encoder's keys and values of every cross-attention.
+
+    One call of the decoder in decode mode on the real `encoded`: the self-attention caches are
+    created empty (length `decoder_input_tokens.shape[1]`), and each cross-attention projects the
+    encoder output once into the `encoded_kv` collection, which the decode steps then read
+    (`layers.MultiHeadDotProductAttention`, `encoded_kv_cache`). The rest of this call's output is
+    unused, and XLA removes it.
+    """
+    dummy = jnp.ones_like(decoder_input_tokens)
+    _, variables = self.module.apply(
+        {'params': params},
+        encoded,
+        encoder_input_tokens,
+        dummy,
+        dummy,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=decoder_input_tokens.shape[1],
+        mutable=['cache', layers.ENCODED_KV],
+        method=self.module.decode,
+        **prompt_kwargs,
+    )
+    return variables['cache'], variables.get(layers.ENCODED_KV, {})
+
   def predict_batch_with_aux(
       self,
       params: PyTree,
@@ -400,18 +428,26 @@ class EncoderDecoderModel(BaseTransformerModel):
         **prompt_kwargs,
     )
     per_example = per_example_outputs(sown)
-    cache = self._init_cache(params, encoder_input_tokens, decoder_input_tokens, prompt_kwargs)
+    cache, encoded_kv = self._init_decoding(
+        params, encoded, encoder_input_tokens, decoder_input_tokens, prompt_kwargs
+    )
+    # The encoder's keys and values are computed once per decode (above) and are loop constants,
+    # like `encoded`; they are never part of the loop state, so beam gathers never copy them.
+    encoded_kv = jax.tree_util.tree_map(
+        lambda x: decoding.flat_batch_beam_expand(x, num_decodes), encoded_kv
+    )
     encoded = decoding.flat_batch_beam_expand(encoded, num_decodes)
     expanded_tokens = decoding.flat_batch_beam_expand(encoder_input_tokens, num_decodes)
     expanded_kwargs = _expand_features(prompt_kwargs, num_decodes)
     max_decode_length = decoder_input_tokens.shape[1]
+    constants = {layers.ENCODED_KV: encoded_kv} if encoded_kv else {}
 
     def tokens_ids_to_logits(state: decoding.DecodingState):
       flat_ids = state.cur_token
       if flat_ids.ndim == 1:
         flat_ids = flat_ids[:, None]
       logits, new_vars = self.module.apply(
-          {'params': params, 'cache': state.cache},
+          {'params': params, 'cache': state.cache, **constants},
           encoded,
           expanded_tokens,
           flat_ids,

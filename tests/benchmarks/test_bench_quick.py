@@ -143,7 +143,7 @@ def test_quick_benchmark_writes_results(tmp_path):
     _ratio(r[3])
     speedup = _pair_ratio(ours['examples_per_s'], peft['examples_per_s'])
     _close(r[3], speedup)
-    assert r[4] == ('met' if speedup >= 1.5 else '**missed**')
+    assert r[4] == ('met' if speedup >= 1.2 else '**missed**')
     rss_ours, rss_peft = (_positive(x) for x in r[5].split('/'))
     _close(f'{rss_ours:.0f}', ours['peak_rss_mb'])
     assert r[6] == ('met' if ours['peak_rss_mb'] <= peft['peak_rss_mb'] else '**missed**')
