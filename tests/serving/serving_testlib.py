@@ -1,9 +1,5 @@
 """A tiny served model, its prompts, and an in-process uvicorn server for the serving tests."""
 
-import contextlib
-import socket
-import threading
-import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import jax
@@ -16,6 +12,7 @@ from prompt_tuning.runtime import models
 from prompt_tuning.serving import app as app_lib
 from prompt_tuning.serving import engine as engine_lib
 from prompt_tuning.serving import prompt_table as table_lib
+from prompt_tuning.serving import server as server_lib
 
 PROMPT_LENGTH = 3
 CONFIG = t5.get_config('tiny')
@@ -79,28 +76,5 @@ def single_prompt_reference(vocab, backbone, prompt: np.ndarray):
   )
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app, port: Optional[int] = None) -> Iterator[str]:
-  """Runs `app` with uvicorn on a loopback port in a thread; yields the base URL."""
-  import uvicorn  # pylint: disable=g-import-not-at-top
-
-  port = port or free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.time() + 120
-  while not server.started:
-    if time.time() > deadline or not thread.is_alive():
-      raise RuntimeError('uvicorn did not start')
-    time.sleep(0.05)
-  try:
-    yield f'http://127.0.0.1:{port}'
-  finally:
-    server.should_exit = True
-    thread.join(60)
+free_port = server_lib.free_port
+running = server_lib.run_in_thread
