@@ -114,13 +114,23 @@ def _open(path: str, mode: str = 'rb'):
   return fs.open(path, mode)
 
 
-def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
-  """Loads a `.npy` file (local or `gs://...` through `tf.io.gfile`).
+def np_load(
+    path: str,
+    restore_dtype: Optional[DType] = None,
+    library_dir: Optional[str] = None,
+    backbone: Any = None,
+) -> np.ndarray:
+  """Loads a `.npy` file (local or `gs://...` through `tf.io.gfile`), or a library entry.
 
   Args:
     path: the file (the original repo's numpy checkpoints have no `.npy`
-      suffix; any name works).
+      suffix; any name works), or `library:NAME`, an entry of the prompt
+      library (`prompt_tuning.library`).
     restore_dtype: optional dtype to cast the array to.
+    library_dir: the library of `library:NAME` paths (`LIBRARY_DIR`; default
+      `$PROMPT_TUNING_LIBRARY`). Unused for files.
+    backbone: for `library:NAME`, the frozen checkpoint the prompt is used
+      with: the entry must have been trained on it. Unused for files.
 
   Returns:
     The array.
@@ -128,6 +138,11 @@ def np_load(path: str, restore_dtype: Optional[DType] = None) -> np.ndarray:
   Raises:
     FileNotFoundError: with the path, when the file does not exist.
   """
+  if isinstance(path, str) and path.startswith('library:'):
+    from prompt_tuning import library  # pylint: disable=g-import-not-at-top
+
+    arr = library.load_prompt(path, library_dir=library_dir, backbone=backbone)
+    return arr.astype(restore_dtype) if restore_dtype is not None else arr
   try:
     with _open(path, 'rb') as f:
       arr = np.load(f, allow_pickle=False)

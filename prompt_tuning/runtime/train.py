@@ -111,8 +111,14 @@ def train(
     gc_period: int = 0,
     train_state_initializer_cls=None,
     verify_matching_vocabs_fn=None,
+    on_train_end: Sequence[Callable[..., Any]] = (),
 ):
-  """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`."""
+  """Trains `model` (T5X's `train.train`). Returns `(last_step, train_state)`.
+
+  `on_train_end` callbacks are called once training is done, as
+  `callback(model_dir=..., train_state=..., step=..., metrics=...)` (`metrics`: the final
+  evaluation's results), e.g. `library.AddToLibrary` (configs/runs/add_to_library.gin).
+  """
   del use_hardware_rng, concurrent_metrics, use_orbax, gc_period, train_state_initializer_cls
   del verify_matching_vocabs_fn
   if model_dir is None:
@@ -336,6 +342,10 @@ def train(
   final_metrics = run_evals(host_step) if (train_eval_iters or evaluator) else {}
   trainer.final_metrics = final_metrics
   trainer.close()
+  for callback in on_train_end or ():
+    callback(
+        model_dir=model_dir, train_state=trainer.train_state, step=host_step, metrics=final_metrics
+    )
   return host_step, trainer.train_state
 
 
