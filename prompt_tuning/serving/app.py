@@ -22,6 +22,7 @@ server shutting down answers 503. None of them affects the other requests.
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any, Callable, Dict, List, Literal, Optional
 
@@ -226,6 +227,7 @@ def create_app(
       raise HttpError(
           404, f'Unknown prompt {name!r}; GET /v1/prompts lists the {len(table.names())} served.'
       ) from None
+    state['in_flight'] = state.get('in_flight', 0) + 1
     try:
       rows = make_rows(row)
       try:
@@ -244,6 +246,7 @@ def create_app(
         ) from None
     finally:
       table.release(row)
+      state['in_flight'] -= 1
 
   async def timed(endpoint: str, fn):
     start = time.monotonic()
@@ -330,7 +333,13 @@ def create_app(
   @app.get('/healthz')
   async def healthz():
     b = state.get('batcher')
-    return {'status': 'ok', 'prompts': len(table.names()), 'queue_depth': b.queue_depth if b else 0}
+    return {
+        'status': 'ok',
+        'prompts': len(table.names()),
+        'queue_depth': b.queue_depth if b else 0,
+        'in_flight': state.get('in_flight', 0),
+        'pid': os.getpid(),
+    }
 
   @app.get('/metrics')
   async def prometheus_metrics():

@@ -20,6 +20,7 @@ README's "Serving" section.
 import contextlib
 import hashlib
 import os
+import signal
 import threading
 from typing import Any, Dict, List, Optional
 
@@ -211,4 +212,10 @@ def serve(
       uvicorn.Config(app, log_level='info', timeout_graceful_shutdown=int(config.request_timeout_s))
   )
   logging.info('Serving on http://%s:%d (pid %d)', host, port, os.getpid())
+  # uvicorn handles SIGTERM/SIGINT itself (stop listening, finish the open requests, shut the app
+  # down, which drains the batcher) and then re-raises the signal to the handler installed before
+  # it started: make that one a no-op so a clean shutdown exits with status 0.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: None)
   server.run(sockets=[listening_socket(host, port)])
+  print(f'Server on port {port} stopped after finishing the requests in flight.', flush=True)
