@@ -17,7 +17,8 @@ from prompt_tuning.sweeps import spec as spec_lib
 SPECS = os.path.join(st.REPO, 'configs', 'sweeps')
 # Macros a spec requires (%gin.REQUIRED) and test values for them.
 REQUIRED = {
-    'SENTINEL_TASK': "'taskless_super_glue_boolq_v102'",
+    # The downstream task with a sentinel before its targets (a task the user registers).
+    'SENTINEL_TASK': "'taskless_super_glue_boolq_v102_sentinel'",
     'LM_ADAPTATION_CHECKPOINTS': "'/ckpt/t5_1_1_lm{lm_steps}_{size}/checkpoint_1100000'",
     'BACKBONES': "'/cache/backbones/size={size}/checkpoint_1500'",
 }
