@@ -9,7 +9,9 @@
 #      language prompt (evaluated before training too: the untrained baseline),
 #   c. evaluates zero-shot in language B with B's language prompt swapped in, against A's prompt kept,
 #   then prints the table and writes a bar plot.
-# Environment: XL_OUTPUT (default crosslingual_output/), XL_CACHE (default .cache/crosslingual), PYTHON.
+# Environment: XL_OUTPUT (default crosslingual_output/), XL_CACHE (default .cache/crosslingual), PYTHON,
+# XL_ANCHORED=1 (the variant whose backbone also sees cross-lingual signal: a code-switched corpus and
+# "describe" from B to A, tasks/toy_crosslingual.py; the default backbone sees the two languages apart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -44,15 +46,20 @@ latest() {  # latest NUMPY_DIR_PARENT FILE
 start=$(date +%s)
 echo "[xl-demo] load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 mkdir -p "$CACHE" "$OUT"
-KEY=$(cat configs/demo/crosslingual/backbone.gin configs/demo/crosslingual/size.gin configs/demo/size.gin \
-  tasks/toy.py tasks/toy_crosslingual.py prompt_tuning/architectures/*.py | sha1sum | cut -c1-12)
+BACKBONE_FLAGS=()
+if [ "${XL_ANCHORED:-0}" = 1 ]; then
+  BACKBONE_FLAGS=(--gin.MIXTURE_OR_TASK_NAME="'toy_xl_anchored_backbone_mixture'")
+  echo "[xl-demo] variant: anchored backbone (code-switched corpus + describe B -> A)"
+fi
+KEY=$( (echo "${BACKBONE_FLAGS[@]}"; cat configs/demo/crosslingual/backbone.gin configs/demo/crosslingual/size.gin configs/demo/size.gin \
+  tasks/toy.py tasks/toy_crosslingual.py prompt_tuning/architectures/*.py) | sha1sum | cut -c1-12)
 BACKBONE="$CACHE/backbone-$KEY"
 if [ -f "$BACKBONE/DONE" ]; then
   echo "[xl-demo] reusing the cached backbone $BACKBONE"
 else
   rm -rf "$BACKBONE"; mkdir -p "$BACKBONE"
   run "backbone pre-training (both languages)" "$BACKBONE" train demo/crosslingual/backbone.gin \
-    --gin.MODEL_DIR="'$BACKBONE'"
+    --gin.MODEL_DIR="'$BACKBONE'" "${BACKBONE_FLAGS[@]}"
   touch "$BACKBONE/DONE"
 fi
 CKPT=$(ls -d "$BACKBONE"/checkpoint_* | sort -t_ -k2 -n | tail -n 1)

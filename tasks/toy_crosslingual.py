@@ -11,17 +11,27 @@ letter: exactly two pieces per word, none of them used by language A), so both l
 Tasks (`toy_xl_<task>_<lang>`, lang `a` or `b`; every example carries int32 `lang_ids` (A 0,
 B 1) and `task_ids`; inputs and targets are in the example's language):
   corpus      span corruption of one-scene documents (unlabeled text; task_ids 1).
+  toy_xl_corpus_mixed   the same span corruption on code-switched documents: each word written in
+              A or B at random (`code_switch`, rate 0.5): a cross-lingual signal (the default
+              backbone mixture has none: nothing in it says which B word means which A word);
+              only in the anchored backbone mixture.
   colour      "colour: <scene>" -> the colour word (task_ids 2).
   animal      "animal: <scene>" -> the animal word, singular (task_ids 3).
   question    "<value>? <scene>" -> yes / no: is the scene's colour, animal or size that value
               (balanced; task_ids 4).
   indoor      the bare scene -> yes / no, is the place indoors (held out: in no backbone
               mixture; task_ids 0, the task prompt's row).
+  toy_xl_describe_b   "describe: <scene>" in B -> "<size> <colour> <animal> <place>" in A (the
+              toy's describe task across the languages: parallel data, the second cross-lingual
+              signal, the only one that says which B place word is which A place; task_ids 5;
+              only in the anchored backbone mixture).
   toy_xl_indoor_b_with_a_prompt   toy_xl_indoor_b's examples with `lang_ids` 0: language B
               inputs served with language A's prompt (the zero-shot baseline that does not swap).
 
-Mixtures: `toy_xl_backbone_mixture` (the corpora at rate 2 and colour/animal/question, both
-languages: what the demo backbone is pre-trained on), `toy_xl_language_mixture` (the two corpora:
+Mixtures: `toy_xl_backbone_mixture` (the corpora of A and B at rate 2 and colour/animal/question
+in both languages: what the demo backbone is pre-trained on; the two languages share no word and no
+example), `toy_xl_anchored_backbone_mixture` (the same plus the code-switched corpus at rate 2 and
+describe B -> A: the demo's XL_ANCHORED=1 variant), `toy_xl_language_mixture` (the two corpora:
 stage (a), language prompts), `toy_xl_indoor_eval` (indoor A, indoor B, indoor B with A's prompt).
 
 Metrics of the indoor tasks (`label_metrics`): `accuracy` (the exact label of the example's
@@ -41,15 +51,19 @@ import tensorflow as tf
 from tasks import toy
 
 LANGS = ('a', 'b')
+MIXED = 'mixed'  # the code-switched corpus of the backbone (words of A and B in one document)
+CODE_SWITCH_RATE = 0.5  # probability that a word of a code-switched document is written in B
 FIRST_LETTERS = 'ABCDEFGHIJKLM'  # the toy vocabulary has the pieces '▁A' .. '▁M'
 SECOND_LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
 TRAIN_SIZE = 20000
 VALIDATION_SIZE = 500
 TASK_FEATURE_LENGTHS = {'inputs': 20, 'targets': 6}
-TASK_IDS = {'indoor': 0, 'corpus': 1, 'colour': 2, 'animal': 3, 'question': 4}
+TASK_IDS = {'indoor': 0, 'corpus': 1, 'colour': 2, 'animal': 3, 'question': 4, 'describe': 5}
+MONOLINGUAL_TASKS = ('indoor', 'corpus', 'colour', 'animal', 'question')  # in A and in B
 HELDOUT = 'indoor'
 LANGUAGE_MIXTURE = 'toy_xl_language_mixture'
 BACKBONE_MIXTURE = 'toy_xl_backbone_mixture'
+ANCHORED_BACKBONE_MIXTURE = 'toy_xl_anchored_backbone_mixture'
 EVAL_MIXTURE = 'toy_xl_indoor_eval'
 A_PROMPT_TASK = 'toy_xl_indoor_b_with_a_prompt'
 
@@ -75,6 +89,18 @@ def translate(text: str, lang: str) -> str:
     while word and word[-1] in ':?':
       word, tail = word[:-1], word[-1] + tail
     out.append(table[word] + tail)
+  return ' '.join(out)
+
+
+def code_switch(text: str, rng: np.random.Generator, rate: float = CODE_SWITCH_RATE) -> str:
+  """`text` of language A with each word independently written in B with probability `rate`."""
+  table = lexicon()
+  out = []
+  for token in text.split(' '):
+    word, tail = token, ''
+    while word and word[-1] in ':?':
+      word, tail = word[:-1], word[-1] + tail
+    out.append((table[word] if rng.random() < rate else word) + tail)
   return ' '.join(out)
 
 
@@ -106,13 +132,17 @@ def _question(scene: toy.Scene, rng: np.random.Generator) -> Tuple[str, str]:
 def generate_examples(task: str, lang: str, split: str) -> Tuple[Dict, ...]:
   """All examples of `toy_xl_<task>_<lang>` in `split` (deterministic; cached)."""
   scenes = _scenes(task, lang, split)
-  ids = {'lang_ids': LANGS.index(lang), 'task_ids': TASK_IDS[task]}
+  # The code-switched corpus belongs to neither language; it is only in a backbone mixture (model
+  # tuning does not read lang_ids).
+  ids = {'lang_ids': 0 if lang == MIXED else LANGS.index(lang), 'task_ids': TASK_IDS[task]}
   out = []
   if task == 'corpus':
     vocab = toy.get_toy_vocabulary()
     rng = np.random.default_rng(toy._stable_seed('xl_corpus', lang, split, 'noise'))  # pylint: disable=protected-access
+    switch_rng = np.random.default_rng(toy._stable_seed('xl_corpus', lang, split, 'switch'))  # pylint: disable=protected-access
     for s in scenes:
-      tokens = vocab.tokenizer.EncodeAsIds(translate(s.text(), lang))
+      text = code_switch(s.text(), switch_rng) if lang == MIXED else translate(s.text(), lang)
+      tokens = vocab.tokenizer.EncodeAsIds(text)
       mask = toy.random_spans_noise_mask(len(tokens), rng)
       inputs, targets = toy.span_corrupt(tokens, mask, lambda k: toy.sentinel_id(vocab, k))
       out.append(
@@ -136,6 +166,14 @@ def generate_examples(task: str, lang: str, split: str) -> Tuple[Dict, ...]:
       inputs = f'{value}? {s.text()}'
     elif task == 'indoor':
       inputs, target = s.text(), 'yes' if s.indoor else 'no'
+    elif task == 'describe' and lang == 'b':
+      # Cross-lingual: inputs in B, the description in A (the words are the dictionary's anchor).
+      words = (toy.SIZES[s.size], toy.COLOURS[s.colour], toy.ANIMALS[s.animal][0])
+      words += (toy.PLACES[s.place],)
+      out.append(
+          {'inputs': translate(f'describe: {s.text()}', 'b'), 'targets': ' '.join(words), **ids}
+      )
+      continue
     else:
       raise ValueError(f'Unknown cross-lingual toy task {task!r}.')
     out.append({'inputs': translate(inputs, lang), 'targets': translate(target, lang), **ids})
@@ -234,16 +272,21 @@ def _add(name: str, task: str, lang: str, lang_ids: Optional[int] = None) -> Non
 
 def register() -> None:
   """Registers every task and mixture of the suite (idempotent; called on import)."""
-  for task in TASK_IDS:
+  for task in MONOLINGUAL_TASKS:
     for lang in LANGS:
       _add(task_name(task, lang), task, lang)
+  _add(task_name('corpus', MIXED), 'corpus', MIXED)
+  _add(task_name('describe', 'b'), 'describe', 'b')
   _add(A_PROMPT_TASK, HELDOUT, 'b', lang_ids=0)
+  backbone = [
+      (task_name(t, l), 2.0 if t == 'corpus' else 1.0)
+      for t in ('corpus', 'colour', 'animal', 'question')
+      for l in LANGS
+  ]
   mixtures = {
-      BACKBONE_MIXTURE: [
-          (task_name(t, l), 2.0 if t == 'corpus' else 1.0)
-          for t in ('corpus', 'colour', 'animal', 'question')
-          for l in LANGS
-      ],
+      BACKBONE_MIXTURE: backbone,
+      ANCHORED_BACKBONE_MIXTURE: backbone
+      + [(task_name('corpus', MIXED), 2.0), (task_name('describe', 'b'), 1.0)],
       LANGUAGE_MIXTURE: [(task_name('corpus', l), 1.0) for l in LANGS],
       EVAL_MIXTURE: [
           (task_name(HELDOUT, 'a'), 1.0),
