@@ -185,7 +185,8 @@ def train_prompt(
 
 
 def pct(x):
-  return f'{100 * x:.1f}'
+  """A percentage (the toy `accuracy` metric and rank classification are both in percent)."""
+  return f'{x:.1f}'
 
 
 def markdown(results):
@@ -374,7 +375,7 @@ def main():
   task = 'toy_heldout_place'
   members = []
   for seed in range(1, args.ensemble_size + 1):
-    name = f'place_seed{seed}'
+    name = f'place_{args.ensemble_steps}steps_seed{seed}'
     train_prompt(
         os.path.join(out, 'ensemble', name),
         ckpt_a,
@@ -386,7 +387,7 @@ def main():
         entry=name,
     )
     members.append(f'library:{name}')
-  eval_dir = os.path.join(out, 'ensemble', 'eval')
+  eval_dir = os.path.join(out, 'ensemble', f'eval_{args.ensemble_steps}steps')
   if not os.path.exists(os.path.join(eval_dir, 'ensemble.json')):
     run(
         [sys.executable, '-m', 'prompt_tuning.eval']
