@@ -19,6 +19,11 @@ Everything runs through the user-facing entry points (`prompt_tuning.train/eval`
    (`runs/ensemble_eval.gin`): each member, mean, best and the majority-vote ensemble.
 
     python scripts/reuse_toy.py --output reuse_toy_output   # writes results.json and results.md
+
+A rerun with the same --output reuses every finished run (a killed one restarts from scratch), so
+an interrupted run resumes; --ensemble_steps may change between reruns (its prompts are named by
+it), the other budgets may not. It took 42 min on a shared 2-core CPU (load 7-10), the two
+backbones included.
 """
 
 import argparse
@@ -270,6 +275,15 @@ def main():
   os.makedirs(cache, exist_ok=True)
   lib = os.path.join(out, 'library')
   results = {'settings': vars(args)}
+  # Finished runs are reused from --output (see `cached`); they must have been made with the same
+  # budgets (the ensemble's runs are named by theirs, so only it may change).
+  budgets = {k: getattr(args, k) for k in ('source_steps', 'embedding_steps', 'budget')}
+  kept = cached(os.path.join(out, 'budgets.json'), lambda: budgets)
+  if kept != budgets:
+    raise SystemExit(
+        f'{out} holds runs made with {kept}, not {budgets}: pass another --output (or the same '
+        'budgets).'
+    )
   start = time.time()
   ckpt_a, ckpt_b = backbone(cache, 0), backbone(cache, 1)
 
