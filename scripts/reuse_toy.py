@@ -15,7 +15,8 @@ Everything runs through the user-facing entry points (`prompt_tuning.train/eval`
 3. recycling: every source prompt of A recycled to B (v2v-lin, lin-comb, v2v-nn on the English-only
    pieces of the toy vocabulary), rank-classification accuracy on B against B's zero-shot baseline
    and the prompt's own accuracy on A;
-4. ensembling: five prompts of `toy_heldout_place` (seeds 1-5) evaluated in one pass
+4. ensembling: five prompts of `toy_heldout_place` (or --ensemble_task; class-label init, seeds
+   1-5) evaluated in one pass
    (`runs/ensemble_eval.gin`): each member, mean, best and the majority-vote ensemble.
 
     python scripts/reuse_toy.py --output reuse_toy_output   # writes results.json and results.md
@@ -75,7 +76,7 @@ def run(args, log_path):
 
 
 def call(args):
-  """Runs a `python -m prompt_tuning.*` command line; returns its stdout (stderr tail on failure)."""
+  """Runs a `python -m prompt_tuning.*` command line; returns its stdout (raises with stderr)."""
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -230,7 +231,8 @@ def markdown(results):
     )
   lines += [
       '',
-      'Recycling from backbone A (seed 0) to backbone B (seed 1), rank-classification accuracy (%):',
+      'Recycling from backbone A (seed 0) to backbone B (seed 1), rank-classification accuracy '
+      '(%):',
       '',
       '| prompt | on A (its own) | B zero-shot | v2v-lin on B | lin-comb on B | v2v-nn on B |',
       '|---|---|---|---|---|---|',
@@ -241,10 +243,11 @@ def markdown(results):
         f'| {pct(row["v2v-lin"])} | {pct(row["lin-comb"])} | {pct(row["v2v-nn"])} |'
     )
   ens = results['ensembling']
+  ens_task = settings.get('ensemble_task', 'toy_heldout_place')
   lines += [
       '',
-      f'Ensembling {len(ens["members"])} prompts of `toy_heldout_place` '
-      f'({settings["ensemble_steps"]} steps each, seeds 1-{len(ens["members"])}), majority vote, '
+      f'Ensembling {len(ens["members"])} prompts of `{ens_task}` (class-label init, '
+      f'{settings["ensemble_steps"]} steps each, seeds 1-{len(ens["members"])}), majority vote, '
       'accuracy (%):',
       '',
       '| members | mean | best | ensemble |',
@@ -268,6 +271,7 @@ def main():
   parser.add_argument('--budget', type=int, default=150)
   parser.add_argument('--ensemble_steps', type=int, default=200)
   parser.add_argument('--ensemble_size', type=int, default=5)
+  parser.add_argument('--ensemble_task', default='toy_heldout_place', choices=TARGETS)
   args = parser.parse_args()
   out = os.path.abspath(args.output)
   cache = os.path.abspath(args.cache)
@@ -386,10 +390,10 @@ def main():
 
   # ---- ensembling
   log('ensembling')
-  task = 'toy_heldout_place'
+  task = args.ensemble_task
   members = []
   for seed in range(1, args.ensemble_size + 1):
-    name = f'place_{args.ensemble_steps}steps_seed{seed}'
+    name = f'{task}_{args.ensemble_steps}steps_seed{seed}'.replace('toy_heldout_', '')
     train_prompt(
         os.path.join(out, 'ensemble', name),
         ckpt_a,
@@ -401,7 +405,7 @@ def main():
         entry=name,
     )
     members.append(f'library:{name}')
-  eval_dir = os.path.join(out, 'ensemble', f'eval_{args.ensemble_steps}steps')
+  eval_dir = os.path.join(out, 'ensemble', f'eval_{task}_{args.ensemble_steps}steps')
   if not os.path.exists(os.path.join(eval_dir, 'ensemble.json')):
     run(
         [sys.executable, '-m', 'prompt_tuning.eval']
