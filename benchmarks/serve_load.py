@@ -6,7 +6,7 @@ The same random T5 1.1 (small shape by default; `--quick`: a tiny one) serves 16
 
 * **ours, dynamic batching**: `prompt_tuning.serving` in this process (uvicorn on 127.0.0.1),
   `--clients` concurrent HTTP clients sending `--requests` generation requests (one input each,
-  lengths drawn from [16, 64] tokens, prompts drawn from the 16), greedy decoding of
+  lengths drawn from [16, 63] tokens plus EOS, prompts drawn from the 16), greedy decoding of
   `--decode_tokens` tokens. Throughput is requests per second of wall time; latency is per request.
 * **ours, one request at a time**: the same server and requests, one client (no batching).
 * **PEFT, best alternative**: `PeftModelForSeq2SeqLM` with the 16 prompts as adapters, the same
@@ -73,7 +73,7 @@ def _shapes(quick: bool) -> Dict[str, Any]:
       d_kv=64,
       vocab_size=32128,
       prompt_length=20,
-      lengths=(16, 64),
+      lengths=(16, 63),  # + EOS: at most the 64-token bucket
       buckets=(64,),
       batch_buckets=(1, 8, 32),
   )
