@@ -49,8 +49,8 @@ if [ "$QUICK" = 1 ]; then
     "--gin.TASK_CLASS_LABELS=[['yes', 'no']]"
     "--gin.LENGTHS=[1, 5]"
     "--gin.INITS={'label': ['random_uniform', 'class_label'], 'gin_file': ['prompts/random_uniform.gin', 'toy/init_class_label.gin']}"
-    "--gin.PROMPT_STEPS=60"
-    "--gin.MODEL_STEPS=30"
+    "--gin.PROMPT_STEPS=300"
+    "--gin.MODEL_STEPS=150"
   )
 fi
 

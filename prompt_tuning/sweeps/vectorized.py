@@ -332,6 +332,7 @@ def train_members(members: Sequence[Member], group: str = '') -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from prompt_tuning import params as params_lib  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
@@ -378,6 +379,8 @@ def train_members(members: Sequence[Member], group: str = '') -> int:
         dtype=restore_cfg.dtype,
         strict=restore_cfg.strict,
         only=lambda p: not builder.is_trainable(p),
+        trainable=builder.is_trainable,
+        allow_partial_frozen=restore_cfg.allow_partial_frozen,
     )
   _, frozen = train_state_lib.split_params(params0, builder.is_trainable)
   del params0
@@ -392,14 +395,22 @@ def train_members(members: Sequence[Member], group: str = '') -> int:
 
     trainable = jax.jit(init)(rng)  # only the trainable part is computed
     if init_path:
-      trainable = checkpoints.load_initial_params(
+      # Matched against the whole model (the checkpoint also holds the frozen parameters, which
+      # are the model's too, not unused ones), but only the trainable parameters are read.
+      full = params_lib.flatten_params(mb.params_shape)
+      full.update(params_lib.flatten_params(jax.device_get(trainable)))
+      loaded = checkpoints.load_initial_params(
           init_path,
-          jax.device_get(trainable),
+          params_lib.unflatten_params(full),
           assignment_map=restore_cfg.assignment_map,
           fallback_to_scratch=restore_cfg.fallback_to_scratch,
           dtype=restore_cfg.dtype,
           strict=restore_cfg.strict,
+          only=mb.is_trainable,
+          trainable=mb.is_trainable,
+          allow_partial_frozen=restore_cfg.allow_partial_frozen,
       )
+      trainable = train_state_lib.split_params(loaded, mb.is_trainable)[0]
     return trainable
 
   axes = builder.state_axes
