@@ -94,6 +94,9 @@ def test_model_tuning_continues_the_adafactor_statistics_of_a_t5x_checkpoint(
         extra={
             'INITIAL_CHECKPOINT_PATH': rt.q(init_ckpt),
             'utils.SaveCheckpointConfig.period': '1',
+            # The checkpoint's size (a checkpoint of another size is refused).
+            'NUM_ENCODER_LAYERS': '2',
+            'NUM_DECODER_LAYERS': '2',
         },
     )
     proc = rt.run(rt.entry_args('prompt_tuning.train', rt.MODEL_TUNING_GIN, bindings), env)
