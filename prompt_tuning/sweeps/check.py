@@ -57,20 +57,6 @@ def entry_main(entry: str) -> Iterator[None]:
   finally:
     if saved is not None:
       sys.modules['__main__'] = saved
-    _forget_registrations(getattr(stand_in, fn_name))
-
-
-def _forget_registrations(fn) -> None:
-  """Drops gin's dynamic registrations of the stand-in `fn` (`__main__.train`), which outlive
-  `gin.clear_config()`: a later parse in this process may bind `train_script.train` to the real
-  entry point (gin refuses two configurables under one name)."""
-  import gin  # pylint: disable=g-import-not-at-top
-
-  registry = gin.config._REGISTRY  # pylint: disable=protected-access
-  for selector, configurable in list(registry.items()):
-    if configurable.wrapped is fn:
-      registry.pop(selector)
-  gin.config._INVERSE_REGISTRY.pop(fn, None)  # pylint: disable=protected-access
 
 
 _STAND_INS: Dict[str, types.ModuleType] = {}

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 import sweep_testlib as st
-from prompt_tuning.sweeps import check
 from prompt_tuning.sweeps import spec as spec_lib
 
 SPECS = os.path.join(st.REPO, 'configs', 'sweeps')
@@ -120,13 +119,40 @@ def test_run_configurations_are_valid(plans, name):
     for axis, label in r.settings.items():
       if not any(s.settings.get(axis) == label for s in sample.values()):
         sample[r.name] = r
-  assert check.check_runs(list(sample.values())) == []
+  assert _check(name, list(sample)) == []
 
 
 def test_the_ensembling_spec_waits_for_its_gin_interface(plans):
   runs = plans['power_of_scale/ensembling_eval.gin'].runs[:1]
-  problems = check.check_runs(runs)
+  problems = _check('power_of_scale/ensembling_eval.gin', [runs[0].name])
   if os.path.exists(os.path.join(st.REPO, 'configs', 'methods', 'ensembling.gin')):
     assert problems == []
   else:
     assert len(problems) == 1 and 'methods/ensembling.gin' in problems[0]
+
+
+_CHECK = """
+import json, sys
+from prompt_tuning.sweeps import check, spec
+args = json.loads(sys.argv[1])
+sweep = spec.load_sweep(args['spec'], [f'{k} = {v}' for k, v in args['required'].items()])
+runs = [r for r in spec.expand(sweep, '/sweeps/' + args['name']).runs if r.name in args['runs']]
+assert len(runs) == len(args['runs']), [r.name for r in runs]
+print('CHECK ' + json.dumps(check.check_runs(runs)))
+"""
+
+
+def _check(name, run_names):
+  """`check.check_runs` of these runs of a shipped spec, in a fresh process: parsing registers gin
+  configurables (a stand-in `__main__.train`, ...) that outlive gin.clear_config() and would leak
+  into the other test modules of this pytest worker."""
+  args = {'spec': f'{SPECS}/{name}', 'required': REQUIRED, 'name': name, 'runs': run_names}
+  proc = subprocess.run(
+      [sys.executable, '-c', _CHECK, json.dumps(args)],
+      cwd=st.REPO,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads([l for l in proc.stdout.splitlines() if l.startswith('CHECK ')][-1][6:])
