@@ -71,9 +71,10 @@ setuptools.setup(
             'fastapi>=0.110,<1',
             'uvicorn>=0.29,<1',
             'httpx>=0.27,<1',
+            'prometheus_client>=0.17,<1',
         ],
         'ray': ['ray>=2.40,<3'],
-        'serve': ['fastapi>=0.110,<1', 'uvicorn>=0.29,<1'],
+        'serve': ['fastapi>=0.110,<1', 'uvicorn>=0.29,<1', 'prometheus_client>=0.17,<1'],
         'bench': [
             'torch==2.13.0',
             'transformers>=4.50,<6',
