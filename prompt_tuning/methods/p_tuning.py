@@ -64,6 +64,21 @@ def normal(stddev: float = 1.0) -> Initializer:
   return init
 
 
+def saved_prompt(module: nn.Module, embedded: Optional[Array]) -> Array:
+  """Inference mode of a reparameterised prompt (`module.artifact` set): the saved output, no
+  network (parameter `encoder/prompt/prompt/prompt`, `[module.length, H]`)."""
+  embed_dim = prompts.infer_embed_dim(module, module.embed_dim, embedded, 'prompt')
+  prompt = artifacts.param(
+      module,
+      'prompt',
+      prompts.zeros(),
+      (module.length, embed_dim),
+      prompts.PROMPT_AXES,
+      module.artifact,
+  )
+  return jnp.asarray(prompt, module.dtype)
+
+
 class Dense(nn.Module):
   """`x @ kernel + bias` with torch's default init; replicated parameters (small method networks).
 
@@ -198,17 +213,7 @@ class PTuningPrompt(nn.Module):
   ) -> Array:
     del tokens, prompt_ids
     if self.artifact is not None:
-      # Inference mode: the saved output, no network (parameter `encoder/prompt/prompt/prompt`).
-      embed_dim = prompts.infer_embed_dim(self, self.embed_dim, embedded, 'prompt')
-      prompt = artifacts.param(
-          self,
-          'prompt',
-          prompts.zeros(),
-          (self.length, embed_dim),
-          prompts.PROMPT_AXES,
-          self.artifact,
-      )
-      return jnp.asarray(prompt, self.dtype)
+      return saved_prompt(self, embedded)
     embed_dim = prompts.infer_embed_dim(self, self.embed_dim, embedded, 'embedding')
     rows = self.num_rows or self.length
     e = artifacts.param(

@@ -79,16 +79,7 @@ class ResidualPrompt(nn.Module):
   ) -> Array:
     del tokens, prompt_ids
     if self.artifact is not None:
-      embed_dim = prompts.infer_embed_dim(self, self.embed_dim, embedded, 'prompt')
-      prompt = artifacts.param(
-          self,
-          'prompt',
-          prompts.zeros(),
-          (self.length, embed_dim),
-          prompts.PROMPT_AXES,
-          self.artifact,
-      )
-      return jnp.asarray(prompt, self.dtype)
+      return p_tuning.saved_prompt(self, embedded)
     embed_dim = prompts.infer_embed_dim(self, self.embed_dim, embedded, 'embedding')
     p = artifacts.param(
         self, 'embedding', self.prompt_init, (self.length, embed_dim), prompts.PROMPT_AXES
