@@ -4,9 +4,10 @@ import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import gin
+from gin import config as gin_config
 
 import prompt_tuning
 
@@ -46,7 +47,6 @@ def _package_file_exists(path: str) -> bool:
 
 
 def _guard_package_reader() -> None:
-  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
   from gin import resource_reader  # pylint: disable=g-import-not-at-top
 
   readers = gin_config._FILE_READERS  # pylint: disable=protected-access
@@ -62,6 +62,44 @@ SCRIPT_ALIASES = (
     ('eval_script.evaluate.', 'evaluate.'),
     ('infer_script.infer.', 'infer.'),
 )
+
+
+def forget_stale_registrations() -> List[str]:
+  """Makes a reading of gin files in a long-lived process behave as in a fresh one.
+
+  Gin registers the names of `from __gin__ import dynamic_registration` files on first use and
+  keeps them for the life of the process, keyed by the function or class found. Two readings in one
+  process (the sweep check, then a run's vectorized job; a test after another; a notebook re-running
+  a cell) then differ from two fresh processes:
+  - `import __main__ as train_script` resolves to whatever `train` `__main__` holds now; a
+    registration of an earlier `__main__.train` makes the next reading fail with "A different
+    configurable matching 'train_script.train' already exists". Such a stale registration is always
+    dropped.
+  - A class registered earlier under another alias is not registered again under the alias of the
+    new files, so a plain (non-dynamic) file of the same configuration that names the alias, as
+    T5X's `tiny.gin` does with `network.T5Config`, fails with "No configurable matching reference".
+    When no configuration is bound (after `gin.clear_config()`), every dynamic registration is
+    dropped, so the files register their names again exactly as in a fresh process.
+  Returns the selectors dropped.
+  """
+  main = sys.modules.get('__main__')
+  registry = gin_config._REGISTRY  # pylint: disable=protected-access
+  inverse = gin_config._INVERSE_REGISTRY  # pylint: disable=protected-access
+  stale = []
+  for alias, _ in SCRIPT_ALIASES:
+    selector = alias.rstrip('.')
+    info = registry.get(selector)
+    if info is not None and info.wrapped is not getattr(main, selector.split('.')[-1], None):
+      stale.append(selector)
+  if not gin_config._CONFIG:  # pylint: disable=protected-access
+    stale += [sel for sel, info in registry.items() if info.import_source is not None]
+  dropped = []
+  for selector in dict.fromkeys(stale):
+    info = registry.pop(selector)
+    if inverse.get(info.wrapped) is info:
+      del inverse[info.wrapped]
+    dropped.append(selector)
+  return dropped
 
 
 def _resolve_script_alias(binding: str) -> str:
@@ -191,6 +229,7 @@ def parse_gin_flags(
   error (`check_macros`).
   """
   gin_bindings = [_resolve_script_alias(b) for b in gin_bindings]
+  forget_stale_registrations()
   _guard_package_reader()
   for path in list(gin_search_paths) + list(default_search_paths()):
     for p in str(path).split(','):
