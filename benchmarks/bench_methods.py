@@ -17,19 +17,33 @@ prefix tuning (10 tokens, PEFT's T5 placement: decoder self-attention, no projec
 (k, v, wo), LoRA (r 8 on q and v). Methods PEFT does not have (per-layer, residual, DePT, deep
 prompts on every attention) are measured for ours alone.
 
+PEFT's prefix tuning sizes its key/value prefixes as `num_heads x d_model / num_heads`, which
+fails on the T5 1.1 small shape (6 heads x 64 = 384 != 512); the prefix row of both frameworks is
+therefore measured with `num_heads = d_model / d_kv` (8 heads of 64), and the table says so.
+
+Background load flatters ours (PyTorch loses more to it than XLA), so the run is guarded like
+`benchmarks.run` (`benchmarks/load_guard.py`): it waits for a quiet machine and refuses to start on
+a busy one (`--allow-load` overrides); every worker records the load and the busiest other
+processes before and after it, and what other processes used while it ran; a worker that ran
+beside more than `--max-interference` cores of other work is re-run (`--retries`) and otherwise
+marked INVALID in the table. The CPU model and its matmul-relevant ISA flags are recorded.
+
 Workers: `python -m benchmarks.bench_methods --worker ours|peft --method M --shapes S` print one
 JSON line prefixed `RESULT`.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List
 
 from benchmarks import common
+from benchmarks import load_guard
 
 PEFT_METHODS = ('prompt', 'p_tuning', 'prefix', 'ia3', 'lora')
 OURS_ONLY = ('deep_prompts', 'per_layer', 'residual', 'dept')
@@ -43,6 +57,15 @@ PROMPT_LENGTH = {
     'residual': 100,
     'dept': 40,
 }
+
+
+def method_shapes(method: str, shapes: common.Shapes) -> common.Shapes:
+  """The shapes a method is measured at: `shapes`, except prefix tuning on a model whose heads do
+  not tile `d_model` (PEFT's prefix layout needs `num_heads * d_kv == d_model`)."""
+  hf = shapes.hf_config
+  if method == 'prefix' and hf['num_heads'] * hf['d_kv'] != hf['d_model']:
+    return dataclasses.replace(shapes, hf_config={**hf, 'num_heads': hf['d_model'] // hf['d_kv']})
+  return shapes
 
 
 # ------------------------------------------------------------------------------------- ours
@@ -112,6 +135,7 @@ def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
   from prompt_tuning.runtime import adafactor, models, optimizers, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
   from prompt_tuning.runtime import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
 
+  shapes = method_shapes(method, shapes)
   res = {'rss_mb': {'start': common.rss_mb()}}
   t_setup = time.perf_counter()
   config = _our_config(shapes.hf_config)
@@ -211,6 +235,7 @@ def run_peft(method: str, shapes: common.Shapes) -> Dict[str, Any]:
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
 
+  shapes = method_shapes(method, shapes)
   res = {'rss_mb': {'start': common.rss_mb()}}
   t_setup = time.perf_counter()
   torch.manual_seed(common.SEED)
@@ -273,7 +298,10 @@ def run_peft(method: str, shapes: common.Shapes) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------ orchestration
 
 
-def _worker(framework: str, method: str, shapes: str, timeout: float) -> Dict[str, Any]:
+def _worker(
+    framework: str, method: str, shapes: str, timeout: float, max_interference: float
+) -> Dict[str, Any]:
+  """Runs one worker process under a load guard; the result carries its `load` record."""
   cmd = [
       sys.executable,
       '-m',
@@ -289,15 +317,33 @@ def _worker(framework: str, method: str, shapes: str, timeout: float) -> Dict[st
       os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu')
   )
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  guard = load_guard.Section([os.getpid()], max_interference)
+  guard.before()
   t0 = time.time()
-  proc = subprocess.run(
-      cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout, check=False
-  )
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
+  start = last = load_guard.Snapshot()
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=err, text=True)
+    # The interference is measured up to the last moment the worker was seen alive: a snapshot
+    # after it exits no longer lists it, and its CPU time would count as another process's.
+    while proc.poll() is None:
+      if time.time() - t0 > timeout:
+        proc.kill()
+        proc.wait()
+        break
+      last = load_guard.Snapshot()
+      time.sleep(1.0)
+    guard.rec['during'] = load_guard.interference(start, last, guard.own_roots)
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+  guard.after()
+  load = guard.record()
+  lines = [l for l in stdout.splitlines() if l.startswith('RESULT')]
   if proc.returncode != 0 or not lines:
-    return {'error': (proc.stderr or proc.stdout)[-2000:], 'wall_s': time.time() - t0}
+    return {'error': (stderr or stdout)[-2000:], 'wall_s': time.time() - t0, 'load': load}
   out = json.loads(lines[-1][len('RESULT') :])
   out['wall_s'] = time.time() - t0
+  out['load'] = load
   return out
 
 
@@ -315,12 +361,19 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
   for method, r in results.items():
     ours, theirs = r.get('ours', {}), r.get('peft', {})
     get = lambda d, k: None if 'error' in d or k not in d else d[k]
+    invalid = [
+        f
+        for f, d in (('ours', ours), ('PEFT', theirs))
+        if (d.get('load') or {}).get('valid') is False
+    ]
+    label = method + (f' ({r["shape_note"]})' if r.get('shape_note') else '')
+    label += f' **INVALID ({", ".join(invalid)} loaded)**' if invalid else ''
     eo, ep = get(ours, 'examples_per_s'), get(theirs, 'examples_per_s')
     mo, mp = get(ours, 'peak_rss_mb'), get(theirs, 'peak_rss_mb')
     po = get(ours, 'params') and ours['params']['trainable']
     pp = get(theirs, 'params') and theirs['params']['trainable']
     rows.append(
-        f'| {method} | {_fmt(po, ",")} / {_fmt(pp, ",")} | {_fmt(eo, ".2f")} | {_fmt(ep, ".2f")} '
+        f'| {label} | {_fmt(po, ",")} / {_fmt(pp, ",")} | {_fmt(eo, ".2f")} | {_fmt(ep, ".2f")} '
         f'| {_fmt(eo / ep if eo and ep else None, ".2f")} | {_fmt(mo, ".0f")} | {_fmt(mp, ".0f")} '
         f'| {_fmt(mo / mp if mo and mp else None, ".2f")} |'
     )
@@ -335,26 +388,67 @@ def main(argv=None) -> int:
   parser.add_argument('--timeout', type=float, default=1800.0)
   parser.add_argument('--worker', choices=('ours', 'peft'), default=None)
   parser.add_argument('--method', default=None)
+  parser.add_argument(
+      '--max-interference',
+      type=float,
+      default=load_guard.DEFAULT_MAX_INTERFERENCE,
+      help='cores of other work tolerated while a worker runs',
+  )
+  parser.add_argument('--wait-quiet', type=float, default=600.0, help='seconds to wait for quiet')
+  parser.add_argument('--retries', type=int, default=1, help='re-runs of a loaded worker')
+  parser.add_argument('--allow-load', action='store_true', help='start even if the machine is busy')
   args = parser.parse_args(argv)
   shapes = common.SHAPES[args.shapes]
   if args.worker:
     run = run_ours if args.worker == 'ours' else run_peft
     print('RESULT' + json.dumps(run(args.method, shapes), default=float), flush=True)
     return 0
-  os.makedirs(args.workdir, exist_ok=True)
   methods = [m for m in args.methods.split(',') if m]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    parser.error(f'unknown methods {unknown}; choose from {",".join(METHODS)}')
+  quiet = load_guard.wait_for_quiet(args.max_interference, args.wait_quiet)
+  if not quiet['quiet'] and not args.allow_load:
+    top = ', '.join(f'{p["command"][:60]} ({p["cores"]:.2f})' for p in quiet['busiest'][:3])
+    print(
+        f'[bench_methods] refusing to start: other processes use {quiet["interference_cores"]:.2f} '
+        f'cores (tolerance {args.max_interference:.2f}); busiest: {top}. Stop them, or pass '
+        '--allow-load (every row will be marked INVALID where load is seen).',
+        file=sys.stderr,
+    )
+    return 2
+  os.makedirs(args.workdir, exist_ok=True)
   results: Dict[str, Dict[str, Any]] = {}
-  meta = {'shapes': args.shapes, 'load_avg_start': common.load_avg(), 'time': time.time()}
+  meta = {
+      'shapes': args.shapes,
+      'cpu_info': load_guard.cpu_info(),
+      'load_avg_start': common.load_avg(),
+      'quiet_at_start': quiet,
+      'max_interference_cores': args.max_interference,
+      'time': time.time(),
+  }
   for method in methods:
     results[method] = {}
+    measured = method_shapes(method, shapes)
+    if measured is not shapes:
+      results[method][
+          'shape_note'
+      ] = f'{measured.hf_config["num_heads"]} heads of {measured.hf_config["d_kv"]}, for PEFT'
     frameworks: List[str] = ['ours', 'peft'] if method in PEFT_METHODS else ['ours']
     for framework in frameworks:
-      results[method][framework] = r = _worker(framework, method, args.shapes, args.timeout)
+      for attempt in range(args.retries + 1):
+        r = _worker(framework, method, args.shapes, args.timeout, args.max_interference)
+        r['attempt'] = attempt
+        if r['load'].get('valid') is not False:
+          break
+        print(f'[bench_methods] {method} {framework}: {r["load"]["verdict"]}; again', flush=True)
+        load_guard.wait_for_quiet(args.max_interference, args.wait_quiet)
+      results[method][framework] = r
       r['load_avg'] = common.load_avg()
       status = (
           r.get('error', '').splitlines()[-1:]
           if 'error' in r
-          else f'{r["examples_per_s"]:.2f} ex/s'
+          else f'{r["examples_per_s"]:.2f} ex/s ({r["load"]["verdict"]})'
       )
       print(f'[bench_methods] {method} {framework}: {status}', flush=True)
       common.write_json(
@@ -362,11 +456,28 @@ def main(argv=None) -> int:
       )
   meta['load_avg_end'] = common.load_avg()
   common.write_json(os.path.join(args.workdir, 'methods.json'), {'meta': meta, 'results': results})
+  cpu = meta['cpu_info']
+  loaded = sorted(
+      f'{m} {f}'
+      for m, r in results.items()
+      for f, d in r.items()
+      if isinstance(d, dict) and (d.get('load') or {}).get('valid') is False
+  )
   text = (
       f'Methods, {args.shapes} shapes ({shapes.hf_config["d_model"]}d, '
       f'{shapes.hf_config["num_layers"]}+{shapes.hf_config["num_decoder_layers"]} layers, batch '
-      f'{shapes.batch}, {shapes.inputs} inputs, {shapes.targets} targets), one run; load average '
-      f'{meta["load_avg_start"]} -> {meta["load_avg_end"]}.\n\n' + table(results) + '\n'
+      f'{shapes.batch}, {shapes.inputs} inputs, {shapes.targets} targets), one run on '
+      f'{cpu.get("model", "unknown CPU")} ({cpu.get("logical_cpus")} logical CPUs; '
+      f'{" ".join(cpu.get("isa", []))}); load average {meta["load_avg_start"]} -> '
+      f'{meta["load_avg_end"]}; tolerance {args.max_interference:.2f} cores of other work per '
+      'worker.\n\n'
+      + (
+          f'**INVALID rows (ran beside other work): {", ".join(loaded)}.**\n\n'
+          if loaded
+          else 'Every worker ran on a quiet machine (valid).\n\n'
+      )
+      + table(results)
+      + '\n'
   )
   with open(os.path.join(args.workdir, 'methods.md'), 'w') as f:
     f.write(text)

@@ -23,8 +23,9 @@ Sections:
   dots    `jnp.dot` FLOP/s at the backbone's matmul shapes in float32, bfloat16 and bfloat16
           with float32 results (the bfloat16 section).
 
-`--dtype bfloat16` runs bfloat16 activations; `--dots f32acc` adds the prototype of float32-
-accumulating dense matmuls (`benchmarks/bf16_dots.py`).
+`--dtype bfloat16` runs bfloat16 activations, whose dense matmuls accumulate in float32 on the CPU
+(`layers.dense_dot`); `--dots plain` turns that off (bfloat16 x bfloat16 -> bfloat16 dots, the
+layers before the change), for the before/after row of the bfloat16 section.
 """
 
 import dataclasses
@@ -576,15 +577,17 @@ def main(argv=None):
   parser.add_argument(
       '--dots',
       default='default',
-      choices=('default', 'f32acc'),
-      help="f32acc: route the dense layers' bfloat16 matmuls through float32-accumulating dots "
-      '(benchmarks/bf16_dots.py, a prototype of a change to architectures/layers.py)',
+      choices=('default', 'plain'),
+      help="plain: the dense layers' bfloat16 matmuls emit bfloat16 (lax.dot_general) instead of "
+      'accumulating in float32 (layers.dense_dot), as before that change',
   )
   args, _ = parser.parse_known_args(argv)
-  if args.dots == 'f32acc':
-    from benchmarks import bf16_dots  # pylint: disable=g-import-not-at-top
+  if args.dots == 'plain':
+    import jax  # pylint: disable=g-import-not-at-top
 
-    bf16_dots.install()
+    from prompt_tuning.architectures import layers  # pylint: disable=g-import-not-at-top
+
+    layers.dense_dot = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
   common.worker_main(parser, argv, SECTIONS, 'ours', _meta)
 
 

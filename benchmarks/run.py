@@ -523,13 +523,13 @@ def run_bf16(shapes: common.Shapes, workdir: str, log_dir: str, log=print) -> Di
   cache = os.path.join(workdir, 'jax_cache_bf16')
   variants = [
       ('ours_float32', 'ours', dict(dtype='float32', compilation_cache=cache), {}),
-      ('ours_bfloat16', 'ours', dict(dtype='bfloat16', compilation_cache=cache), {}),
       (
-          'ours_bfloat16_f32acc',
+          'ours_bfloat16_plain_dots',
           'ours',
-          dict(dtype='bfloat16', dots='f32acc', compilation_cache=cache),
+          dict(dtype='bfloat16', dots='plain', compilation_cache=cache),
           {},
       ),
+      ('ours_bfloat16', 'ours', dict(dtype='bfloat16', compilation_cache=cache), {}),
       ('peft_float32', 'peft', dict(dtype='float32'), TORCH_ENV),
       ('peft_bfloat16', 'peft', dict(dtype='bfloat16'), TORCH_ENV),
   ]
@@ -1412,11 +1412,11 @@ def _render_bf16(key: str, res: Dict[str, Any]) -> List[str]:
       f'Training step of section 1 (batch {shapes.batch}, inputs {shapes.inputs}, targets '
       f'{shapes.targets}, prompt {p}; {shapes.train_reps} repetitions of {shapes.train_steps} '
       'steps, all five workers interleaved). Ours bfloat16: `T5Config.dtype = bfloat16` '
-      '(activations and matmuls in bfloat16, weights stored float32 and cast, layer-norm '
-      'statistics and logits float32). Ours bfloat16 + f32-accumulating dense dots: the same with '
-      '`benchmarks/bf16_dots.py`, a prototype of the `layers.DenseGeneral` change proposed in '
-      'ANALYSIS.md (`bench_ours --dots f32acc`). PEFT bfloat16: the transformers model loaded '
-      'with `dtype=torch.bfloat16`.'
+      '(activations in bfloat16, weights stored float32 and cast, layer-norm statistics and '
+      'logits float32; the dense matmuls take bfloat16 operands and accumulate in float32, '
+      '`layers.dense_dot`). Ours bfloat16 plain dots: the same with the dense matmuls emitting '
+      'bfloat16 (`bench_ours --dots plain`, the layers before `dense_dot`). PEFT bfloat16: the '
+      'transformers model loaded with `dtype=torch.bfloat16`.'
   )
   add('')
   add('| variant | ex/s | vs ours float32 | vs PEFT float32 | vs PEFT bfloat16 | first-step loss |')

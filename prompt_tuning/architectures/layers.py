@@ -56,6 +56,71 @@ def to_dtype(dtype: DType) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
+# Dense matmuls
+# ----------------------------------------------------------------------------------------------
+
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot_general(x: Array, y: Array, dimension_numbers) -> Array:
+  """`lax.dot_general` of two low-precision operands, accumulated in float32, cast back.
+
+  Its gradient computes both transposed products the same way (low-precision operands, float32
+  results). XLA's CPU backend runs a bfloat16 dot fast (oneDNN / AMX, its own kernels) only when
+  the dot's result type is float32; a bfloat16 x bfloat16 -> bfloat16 dot is rewritten to a float32
+  dot with conversions around it and runs below float32 speed (benchmarks/ANALYSIS.md). Asking for
+  a float32 result alone is not enough for training: JAX's transpose of such a dot multiplies the
+  float32 cotangent by the bfloat16 kernel, which is again a float32 dot; hence the custom VJP.
+  """
+  return lax.dot_general(x, y, dimension_numbers, preferred_element_type=jnp.float32).astype(
+      x.dtype
+  )
+
+
+def _mixed_dot_general_fwd(x, y, dimension_numbers):
+  return mixed_dot_general(x, y, dimension_numbers), (x, y)
+
+
+def _mixed_dot_general_bwd(dimension_numbers, residuals, g):
+  (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+  if x_batch or y_batch:
+    raise NotImplementedError('mixed_dot_general: dots with batch dimensions')
+  x, y = residuals
+  x_free = [i for i in range(x.ndim) if i not in x_contract]
+  y_free = [i for i in range(y.ndim) if i not in y_contract]
+  # g has axes x_free + y_free. dx = g . y over y_free; dy = x . g over x_free.
+  g_x_free = tuple(range(len(x_free)))
+  g_y_free = tuple(range(len(x_free), g.ndim))
+  gx = lax.dot_general(
+      g, y, ((g_y_free, tuple(y_free)), ((), ())), preferred_element_type=jnp.float32
+  )
+  # gx has axes x_free + y_contract (in y_contract's order); put them where x has them.
+  gx_axes = x_free + [x_contract[list(y_contract).index(j)] for j in sorted(y_contract)]
+  gx = jnp.transpose(gx, np.argsort(gx_axes))
+  gy = lax.dot_general(
+      x, g, ((tuple(x_free), g_x_free), ((), ())), preferred_element_type=jnp.float32
+  )
+  # gy has axes x_contract (in x's order) + y_free.
+  gy_axes = [y_contract[list(x_contract).index(i)] for i in sorted(x_contract)] + y_free
+  gy = jnp.transpose(gy, np.argsort(gy_axes))
+  return gx.astype(x.dtype), gy.astype(y.dtype)
+
+
+mixed_dot_general.defvjp(_mixed_dot_general_fwd, _mixed_dot_general_bwd)
+
+
+def dense_dot(x: Array, kernel: Array) -> Array:
+  """`x @ kernel` over x's last axis: through `mixed_dot_general` for low-precision operands on
+  the CPU backend (where it is several times faster), `lax.dot_general` otherwise (float32, and
+  TPU/GPU, whose low-precision dots accumulate in float32 already)."""
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  if x.dtype == kernel.dtype and x.dtype in _LOW_PRECISION and jax.default_backend() == 'cpu':
+    return mixed_dot_general(x, kernel, dims)
+  return lax.dot_general(x, kernel, dims)
+
+
+# ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
 
@@ -116,7 +181,7 @@ class DenseGeneral(nn.Module):
       return kernel, bool(hook_modules)
     inputs = jnp.asarray(inputs, dtype)
     if product is None:
-      y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+      y = dense_dot(inputs, kernel)
     else:
       y = product
     if hook_modules:
@@ -156,7 +221,7 @@ def fused_dense(
   # Named after the kernels (`query+key+value`), so profiles and HLO dumps say what it is.
   with jax.named_scope('+'.join(str(d.name) for d in denses)):
     joined = jnp.concatenate(kernels, axis=1)
-    y = lax.dot_general(x, joined, (((x.ndim - 1,), (0,)), ((), ())))
+    y = dense_dot(x, joined)
   outs, start = [], 0
   for d, kernel in zip(denses, kernels):
     width = kernel.shape[1]

@@ -217,8 +217,8 @@ def test_quick_benchmark_writes_results(tmp_path):
   bf16 = _table(text, '| variant | ex/s')
   assert [r[0] for r in bf16] == [
       'ours float32',
+      'ours bfloat16 plain dots',
       'ours bfloat16',
-      'ours bfloat16 f32acc',
       'peft float32',
       'peft bfloat16',
   ]
