@@ -1,6 +1,7 @@
 """Batched inference over enumerated seqio datasets, and T5X's `InferenceEvaluator`."""
 
 from absl import logging
+import contextlib
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -141,6 +142,47 @@ def _batches(ds: tf.data.Dataset, batch_size: int, bucketing, bucketed_features)
   )
 
 
+@contextlib.contextmanager
+def measurable_scalar_features():
+  """While a `seqio.Evaluator` is built, one-integer-per-example features read as length-1 vectors.
+
+  The evaluator measures the length of every output feature of its tasks as `shape[0]` (seqio
+  0.0.20, `evaluation._cache_and_measure_examples`), which raises a bare `IndexError` for a rank-0
+  feature such as a task's `prompt_ids` or `task_ids`. The feature converters accept a scalar and
+  a length-1 vector alike (`data/feature_converters.py`), so the evaluator's datasets carry them as
+  `[1]` vectors. A seqio without that function is left as it is.
+  """
+  from seqio import evaluation  # pylint: disable=g-import-not-at-top
+
+  original = getattr(evaluation, '_cache_and_measure_examples', None)
+  if original is None:
+    yield
+    return
+
+  def measure(*args, **kwargs):
+    dataset_fn = kwargs.pop('dataset_fn')
+
+    def with_vectors(task):
+      ds = dataset_fn(task)
+      spec = ds.element_spec
+      scalars = [
+          k
+          for k in task.output_features
+          if isinstance(spec, Mapping) and k in spec and spec[k].shape.rank == 0
+      ]
+      if not scalars:
+        return ds
+      return ds.map(lambda ex: dict(ex, **{k: tf.reshape(ex[k], [1]) for k in scalars}))
+
+    return original(*args, dataset_fn=with_vectors, **kwargs)
+
+  evaluation._cache_and_measure_examples = measure  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    evaluation._cache_and_measure_examples = original  # pylint: disable=protected-access
+
+
 class InferenceEvaluator:
   """Runs seqio's Evaluator (decoding + metrics) on the current parameters.
 
@@ -163,16 +205,17 @@ class InferenceEvaluator:
     utils.get_mixture_or_task(infer_eval_dataset_cfg.mixture_or_task_name)
     if infer_eval_dataset_cfg.task_feature_lengths and infer_eval_dataset_cfg.trim_output_features:
       utils.check_feature_lengths(infer_eval_dataset_cfg)
-    self._evaluator = inference_evaluator_cls(
-        mixture_or_task_name=infer_eval_dataset_cfg.mixture_or_task_name,
-        feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
-        eval_split=infer_eval_dataset_cfg.split,
-        use_cached=infer_eval_dataset_cfg.use_cached,
-        seed=infer_eval_dataset_cfg.seed,
-        sequence_length=infer_eval_dataset_cfg.task_feature_lengths,
-        log_dir=os.path.join(log_dir, 'inference_eval') if log_dir else None,
-        use_memory_cache=infer_eval_dataset_cfg.use_memory_cache,
-    )
+    with measurable_scalar_features():
+      self._evaluator = inference_evaluator_cls(
+          mixture_or_task_name=infer_eval_dataset_cfg.mixture_or_task_name,
+          feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
+          eval_split=infer_eval_dataset_cfg.split,
+          use_cached=infer_eval_dataset_cfg.use_cached,
+          seed=infer_eval_dataset_cfg.seed,
+          sequence_length=infer_eval_dataset_cfg.task_feature_lengths,
+          log_dir=os.path.join(log_dir, 'inference_eval') if log_dir else None,
+          use_memory_cache=infer_eval_dataset_cfg.use_memory_cache,
+      )
     if not self._evaluator.eval_tasks:
       logging.warning(
           'No task of %s has metric_fns for split %s: inference evaluation is skipped.',
