@@ -867,6 +867,9 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
           f'Load average during the {part} section: {meta[f"load_{part}_start"]} at its start, '
           f'{meta.get(f"load_{part}_end")} at its end.'
       )
+    if meta.get(f'note_{part}'):  # A section merged in from a separate run says so.
+      add('')
+      add(meta[f'note_{part}'])
   if meta.get('gpu_note'):
     add('')
     add('## GPU section')
