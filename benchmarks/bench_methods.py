@@ -388,15 +388,7 @@ def main(argv=None) -> int:
   parser.add_argument('--timeout', type=float, default=1800.0)
   parser.add_argument('--worker', choices=('ours', 'peft'), default=None)
   parser.add_argument('--method', default=None)
-  parser.add_argument(
-      '--max-interference',
-      type=float,
-      default=load_guard.DEFAULT_MAX_INTERFERENCE,
-      help='cores of other work tolerated while a worker runs',
-  )
-  parser.add_argument('--wait-quiet', type=float, default=600.0, help='seconds to wait for quiet')
-  parser.add_argument('--retries', type=int, default=1, help='re-runs of a loaded worker')
-  parser.add_argument('--allow-load', action='store_true', help='start even if the machine is busy')
+  load_guard.add_arguments(parser)
   args = parser.parse_args(argv)
   shapes = common.SHAPES[args.shapes]
   if args.worker:
@@ -407,15 +399,8 @@ def main(argv=None) -> int:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     parser.error(f'unknown methods {unknown}; choose from {",".join(METHODS)}')
-  quiet = load_guard.wait_for_quiet(args.max_interference, args.wait_quiet)
-  if not quiet['quiet'] and not args.allow_load:
-    top = ', '.join(f'{p["command"][:60]} ({p["cores"]:.2f})' for p in quiet['busiest'][:3])
-    print(
-        f'[bench_methods] refusing to start: other processes use {quiet["interference_cores"]:.2f} '
-        f'cores (tolerance {args.max_interference:.2f}); busiest: {top}. Stop them, or pass '
-        '--allow-load (every row will be marked INVALID where load is seen).',
-        file=sys.stderr,
-    )
+  quiet = load_guard.refuse_if_busy(args)
+  if quiet is None:
     return 2
   os.makedirs(args.workdir, exist_ok=True)
   results: Dict[str, Dict[str, Any]] = {}

@@ -583,11 +583,9 @@ def main(argv=None):
   )
   args, _ = parser.parse_known_args(argv)
   if args.dots == 'plain':
-    import jax  # pylint: disable=g-import-not-at-top
-
     from prompt_tuning.architectures import layers  # pylint: disable=g-import-not-at-top
 
-    layers.dense_dot = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
+    layers._LOW_PRECISION = ()  # pylint: disable=protected-access
   common.worker_main(parser, argv, SECTIONS, 'ours', _meta)
 
 

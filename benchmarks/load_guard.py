@@ -13,6 +13,7 @@ Only `/proc` is read (Linux); elsewhere the records say `unavailable` and no ver
 """
 
 import os
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -278,3 +279,52 @@ def wait_for_quiet(
         f'{max_interference:.2f}); waiting. Busiest: {top}'
     )
     time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def add_arguments(parser) -> None:
+  """The load-guard options every benchmark entry point takes."""
+  parser.add_argument(
+      '--max-interference',
+      type=float,
+      default=DEFAULT_MAX_INTERFERENCE,
+      help='cores of other work (other processes + hypervisor steal) a measurement tolerates while '
+      'it is timed; above it the measurement is re-run, then marked INVALID (default %(default)s)',
+  )
+  parser.add_argument(
+      '--wait-quiet',
+      type=float,
+      default=300.0,
+      help='seconds to wait for a quiet machine at the start and before a re-run '
+      '(default %(default)s)',
+  )
+  parser.add_argument(
+      '--retries',
+      type=int,
+      default=1,
+      help='re-runs of a measurement found invalid (default %(default)s)',
+  )
+  parser.add_argument(
+      '--allow-load',
+      action='store_true',
+      help='start even if the machine is busy (every measurement will say whether it was valid)',
+  )
+
+
+def refuse_if_busy(args, log=print) -> Optional[Dict[str, Any]]:
+  """Waits for quiet (`add_arguments`' options); returns the quiet sample, or None after printing
+  why a busy machine is refused (unless `--allow-load`)."""
+  quiet = wait_for_quiet(args.max_interference, args.wait_quiet, log)
+  if quiet['quiet'] or args.allow_load:
+    return quiet
+  top = '; '.join(
+      f'pid {b["pid"]} {b["command"][:80]} ({b["cores"]:.2f} cores)' for b in quiet['busiest']
+  )
+  print(
+      f'Refusing to benchmark: other processes keep {quiet["interference_cores"]:.2f} cores '
+      f'busy (tolerance {args.max_interference:.2f}, waited {args.wait_quiet:.0f} s). A loaded '
+      'machine flatters ours (see benchmarks/ANALYSIS.md). Busiest: '
+      f'{top}. Stop them, or pass --allow-load to measure anyway (every measurement is then '
+      'marked valid or INVALID).',
+      file=sys.stderr,
+  )
+  return None

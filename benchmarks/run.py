@@ -1509,31 +1509,7 @@ def main(argv=None) -> int:
       action='store_true',
       help='re-render the output from its .json (e.g. after editing ANALYSIS.md)',
   )
-  parser.add_argument(
-      '--max-interference',
-      type=float,
-      default=load_guard.DEFAULT_MAX_INTERFERENCE,
-      help='cores of other work (other processes + hypervisor steal) a section tolerates while '
-      'it is timed; above it the section is re-run, then marked INVALID (default %(default)s)',
-  )
-  parser.add_argument(
-      '--wait-quiet',
-      type=float,
-      default=300.0,
-      help='seconds to wait for a quiet machine at the start and before a re-run '
-      '(default %(default)s)',
-  )
-  parser.add_argument(
-      '--retries',
-      type=int,
-      default=1,
-      help='re-runs of a comparison found invalid (default %(default)s)',
-  )
-  parser.add_argument(
-      '--allow-load',
-      action='store_true',
-      help='start even if the machine is busy (every section will say whether it was valid)',
-  )
+  load_guard.add_arguments(parser)
   parser.add_argument('--gpu-section-on-cpu', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument(
       '--sections',
@@ -1568,19 +1544,8 @@ def main(argv=None) -> int:
   )
   quiet = load_guard.busiest_now([os.getpid()], 1.0)
   if not args.quick:
-    quiet = load_guard.wait_for_quiet(args.max_interference, args.wait_quiet)
-    if not quiet['quiet'] and not args.allow_load:
-      top = '; '.join(
-          f'pid {b["pid"]} {b["command"][:80]} ({b["cores"]:.2f} cores)' for b in quiet['busiest']
-      )
-      print(
-          f'Refusing to benchmark: other processes keep {quiet["interference_cores"]:.2f} cores '
-          f'busy (tolerance {args.max_interference:.2f}, waited {args.wait_quiet:.0f} s). A loaded '
-          'machine flatters ours (see benchmarks/ANALYSIS.md). Busiest: '
-          f'{top}. Stop them, or pass --allow-load to measure anyway (every section is then '
-          'marked valid or INVALID).',
-          file=sys.stderr,
-      )
+    quiet = load_guard.refuse_if_busy(args)
+    if quiet is None:
       return 2
   workdir = args.workdir or tempfile.mkdtemp(prefix='pt_bench_')
   os.makedirs(workdir, exist_ok=True)

@@ -165,11 +165,9 @@ def measurable_scalar_features():
     def with_vectors(task):
       ds = dataset_fn(task)
       spec = ds.element_spec
-      scalars = [
-          k
-          for k in task.output_features
-          if isinstance(spec, Mapping) and k in spec and spec[k].shape.rank == 0
-      ]
+      if not isinstance(spec, Mapping):
+        return ds
+      scalars = [k for k in task.output_features if k in spec and spec[k].shape.rank == 0]
       if not scalars:
         return ds
       return ds.map(lambda ex: dict(ex, **{k: tf.reshape(ex[k], [1]) for k in scalars}))
