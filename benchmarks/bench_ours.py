@@ -429,6 +429,7 @@ class ServeBench:
     jax = self.jax = _setup_jax(args)
     import numpy as np  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top
 
     p = args.prompt_length
     batch = common.serve_batch(shapes)
@@ -443,10 +444,12 @@ class ServeBench:
       params = jax.device_put(params)
       # As the runtime's inference path (runtime/inference.py): a partitioned jitted step, host
       # (numpy) batch.
+      options = xla_options.inference_compiler_options(model)
       fn = partitioner.partition(
           lambda prm, bt, m=model: m.score_batch(prm, bt),
           in_axis_resources=None,
           out_axis_resources=None,
+          compiler_options=options,
       )
       t0 = time.perf_counter()
       scores = np.asarray(jax.device_get(fn(params, b)))
@@ -468,7 +471,9 @@ class ServeBench:
               prm, bt, decoder_params={'topk': 1, 'logit_callback_fn': _no_eos}
           )[0]
 
-        gen = partitioner.partition(generate, in_axis_resources=None, out_axis_resources=None)
+        gen = partitioner.partition(
+            generate, in_axis_resources=None, out_axis_resources=None, compiler_options=options
+        )
         t0 = time.perf_counter()
         tokens = np.asarray(jax.device_get(gen(params, gen_batch)))
         res['mixed_generate_first_call_s'] = time.perf_counter() - t0
@@ -503,6 +508,7 @@ class DecodeBench:
     jax = self.jax = _setup_jax(args)
     import numpy as np  # pylint: disable=g-import-not-at-top
     from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+    from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top
 
     p = args.prompt_length
     config, params = _load(args, p)
@@ -521,7 +527,12 @@ class DecodeBench:
       )[0]
 
     partitioner = partitioning.PjitPartitioner(num_partitions=1)
-    self.fn = partitioner.partition(predict, in_axis_resources=None, out_axis_resources=None)
+    self.fn = partitioner.partition(
+        predict,
+        in_axis_resources=None,
+        out_axis_resources=None,
+        compiler_options=xla_options.inference_compiler_options(model),
+    )
     t0 = time.perf_counter()
     tokens = np.asarray(jax.device_get(self.fn(self.params, self.batch)))
     self.res.update(
@@ -560,6 +571,9 @@ def _meta(args) -> dict:
   if 'jax' in sys.modules:
     jax = sys.modules['jax']
     meta.update({'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind})
+    from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top
+
+    meta['inference_compiler_options'] = xla_options.inference_compiler_options(dtype=args.dtype)
   return meta
 
 

@@ -21,6 +21,7 @@ from prompt_tuning.runtime import faults
 from prompt_tuning.runtime import inference
 from prompt_tuning.runtime import partitioning
 from prompt_tuning.runtime import utils
+from prompt_tuning.runtime import xla_options
 
 
 def _decode(vocab, tokens):
@@ -106,6 +107,7 @@ def infer(
       bucketed_features=(
           ('inputs', 'targets') if mode == 'score' else inference.PREDICT_BUCKETED_FEATURES
       ),
+      compiler_options=xla_options.inference_compiler_options(model),
   )
   # With a prompt bank, every batch mixes the tasks (one prompt per example), as in serving.
   mix = bool(model.conditioning_feature_sizes().get('prompt_ids')) and len(tasks) > 1

@@ -11,6 +11,7 @@ import seqio
 import tensorflow as tf
 
 from prompt_tuning.runtime import utils
+from prompt_tuning.runtime import xla_options
 
 
 def _pad_batch(
@@ -72,6 +73,7 @@ def get_infer_fn(
     bucketing=None,
     bucketed_features: Sequence[str] = ('inputs', 'targets'),
     check_batch: Optional[Callable[[np.ndarray, Mapping[str, np.ndarray]], None]] = None,
+    compiler_options: Optional[Mapping[str, Any]] = None,
 ) -> Callable:
   """Returns `fn(enumerated_ds, state=state) -> [(index, output)]` (and aux) running `infer_step(state, batch)`.
 
@@ -88,11 +90,15 @@ def get_infer_fn(
   batch's padding is trimmed to its bucket; only the features in `bucketed_features` are trimmed
   (predictions keep the full `targets` length, which bounds decoding). Outputs carry their
   example's index, so the caller's results are those of the unbucketed run.
+
+  `compiler_options` go to the step's `jax.jit` (callers pass
+  `xla_options.inference_compiler_options(model)`).
   """
   jitted = partitioner.partition(
       infer_step,
       in_axis_resources=(state_axes, partitioner.data_partition_spec),
       out_axis_resources=None,
+      compiler_options=dict(compiler_options) if compiler_options else None,
   )
   layout = partitioner.get_data_layout(batch_size)
   local_bs = batch_size // layout.num_shards
@@ -232,6 +238,7 @@ class InferenceEvaluator:
         state_axes=params_axes,
         check_batch=self._check_batch,
         bucketing=infer_eval_dataset_cfg.bucketing,
+        compiler_options=xla_options.inference_compiler_options(model),
     )
     self._predict_fn = get_infer_fn(
         predict_step, bs, partitioner, bucketed_features=PREDICT_BUCKETED_FEATURES, **kw

@@ -280,8 +280,13 @@ class PjitPartitioner:
       out_axis_resources,
       static_argnums: Sequence[int] = (),
       donate_argnums: Sequence[int] = (),
+      compiler_options: Optional[dict] = None,
   ) -> 'PartitionedFn':
-    """jit `fn` with shardings given as trees of mesh PartitionSpecs or NamedShardings (None = replicated)."""
+    """jit `fn` with shardings given as trees of mesh PartitionSpecs or NamedShardings (None = replicated).
+
+    `compiler_options` (XLA debug options, e.g. `xla_options.inference_compiler_options(model)`)
+    go to `jax.jit`.
+    """
     to_sharding = (
         lambda tree: None
         if tree is None
@@ -299,6 +304,7 @@ class PjitPartitioner:
         out_shardings=to_sharding(out_axis_resources),
         static_argnums=static_argnums,
         donate_argnums=donate_argnums,
+        compiler_options=compiler_options or None,
     )
     return PartitionedFn(jitted, self)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from prompt_tuning.runtime import metrics as metrics_lib
 from prompt_tuning.runtime import train_state as train_state_lib
+from prompt_tuning.runtime import xla_options
 
 PyTree = Any
 
@@ -429,6 +430,7 @@ class Trainer:
           self._make_eval_step(),
           in_axis_resources=(self._train_state_axes, self._partitioner.data_partition_spec),
           out_axis_resources=None,
+          compiler_options=xla_options.inference_compiler_options(self._model),
       )
     step = int(self.train_state.step) if step is None else step
     results = {}

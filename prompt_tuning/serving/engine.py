@@ -31,6 +31,7 @@ import numpy as np
 from prompt_tuning import params as params_lib
 from prompt_tuning.runtime import decoding
 from prompt_tuning.runtime import models
+from prompt_tuning.runtime import xla_options
 
 BANK_PATH = 'encoder/prompt/prompt/prompt'
 
@@ -237,7 +238,11 @@ class ServingEngine:
     else:
       raise ValueError(f'Unknown kind {kind!r}.')
     args = self._key_shapes(kind, b, n, extra if kind == 'score' else 0)
-    compiled = jax.jit(fn).lower(self._abstract_params(), *args).compile()
+    compiled = (
+        jax.jit(fn)
+        .lower(self._abstract_params(), *args)
+        .compile(compiler_options=xla_options.inference_compiler_options(self.model))
+    )
     self.compile_count += 1
     return compiled
 
