@@ -17,6 +17,7 @@ first variant, as the median over rounds of the per-round ratios. The benchmark'
 
 * `train`: value and gradient of the training loss (mean token cross entropy) w.r.t. the prompt,
   frozen backbone (the train step without the optimizer's few element-wise ops);
+* `loss`: the training loss alone (the train step's forward);
 * `score`: the scoring forward of the serving batch (`EncoderDecoderModel.score_batch`);
 * `decode`: greedy decoding of the decode batch (`predict_batch_with_aux`).
 
@@ -66,7 +67,7 @@ def _setup(args, shapes):
       prompt_length=args.prompt_length,
   )
   p = args.prompt_length
-  if args.section == 'train':
+  if args.section in ('train', 'loss'):
     config, params = bench_ours._load(bench_args, p)  # pylint: disable=protected-access
     batch = {k: jnp.asarray(v) for k, v in common.train_batches(shapes)[0].items()}
     flat = params_lib.flatten_params(params)
@@ -82,6 +83,8 @@ def _setup(args, shapes):
         tree[prompt_key] = prompt
         return model.loss_fn(params_lib.unflatten_params(tree), batch, None)[0]
 
+      if args.section == 'loss':  # the training step's forward alone
+        return loss, (prompt, frozen, batch)
       return jax.value_and_grad(loss), (prompt, frozen, batch)
 
   elif args.section == 'score':
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
   )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
-  parser.add_argument('--section', default='train', choices=('train', 'score', 'decode'))
+  parser.add_argument('--section', default='train', choices=('train', 'loss', 'score', 'decode'))
   parser.add_argument('--prompt-length', type=int, default=100)
   parser.add_argument('--variant', action='append', required=True, help='NAME:SETTINGS')
   parser.add_argument('--rounds', type=int, default=7)

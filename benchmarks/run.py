@@ -815,6 +815,7 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
           else ''
       )
       + '.'
+      + (' ' + meta['note_main'] if meta.get('note_main') else '')
   )
   add('')
   add(
