@@ -98,7 +98,7 @@ def get_infer_fn(
       infer_step,
       in_axis_resources=(state_axes, partitioner.data_partition_spec),
       out_axis_resources=None,
-      compiler_options=dict(compiler_options) if compiler_options else None,
+      compiler_options=compiler_options,
   )
   layout = partitioner.get_data_layout(batch_size)
   local_bs = batch_size // layout.num_shards

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import functools
 from absl import logging
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen.partitioning as nn_partitioning
 import jax
@@ -280,7 +280,7 @@ class PjitPartitioner:
       out_axis_resources,
       static_argnums: Sequence[int] = (),
       donate_argnums: Sequence[int] = (),
-      compiler_options: Optional[dict] = None,
+      compiler_options: Optional[Mapping[str, Any]] = None,
   ) -> 'PartitionedFn':
     """jit `fn` with shardings given as trees of mesh PartitionSpecs or NamedShardings (None = replicated).
 
@@ -304,7 +304,7 @@ class PjitPartitioner:
         out_shardings=to_sharding(out_axis_resources),
         static_argnums=static_argnums,
         donate_argnums=donate_argnums,
-        compiler_options=compiler_options or None,
+        compiler_options=dict(compiler_options) if compiler_options else None,
     )
     return PartitionedFn(jitted, self)
 

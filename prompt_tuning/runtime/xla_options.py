@@ -32,9 +32,7 @@ CPU_FLOAT32_DOTS = ('eigen', 'ynnpack')
 def model_dtype(model: Any) -> Optional[jnp.dtype]:
   """The activation dtype of a runtime model (`EncoderDecoderModel`/`DecoderOnlyModel`), if known."""
   config = getattr(getattr(model, 'module', None), 'config', None)
-  dtype = getattr(config, 'activation_dtype', None)
-  if dtype is None and getattr(config, 'dtype', None) is not None:
-    dtype = config.dtype
+  dtype = getattr(config, 'activation_dtype', None)  # `T5Config.activation_dtype`
   return None if dtype is None else jnp.dtype(dtype)
 
 
