@@ -5,8 +5,9 @@
 
 For every method, one worker process per framework (so each peak RSS is that method's alone) runs
 the method's training step on the same synthetic batches (`common.train_batches`, T5 1.1 small
-shape for `full`: batch 8, 128 inputs, 8 targets, float32 on CPU): ours is the runtime's jitted
-train step (`trainer.train_with_lr`, T5X Adafactor over the method's parameters only); PEFT's is
+shape for `full`: batch 8, 128 inputs, 8 targets, float32 on CPU): ours is the runtime's train
+step as `Trainer` compiles it (`trainer.SplitTrainStep` for float32 on the CPU, else one jitted
+`trainer.train_with_lr`; T5X Adafactor over the method's parameters only); PEFT's is
 forward with labels, backward and transformers' Adafactor over PEFT's trainable parameters. The
 workers alternate method by method in one run. Written: `<workdir>/methods.json` (every time) and
 `<workdir>/methods.md` (the table, examples/s and peak RSS per framework and their ratios).
@@ -126,14 +127,13 @@ def our_module(method: str, config, inputs: int):
 
 
 def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
-  import functools  # pylint: disable=g-import-not-at-top
-
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from prompt_tuning.runtime import adafactor, models, optimizers, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
   from prompt_tuning.runtime import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top
 
   shapes = method_shapes(method, shapes)
   res = {'rss_mb': {'start': common.rss_mb()}}
@@ -179,12 +179,22 @@ def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
       'trainable': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))),
       'frozen': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(frozen))),
   }
-  step = jax.jit(
-      functools.partial(trainer.train_with_lr, learning_rate=0.3, dropout_rng=None, model=model),
-      donate_argnums=(0,),
-  )
+  forward_options = xla_options.training_forward_compiler_options(model)
+  if forward_options:
+    # As `Trainer` runs it (float32 on the CPU): forward on Eigen dots, backward on XLA's default.
+    forward, backward = trainer.split_train_step_fns(model, lambda _: 0.3)
+    step = trainer.SplitTrainStep(
+        jax.jit(forward, compiler_options=forward_options),
+        jax.jit(backward, donate_argnums=(0,)),
+    )
+  else:
+    step = jax.jit(
+        lambda st, b, _: trainer.train_with_lr(st, b, 0.3, None, model), donate_argnums=(0,)
+    )
+  base_rng = None
+  res['split_step'] = bool(forward_options)
   res['rss_mb']['loaded'] = common.rss_mb()
-  state, metrics = step(state, batches[0])
+  state, metrics = step(state, batches[0], base_rng)
   jax.block_until_ready(state)
   res['first_loss'] = float(metrics['loss'])
   res['setup_s'] = time.perf_counter() - t_setup
@@ -192,7 +202,7 @@ def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
   for _ in range(shapes.train_reps):
     t0 = time.perf_counter()
     for i in range(shapes.train_steps):
-      state, metrics = step(state, batches[i % len(batches)])
+      state, metrics = step(state, batches[i % len(batches)], base_rng)
     jax.block_until_ready(state)
     times.append((time.perf_counter() - t0) / shapes.train_steps)
   res['step_times_s'] = times

@@ -196,33 +196,39 @@ class TrainBench:
     self.matmul = _Matmul(jax, shapes.matmul_size, config.activation_dtype)
     placed = trainer.place_batch(batches[0])
     step_fn = self.step_fn = trainer._get_train_step(placed)  # pylint: disable=protected-access
-    self.cache = [step_fn._jitted._cache_size()]  # pylint: disable=protected-access
+    self.cache = [step_fn.cache_size()]
     t0 = time.perf_counter()
     first = self._run(1)  # traces and compiles
     res['first_step_s'] = time.perf_counter() - t0
     res['first_loss'] = first.get('loss')
-    self.cache.append(step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    self.cache.append(step_fn.cache_size())
     res['rss_mb']['compiled'] = common.rss_mb()
     # Step 2 must not trace or compile again (see jit_cache_entries; an unplaced `state.step`
     # from StateBuilder used to cause that).
     t0 = time.perf_counter()
     self._run(1)
     res['second_step_s'] = time.perf_counter() - t0
-    self.cache.append(step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    self.cache.append(step_fn.cache_size())
     # FLOPs of the compiled step. The persistent compilation cache makes this a cache hit.
     t0 = time.perf_counter()
-    compiled = step_fn.lower(trainer.train_state, placed, trainer._base_rng).compile()  # pylint: disable=protected-access
+    args = (trainer.train_state, placed, trainer._base_rng)  # pylint: disable=protected-access
+    if isinstance(step_fn, trainer_lib.SplitTrainStep):
+      # Forward (Eigen dots) and backward (YNNPACK) executables: the step's FLOPs are their sum.
+      executables = step_fn.compile(*args)
+    else:
+      executables = (step_fn.lower(*args).compile(),)
     res['cost_analysis_compile_s'] = time.perf_counter() - t0
-    res['flops_per_step'] = _flops(compiled)
+    res['executables_per_step'] = len(executables)
+    res['flops_per_step'] = sum(_flops(c) for c in executables)
     try:
-      mem = compiled.memory_analysis()
+      mems = [c.memory_analysis() for c in executables]
       res['xla_memory_mb'] = {
-          k: getattr(mem, f'{k}_size_in_bytes') / 2**20
+          k: sum(getattr(m, f'{k}_size_in_bytes') for m in mems) / 2**20
           for k in ('argument', 'output', 'alias', 'temp', 'generated_code')
       }
     except Exception:  # pylint: disable=broad-except
       res['xla_memory_mb'] = None
-    del compiled
+    del executables
     res['setup_s'] = time.perf_counter() - t_setup
     return {'setup_s': res['setup_s']}
 
@@ -240,7 +246,7 @@ class TrainBench:
 
   def finish(self) -> dict:
     res, shapes = self.res, self.shapes
-    self.cache.append(self.step_fn._jitted._cache_size())  # pylint: disable=protected-access
+    self.cache.append(self.step_fn.cache_size())
     res['jit_cache_entries'] = dict(
         zip(('start', 'after_step_1', 'after_step_2', 'after_timing'), self.cache)
     )
@@ -340,7 +346,7 @@ class RealisticBench:
           self.trainer.train(iter([batch]), 1)
     self.shapes_compiled = sorted(shapes_seen)
     step = self.trainer._partitioned_train_step  # pylint: disable=protected-access
-    res['jit_cache_entries_after_setup'] = step._jitted._cache_size()  # pylint: disable=protected-access
+    res['jit_cache_entries_after_setup'] = step.cache_size()
     res['distinct_shapes'] = len(shapes_seen)
     res['setup_s'] = time.perf_counter() - t0
     for name in self.batches:
@@ -362,7 +368,7 @@ class RealisticBench:
           len(batches) * self.shapes.batch / t for t in res[f'{name}_times_s']
       ]
     step = self.trainer._partitioned_train_step  # pylint: disable=protected-access
-    res['jit_cache_entries_after_timing'] = step._jitted._cache_size()  # pylint: disable=protected-access
+    res['jit_cache_entries_after_timing'] = step.cache_size()
     res['peak_rss_mb'] = common.peak_rss_mb()
     return res
 

@@ -345,3 +345,7 @@ class PartitionedFn:
   def lower(self, *args, **kwargs):
     with self._partitioner.context():
       return self._jitted.lower(*args, **kwargs)
+
+  def cache_size(self) -> int:
+    """How many executables (argument shapes) this function has compiled."""
+    return self._jitted._cache_size()  # pylint: disable=protected-access

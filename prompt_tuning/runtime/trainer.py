@@ -5,6 +5,12 @@ trainable parameters only, summed over microbatches, with the metrics merged by 
 reductions), `apply_grads` (the optimizer update) and `train_with_lr` (both). They are usable and
 testable without a `Trainer`. Gradients are taken with respect to `TrainState.trainable` only;
 the frozen parameters enter as constants, so no backbone weight gradient is ever computed.
+
+For a float32 model on one CPU device without microbatches, `Trainer` compiles the step as two
+executables (`SplitTrainStep`, from `split_train_step_fns`): the forward (`forward_with_vjp`: loss,
+metrics and the VJP's residuals) with XLA's Eigen dots, and the backward plus `apply_grads` with
+XLA's default YNNPACK dots, each where it is faster (`xla_options.py`). Results equal the
+one-executable step's within float32 rounding.
 """
 
 import enum
@@ -249,6 +255,107 @@ def train_with_lr(
   return apply_grads(train_state, grads, metrics, learning_rate, model.optimizer_def)
 
 
+def forward_with_vjp(
+    model,
+    train_state: train_state_lib.TrainState,
+    batch: Mapping[str, Any],
+    dropout_rng: Optional[jax.Array],
+) -> Tuple[jax.Array, Dict[str, metrics_lib.Metric], Callable]:
+  """The forward half of a step: `(loss, metrics, vjp_fn)`, the VJP w.r.t. `trainable` only.
+
+  `vjp_fn` is a pytree (`jax.tree_util.Partial`) holding the residuals the backward needs, so it
+  can leave one executable and enter another (`SplitTrainStep`). `grads_from_vjp` finishes the
+  gradient; together they equal `accumulate_grads_microbatched` without microbatches.
+  """
+  frozen = train_state.frozen
+
+  def loss_of(trainable):
+    loss, metrics = model.loss_fn(
+        train_state_lib.merge_params(trainable, frozen), batch, dropout_rng
+    )
+    return loss, metrics_lib.as_metrics(metrics)
+
+  loss, vjp_fn, metrics = jax.vjp(loss_of, train_state.trainable, has_aux=True)
+  return loss, metrics, vjp_fn
+
+
+def grads_from_vjp(loss: jax.Array, vjp_fn: Callable) -> PyTree:
+  """The backward half: the gradient of the loss w.r.t. `trainable` from `forward_with_vjp`."""
+  (grads,) = vjp_fn(jnp.ones_like(loss))
+  return grads
+
+
+def split_train_step_fns(
+    model, learning_rate_fn: Callable[[Any], Any]
+) -> Tuple[Callable, Callable]:
+  """The two pure halves of `SplitTrainStep` (one step of `train_with_lr`, no microbatches).
+
+  * `forward(state, batch, base_rng) -> (loss, metrics, vjp_fn)`; dropout uses
+    `fold_in(base_rng, state.step)` as the one-executable step does (no dropout rng if `base_rng`
+    is None);
+  * `backward(mutable, frozen, loss, metrics, vjp_fn) -> (new mutable, metrics)`, where `mutable`
+    is the state with `frozen={}`: the gradient, then `apply_grads` at
+    `learning_rate_fn(state.step)`.
+  """
+
+  def forward(state, batch, base_rng):
+    dropout_rng = None if base_rng is None else jax.random.fold_in(base_rng, state.step)
+    return forward_with_vjp(model, state, batch, dropout_rng)
+
+  def backward(mutable, frozen, loss, metrics, vjp_fn):
+    state = mutable.replace(frozen=frozen)
+    grads = grads_from_vjp(loss, vjp_fn)
+    lr = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    new_state, metrics = apply_grads(
+        state, grads, metrics_lib.finalize_step(metrics), lr, model.optimizer_def
+    )
+    return new_state.replace(frozen={}), metrics
+
+  return forward, backward
+
+
+class SplitTrainStep:
+  """One training step as two executables, called like the one-executable step.
+
+  `forward(state, batch, base_rng) -> (loss, metrics, vjp_fn)` is compiled with its own compiler
+  options (`xla_options.training_forward_compiler_options`: XLA's Eigen dots for a float32 model on
+  the CPU, which run the forward faster than YNNPACK's); `backward(mutable, frozen, loss, metrics,
+  vjp_fn) -> (new mutable, metrics)` takes the gradient and applies the optimizer with XLA's
+  default options (YNNPACK's dots run the backward products faster). `mutable` is the state without
+  its frozen parameters and is donated, as the one-executable step donates the state; the frozen
+  parameters pass through unchanged. The residuals live between the two calls, where one executable
+  keeps them in its temporary buffers.
+  """
+
+  def __init__(self, forward, backward):
+    self.forward = forward
+    self.backward = backward
+
+  @staticmethod
+  def _halves(state: train_state_lib.TrainState):
+    return state.replace(frozen={}), state.frozen
+
+  def __call__(self, state: train_state_lib.TrainState, batch, base_rng):
+    loss, metrics, vjp_fn = self.forward(state, batch, base_rng)
+    mutable, frozen = self._halves(state)
+    new_mutable, metrics = self.backward(mutable, frozen, loss, metrics, vjp_fn)
+    return new_mutable.replace(frozen=frozen), metrics
+
+  def compile(self, state: train_state_lib.TrainState, batch, base_rng) -> Tuple[Any, Any]:
+    """Both executables, compiled ahead of time (`(forward, backward)` `jax.stages.Compiled`)."""
+    lowered = self.forward.lower(state, batch, base_rng)
+    forward = lowered.compile()
+    loss, metrics, vjp_fn = lowered.out_info  # shapes, dtypes and shardings of the outputs
+    mutable, frozen = self._halves(state)
+    backward = self.backward.lower(mutable, frozen, loss, metrics, vjp_fn).compile()
+    return forward, backward
+
+  def cache_size(self) -> int:
+    """Compiled shapes: one per batch shape, each a forward and a backward executable (the larger
+    of the two counts, so a backward that compiles again shows)."""
+    return max(self.forward.cache_size(), self.backward.cache_size())
+
+
 class Trainer:
   """Runs the partitioned training and evaluation steps (T5X's `trainer.Trainer`)."""
 
@@ -301,19 +408,59 @@ class Trainer:
   def _batch_sharding(self, batch_spec):
     return jax.tree_util.tree_map(lambda _: self._partitioner.data_partition_spec, batch_spec)
 
+  def _forward_compiler_options(self) -> Optional[Dict[str, Any]]:
+    """The forward's options when the step is split (`SplitTrainStep`), else None.
+
+    Split only where it is measured to help and nothing else changes: options from
+    `xla_options.training_forward_compiler_options` (float32 on the CPU), no microbatching (its scan
+    keeps the forward and backward of each microbatch together) and a one-device mesh (the
+    residuals then need no sharding of their own)."""
+    if self._model is None or (self._num_microbatches or 1) > 1:
+      return None
+    mesh = getattr(self._partitioner, 'mesh', None)
+    if mesh is None or mesh.devices.size != 1:
+      return None
+    return xla_options.training_forward_compiler_options(self._model)
+
+  def _make_split_train_step(self, batch, forward_options) -> SplitTrainStep:
+    forward, backward = split_train_step_fns(self._model, self._learning_rate_fn)
+    axes = self._train_state_axes
+    mutable_axes, frozen_axes = (None, None) if axes is None else SplitTrainStep._halves(axes)
+    return SplitTrainStep(
+        self._partitioner.partition(
+            forward,
+            in_axis_resources=(axes, self._batch_sharding(batch), None),
+            out_axis_resources=None,
+            compiler_options=forward_options,
+        ),
+        self._partitioner.partition(
+            backward,
+            in_axis_resources=(mutable_axes, frozen_axes, None, None, None),
+            out_axis_resources=(mutable_axes, None),
+            donate_argnums=(0,),
+        ),
+    )
+
   def _get_train_step(self, batch):
     if self._partitioned_train_step is None:
-      self._partitioned_train_step = self._partitioner.partition(
-          self._make_train_step(),
-          in_axis_resources=(self._train_state_axes, self._batch_sharding(batch), None),
-          out_axis_resources=(self._train_state_axes, None),
-          donate_argnums=(0,),
-      )
+      forward_options = self._forward_compiler_options()
+      if forward_options:
+        self._partitioned_train_step = self._make_split_train_step(batch, forward_options)
+      else:
+        self._partitioned_train_step = self._partitioner.partition(
+            self._make_train_step(),
+            in_axis_resources=(self._train_state_axes, self._batch_sharding(batch), None),
+            out_axis_resources=(self._train_state_axes, None),
+            donate_argnums=(0,),
+        )
     return self._partitioned_train_step
 
   def compile_train(self, batch) -> None:
     step = self._get_train_step(batch)
-    self._partitioner.compile(step, self.train_state, batch, self._base_rng)
+    if isinstance(step, SplitTrainStep):
+      step.compile(self.train_state, batch, self._base_rng)
+    else:
+      self._partitioner.compile(step, self.train_state, batch, self._base_rng)
 
   def _make_eval_step(self):
     model = self._model

@@ -1,18 +1,23 @@
-"""XLA compile options for the inference executables (scoring, decoding, teacher-forced eval).
+"""XLA compile options: Eigen or YNNPACK dots for float32 on the CPU.
 
 XLA:CPU in this jaxlib hands every dot to YNNPACK by default
 (`--xla_cpu_experimental_ynn_fusion_type` lists `INDIVIDUAL_DOT`). For a float32 model's forward
 pass that is the slower choice on two cores: with YNNPACK switched off (the option set to an empty
 list, so dots run on XLA's own Eigen kernels) the scoring forward of the benchmark's serving batch
-takes 0.75x the time and greedy decoding 0.86x, outputs within 2.5e-7 relative
-(`benchmarks.ab`, quiet Intel Xeon, `benchmarks/ANALYSIS.md`). The float32 training step is the
-same either way (0.98-1.05x, within noise), and a bfloat16 model needs YNNPACK (its bfloat16 x
-bfloat16 -> float32 dots run 2x slower on Eigen), so only float32 inference on the CPU backend
-changes. Accelerators never see the option.
+takes 0.75x the time, greedy decoding 0.86x and the training loss alone 0.70x, outputs within
+2.5e-7 relative (`benchmarks.ab`, quiet Intel Xeon, `benchmarks/ANALYSIS.md`). The backward
+products are faster on YNNPACK, so a one-executable training step gains nothing (0.98-1.05x); a
+bfloat16 model needs YNNPACK everywhere (its bfloat16 x bfloat16 -> float32 dots run 2x slower on
+Eigen). Accelerators never see the option.
 
-`inference_compiler_options(model)` is what the inference paths (`runtime/inference.py`,
-`runtime/trainer.py`'s eval step, `serving/engine.py`) pass to `jax.jit(..., compiler_options=)`;
-bind `inference_compiler_options.cpu_float32_dots = 'ynnpack'` in gin to keep XLA's default.
+* `inference_compiler_options(model)` is what the inference paths (`runtime/inference.py`,
+  `runtime/trainer.py`'s eval step, `serving/engine.py`) pass to `jax.jit(..., compiler_options=)`.
+* `training_forward_compiler_options(model)` makes `Trainer` split a float32 CPU training step in
+  two executables (`trainer.SplitTrainStep`): the forward with Eigen dots, the backward and the
+  optimizer update with the default YNNPACK dots.
+
+Bind either's `cpu_float32_dots = 'ynnpack'` in gin to keep XLA's default (and, for training, the
+one-executable step).
 """
 
 import functools
@@ -51,19 +56,12 @@ def _option_supported(name: str, value: str) -> bool:
   return True
 
 
-@gin.configurable
-def inference_compiler_options(
-    model: Any = None, dtype: Any = None, cpu_float32_dots: str = 'eigen'
+def _cpu_float32_options(
+    what: str, model: Any, dtype: Any, cpu_float32_dots: str
 ) -> Optional[Dict[str, Any]]:
-  """`compiler_options` for an inference executable of `model` (or of activations in `dtype`).
-
-  Returns `EIGEN_DOTS` for a float32 model on the CPU backend when `cpu_float32_dots` is `'eigen'`
-  (the default), else None (XLA's defaults). An unknown dtype counts as float32.
-  """
   if cpu_float32_dots not in CPU_FLOAT32_DOTS:
     raise ValueError(
-        f'inference_compiler_options.cpu_float32_dots={cpu_float32_dots!r}: use one of '
-        f'{CPU_FLOAT32_DOTS}.'
+        f'{what}.cpu_float32_dots={cpu_float32_dots!r}: use one of {CPU_FLOAT32_DOTS}.'
     )
   if cpu_float32_dots != 'eigen' or jax.default_backend() != 'cpu':
     return None
@@ -74,3 +72,30 @@ def inference_compiler_options(
   if not _option_supported(YNN_FUSION_TYPE, EIGEN_DOTS[YNN_FUSION_TYPE]):
     return None
   return dict(EIGEN_DOTS)
+
+
+@gin.configurable
+def inference_compiler_options(
+    model: Any = None, dtype: Any = None, cpu_float32_dots: str = 'eigen'
+) -> Optional[Dict[str, Any]]:
+  """`compiler_options` for an inference executable of `model` (or of activations in `dtype`).
+
+  Returns `EIGEN_DOTS` for a float32 model on the CPU backend when `cpu_float32_dots` is `'eigen'`
+  (the default), else None (XLA's defaults). An unknown dtype counts as float32.
+  """
+  return _cpu_float32_options('inference_compiler_options', model, dtype, cpu_float32_dots)
+
+
+@gin.configurable
+def training_forward_compiler_options(
+    model: Any = None, dtype: Any = None, cpu_float32_dots: str = 'eigen'
+) -> Optional[Dict[str, Any]]:
+  """`compiler_options` for the forward half of a split training step (`trainer.SplitTrainStep`).
+
+  The same rule as `inference_compiler_options`: `EIGEN_DOTS` for a float32 model on the CPU
+  backend, else None. When it returns options, `Trainer` compiles the forward (loss, metrics and
+  the VJP's residuals) with them and the backward plus the optimizer update with XLA's defaults, as
+  two executables; with None the step stays one executable. Bind `cpu_float32_dots = 'ynnpack'`
+  to keep the one-executable step.
+  """
+  return _cpu_float32_options('training_forward_compiler_options', model, dtype, cpu_float32_dots)

@@ -232,7 +232,7 @@ def test_train_step_is_compiled_once_per_bucket(env):
   assert len(shapes) >= 3, shapes  # several buckets occurred, some of them many times
   assert len(seen[:24]) > len(shapes)
   step = trainer._partitioned_train_step  # pylint: disable=protected-access
-  assert step._jitted._cache_size() == len(shapes)  # pylint: disable=protected-access
+  assert step.cache_size() == len(shapes)
   assert sorted(traces) == sorted(shapes)  # one trace per shape, never again
 
 

@@ -1,0 +1,221 @@
+"""The split training step (`trainer.SplitTrainStep`).
+
+For a float32 model on the CPU, `Trainer` compiles the step as two executables: the forward (loss,
+metrics and the VJP's residuals) with XLA's Eigen dots, the backward and the optimizer update with
+XLA's defaults (YNNPACK dots). Checked against the one-executable step of the same Trainer:
+
+* the choice: split for float32 on one CPU device; one executable with microbatches, bfloat16, a
+  multi-device mesh, or `training_forward_compiler_options.cpu_float32_dots = 'ynnpack'`;
+* four steps with dropout: losses and metrics within 1e-5, the prompt and the Adafactor state
+  within 1e-5 relative, the frozen parameters untouched;
+* the forward executable holds no YNNPACK fusion, the backward does where this jaxlib uses it;
+* a trainer restarted from the state after two steps continues bit for bit; the state is donated
+  (the previous prompt's buffer is gone), the frozen parameters are not;
+* one forward and one backward compilation per batch shape.
+"""
+
+import flax
+import gin
+import jax
+import numpy as np
+import pytest
+
+from prompt_tuning import params as params_lib
+from prompt_tuning.runtime import trainer as trainer_lib
+from prompt_tuning.runtime import xla_options
+
+LENGTHS = {'encoder_input_tokens': 16, 'decoder_input_tokens': 6, 'decoder_target_tokens': 6}
+BATCH = 4
+
+
+def _model(dtype='float32'):
+  import tiny_task  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.architectures import prompted  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.architectures import t5  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import adafactor  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import models  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import optimizers  # pylint: disable=g-import-not-at-top
+
+  opt = optimizers.MultiOptimizer(
+      (
+          (
+              optimizers.ModelParamTraversal(optimizers.match_any(['.*/prompt/.*'])),
+              adafactor.Adafactor(
+                  decay_rate=0.8,
+                  step_offset=0,
+                  multiply_by_parameter_scale=False,
+                  logical_factor_rules=adafactor.standard_logical_factor_rules(),
+              ),
+          ),
+      )
+  )
+  vocab = tiny_task.get_vocabulary()
+  config = t5.get_config('tiny', dropout_rate=0.1, dtype=dtype)
+  module = prompted.PromptEncoderDecoder(config, prompt_length=4)
+  return models.EncoderDecoderModel(module, vocab, vocab, optimizer_def=opt)
+
+
+def _batches(n, length=LENGTHS['encoder_input_tokens']):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    enc = rng.integers(2, 30, (BATCH, length)).astype(np.int32)
+    enc[:, -3:] = 0
+    tgt = rng.integers(2, 30, (BATCH, LENGTHS['decoder_target_tokens'])).astype(np.int32)
+    tgt[:, -1] = 0
+    dec_in = np.concatenate([np.zeros((BATCH, 1), np.int32), tgt[:, :-1]], axis=1)
+    out.append(
+        {
+            'encoder_input_tokens': enc,
+            'decoder_input_tokens': dec_in,
+            'decoder_target_tokens': tgt,
+            'decoder_loss_weights': (tgt > 0).astype(np.int32),
+        }
+    )
+  return out
+
+
+class _OneExecutable(trainer_lib.Trainer):
+  """The same Trainer with the step kept as one executable (the reference)."""
+
+  def _forward_compiler_options(self):
+    return None
+
+
+@pytest.fixture(scope='module')
+def env():
+  from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import train_state  # pylint: disable=g-import-not-at-top
+
+  model = _model()
+  partitioner = partitioning.PjitPartitioner(num_partitions=1)
+  shapes = dict(LENGTHS, decoder_loss_weights=LENGTHS['decoder_target_tokens'])
+  builder = train_state.StateBuilder(model, partitioner, {k: (BATCH, n) for k, n in shapes.items()})
+  params = jax.device_get(builder.init_params(jax.random.PRNGKey(0)))
+  return {'model': model, 'partitioner': partitioner, 'builder': builder, 'params': params}
+
+
+def _trainer(env, cls=trainer_lib.Trainer, state=None, **kw):
+  from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
+
+  return cls(
+      kw.pop('model', env['model']),
+      state if state is not None else env['builder'].build(env['params']),
+      kw.pop('partitioner', env['partitioner']),
+      eval_names=[],
+      summary_dir=None,
+      train_state_axes=env['builder'].state_axes,
+      rng=jax.random.PRNGKey(3),
+      learning_rate_fn=schedules.create_learning_rate_scheduler(
+          factors='constant', base_learning_rate=0.3
+      ),
+      log_period=1,
+      **kw,
+  )
+
+
+def _flat(tree):
+  state_dict = flax.serialization.to_state_dict(jax.device_get(tree))
+  return {k: np.asarray(v) for k, v in params_lib.flatten_params(state_dict).items()}
+
+
+def _close(a, b, rtol=1e-5):
+  assert a.keys() == b.keys()
+  for k in a:
+    scale = max(float(np.max(np.abs(b[k]))), 1e-12)
+    err = float(np.max(np.abs(a[k] - b[k]))) / scale if a[k].size else 0.0
+    assert err <= rtol, (k, err)
+
+
+@pytest.fixture(scope='module')
+def runs(env):
+  batches = _batches(4)
+  split, one = _trainer(env), _trainer(env, _OneExecutable)
+  out = {}
+  for name, t in (('split', split), ('one', one)):
+    t.train(iter(batches), 4, start_step=0)
+    out[name] = t
+  return {'split': split, 'one': one, 'batches': batches}
+
+
+def test_float32_on_one_cpu_device_splits_and_the_rest_keeps_one_executable(env):
+  placed = _trainer(env).place_batch(_batches(1)[0])
+  assert isinstance(_trainer(env)._get_train_step(placed), trainer_lib.SplitTrainStep)
+  assert not isinstance(
+      _trainer(env, num_microbatches=2)._get_train_step(placed), trainer_lib.SplitTrainStep
+  )
+  assert _trainer(env, model=_model('bfloat16'))._forward_compiler_options() is None
+
+  class _TwoDevices:
+    mesh = type('Mesh', (), {'devices': np.zeros(2)})()
+
+  assert _trainer(env, partitioner=_TwoDevices())._forward_compiler_options() is None
+  with gin.unlock_config():
+    gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'ynnpack')
+  try:
+    assert _trainer(env)._forward_compiler_options() is None
+  finally:
+    gin.clear_config()
+  assert _trainer(env)._forward_compiler_options() == xla_options.EIGEN_DOTS
+
+
+def test_split_steps_equal_the_one_executable_steps(runs):
+  split, one = runs['split'], runs['one']
+  assert isinstance(split._partitioned_train_step, trainer_lib.SplitTrainStep)
+  assert not isinstance(one._partitioned_train_step, trainer_lib.SplitTrainStep)
+  assert sorted(split.loss_history) == [1, 2, 3, 4]
+  losses = [split.loss_history[s] for s in range(1, 5)]
+  np.testing.assert_allclose(losses, [one.loss_history[s] for s in range(1, 5)], rtol=1e-5)
+  assert losses[-1] < losses[0]  # learning rate 0.3 on the prompt: the loss moves
+  assert int(split.train_state.step) == int(one.train_state.step) == 4
+  _close(_flat(split.train_state.trainable), _flat(one.train_state.trainable))
+  _close(_flat(split.train_state.opt_state), _flat(one.train_state.opt_state))
+  frozen = _flat(split.train_state.frozen)
+  for k, v in _flat(one.train_state.frozen).items():
+    np.testing.assert_array_equal(frozen[k], v)
+
+
+def test_forward_runs_eigen_dots_and_backward_xla_default_dots(env, runs):
+  split, one = runs['split'], runs['one']
+  placed = split.place_batch(runs['batches'][0])
+  forward, backward = split._partitioned_train_step.compile(
+      split.train_state, placed, split._base_rng
+  )
+  assert '__ynn_fusion' not in forward.as_text()
+  default = one._partitioned_train_step.lower(one.train_state, placed, one._base_rng).compile()
+  # Whatever XLA's default does with the one-executable step, the backward does too.
+  assert ('__ynn_fusion' in backward.as_text()) == ('__ynn_fusion' in default.as_text())
+
+
+def test_restarting_from_the_state_continues_bit_for_bit(env, runs):
+  batches = runs['batches']
+  first = _trainer(env)
+  before = first.train_state
+  first.train(iter(batches[:2]), 2, start_step=0)
+  # The state is donated to the backward (the first prompt's buffer is gone); the frozen
+  # parameters pass through it undonated.
+  assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(before.trainable))
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(before.frozen))
+  host = jax.device_get(first.train_state)
+  state = env['builder'].build(host.params, step=2)
+  state = state.replace(
+      opt_state=jax.tree_util.tree_map(
+          lambda h, d: jax.device_put(h, d.sharding), host.opt_state, state.opt_state
+      )
+  )
+  second = _trainer(env, state=state)
+  second.train(iter(batches[2:]), 2)
+  whole = runs['split']
+  for s in (3, 4):
+    assert second.loss_history[s] == whole.loss_history[s]
+  for part in ('trainable', 'opt_state'):
+    a, b = _flat(getattr(second.train_state, part)), _flat(getattr(whole.train_state, part))
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_one_forward_and_one_backward_compilation_per_batch_shape(env):
+  t = _trainer(env)
+  t.train(iter(_batches(2) + _batches(2, length=12) + _batches(1)), 5, start_step=0)
+  step = t._partitioned_train_step
+  assert step.forward.cache_size() == step.backward.cache_size() == step.cache_size() == 2
