@@ -6,8 +6,9 @@
 For every method, one worker process per framework (so each peak RSS is that method's alone) runs
 the method's training step on the same synthetic batches (`common.train_batches`, T5 1.1 small
 shape for `full`: batch 8, 128 inputs, 8 targets, float32 on CPU): ours is the runtime's train
-step as `Trainer` compiles it (`trainer.SplitTrainStep` for float32 on the CPU, else one jitted
-`trainer.train_with_lr`; T5X Adafactor over the method's parameters only); PEFT's is
+step as `Trainer` compiles it (one jitted `trainer.train_with_lr`, or `trainer.SplitTrainStep`
+where `training_forward_compiler_options` asks for it; T5X Adafactor over the method's parameters
+only); PEFT's is
 forward with labels, backward and transformers' Adafactor over PEFT's trainable parameters. The
 workers alternate method by method in one run. Written: `<workdir>/methods.json` (every time) and
 `<workdir>/methods.md` (the table, examples/s and peak RSS per framework and their ratios).
@@ -181,7 +182,7 @@ def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
   }
   forward_options = xla_options.training_forward_compiler_options(model)
   if forward_options:
-    # As `Trainer` runs it (float32 on the CPU): forward on Eigen dots, backward on XLA's default.
+    # As `Trainer` runs it when asked to: forward on Eigen dots, backward on XLA's default.
     forward, backward = trainer.split_train_step_fns(model, lambda _: 0.3)
     step = trainer.SplitTrainStep(
         jax.jit(forward, compiler_options=forward_options),

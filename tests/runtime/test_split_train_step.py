@@ -1,11 +1,12 @@
 """The split training step (`trainer.SplitTrainStep`).
 
-For a float32 model on the CPU, `Trainer` compiles the step as two executables: the forward (loss,
+Opted into with `training_forward_compiler_options.cpu_float32_dots = 'eigen'` (bound for this
+module), `Trainer` compiles a float32 model's step on the CPU as two executables: the forward (loss,
 metrics and the VJP's residuals) with XLA's Eigen dots, the backward and the optimizer update with
 XLA's defaults (YNNPACK dots). Checked against the one-executable step of the same Trainer:
 
-* the choice: split for float32 on one CPU device; one executable with microbatches, bfloat16, a
-  multi-device mesh, or `training_forward_compiler_options.cpu_float32_dots = 'ynnpack'`;
+* the choice: split for float32 on one CPU device when asked for; one executable by default, with
+  microbatches, bfloat16 or a multi-device mesh;
 * four steps with dropout: losses and metrics within 1e-5, the prompt and the Adafactor state
   within 1e-5 relative, the frozen parameters untouched;
 * the forward executable holds no YNNPACK fusion, the backward does where this jaxlib uses it;
@@ -82,6 +83,14 @@ class _OneExecutable(trainer_lib.Trainer):
     return None
 
 
+@pytest.fixture(scope='module', autouse=True)
+def opt_in():
+  with gin.unlock_config():
+    gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'eigen')
+  yield
+  gin.clear_config()
+
+
 @pytest.fixture(scope='module')
 def env():
   from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
@@ -150,13 +159,21 @@ def test_float32_on_one_cpu_device_splits_and_the_rest_keeps_one_executable(env)
     mesh = type('Mesh', (), {'devices': np.zeros(2)})()
 
   assert _trainer(env, partitioner=_TwoDevices())._forward_compiler_options() is None
+  assert _trainer(env)._forward_compiler_options() == xla_options.EIGEN_DOTS
   with gin.unlock_config():
     gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'ynnpack')
   try:
     assert _trainer(env)._forward_compiler_options() is None
   finally:
-    gin.clear_config()
-  assert _trainer(env)._forward_compiler_options() == xla_options.EIGEN_DOTS
+    with gin.unlock_config():
+      gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'eigen')
+  # Without any binding (the default), one executable.
+  gin.clear_config()
+  try:
+    assert _trainer(env)._forward_compiler_options() is None
+  finally:
+    with gin.unlock_config():
+      gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'eigen')
 
 
 def test_split_steps_equal_the_one_executable_steps(runs):
