@@ -192,7 +192,7 @@ def run_ours(method: str, shapes: common.Shapes) -> Dict[str, Any]:
     step = jax.jit(
         lambda st, b, _: trainer.train_with_lr(st, b, 0.3, None, model), donate_argnums=(0,)
     )
-  base_rng = None
+  base_rng = None  # no dropout
   res['split_step'] = bool(forward_options)
   res['rss_mb']['loaded'] = common.rss_mb()
   state, metrics = step(state, batches[0], base_rng)

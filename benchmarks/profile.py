@@ -176,14 +176,8 @@ def profile_ours(args, shapes) -> Dict[str, Any]:
       prompt_length=args.prompt_length,
   )
   if args.section == 'train':
-    # One executable: the trace names ops, not modules, so the two executables of the split step
-    # (trainer.SplitTrainStep, float32 on the CPU) would mix their op names. The one-executable
-    # step computes the same ops; only its forward's dots are YNNPACK's instead of Eigen's.
-    import gin  # pylint: disable=g-import-not-at-top
-    from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top,unused-import
-
-    with gin.unlock_config():
-      gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'ynnpack')
+    # The default one-executable step (the opt-in trainer.SplitTrainStep has two executables,
+    # whose op names a trace would mix).
     bench = bench_ours.TrainBench(bench_args, shapes)
     bench.setup()
     placed = bench.trainer.place_batch(bench.batches[0])

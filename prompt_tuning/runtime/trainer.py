@@ -167,6 +167,16 @@ def write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
   writer.flush()
 
 
+def _loss_of(model, frozen: PyTree) -> Callable:
+  """`(trainable, batch, dropout_rng) -> (loss, metrics)`: the model's loss with `frozen` fixed."""
+
+  def loss_of(trainable, batch, rng):
+    loss, metrics = model.loss_fn(train_state_lib.merge_params(trainable, frozen), batch, rng)
+    return loss, metrics_lib.as_metrics(metrics)
+
+  return loss_of
+
+
 def accumulate_grads_microbatched(
     model,
     train_state: train_state_lib.TrainState,
@@ -185,13 +195,7 @@ def accumulate_grads_microbatched(
   Returns:
     `(grads, metrics)`: `grads` has the structure and dtypes of `train_state.trainable`.
   """
-  frozen = train_state.frozen
-
-  def loss_of(trainable, mb, rng):
-    loss, metrics = model.loss_fn(train_state_lib.merge_params(trainable, frozen), mb, rng)
-    return loss, metrics_lib.as_metrics(metrics)
-
-  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  grad_fn = jax.value_and_grad(_loss_of(model, train_state.frozen), has_aux=True)
   if num_microbatches is None or num_microbatches <= 1:
     (_, metrics), grads = grad_fn(train_state.trainable, batch, dropout_rng)
     return grads, metrics_lib.finalize_step(metrics)
@@ -268,15 +272,10 @@ def forward_with_vjp(
   can leave one executable and enter another (`SplitTrainStep`). `grads_from_vjp` finishes the
   gradient; together they equal `accumulate_grads_microbatched` without microbatches.
   """
-  frozen = train_state.frozen
-
-  def loss_of(trainable):
-    loss, metrics = model.loss_fn(
-        train_state_lib.merge_params(trainable, frozen), batch, dropout_rng
-    )
-    return loss, metrics_lib.as_metrics(metrics)
-
-  loss, vjp_fn, metrics = jax.vjp(loss_of, train_state.trainable, has_aux=True)
+  loss_of = _loss_of(model, train_state.frozen)
+  loss, vjp_fn, metrics = jax.vjp(
+      lambda trainable: loss_of(trainable, batch, dropout_rng), train_state.trainable, has_aux=True
+  )
   return loss, metrics, vjp_fn
 
 
