@@ -60,7 +60,7 @@ setuptools.setup(
         'test': [
             'pytest>=8,<10',
             'pyink==26.5.1',  # the formatter tests/test_style.py checks; pinned: styles change between releases
-            'pytest-xdist>=3.5,<4',
+            'pytest-xdist>=3.8,<4',
             'scikit-learn>=1.4,<2',
             'scipy>=1.11,<2',
             'torch==2.13.0',

@@ -14,4 +14,4 @@ fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=3
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -rs "$@" tests
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -rs "$@" tests

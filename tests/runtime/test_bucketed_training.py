@@ -190,7 +190,7 @@ def test_per_example_losses_equal_the_unbucketed_run(env):
 
 def test_training_on_bucketed_batches_equals_training_on_them_padded(env):
   """Six steps on the bucketed stream and six on the same batches padded back: same losses and
-  metrics at every step, same prompt and optimizer state after (1e-6)."""
+  metrics at every step, same prompt (1e-5) and optimizer state (1e-6) after."""
   import jax  # pylint: disable=g-import-not-at-top
 
   batches = env['bucketed'][:6]
@@ -205,7 +205,9 @@ def test_training_on_bucketed_batches_equals_training_on_them_padded(env):
   rt.assert_losses_close(loss_b, loss_p, range(1, 7))
   prompt_b = state_b.trainable['encoder']['prompt']['prompt']['prompt']
   prompt_p = state_p.trainable['encoder']['prompt']['prompt']['prompt']
-  np.testing.assert_allclose(prompt_b, prompt_p, rtol=1e-6, atol=1e-6)
+  # Rounding only: the two runs sum over different shapes. Measured 1.7e-6 at most (the prompt
+  # moves by up to 1.4) with XLA's default compile, 6.6e-6 with the tests' LLVM level 1.
+  np.testing.assert_allclose(prompt_b, prompt_p, rtol=1e-5, atol=1e-5)
   initial = env['params']['encoder']['prompt']['prompt']['prompt']
   assert not np.allclose(prompt_b, initial)  # it did train
   for a, b in zip(

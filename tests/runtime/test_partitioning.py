@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
       ),
       'sharded': rt.popen_logged(
           [rt.PYTHON, SCRIPT, f'{root}/sharded.json', f'{root}/sharded', '2'],
-          dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+          dict(env, XLA_FLAGS=env['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=8'),
           f'{root}/sharded.log',
       ),
   }
