@@ -27,8 +27,8 @@ LENGTHS = "{'inputs': 24, 'targets': 8}"
 # XLA flags of every test process (pytest's and the subprocesses'): LLVM's optimization level 1
 # instead of the default halves the backend compile time of the tiny models, which dominates the
 # end-to-end tests (on 2 cores: 48 -> 25 s of compiling in two methods' train + eval). Level 0 is
-# as quick but rounds differently: the fused layouts' check (1e-6 relative) saw 1.05e-6 with it. The benchmarks' tests drop it:
-# they run what users run.
+# as quick but rounds differently: the fused layouts' check (1e-6 relative) saw 1.05e-6 with it.
+# The benchmarks' tests drop it: they run what users run.
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=1'
 
 # Signs of an unhandled traceback from deep inside JAX / TF in a user-facing error.
