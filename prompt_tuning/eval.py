@@ -6,6 +6,7 @@ if __name__ == '__main__':
   # Before TensorFlow is imported (below, through seqio): its C++ start-up lines stay quiet.
   from prompt_tuning.runtime import launch as _launch  # pylint: disable=g-import-not-at-top
 
+  _launch.fast_shutdown()
   _launch.quiet_startup()
 
 from prompt_tuning.runtime.eval import evaluate  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
@@ -21,6 +22,7 @@ def main(argv):
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
 
+  launch.fast_shutdown()
   launch.define_flags()
   gin_utils.run(main)
 

@@ -80,6 +80,7 @@ def main(argv):
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
 
+  launch.fast_shutdown()
   launch.define_flags()
   _flags()
   gin_utils.run(main)

@@ -165,4 +165,7 @@ def _run(args, gin_bindings: List[str]) -> int:
 
 
 if __name__ == '__main__':
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  launch.fast_shutdown()
   sys.exit(main())

@@ -272,4 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  launch.fast_shutdown()
   sys.exit(main())

@@ -6,7 +6,9 @@ not the INFO lines of orbax, seqio or TensorFlow, nor TensorFlow's C++ start-up 
 one `ERROR: ...` line; Ctrl-C and SIGTERM in one line saying where to resume.
 """
 
+import atexit
 import contextlib
+import gc
 import logging as py_logging
 import os
 import re
@@ -17,6 +19,33 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
+
+
+_FAST_SHUTDOWN = False
+
+
+def _collect_then_freeze() -> None:
+  gc.collect()
+  gc.freeze()
+
+
+def fast_shutdown() -> None:
+  """Makes the interpreter's shutdown quick: 0.1-0.2 s instead of 1.5 s on 2 cores.
+
+  After JAX, TensorFlow and Keras are imported, Python's shutdown spends most of its time in the
+  garbage collector, walking their module graphs again and again as the modules are torn down.
+  This registers an exit handler, run after the ones registered later (JAX's, orbax's), that
+  collects once, so garbage in reference cycles is finalized as usual (an abandoned summary writer
+  or file still flushes), then freezes what is left out of the collector (`gc.freeze`). What is
+  still reachable from a module at that point is then not finalized, as after `os._exit`: every
+  writer of this project flushes after each write and closes its files, and `logging`'s own exit
+  handler (registered earlier) still runs after this one. Every entry point calls it first; later
+  calls do nothing (the first registration, the one that runs last, stays).
+  """
+  global _FAST_SHUTDOWN
+  if not _FAST_SHUTDOWN:
+    _FAST_SHUTDOWN = True
+    atexit.register(_collect_then_freeze)
 
 
 def define_flags() -> None:

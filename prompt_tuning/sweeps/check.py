@@ -153,6 +153,9 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  launch.fast_shutdown()
   import logging  # pylint: disable=g-import-not-at-top
 
   logging.disable(logging.WARNING)
