@@ -53,4 +53,7 @@ def _flat_with_paths(tree):
 
 
 if __name__ == '__main__':
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  launch.fast_shutdown()  # the shutdown's garbage collection: 1.5 s of walking module graphs
   main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
