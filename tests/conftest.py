@@ -1,6 +1,7 @@
 """Shared pytest setup: CPU only, quiet TensorFlow, no network, XLA's quick compile for tests."""
 
 import collections
+import gc
 import os
 import sys
 
@@ -24,3 +25,12 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
   number of slow tests keep their collection order."""
   slow = collections.Counter(item.path for item in items if item.get_closest_marker('slow'))
   items.sort(key=lambda item: -slow[item.path])
+
+
+def pytest_collection_finish(session):  # pylint: disable=unused-argument
+  """What exists after collection (JAX, TensorFlow, PyTorch, transformers and the test modules)
+  lives until the end: freezing it out of the garbage collector spares each full collection walking
+  it again. On test_merging.py + test_hooks.py: 125 full collections took 14.8 of 153 s, 4.7 s
+  frozen. Objects the tests create are collected as usual."""
+  gc.collect()
+  gc.freeze()
