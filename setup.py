@@ -54,8 +54,8 @@ setuptools.setup(
         'clu>=0.0.12,<0.1',
         'tensorboard>=2.15,<3',
         'matplotlib>=3.7,<4',
-        # 0.7.0 registers its NumPy ufunc loops so slowly that `import jax` takes 1.1 s more and a process
-        # importing JAX and TensorFlow 3.5 s more (9.0 against 5.4 s on 2 cores); 0.5 and 0.6 do not.
+        # 0.7.0 registers its NumPy ufunc loops so slowly that `import jax` takes 1.1 s more and
+        # a process importing JAX and TensorFlow 3.5 s more (9.0 against 5.4 s on 2 cores).
         'ml_dtypes>=0.5,<0.7',
     ],
     extras_require={

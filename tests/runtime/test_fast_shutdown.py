@@ -1,7 +1,7 @@
 """`launch.fast_shutdown`: what the entry points' quick exit finalizes, and what it leaves.
 
-Checked in fresh interpreters (the behaviour is the interpreter's shutdown): an unreachable object in
-a reference cycle that holds buffered, unwritten data (as an abandoned summary writer would) is
+Checked in fresh interpreters (the behaviour is the interpreter's shutdown): an unreachable object
+in a reference cycle that holds buffered, unwritten data (as an abandoned summary writer would) is
 still finalized, so its data reaches the file; an object still reachable from a module at exit is
 not finalized (frozen out of the collector, as `os._exit` would leave it; without `fast_shutdown`
 the module teardown finalizes it), which is why every writer of this project flushes after each
