@@ -15,7 +15,12 @@ import sys
 
 import gin
 
-from prompt_tuning.serving.server import serve  # pylint: disable=unused-import
+if __name__ == '__main__':
+  from prompt_tuning.runtime import launch as _launch  # pylint: disable=g-import-not-at-top
+
+  _launch.tune_malloc()  # first: it may restart the process, before JAX is imported (below)
+
+from prompt_tuning.serving.server import serve  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
 
 WORKER_ENV = 'PROMPT_TUNING_WORKER'
 
@@ -80,6 +85,7 @@ def main(argv):
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
 
+  launch.tune_malloc()
   launch.fast_shutdown()
   launch.define_flags()
   _flags()

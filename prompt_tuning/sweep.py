@@ -167,5 +167,6 @@ def _run(args, gin_bindings: List[str]) -> int:
 if __name__ == '__main__':
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
 
+  launch.tune_malloc()  # first: it may restart the process
   launch.fast_shutdown()
   sys.exit(main())

@@ -9,6 +9,7 @@ if __name__ == '__main__':
   # Before TensorFlow is imported (below, through seqio): its C++ start-up lines stay quiet.
   from prompt_tuning.runtime import launch as _launch  # pylint: disable=g-import-not-at-top
 
+  _launch.tune_malloc()  # first: it may restart the process
   _launch.fast_shutdown()
   _launch.quiet_startup()
 
@@ -25,6 +26,7 @@ def main(argv):
 def console_main():
   from prompt_tuning.runtime import gin_utils, launch  # pylint: disable=g-import-not-at-top
 
+  launch.tune_malloc()
   launch.fast_shutdown()
   launch.define_flags()
   gin_utils.run(main)

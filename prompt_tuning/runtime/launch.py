@@ -48,6 +48,92 @@ def fast_shutdown() -> None:
     atexit.register(_collect_then_freeze)
 
 
+# What `tune_malloc` adds to `GLIBC_TUNABLES`, per `PROMPT_TUNING_MALLOC` mode: large blocks (XLA's
+# per-call temporaries) backed by transparent huge pages, 512x fewer page faults, memory unchanged.
+MALLOC_MODES = {'hugepages': {'glibc.malloc.hugetlb': '1'}, 'off': {}}
+MALLOC_ENV = 'PROMPT_TUNING_MALLOC'
+_MALLOC_DONE_ENV = '_PROMPT_TUNING_MALLOC_APPLIED'
+
+
+def _glibc_version() -> tuple:
+  import platform  # pylint: disable=g-import-not-at-top
+
+  lib, version = platform.libc_ver()
+  if lib != 'glibc':
+    return ()
+  try:
+    return tuple(int(x) for x in version.split('.')[:2])
+  except ValueError:
+    return ()
+
+
+def _transparent_hugepages_off() -> bool:
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      return '[never]' in f.read()
+  except OSError:
+    return True
+
+
+def malloc_tunables(mode: str, environ=None) -> dict:
+  """The `GLIBC_TUNABLES` entries `tune_malloc` would add (empty: nothing to do)."""
+  environ = os.environ if environ is None else environ
+  if mode not in MALLOC_MODES:
+    raise ValueError(
+        f'{MALLOC_ENV}={mode!r} is not a mode: use one of {", ".join(sorted(MALLOC_MODES))}.'
+    )
+  if not sys.platform.startswith('linux') or _glibc_version() < (2, 35):
+    return {}  # glibc.malloc.hugetlb came with glibc 2.35; other C libraries ignore the variable
+  if _transparent_hugepages_off():
+    return {}
+  present = {item.split('=', 1)[0] for item in environ.get('GLIBC_TUNABLES', '').split(':') if item}
+  # The user's own settings win, key by key.
+  return {k: v for k, v in MALLOC_MODES[mode].items() if k not in present}
+
+
+def tune_malloc() -> None:
+  """Restarts this process once with glibc's allocator set up for XLA's large per-call buffers.
+
+  On the CPU, every call of a compiled XLA executable allocates its temporaries as one large
+  block (750 MiB for the T5 1.1 small training step at prompt length 100) and frees it afterwards.
+  glibc serves blocks above 32 MiB with a fresh `mmap` and returns them with `munmap`, so each call
+  touches that memory anew: 195,000 page faults and 0.4 s of kernel time per training step on 2
+  cores (the scoring forward: 340,000), 10-20% of the step. PyTorch's allocations stay under the
+  threshold and are reused. glibc reads its settings (`GLIBC_TUNABLES`) only when a process starts,
+  so an entry point calls this first: if settings are missing, the process re-executes itself
+  (same PID, arguments and environment, plus the settings) before anything heavy is imported.
+
+  `PROMPT_TUNING_MALLOC=hugepages` (the default) backs large blocks with transparent huge pages
+  (`glibc.malloc.hugetlb=1`): 2 MiB pages, 512x fewer faults, the same resident memory;
+  `PROMPT_TUNING_MALLOC=off` leaves the allocator alone. An entry the user already has in
+  `GLIBC_TUNABLES` wins. Nothing happens off Linux, on a C library other than glibc >= 2.35, with
+  transparent huge pages disabled (`/sys/kernel/mm/transparent_hugepage/enabled` is `never`), or
+  when the re-execution fails.
+  """
+  if os.environ.get(_MALLOC_DONE_ENV) or not sys.executable:
+    return
+  mode = os.environ.get(MALLOC_ENV, 'hugepages').strip().lower() or 'hugepages'
+  try:
+    add = malloc_tunables(mode)
+  except ValueError as e:
+    raise SystemExit(f'ERROR: {e}') from None
+  os.environ[_MALLOC_DONE_ENV] = mode
+  if not add:
+    return
+  current = os.environ.get('GLIBC_TUNABLES', '')
+  env = dict(os.environ)
+  env['GLIBC_TUNABLES'] = ':'.join([current] * bool(current) + [f'{k}={v}' for k, v in add.items()])
+  argv = list(getattr(sys, 'orig_argv', None) or [sys.executable] + sys.argv)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, argv, env)
+  except OSError as e:  # run on as we are, only slower
+    print(
+        f'prompt_tuning: could not restart with GLIBC_TUNABLES ({e}); continuing', file=sys.stderr
+    )
+
+
 def define_flags() -> None:
   if 'gin_file' in FLAGS:
     return

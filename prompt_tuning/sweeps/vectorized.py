@@ -749,5 +749,6 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == '__main__':
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
 
+  launch.tune_malloc()  # first: it may restart the process
   launch.fast_shutdown()
   sys.exit(main(sys.argv))
