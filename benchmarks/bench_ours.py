@@ -574,6 +574,7 @@ SECTIONS = {
 
 def _meta(args) -> dict:
   meta = {'remat': args.remat, 'dots': args.dots, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  meta['glibc_tunables'] = os.environ.get('GLIBC_TUNABLES', '')  # launch.tune_malloc's restart
   if 'jax' in sys.modules:
     jax = sys.modules['jax']
     meta.update({'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind})

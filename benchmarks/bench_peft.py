@@ -518,7 +518,7 @@ SECTIONS = {
 def _meta(args) -> dict:
   del args
   gc.collect()
-  meta = {}
+  meta = {'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
   if 'torch' in sys.modules:
     torch = sys.modules['torch']
     meta.update(

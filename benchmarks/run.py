@@ -852,6 +852,17 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
       'uses all cores; `torch.set_num_threads(cores)`; PEFT workers run with '
       f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.'
   )
+  tunables = _worker_values(all_results, 'glibc_tunables')
+  if tunables:
+    said = {
+        f: ', '.join(f'`GLIBC_TUNABLES={v}`' if v else "glibc's defaults" for v in vals)
+        for f, vals in tunables.items()
+    }
+    add(
+        f"- Allocator: ours' workers ran with {said.get('ours', 'not recorded')} (they restart as "
+        "the entry points do, `launch.tune_malloc`), PEFT's with "
+        f"{said.get('peft', 'not recorded')}."
+    )
   lines += _validity_lines(all_results, meta)
   for key, res in all_results.items():
     kind = res.get('kind') if isinstance(res, dict) else None
@@ -957,6 +968,25 @@ def _validity_lines(all_results: Dict[str, Any], meta: Dict[str, Any]) -> List[s
         f'{busiest or "none"} | {verdict} |'
     )
   return lines
+
+
+def _worker_values(all_results: Dict[str, Any], field: str) -> Dict[str, List[str]]:
+  """The distinct values of a worker meta `field`, per framework, over every measurement."""
+  found: Dict[str, List[str]] = {}
+
+  def visit(node):
+    if not isinstance(node, dict):
+      return
+    if field in node and node.get('framework') in ('ours', 'peft'):
+      values = found.setdefault(node['framework'], [])
+      if node[field] not in values:
+        values.append(node[field])
+      return
+    for child in node.values():
+      visit(child)
+
+  visit(all_results)
+  return found
 
 
 def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:

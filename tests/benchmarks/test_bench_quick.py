@@ -124,6 +124,17 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert 'quick mode' in text
   assert 'GPU section' in text
   assert 'Failures' not in text, text
+  # Ours' workers restart as the entry points do (launch.tune_malloc); PEFT's run as PyTorch's users
+  # run them.
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  ours = (
+      '`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`'
+      if launch.malloc_tunables('hugepages', {})
+      else ("glibc's defaults")
+  )
+  assert f"- Allocator: ours' workers ran with {ours} (" in text, text[:3000]
+  assert "PEFT's with glibc's defaults." in text
   raw = json.loads((tmp_path / 'RESULTS.json').read_text())
   assert raw['meta']['quick'] is True
   # Quick mode: one main (CPU, tiny) section, plus the realistic-length and bfloat16 sections.
