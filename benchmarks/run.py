@@ -859,8 +859,8 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         for f, vals in tunables.items()
     }
     add(
-        f"- Allocator: ours' workers ran with {said.get('ours', 'not recorded')} (they restart as "
-        "the entry points do, `launch.tune_malloc`), PEFT's with "
+        f"- Allocator: ours' workers ran with {said.get('ours', 'not recorded')} (set as the "
+        "entry points set it: `launch.tune_malloc`, `PROMPT_TUNING_MALLOC`), PEFT's with "
         f"{said.get('peft', 'not recorded')}."
     )
   lines += _validity_lines(all_results, meta)
