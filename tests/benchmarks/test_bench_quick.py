@@ -61,8 +61,10 @@ def _ratio(cell):
   m = _RATIO.match(cell.strip())
   assert m, f'not a ratio cell: {cell!r}'
   value, lo, hi, best = (_positive(m.group(k)) for k in ('value', 'lo', 'hi', 'best'))
-  # The ratio is the median of the pair ratios, so it lies within their range (2-decimal rounding).
-  assert lo - 0.01 <= value <= hi + 0.01, cell
+  # The ratio is the median of the pair ratios, so it lies within their range, up to its rounding:
+  # 2 decimals, or 3 significant digits from 100x up (`142x` beside pairs of 142.16).
+  slack = lambda x: max(0.01, 0.005 * x)
+  assert lo - slack(lo) <= value <= hi + slack(hi), cell
   return value, lo, hi, best
 
 
