@@ -82,6 +82,8 @@ def malloc_tunables(mode: str, environ=None) -> dict:
     raise ValueError(
         f'{MALLOC_ENV}={mode!r} is not a mode: use one of {", ".join(sorted(MALLOC_MODES))}.'
     )
+  if not MALLOC_MODES[mode]:
+    return {}  # `off` (the default): no need to read the C library's version off the executable
   if not sys.platform.startswith('linux') or _glibc_version() < (2, 35):
     return {}  # glibc.malloc.hugetlb came with glibc 2.35; other C libraries ignore the variable
   if _transparent_hugepages_off():
