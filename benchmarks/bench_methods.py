@@ -391,6 +391,33 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
   return '\n'.join(rows)
 
 
+def allocator() -> str:
+  """This worker's allocator settings (`launch.tune_malloc`'s restart sets them for ours)."""
+  if os.environ.get('LD_PRELOAD'):
+    return f'`LD_PRELOAD={os.environ["LD_PRELOAD"]}`'
+  if os.environ.get('GLIBC_TUNABLES'):
+    return f'`GLIBC_TUNABLES={os.environ["GLIBC_TUNABLES"]}`'
+  return "glibc's defaults"
+
+
+def allocator_line(results: Dict[str, Dict[str, Any]]) -> str:
+  """'Allocator: ...' for the report, from what each framework's workers recorded."""
+  said = {}
+  for by_framework in results.values():
+    for framework, r in by_framework.items():
+      if isinstance(r, dict) and r.get('allocator'):
+        said.setdefault(framework, [])
+        if r['allocator'] not in said[framework]:
+          said[framework].append(r['allocator'])
+  if not said:
+    return ''
+  return (
+      f"Allocator: ours' workers ran with {', '.join(said.get('ours', ['not recorded']))} "
+      f"(`PROMPT_TUNING_MALLOC`), PEFT's with {', '.join(said.get('peft', ['not recorded']))}."
+      '\n\n'
+  )
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
@@ -404,7 +431,9 @@ def main(argv=None) -> int:
   shapes = common.SHAPES[args.shapes]
   if args.worker:
     run = run_ours if args.worker == 'ours' else run_peft
-    print('RESULT' + json.dumps(run(args.method, shapes), default=float), flush=True)
+    res = run(args.method, shapes)
+    res['allocator'] = allocator()
+    print('RESULT' + json.dumps(res, default=float), flush=True)
     return 0
   methods = [m for m in args.methods.split(',') if m]
   unknown = [m for m in methods if m not in METHODS]
@@ -472,6 +501,7 @@ def main(argv=None) -> int:
           if loaded
           else 'Every worker ran on a quiet machine (valid).\n\n'
       )
+      + allocator_line(results)
       + table(results)
       + '\n'
   )

@@ -575,6 +575,7 @@ SECTIONS = {
 def _meta(args) -> dict:
   meta = {'remat': args.remat, 'dots': args.dots, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
   meta['glibc_tunables'] = os.environ.get('GLIBC_TUNABLES', '')  # launch.tune_malloc's restart
+  meta['ld_preload'] = os.environ.get('LD_PRELOAD', '')  # PROMPT_TUNING_MALLOC=tcmalloc
   if 'jax' in sys.modules:
     jax = sys.modules['jax']
     meta.update({'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind})

@@ -518,7 +518,10 @@ SECTIONS = {
 def _meta(args) -> dict:
   del args
   gc.collect()
-  meta = {'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
+  meta = {
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
+  }
   if 'torch' in sys.modules:
     torch = sys.modules['torch']
     meta.update(

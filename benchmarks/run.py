@@ -852,16 +852,12 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
       'uses all cores; `torch.set_num_threads(cores)`; PEFT workers run with '
       f'{", ".join(f"`{k}={v}`" for k, v in meta.get("torch_env", {}).items()) or "the default OpenMP settings"}.'
   )
-  tunables = _worker_values(all_results, 'glibc_tunables')
-  if tunables:
-    said = {
-        f: ', '.join(f'`GLIBC_TUNABLES={v}`' if v else "glibc's defaults" for v in vals)
-        for f, vals in tunables.items()
-    }
+  allocators = _allocators(all_results)
+  if allocators:
     add(
-        f"- Allocator: ours' workers ran with {said.get('ours', 'not recorded')} (set as the "
+        f"- Allocator: ours' workers ran with {allocators.get('ours', 'not recorded')} (set as the "
         "entry points set it: `launch.tune_malloc`, `PROMPT_TUNING_MALLOC`), PEFT's with "
-        f"{said.get('peft', 'not recorded')}."
+        f"{allocators.get('peft', 'not recorded')}."
     )
   lines += _validity_lines(all_results, meta)
   for key, res in all_results.items():
@@ -968,6 +964,20 @@ def _validity_lines(all_results: Dict[str, Any], meta: Dict[str, Any]) -> List[s
         f'{busiest or "none"} | {verdict} |'
     )
   return lines
+
+
+def _allocators(all_results: Dict[str, Any]) -> Dict[str, str]:
+  """Per framework, the allocator settings its workers ran with (older results: none recorded)."""
+  tunables = _worker_values(all_results, 'glibc_tunables')
+  preloads = _worker_values(all_results, 'ld_preload')
+  said = {}
+  for framework, values in tunables.items():
+    settings = [f'`GLIBC_TUNABLES={v}`' if v else "glibc's defaults" for v in values]
+    preload = [v for v in preloads.get(framework, []) if v]
+    if preload:  # a preloaded allocator replaces glibc's
+      settings = [f'`LD_PRELOAD={v}`' for v in preload]
+    said[framework] = ', '.join(settings)
+  return said
 
 
 def _worker_values(all_results: Dict[str, Any], field: str) -> Dict[str, List[str]]:

@@ -1,8 +1,9 @@
-"""`launch.tune_malloc`: on request, entry points restart once with glibc set for XLA's buffers.
+"""`launch.tune_malloc`: on request, entry points restart once with an allocator set for XLA.
 
 The restart keeps the PID, the arguments and the environment, adds only the settings the user has
 not made, and happens once; the settings really remove the page faults of a large per-call block
-(counted with `getrusage`, so a regression shows as a count, not as a timing).
+(counted with `getrusage`, so a regression shows as a count, not as a timing). The `tcmalloc` tests
+need gperftools' library (Debian: `libtcmalloc-minimal4`) and skip without it.
 """
 
 import json
@@ -22,12 +23,20 @@ needs_thp = pytest.mark.skipif(
     reason='not Linux with glibc >= 2.35 and transparent huge pages: tune_malloc does nothing here',
 )
 
+needs_tcmalloc = pytest.mark.skipif(
+    not sys.platform.startswith('linux') or not launch.find_tcmalloc(),
+    reason='no tcmalloc library installed (Debian: apt-get install libtcmalloc-minimal4)',
+)
+
 REPORT = textwrap.dedent("""
     import json, os, sys
     from prompt_tuning.runtime import launch
     launch.tune_malloc()
+    with open('/proc/self/maps') as f:
+      mapped = 'libtcmalloc' in f.read()
     print(json.dumps({'pid': os.getpid(), 'argv': sys.argv[1:],
                       'tunables': os.environ.get('GLIBC_TUNABLES'),
+                      'preload': os.environ.get('LD_PRELOAD'), 'tcmalloc_mapped': mapped,
                       'keep': os.environ.get('KEEP_ME')}))
 """)
 
@@ -48,14 +57,19 @@ FAULTS = textwrap.dedent("""
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x, w1, w2).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({'faults': sorted(faults)[1], 'tunables': os.environ.get('GLIBC_TUNABLES')}))
+    print(json.dumps({'faults': sorted(faults)[1], 'tunables': os.environ.get('GLIBC_TUNABLES'),
+                      'preload': os.environ.get('LD_PRELOAD')}))
 """)
 
 
 def _run(script, tmp_path, env_extra, *args):
   path = tmp_path / 'script.py'
   path.write_text(script)
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('GLIBC_TUNABLES', '_PROMPT'))}
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(('GLIBC_TUNABLES', '_PROMPT', 'LD_PRELOAD', 'TCMALLOC_'))
+  }
   env.pop(launch.MALLOC_ENV, None)
   env.update(env_extra, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
   proc = subprocess.Popen(
@@ -72,7 +86,7 @@ def _run(script, tmp_path, env_extra, *args):
 
 def test_modes_and_the_users_own_settings():
   assert launch.malloc_tunables('off', environ={}) == {}
-  with pytest.raises(ValueError, match='PROMPT_TUNING_MALLOC=.fast. is not a mode.*hugepages, off'):
+  with pytest.raises(ValueError, match='PROMPT_TUNING_MALLOC=.fast. is not a mode.*off, tcmalloc'):
     launch.malloc_tunables('fast', environ={})
   if launch.malloc_tunables('hugepages', environ={}):  # Linux, glibc >= 2.35, huge pages on
     assert launch.malloc_tunables('hugepages', environ={}) == {'glibc.malloc.hugetlb': '1'}
@@ -114,7 +128,7 @@ def test_a_bad_mode_is_one_clear_error(tmp_path):
   proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True)
   assert proc.returncode == 1
   assert proc.stderr.strip() == (
-      "ERROR: PROMPT_TUNING_MALLOC='fast' is not a mode: use one of hugepages, off."
+      "ERROR: PROMPT_TUNING_MALLOC='fast' is not a mode: use one of hugepages, off, tcmalloc."
   )
 
 
@@ -127,6 +141,49 @@ def test_the_settings_remove_the_page_faults_of_a_large_per_call_block(tmp_path)
   # 32 of 2 MiB pages with them (measured: 16,385 against 40-170).
   assert off['faults'] >= 16384, off
   assert huge['faults'] < off['faults'] / 20, (huge, off)
+
+
+def test_tcmalloc_mode_without_the_library_is_one_clear_error(monkeypatch):
+  monkeypatch.setattr(launch, 'find_tcmalloc', lambda: '')
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  with pytest.raises(ValueError) as e:
+    launch.malloc_environment('tcmalloc', environ={})
+  assert 'PROMPT_TUNING_MALLOC=tcmalloc needs' in str(e.value)
+  assert 'apt-get install libtcmalloc-minimal4' in str(e.value)
+  assert launch.malloc_environment('off', environ={}) == {}
+
+
+@needs_tcmalloc
+def test_tcmalloc_mode_preloads_the_library_once_and_keeps_the_users_preloads(tmp_path):
+  library = launch.find_tcmalloc()
+  assert launch.malloc_environment('tcmalloc', environ={}) == {
+      'LD_PRELOAD': library,
+      'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+  }
+  mine = {'LD_PRELOAD': 'libfoo.so', 'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': '4096'}
+  assert launch.malloc_environment('tcmalloc', environ=mine) == {
+      'LD_PRELOAD': f'{library}:libfoo.so'
+  }
+  assert launch.malloc_environment('tcmalloc', environ={'LD_PRELOAD': library}) == {}
+  pid, report, err = _run(
+      REPORT, tmp_path, {'KEEP_ME': 'yes', launch.MALLOC_ENV: 'tcmalloc'}, '--flag=1'
+  )
+  assert report['pid'] == pid and report['argv'] == ['--flag=1'] and report['keep'] == 'yes'
+  assert report['preload'] == library and report['tcmalloc_mapped'], report
+  assert report['tunables'] is None
+  assert 'tcmalloc' not in err, err[-2000:]
+  _, report, _ = _run(REPORT, tmp_path, {})
+  assert report['preload'] is None and not report['tcmalloc_mapped']
+
+
+@needs_tcmalloc
+def test_tcmalloc_reuses_a_large_per_call_block(tmp_path):
+  _, off, _ = _run(FAULTS, tmp_path, {launch.MALLOC_ENV: 'off'})
+  _, tc, _ = _run(FAULTS, tmp_path, {launch.MALLOC_ENV: 'tcmalloc'})
+  assert off['preload'] is None and 'tcmalloc' in tc['preload']
+  # glibc maps the 64 MiB afresh on every call (16,384 faults); tcmalloc hands out a freed block.
+  assert off['faults'] >= 16384, off
+  assert tc['faults'] < off['faults'] / 20, (tc, off)
 
 
 def test_the_compute_entry_points_restart_before_importing_jax():
