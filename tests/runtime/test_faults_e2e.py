@@ -65,6 +65,7 @@ class _Runner:
   def __init__(self, root, env):
     self.root, self.env = root, env
     self.pool = concurrent.futures.ThreadPoolExecutor(PARALLEL)
+    self.chains = concurrent.futures.ThreadPoolExecutor(1)  # scenarios that wait on the pool
 
   def start(self, name, args, env=None):
     return rt.popen_logged(args, env or self.env, os.path.join(self.root, f'{name}.log'))
@@ -143,6 +144,7 @@ def setup(tmp_path_factory):
   with open(files['a_file'], 'w') as f:
     f.write('not a directory')
   yield out
+  out['runner'].chains.shutdown()
   out['runner'].pool.shutdown()
 
 
@@ -151,9 +153,11 @@ def _run_all(runner, scenarios):
   return {k: f.result() for k, f in futures.items()}
 
 
-@pytest.fixture(scope='module')
-def errors(setup):
-  """Faults found before or at the first step: each run must end in one ERROR line."""
+def _errors_scenarios(setup):
+  """Faults found before or at the first step: each run must end in one ERROR line.
+
+  Returns the scenarios and a cleanup to call once they have all ended.
+  """
   runner, frozen, files = setup['runner'], setup['frozen'], setup['files']
   md = lambda name: os.path.join(setup['root'], name)
   readonly = md('readonly')
@@ -232,23 +236,31 @@ def errors(setup):
           + ['--verbose'],
       ),
   }
-  try:
-    yield dict(_run_all(runner, scenarios), root=setup['root'], files=files)
-  finally:
+
+  def unmount():
     if mounted:
       subprocess.run(['umount', readonly], check=False)
 
+  return scenarios, unmount
 
-@pytest.fixture(scope='module')
-def trained(setup):
-  """A run with T5X's names; then copies of it with a damaged latest checkpoint, resumed."""
+
+def _base_run(setup):
+  """The run that `_trained_chain` damages: T5X's names (a user gin file with
+  ModelBasedPjitPartitioner, the train_script scope)."""
+  runner, files = setup['runner'], setup['files']
+  model_dir = os.path.join(setup['root'], 'base')
+  args = _train_args(model_dir, setup['frozen'], gin_files=rt.PROMPT_GIN + (files['t5x_gin'],))
+  return lambda: runner.run('base', args + ['--gin.train_script.train.stats_period=None'])
+
+
+def _trained_chain(setup, base):
+  """The `_base_run` (a future of the pool); then copies of it with a damaged latest checkpoint,
+  resumed. Runs outside the pool (it waits on runs of the pool)."""
   from prompt_tuning.runtime import checkpoints  # pylint: disable=g-import-not-at-top
 
-  runner, frozen, files = setup['runner'], setup['frozen'], setup['files']
+  runner, frozen = setup['runner'], setup['frozen']
   md = lambda name: os.path.join(setup['root'], name)
-  # T5X's names: a user gin file with ModelBasedPjitPartitioner, the train_script scope.
-  args = _train_args(md('base'), frozen, gin_files=rt.PROMPT_GIN + (files['t5x_gin'],))
-  out = {'base': runner.run('base', args + ['--gin.train_script.train.stats_period=None'])}
+  out = {'base': base.result()}
   if out['base'].returncode != 0:
     return dict(out, root=setup['root'])
 
@@ -269,8 +281,7 @@ def trained(setup):
   return dict(out, root=setup['root'])
 
 
-@pytest.fixture(scope='module')
-def during_training(setup):
+def _during_training_scenarios(setup):
   """A full disk, Ctrl-C, SIGTERM and a second writer while training runs."""
   runner, frozen, env = setup['runner'], setup['frozen'], setup['env']
   md = lambda name: os.path.join(setup['root'], name)
@@ -304,20 +315,16 @@ def during_training(setup):
     third = runner.run('writer_c', args)
     return holder.pid, first, second, third
 
-  out = _run_all(
-      runner,
-      {
-          'enospc': enospc,
-          'sigint': lambda: interrupted('sigint', signal.SIGINT),
-          'sigterm': lambda: interrupted('sigterm', signal.SIGTERM),
-          'writers': writers,
-      },
-  )
-  return dict(out, root=setup['root'])
+  # The longest first (the holder of `writers` mostly sleeps; so do the interrupted runs).
+  return {
+      'writers': writers,
+      'sigterm': lambda: interrupted('sigterm', signal.SIGTERM),
+      'sigint': lambda: interrupted('sigint', signal.SIGINT),
+      'enospc': enospc,
+  }
 
 
-@pytest.fixture(scope='module')
-def mixed(setup):
+def _mixed_scenarios(setup):
   """A prompt bank evaluated and served over a mixture; one prompt served alone for reference."""
   runner, frozen, files = setup['runner'], setup['frozen'], setup['files']
   md = lambda name: os.path.join(setup['root'], name)
@@ -359,7 +366,53 @@ def mixed(setup):
           ),
       ),
   }
-  return dict(_run_all(runner, scenarios), root=setup['root'])
+  return scenarios
+
+
+@pytest.fixture(scope='module')
+def started(setup):
+  """Every scenario of the module, started at once (at most PARALLEL at a time, in this order):
+  no fixture waits for the last scenarios of another before its own start, so the processors
+  stay busy. The fixtures below wait for their own scenarios."""
+  runner = setup['runner']
+  submit = lambda scenarios: {k: runner.pool.submit(v) for k, v in scenarios.items()}
+  trained_future = runner.chains.submit(_trained_chain, setup, runner.pool.submit(_base_run(setup)))
+  out = {'trained': trained_future}
+  unmount = lambda: None
+  try:
+    out['during_training'] = submit(_during_training_scenarios(setup))
+    error_scenarios, unmount = _errors_scenarios(setup)
+    out['errors'] = submit(error_scenarios)
+    out['mixed'] = submit(_mixed_scenarios(setup))
+    yield out
+  finally:
+    pending = [trained_future] + [f for k in out if k != 'trained' for f in out[k].values()]
+    concurrent.futures.wait(pending)
+    unmount()
+
+
+def _results(futures):
+  return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.fixture(scope='module')
+def errors(setup, started):
+  return dict(_results(started['errors']), root=setup['root'], files=setup['files'])
+
+
+@pytest.fixture(scope='module')
+def trained(started):
+  return started['trained'].result()
+
+
+@pytest.fixture(scope='module')
+def during_training(setup, started):
+  return dict(_results(started['during_training']), root=setup['root'])
+
+
+@pytest.fixture(scope='module')
+def mixed(setup, started):
+  return dict(_results(started['mixed']), root=setup['root'])
 
 
 def _mount_readonly(path):
