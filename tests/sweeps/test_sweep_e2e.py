@@ -101,6 +101,12 @@ def local_root(setup):
   return root, names
 
 
+@pytest.fixture(scope='module')
+def local_collected(setup, local_root):
+  """`collect` over the local sweep, once (the Ray and vectorized sweeps compare against it)."""
+  return _collected(setup, local_root[0])
+
+
 def test_killed_sweep_reruns_complete_every_run_exactly_once(setup, local_root):
   root, names = local_root
   attempts = [open(os.path.join(root, n, 'train.log')).read().count(runner.HEADER) for n in names]
@@ -117,9 +123,9 @@ def test_killed_sweep_reruns_complete_every_run_exactly_once(setup, local_root):
   assert status.returncode == 0 and 'done: 4' in status.stdout
 
 
-def test_collect_equals_a_hand_computation(setup, local_root):
+def test_collect_equals_a_hand_computation(local_root, local_collected):
   root, names = local_root
-  collected = _collected(setup, root)
+  collected = local_collected
   assert collected['metric'] == st.METRIC
   assert _values(collected) == {n: _final_metric(os.path.join(root, n))[1] for n in names}
   by_lr = {s['lr']: s for s in collected['settings']}
@@ -174,19 +180,19 @@ def test_printed_commands_make_the_same_run_directories(setup, local_root):
     )
 
 
-def test_ray_gives_the_same_numbers(setup, local_root):
+def test_ray_gives_the_same_numbers(setup, local_root, local_collected):
   root, names = local_root
   ray_root = setup['base'] / 'ray'
   proc = _cli(setup, *_run_args(setup, ray_root, '--executor', 'ray', '--ray_num_cpus', '2'))
   rt.check_ok(proc, 'the sweep on Ray')
   assert 'all 4 runs done' in proc.stdout
-  local, on_ray = _values(_collected(setup, root)), _values(_collected(setup, ray_root))
+  local, on_ray = _values(local_collected), _values(_collected(setup, ray_root))
   assert set(on_ray) == set(names)
   for n in names:
     assert on_ray[n] == pytest.approx(local[n], rel=1e-6)
 
 
-def test_vectorized_sweep_equals_the_separate_runs(setup, local_root):
+def test_vectorized_sweep_equals_the_separate_runs(setup, local_root, local_collected):
   root, names = local_root
   spec = setup['base'] / 'vectorized.gin'
   spec.write_text(st.tiny_spec('tiny', extra="  vectorize = ['lr', 'seed']\n"))
@@ -197,7 +203,7 @@ def test_vectorized_sweep_equals_the_separate_runs(setup, local_root):
   assert '1 of 1 jobs to run (4 runs in all)' in proc.stdout
   log = open(os.path.join(vec_root, 'vectorized', 'all', 'train.log')).read()
   assert log.count(runner.HEADER) == 1 and 'Vectorized job all: 4 runs' in log
-  separate, vectorized = _values(_collected(setup, root)), _values(_collected(setup, vec_root))
+  separate, vectorized = _values(local_collected), _values(_collected(setup, vec_root))
   for n in names:
     assert vectorized[n] == pytest.approx(separate[n], rel=1e-5, abs=1e-5)
     rt.assert_losses_close(
