@@ -12,7 +12,8 @@ languages (`composed_tasks.py`), from its gin file in `configs/methods/`:
    `methods/from_params_dir.gin` on `numpy_checkpoints/checkpoint_6`) on `composed_interleaved`,
    whose batches mix all tasks and languages (`mode='score'`): each example's target
    log-likelihood equals the one the training run's evaluation computed for it in its single-task
-   batch.
+   batch. The four methods' runs are served one after the other in one process
+   (`run_methods_e2e.py`: what `python -m prompt_tuning.infer` runs, the imports paid once).
 4. ATTEMPT is served in `mode='predict_with_aux'`: the same predictions as the training run's
    evaluation, and each example's mixture weights in the JSONL equal a float64 numpy computation
    from the artifacts.
@@ -101,7 +102,8 @@ def _train_eval_rows(model_dir):
   return out
 
 
-def _infer(method, setup, model_dir, out_dir, mode):
+def _infer_stage(method, setup, model_dir, out_dir):
+  """The `prompt_tuning.infer` command's gin files and bindings, for `run_methods_e2e.py`."""
   gin, _, _ = METHODS[method]
   bindings = {
       'CHECKPOINT_PATH': rt.q(setup['frozen']),
@@ -109,49 +111,91 @@ def _infer(method, setup, model_dir, out_dir, mode):
       'INFER_OUTPUT_DIR': rt.q(out_dir),
       **rt.task_bindings(8, 'composed_interleaved'),
       'MIXTURE_OR_TASK_MODULE': rt.q('composed_tasks'),
-      'infer.mode': rt.q(mode),
+      'infer.mode': rt.q(_mode(method)),
       **_method_bindings(method, setup),
   }
-  files = ('test/tiny_prompt.gin', gin, 'runs/prompt_infer.gin', 'methods/from_params_dir.gin')
-  proc = rt.run(
-      rt.entry_args('prompt_tuning.infer', files, bindings), setup['env'], log_path=out_dir + '.log'
+  files = ['test/tiny_prompt.gin', gin, 'runs/prompt_infer.gin', 'methods/from_params_dir.gin']
+  return [files, [f'{k} = {v}' for k, v in bindings.items()]]
+
+
+def _mode(method):
+  return 'predict_with_aux' if method == 'attempt' else 'score'
+
+
+@pytest.fixture(scope='module')
+def runs(setup):
+  """Each method trained, killed in a save and resumed (2 processes each); then every method's
+  run served from its artifacts by `prompt_tuning.infer`, all in one `run_methods_e2e.py`
+  process (the imports paid once)."""
+  out, spec = {}, []
+  for method in METHODS:
+    gin, _, _ = METHODS[method]
+    model_dir = str(setup['root'] / method)
+    bindings = rt.prompt_train_bindings(
+        model_dir,
+        setup['frozen'],
+        steps=STEPS,
+        period=PERIOD,
+        eval_period=0,
+        eval_steps=0,
+        extra={
+            'MIXTURE_OR_TASK_NAME': rt.q('composed_mixture'),
+            'MIXTURE_OR_TASK_MODULE': rt.q('composed_tasks'),
+            **_method_bindings(method, setup),
+        },
+    )
+    args = rt.entry_args(
+        'prompt_tuning.train', ('test/tiny_prompt.gin', gin, 'runs/prompt_finetune.gin'), bindings
+    )
+    killed = rt.run(
+        [rt.PYTHON, HOOKS] + args[3:],
+        dict(setup['env'], HOOK_KILL_IN_SAVE=str(KILL_AT)),
+        log_path=model_dir + '.1.log',
+    )
+    first = rt.losses(model_dir, run=0) if rt.event_files(os.path.join(model_dir, 'train')) else {}
+    resumed = rt.run(args, setup['env'], log_path=model_dir + '.2.log')
+    out[method] = {'model_dir': model_dir, 'killed': killed, 'first': first, 'resumed': resumed}
+    out_dir = str(setup['root'] / f'{method}_infer')
+    out[method]['infer_dir'] = out_dir
+    infer = _infer_stage(method, setup, model_dir, out_dir)
+    spec.append({'name': method, 'infer': infer, 'check_macros': True})
+  spec_path = str(setup['root'] / 'spec.json')
+  with open(spec_path, 'w') as f:
+    json.dump(spec, f)
+  driver = rt.run(
+      [rt.PYTHON, os.path.join(HERE, 'run_methods_e2e.py'), spec_path],
+      setup['env'],
+      timeout=900,
+      log_path=str(setup['root'] / 'infer_driver.log'),
   )
-  rt.check_ok(proc, f'{method} inference from the saved artifacts')
+  return {'root': str(setup['root']), 'methods': out, 'log': driver.stdout}
+
+
+def _inferred(runs, method):
+  """The rows `prompt_tuning.infer` wrote for `method` (its stage must have succeeded)."""
+  path = os.path.join(runs['root'], f'{method}.infer.json')
+  assert os.path.exists(path), f'{method} infer did not run:\n{runs["log"][-4000:]}'
+  with open(path) as f:
+    result = json.load(f)
+  assert result['ok'], (
+      f'{method} inference from the saved artifacts failed: {result["error"]}\n'
+      f'{result["traceback"][-3000:]}'
+  )
+  out_dir = runs['methods'][method]['infer_dir']
   with open(os.path.join(out_dir, 'composed_interleaved-validation.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.mark.parametrize('method', list(METHODS))
-def test_train_kill_resume_and_serve_mixed_batches(method, setup):
-  gin, _, task_param = METHODS[method]
-  model_dir = str(setup['root'] / method)
-  bindings = rt.prompt_train_bindings(
-      model_dir,
-      setup['frozen'],
-      steps=STEPS,
-      period=PERIOD,
-      eval_period=0,
-      eval_steps=0,
-      extra={
-          'MIXTURE_OR_TASK_NAME': rt.q('composed_mixture'),
-          'MIXTURE_OR_TASK_MODULE': rt.q('composed_tasks'),
-          **_method_bindings(method, setup),
-      },
-  )
-  args = rt.entry_args(
-      'prompt_tuning.train', ('test/tiny_prompt.gin', gin, 'runs/prompt_finetune.gin'), bindings
-  )
-  killed = rt.run(
-      [rt.PYTHON, HOOKS] + args[3:],
-      dict(setup['env'], HOOK_KILL_IN_SAVE=str(KILL_AT)),
-      log_path=model_dir + '.1.log',
-  )
+def test_train_kill_resume_and_serve_mixed_batches(method, setup, runs):
+  _, _, task_param = METHODS[method]
+  run = runs['methods'][method]
+  model_dir, killed, resumed = run['model_dir'], run['killed'], run['resumed']
   assert (
       killed.returncode == -9
   ), f'expected SIGKILL in the save of step {KILL_AT}:\n{killed.stdout[-4000:]}'
-  first = rt.losses(model_dir, run=0)
+  first = run['first']
   assert sorted(first) == list(range(1, KILL_AT + 1)), first
-  resumed = rt.run(args, setup['env'], log_path=model_dir + '.2.log')
   rt.check_ok(resumed, f'{method}: the same command again')
   assert f'Resuming from {os.path.join(model_dir, "checkpoint_2")}' in resumed.stdout
   second = rt.losses(model_dir, run=-1)
@@ -167,8 +211,8 @@ def test_train_kill_resume_and_serve_mixed_batches(method, setup):
   # training run's evaluation computed for it in a single-task batch (ATTEMPT: its prediction and
   # its mixture weights; the others: the target log-likelihood).
   reference = _train_eval_rows(model_dir)
-  mode = 'predict_with_aux' if method == 'attempt' else 'score'
-  rows = _infer(method, setup, model_dir, str(setup['root'] / f'{method}_infer'), mode)
+  mode = _mode(method)
+  rows = _inferred(runs, method)
   pairs = composed_tasks.PAIRS
   assert len(rows) == len(pairs) * composed_tasks.SPLIT_SIZES['validation']
   for i, row in enumerate(rows):
