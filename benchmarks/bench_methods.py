@@ -393,11 +393,9 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
 
 def allocator() -> str:
   """This worker's allocator settings (`launch.tune_malloc`'s restart sets them for ours)."""
-  if os.environ.get('LD_PRELOAD'):
-    return f'`LD_PRELOAD={os.environ["LD_PRELOAD"]}`'
-  if os.environ.get('GLIBC_TUNABLES'):
-    return f'`GLIBC_TUNABLES={os.environ["GLIBC_TUNABLES"]}`'
-  return "glibc's defaults"
+  return common.describe_allocator(
+      os.environ.get('GLIBC_TUNABLES', ''), os.environ.get('LD_PRELOAD', '')
+  )
 
 
 def allocator_line(results: Dict[str, Dict[str, Any]]) -> str:

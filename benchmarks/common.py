@@ -456,6 +456,15 @@ def timed(fn: Callable[[], Any], reps: int) -> List[float]:
   return out
 
 
+def describe_allocator(glibc_tunables: str = '', ld_preload: str = '') -> str:
+  """A worker's allocator settings in a report: a preloaded allocator replaces glibc's."""
+  if ld_preload:
+    return f'`LD_PRELOAD={ld_preload}`'
+  if glibc_tunables:
+    return f'`GLIBC_TUNABLES={glibc_tunables}`'
+  return "glibc's defaults"
+
+
 def peak_rss_mb() -> float:
   """Peak resident set size of this process so far (MiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -507,6 +507,6 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
 
-  launch.tune_malloc()  # as the entry points (PROMPT_TUNING_MALLOC=hugepages: one restart)
+  launch.tune_malloc()  # as the entry points (PROMPT_TUNING_MALLOC set: one restart)
   launch.fast_shutdown()  # the shutdown's garbage collection: 1.5 s of walking module graphs
   sys.exit(main())

@@ -972,10 +972,11 @@ def _allocators(all_results: Dict[str, Any]) -> Dict[str, str]:
   preloads = _worker_values(all_results, 'ld_preload')
   said = {}
   for framework, values in tunables.items():
-    settings = [f'`GLIBC_TUNABLES={v}`' if v else "glibc's defaults" for v in values]
     preload = [v for v in preloads.get(framework, []) if v]
     if preload:  # a preloaded allocator replaces glibc's
-      settings = [f'`LD_PRELOAD={v}`' for v in preload]
+      settings = [common.describe_allocator(ld_preload=v) for v in preload]
+    else:
+      settings = [common.describe_allocator(glibc_tunables=v) for v in values]
     said[framework] = ', '.join(settings)
   return said
 
