@@ -48,10 +48,13 @@ def fast_shutdown() -> None:
     atexit.register(_collect_then_freeze)
 
 
-# What `tune_malloc` does, per `PROMPT_TUNING_MALLOC` mode (default `off`): `hugepages` adds these
-# `GLIBC_TUNABLES` (large blocks, XLA's per-call temporaries, on transparent huge pages: 512x fewer
-# page faults); `tcmalloc` preloads gperftools' allocator, which keeps freed blocks for reuse.
-MALLOC_MODES = {'hugepages': {'glibc.malloc.hugetlb': '1'}, 'off': {}, 'tcmalloc': {}}
+# What `tune_malloc` does, per `PROMPT_TUNING_MALLOC` mode: `tcmalloc` preloads gperftools'
+# allocator, which keeps freed blocks for reuse; `auto` (the default) does so where the library is
+# installed and the user has chosen no allocator; `hugepages` adds these `GLIBC_TUNABLES` (large
+# blocks, XLA's per-call temporaries, on transparent huge pages: 512x fewer page faults); `off`
+# leaves glibc's allocator as it is.
+MALLOC_MODES = {'auto': {}, 'hugepages': {'glibc.malloc.hugetlb': '1'}, 'off': {}, 'tcmalloc': {}}
+DEFAULT_MALLOC_MODE = 'auto'
 MALLOC_ENV = 'PROMPT_TUNING_MALLOC'
 _MALLOC_DONE_ENV = '_PROMPT_TUNING_MALLOC_APPLIED'
 # tcmalloc reports every allocation above 1 GiB on stderr (XLA's temporaries of larger models).
@@ -90,7 +93,7 @@ def malloc_tunables(mode: str, environ=None) -> dict:
   environ = os.environ if environ is None else environ
   _check_mode(mode)
   if not MALLOC_MODES[mode]:
-    return {}  # `off` (the default): no need to read the C library's version off the executable
+    return {}  # `off`, `auto`, `tcmalloc`: no need to read the C library's version
   if not sys.platform.startswith('linux') or _glibc_version() < (2, 35):
     return {}  # glibc.malloc.hugetlb came with glibc 2.35; other C libraries ignore the variable
   if _transparent_hugepages_off():
@@ -111,6 +114,12 @@ def find_tcmalloc() -> str:
   return ''
 
 
+def _allocator_chosen(environ) -> bool:
+  """Whether the user preloads an allocator of their own or sets glibc's malloc tunables."""
+  preload = environ.get('LD_PRELOAD', '').lower()
+  return 'malloc' in preload or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
+
+
 def malloc_environment(mode: str, environ=None) -> dict:
   """The environment variables `tune_malloc` would set, with their new values (empty: none).
 
@@ -119,11 +128,15 @@ def malloc_environment(mode: str, environ=None) -> dict:
   """
   environ = os.environ if environ is None else environ
   _check_mode(mode)
-  if mode == 'tcmalloc':
+  if mode == 'auto' and _allocator_chosen(environ):
+    return {}
+  if mode in ('auto', 'tcmalloc'):
     preload = environ.get('LD_PRELOAD', '')
     if 'tcmalloc' in preload:
       return {}  # preloaded already (by the user, or by this restart)
     library = find_tcmalloc() if sys.platform.startswith('linux') else ''
+    if not library and mode == 'auto':
+      return {}  # glibc's allocator, as before
     if not library:
       raise ValueError(
           f"{MALLOC_ENV}=tcmalloc needs gperftools' tcmalloc library, and none is installed "
@@ -144,7 +157,7 @@ def malloc_environment(mode: str, environ=None) -> dict:
 
 
 def tune_malloc() -> None:
-  """On request, restarts this process once with an allocator set for XLA's large buffers.
+  """Restarts this process once, where asked or useful, with an allocator set for XLA's buffers.
 
   On the CPU, every call of a compiled XLA executable allocates its temporaries as one large
   block (750 MiB for the T5 1.1 small training step at prompt length 100) and frees it afterwards.
@@ -156,26 +169,29 @@ def tune_malloc() -> None:
   and missing, the process re-executes itself (same PID, arguments and environment, plus the
   settings) before anything heavy is imported.
 
-  `PROMPT_TUNING_MALLOC=tcmalloc` preloads gperftools' tcmalloc (`libtcmalloc_minimal.so.4`, Debian
-  package `libtcmalloc-minimal4`), which keeps freed blocks and hands them out again: no faults
-  after the first calls, 1.15-1.2x the training throughput on 2 cores (AMD EPYC). The price is
-  resident memory: XLA frees a call's temporaries just after its outputs are ready, so the next
-  call, started at once, finds the block still in use and takes a second one, and both stay
-  resident (peak RSS of the training benchmark 2.2-2.6 GB against 1.8 GB).
+  By default (`PROMPT_TUNING_MALLOC=auto`), where gperftools' tcmalloc is installed
+  (`libtcmalloc_minimal.so.4`, Debian package `libtcmalloc-minimal4`) and the user preloads no
+  allocator and sets no `glibc.malloc.` tunable, the process restarts with tcmalloc preloaded. It
+  keeps freed blocks and hands them out again: no faults after the first calls, 1.2-1.3x the
+  training throughput on 2 cores (AMD EPYC). XLA frees a call's temporaries just after its outputs
+  are ready, so a call started at once would take a second block and keep both resident; the
+  `Trainer` therefore waits for each step on the CPU under tcmalloc (`Trainer.wait_for_each_step`),
+  and peak memory stays at glibc's. Without the library, `auto` leaves glibc's allocator alone.
+  `PROMPT_TUNING_MALLOC=tcmalloc` asks for it outright (missing, an error); `off` keeps glibc's.
   `PROMPT_TUNING_MALLOC=hugepages` backs large blocks with transparent huge pages
   (`glibc.malloc.hugetlb=1`): 2 MiB pages, 512x fewer faults, the same resident memory; 0.85-0.9x
   the step time on 2 cores. On a virtual machine whose balloon driver hands free memory back to the
   host (free page reporting, after 2 s), though, a block that lay free for longer than that is
   re-faulted from the host, and the call took 1.5x as long instead (measured with 3 s between
-  calls, and on every other call of a 2 s single-threaded step). The default, `off`, leaves the
-  allocator alone. An entry the user already has in `GLIBC_TUNABLES` wins, as does a tcmalloc the
-  user preloads. `hugepages` does nothing off Linux, on a C library other than glibc >= 2.35, or
-  with transparent huge pages disabled (`/sys/kernel/mm/transparent_hugepage/enabled` is `never`);
-  `tcmalloc` without the library is an error; a failed re-execution runs on as before.
+  calls, and on every other call of a 2 s single-threaded step). An entry the user already has in
+  `GLIBC_TUNABLES` wins, as does a tcmalloc the user preloads. `hugepages` does nothing off Linux,
+  on a C library other than glibc >= 2.35, or with transparent huge pages disabled
+  (`/sys/kernel/mm/transparent_hugepage/enabled` is `never`); `tcmalloc` without the library is an
+  error; a failed re-execution runs on as before.
   """
   if os.environ.get(_MALLOC_DONE_ENV) or not sys.executable:
     return
-  mode = os.environ.get(MALLOC_ENV, 'off').strip().lower() or 'off'
+  mode = os.environ.get(MALLOC_ENV, '').strip().lower() or DEFAULT_MALLOC_MODE
   try:
     changes = malloc_environment(mode)
   except ValueError as e:
@@ -194,6 +210,36 @@ def tune_malloc() -> None:
         f'prompt_tuning: could not restart with {", ".join(sorted(changes))} ({e}); continuing',
         file=sys.stderr,
     )
+
+
+def tcmalloc_loaded() -> bool:
+  """Whether gperftools' tcmalloc serves this process's `malloc` (preloaded)."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+
+  try:
+    return bool(ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory)
+  except (AttributeError, OSError):
+    return False
+
+
+def release_free_memory() -> None:
+  """Hands the memory the C allocator holds free back to the operating system.
+
+  Called once the training step is compiled: loading the checkpoint and compiling leave hundreds of
+  MiB freed but resident in glibc's arenas (`malloc_trim`) or tcmalloc's page heap, under the
+  step's own temporaries. Does nothing where neither allocator is there.
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+
+  try:
+    lib = ctypes.CDLL(None)
+  except OSError:
+    return
+  for name, args in (('MallocExtension_ReleaseFreeMemory', ()), ('malloc_trim', (0,))):
+    fn = getattr(lib, name, None)
+    if fn is not None:
+      fn(*args)
+      return
 
 
 def define_flags() -> None:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_tuning.runtime import launch
 from prompt_tuning.runtime import metrics as metrics_lib
 from prompt_tuning.runtime import train_state as train_state_lib
 from prompt_tuning.runtime import xla_options
@@ -372,7 +373,18 @@ class Trainer:
       num_microbatches: Optional[int] = None,
       log_period: int = 10,
       weight_metrics_computer=None,
+      wait_for_each_step: Optional[bool] = None,
   ):
+    """See T5X's `Trainer`; `wait_for_each_step` is this runtime's own.
+
+    `wait_for_each_step`: wait until each step is done (and 1 ms more) before starting the next one.
+    On the CPU, XLA frees a step's temporaries (one block, 750 MiB for T5 1.1 small at prompt
+    length 100) just after its outputs are ready; an allocator that keeps freed blocks (tcmalloc)
+    then hands the next step, started at once, a second block and keeps both resident. Waiting
+    keeps one: peak memory as glibc's, and steps 1.0-1.2x as fast (measured on an AMD EPYC, 2
+    cores). None (the default): wait on the CPU under tcmalloc (`launch.tcmalloc_loaded`), as
+    `launch.tune_malloc` preloads it by default; elsewhere steps are dispatched without waiting.
+    """
     del weight_metrics_computer
     self._model = model
     self.train_state = train_state
@@ -393,6 +405,9 @@ class Trainer:
     self._partitioned_eval_step = None
     self._compiled = False
     self.loss_history: Dict[int, float] = {}
+    if wait_for_each_step is None:
+      wait_for_each_step = jax.default_backend() == 'cpu' and launch.tcmalloc_loaded()
+    self.wait_for_each_step = bool(wait_for_each_step)
 
   # -------------------------------------------------------------------- steps
   def _make_train_step(self):
@@ -511,10 +526,15 @@ class Trainer:
       self.train_state, metrics = step_fn(self.train_state, batch, self._base_rng)
       pending.append((start_step + i + 1, metrics))
       step_now = start_step + i + 1
+      if self.wait_for_each_step or not self._compiled:
+        jax.block_until_ready(self.train_state)
+        time.sleep(0.001)  # XLA frees the step's temporaries just after its outputs are ready
       if not self._compiled:
         # The first step compiles: time the steps after it, so the first ETA is not inflated.
         jax.block_until_ready(metrics)
         self._compiled = True
+        # What loading and compiling freed goes back to the system before the steps' own blocks.
+        launch.release_free_memory()
         t_last, step_last = time.time(), step_now
       if (step_now % self._log_period == 0) or i == num_steps - 1 or self.stop_training:
         summary = self._flush(pending, batch)

@@ -137,7 +137,7 @@ def env():
   }
 
 
-def _trainer(env, model=None):
+def _trainer(env, model=None, **kwargs):
   import jax  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import schedules  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
@@ -154,6 +154,7 @@ def _trainer(env, model=None):
           factors='constant', base_learning_rate=0.3
       ),
       log_period=1,
+      **kwargs,
   )
 
 
@@ -214,6 +215,28 @@ def test_training_on_bucketed_batches_equals_training_on_them_padded(env):
       jax.tree_util.tree_leaves(state_b.opt_state), jax.tree_util.tree_leaves(state_p.opt_state)
   ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_waiting_for_each_step_changes_no_number(env):
+  """`wait_for_each_step` (on by default under tcmalloc) only changes when steps start: the same
+  losses and state, bit for bit, as steps dispatched without waiting."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  assert _trainer(env).wait_for_each_step == launch.tcmalloc_loaded()  # None: CPU and tcmalloc
+  batches = env['bucketed'][:4]
+  runs = {}
+  for wait in (True, False):
+    trainer = _trainer(env, wait_for_each_step=wait)
+    assert trainer.wait_for_each_step is wait
+    trainer.train(iter(batches), len(batches), start_step=0)
+    runs[wait] = (dict(trainer.loss_history), jax.device_get(trainer.train_state))
+  assert sorted(runs[True][0]) == [1, 2, 3, 4]
+  assert runs[True][0] == runs[False][0]
+  for a, b in zip(
+      jax.tree_util.tree_leaves(runs[True][1]), jax.tree_util.tree_leaves(runs[False][1])
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_train_step_is_compiled_once_per_bucket(env):

@@ -37,7 +37,7 @@ REPORT = textwrap.dedent("""
     print(json.dumps({'pid': os.getpid(), 'argv': sys.argv[1:],
                       'tunables': os.environ.get('GLIBC_TUNABLES'),
                       'preload': os.environ.get('LD_PRELOAD'), 'tcmalloc_mapped': mapped,
-                      'keep': os.environ.get('KEEP_ME')}))
+                      'keep': os.environ.get('KEEP_ME'), 'serves': launch.tcmalloc_loaded()}))
 """)
 
 # A jitted call whose temporaries hold a 64 MiB block (a dot's output consumed by another dot).
@@ -128,7 +128,7 @@ def test_a_bad_mode_is_one_clear_error(tmp_path):
   proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True)
   assert proc.returncode == 1
   assert proc.stderr.strip() == (
-      "ERROR: PROMPT_TUNING_MALLOC='fast' is not a mode: use one of hugepages, off, tcmalloc."
+      "ERROR: PROMPT_TUNING_MALLOC='fast' is not a mode: use one of auto, hugepages, off, tcmalloc."
   )
 
 
@@ -172,8 +172,9 @@ def test_tcmalloc_mode_preloads_the_library_once_and_keeps_the_users_preloads(tm
   assert report['preload'] == library and report['tcmalloc_mapped'], report
   assert report['tunables'] is None
   assert 'tcmalloc' not in err, err[-2000:]
-  _, report, _ = _run(REPORT, tmp_path, {})
-  assert report['preload'] is None and not report['tcmalloc_mapped']
+  assert report['serves']
+  _, report, _ = _run(REPORT, tmp_path, {launch.MALLOC_ENV: 'off'})
+  assert report['preload'] is None and not report['tcmalloc_mapped'] and not report['serves']
 
 
 @needs_tcmalloc
@@ -220,3 +221,83 @@ def test_the_compute_entry_points_restart_before_importing_jax():
     )
     assert probe.returncode == 0, (path, probe.stderr[-2000:])
     assert probe.stdout.strip() == 'False', path
+
+
+def test_auto_preloads_tcmalloc_where_installed_and_no_allocator_is_chosen(monkeypatch):
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  monkeypatch.setattr(launch, 'find_tcmalloc', lambda: 'libtcmalloc_minimal.so.4')
+  assert launch.malloc_environment('auto', environ={}) == {
+      'LD_PRELOAD': 'libtcmalloc_minimal.so.4',
+      'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+  }
+  assert launch.malloc_environment('auto', environ={'LD_PRELOAD': 'libfoo.so'}) == {
+      'LD_PRELOAD': 'libtcmalloc_minimal.so.4:libfoo.so',
+      'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+  }
+  # The user's own allocator, or their glibc malloc settings, are left as they are.
+  for mine in (
+      {'LD_PRELOAD': '/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'},
+      {'LD_PRELOAD': 'libmimalloc.so'},
+      {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
+  ):
+    assert launch.malloc_environment('auto', environ=mine) == {}, mine
+  assert launch.malloc_environment('off', environ={}) == {}
+  monkeypatch.setattr(launch, 'find_tcmalloc', lambda: '')
+  assert launch.malloc_environment('auto', environ={}) == {}  # glibc's, and no error
+
+
+@needs_tcmalloc
+def test_auto_is_the_default_and_restarts_with_tcmalloc(tmp_path):
+  pid, report, err = _run(REPORT, tmp_path, {'KEEP_ME': 'yes'}, '--flag=1')
+  assert report['pid'] == pid and report['argv'] == ['--flag=1'] and report['keep'] == 'yes'
+  assert report['preload'] == launch.find_tcmalloc() and report['serves'], report
+  assert 'tcmalloc' not in err, err[-2000:]
+  jemalloc = {'LD_PRELOAD': 'libjemalloc-not-here.so', 'KEEP_ME': 'yes'}
+  path = tmp_path / 'script.py'
+  env = dict(os.environ, PYTHONPATH=REPO, **jemalloc)
+  env.pop(launch.MALLOC_ENV, None)
+  out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True)
+  report = json.loads(out.stdout.strip().splitlines()[-1])  # ld.so warns, the run goes on
+  assert report['preload'] == 'libjemalloc-not-here.so' and not report['serves']
+
+
+# Frees memory the allocator cannot hand back by itself: glibc keeps freed runs of small blocks
+# between blocks still in use (it trims only the heap's top); tcmalloc, told not to release (rate 0),
+# keeps large spans.
+RELEASE = textwrap.dedent("""
+    import ctypes, json, sys
+    from prompt_tuning.runtime import launch
+    launch.tune_malloc()
+    def rss():
+      with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, n = int(sys.argv[1]), int(sys.argv[2])
+    blocks, kept = [], []
+    for i in range(n):
+      blocks.append(libc.malloc(size))
+      ctypes.memset(blocks[-1], 1, size)
+      if i % 64 == 63:  # a small block still in use after every 64
+        kept.append(libc.malloc(64))
+    for b in blocks:
+      libc.free(b)
+    before = rss()
+    launch.release_free_memory()
+    print(json.dumps({'before': before, 'after': rss(), 'tcmalloc': launch.tcmalloc_loaded()}))
+""")
+
+
+def test_release_free_memory_hands_freed_glibc_memory_back(tmp_path):
+  _, r, _ = _run(RELEASE, tmp_path, {launch.MALLOC_ENV: 'off'}, '4096', '40000')  # 160 MiB
+  assert not r['tcmalloc']
+  assert r['before'] - r['after'] > 100, r
+
+
+@needs_tcmalloc
+def test_release_free_memory_hands_freed_tcmalloc_memory_back(tmp_path):
+  env = {launch.MALLOC_ENV: 'tcmalloc', 'TCMALLOC_RELEASE_RATE': '0'}
+  _, r, _ = _run(RELEASE, tmp_path, env, str(8 << 20), '20')  # 160 MiB in large spans
+  assert r['tcmalloc']
+  assert r['before'] - r['after'] > 100, r
