@@ -357,6 +357,18 @@ class SplitTrainStep:
     return max(self.forward.cache_size(), self.backward.cache_size())
 
 
+def wait_for_each_step_by_default() -> bool:
+  """`Trainer.wait_for_each_step`'s default: on the CPU under tcmalloc (see the `Trainer`)."""
+  return jax.default_backend() == 'cpu' and launch.tcmalloc_loaded()
+
+
+def wait_for_step(train_state) -> None:
+  """Waits until the step that outputs `train_state` is done, and 1 ms more: XLA frees the step's
+  temporaries just after its outputs are ready, and the next step should find them freed."""
+  jax.block_until_ready(train_state)
+  time.sleep(0.001)
+
+
 class Trainer:
   """Runs the partitioned training and evaluation steps (T5X's `trainer.Trainer`)."""
 
@@ -406,7 +418,7 @@ class Trainer:
     self._compiled = False
     self.loss_history: Dict[int, float] = {}
     if wait_for_each_step is None:
-      wait_for_each_step = jax.default_backend() == 'cpu' and launch.tcmalloc_loaded()
+      wait_for_each_step = wait_for_each_step_by_default()
     self.wait_for_each_step = bool(wait_for_each_step)
 
   # -------------------------------------------------------------------- steps
@@ -527,8 +539,7 @@ class Trainer:
       pending.append((start_step + i + 1, metrics))
       step_now = start_step + i + 1
       if self.wait_for_each_step or not self._compiled:
-        jax.block_until_ready(self.train_state)
-        time.sleep(0.001)  # XLA frees the step's temporaries just after its outputs are ready
+        wait_for_step(self.train_state)
       if not self._compiled:
         # The first step compiles: time the steps after it, so the first ETA is not inflated.
         jax.block_until_ready(metrics)

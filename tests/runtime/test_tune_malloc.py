@@ -262,8 +262,8 @@ def test_auto_is_the_default_and_restarts_with_tcmalloc(tmp_path):
 
 
 # Frees memory the allocator cannot hand back by itself: glibc keeps freed runs of small blocks
-# between blocks still in use (it trims only the heap's top); tcmalloc, told not to release (rate 0),
-# keeps large spans.
+# between blocks still in use (it trims only the top of the heap); tcmalloc, told not to release
+# (rate 0), keeps large spans.
 RELEASE = textwrap.dedent("""
     import ctypes, json, sys
     from prompt_tuning.runtime import launch
