@@ -357,6 +357,10 @@ class SplitTrainStep:
     return max(self.forward.cache_size(), self.backward.cache_size())
 
 
+# Below this median step time the default `Trainer` stops waiting for each step (see the `Trainer`).
+QUICK_STEP_S = 0.05
+
+
 def wait_for_each_step_by_default() -> bool:
   """`Trainer.wait_for_each_step`'s default: on the CPU under tcmalloc (see the `Trainer`)."""
   return jax.default_backend() == 'cpu' and launch.tcmalloc_loaded()
@@ -395,7 +399,10 @@ class Trainer:
     then hands the next step, started at once, a second block and keeps both resident. Waiting
     keeps one: peak memory as glibc's, and steps 1.0-1.2x as fast (measured on an AMD EPYC, 2
     cores). None (the default): wait on the CPU under tcmalloc (`launch.tcmalloc_loaded`), as
-    `launch.tune_malloc` preloads it by default; elsewhere steps are dispatched without waiting.
+    `launch.tune_malloc` preloads it by default, unless the steps are quick (the median of the
+    first three after compiling under `QUICK_STEP_S`: a small model, whose temporaries are small
+    too, and whose steps the wait would slow by a third or more); elsewhere steps are dispatched
+    without waiting.
     """
     del weight_metrics_computer
     self._model = model
@@ -417,6 +424,7 @@ class Trainer:
     self._partitioned_eval_step = None
     self._compiled = False
     self.loss_history: Dict[int, float] = {}
+    self._timed_waits = [] if wait_for_each_step is None else None  # None: the user decided
     if wait_for_each_step is None:
       wait_for_each_step = wait_for_each_step_by_default()
     self.wait_for_each_step = bool(wait_for_each_step)
@@ -535,11 +543,14 @@ class Trainer:
         logging.warning('Training data ran out after %d steps.', i)
         break
       step_fn = self._get_train_step(batch)
+      t_step = time.perf_counter()
       self.train_state, metrics = step_fn(self.train_state, batch, self._base_rng)
       pending.append((start_step + i + 1, metrics))
       step_now = start_step + i + 1
       if self.wait_for_each_step or not self._compiled:
         wait_for_step(self.train_state)
+        if self._compiled and self.wait_for_each_step and self._timed_waits is not None:
+          self._decide_waiting(time.perf_counter() - t_step)
       if not self._compiled:
         # The first step compiles: time the steps after it, so the first ETA is not inflated.
         jax.block_until_ready(metrics)
@@ -588,6 +599,14 @@ class Trainer:
     if pending:
       summary = self._flush(pending, batch)
     return summary
+
+  def _decide_waiting(self, seconds: float) -> None:
+    """The default `wait_for_each_step`: stop waiting once three timed steps show quick steps."""
+    self._timed_waits.append(seconds)
+    if len(self._timed_waits) == 3:
+      if float(np.median(self._timed_waits)) < QUICK_STEP_S:
+        self.wait_for_each_step = False
+      self._timed_waits = None
 
   def _flush(self, pending, batch) -> Dict[str, float]:
     host = jax.device_get([m for _, m in pending])

@@ -230,6 +230,7 @@ def test_waiting_for_each_step_changes_no_number(env):
     trainer = _trainer(env, wait_for_each_step=wait)
     assert trainer.wait_for_each_step is wait
     trainer.train(iter(batches), len(batches), start_step=0)
+    assert trainer.wait_for_each_step is wait  # the user's choice stays
     runs[wait] = (dict(trainer.loss_history), jax.device_get(trainer.train_state))
   assert sorted(runs[True][0]) == [1, 2, 3, 4]
   assert runs[True][0] == runs[False][0]
@@ -237,6 +238,24 @@ def test_waiting_for_each_step_changes_no_number(env):
       jax.tree_util.tree_leaves(runs[True][1]), jax.tree_util.tree_leaves(runs[False][1])
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_default_stops_waiting_when_steps_are_quick(env, monkeypatch):
+  """Under tcmalloc (made to look present here) the default waits, and stops after three timed
+  steps quicker than `QUICK_STEP_S` (this tiny model's steps take milliseconds); slower steps keep
+  the wait."""
+  from prompt_tuning.runtime import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(trainer_lib, 'wait_for_each_step_by_default', lambda: True)
+  batches = env['plain'][:5]  # one shape: no timed step compiles
+  for quick_step_s, waits_after in ((trainer_lib.QUICK_STEP_S, False), (0.0, True)):
+    monkeypatch.setattr(trainer_lib, 'QUICK_STEP_S', quick_step_s)
+    trainer = _trainer(env)
+    assert trainer.wait_for_each_step
+    trainer.train(iter(batches[:3]), 3, start_step=0)  # the compiling step and two timed ones
+    assert trainer.wait_for_each_step
+    trainer.train(iter(batches[3:]), 2, start_step=3)
+    assert trainer.wait_for_each_step is waits_after
 
 
 def test_train_step_is_compiled_once_per_bucket(env):
