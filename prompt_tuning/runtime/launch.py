@@ -57,8 +57,14 @@ MALLOC_MODES = {'auto': {}, 'hugepages': {'glibc.malloc.hugetlb': '1'}, 'off': {
 DEFAULT_MALLOC_MODE = 'auto'
 MALLOC_ENV = 'PROMPT_TUNING_MALLOC'
 _MALLOC_DONE_ENV = '_PROMPT_TUNING_MALLOC_APPLIED'
-# tcmalloc reports every allocation above 1 GiB on stderr (XLA's temporaries of larger models).
-_TCMALLOC_QUIET = {'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50)}
+# tcmalloc reports every allocation above 1 GiB on stderr (XLA's temporaries of larger models),
+# and by default returns a free span to the system now and then (after 2 GiB of frees, then every
+# 8 GiB): a whole temporaries block, which the next call faults in again. Rate 0 keeps them; the
+# `Trainer` hands back what loading and compiling freed (`release_free_memory`).
+_TCMALLOC_QUIET = {
+    'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+    'TCMALLOC_RELEASE_RATE': '0',
+}
 
 
 def _glibc_version() -> tuple:

@@ -159,8 +159,13 @@ def test_tcmalloc_mode_preloads_the_library_once_and_keeps_the_users_preloads(tm
   assert launch.malloc_environment('tcmalloc', environ={}) == {
       'LD_PRELOAD': library,
       'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+      'TCMALLOC_RELEASE_RATE': '0',
   }
-  mine = {'LD_PRELOAD': 'libfoo.so', 'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': '4096'}
+  mine = {
+      'LD_PRELOAD': 'libfoo.so',
+      'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': '4096',
+      'TCMALLOC_RELEASE_RATE': '1',
+  }
   assert launch.malloc_environment('tcmalloc', environ=mine) == {
       'LD_PRELOAD': f'{library}:libfoo.so'
   }
@@ -229,10 +234,12 @@ def test_auto_preloads_tcmalloc_where_installed_and_no_allocator_is_chosen(monke
   assert launch.malloc_environment('auto', environ={}) == {
       'LD_PRELOAD': 'libtcmalloc_minimal.so.4',
       'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+      'TCMALLOC_RELEASE_RATE': '0',
   }
   assert launch.malloc_environment('auto', environ={'LD_PRELOAD': 'libfoo.so'}) == {
       'LD_PRELOAD': 'libtcmalloc_minimal.so.4:libfoo.so',
       'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
+      'TCMALLOC_RELEASE_RATE': '0',
   }
   # The user's own allocator, or their glibc malloc settings, are left as they are.
   for mine in (
