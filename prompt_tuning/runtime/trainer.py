@@ -549,7 +549,7 @@ class Trainer:
       step_now = start_step + i + 1
       if self.wait_for_each_step or not self._compiled:
         wait_for_step(self.train_state)
-        if self._compiled and self.wait_for_each_step and self._timed_waits is not None:
+        if self._compiled and self._timed_waits is not None:  # the default, deciding
           self._decide_waiting(time.perf_counter() - t_step)
       if not self._compiled:
         # The first step compiles: time the steps after it, so the first ETA is not inflated.
