@@ -23,6 +23,10 @@ Sections:
   dots    `jnp.dot` FLOP/s at the backbone's matmul shapes in float32, bfloat16 and bfloat16
           with float32 results (the bfloat16 section).
 
+`PROMPT_TUNING_BENCH_GIN` (gin bindings, one per line; `benchmarks.run --ours-gin`) is parsed before
+any section is built, for example `training_forward_compiler_options.cpu_float32_dots = 'eigen'`
+(the split training step, `trainer.SplitTrainStep`); the bindings are recorded with each result.
+
 `--dtype bfloat16` runs bfloat16 activations, whose dense matmuls accumulate in float32 on the CPU
 (`layers.dense_dot`); `--dots plain` turns that off (bfloat16 x bfloat16 -> bfloat16 dots, the
 layers before the change), for the before/after row of the bfloat16 section.
@@ -572,8 +576,27 @@ SECTIONS = {
 }
 
 
+def gin_bindings(environ=None) -> list:
+  """The gin bindings `PROMPT_TUNING_BENCH_GIN` asks ours' workers for (one per line)."""
+  text = (os.environ if environ is None else environ).get(common.OURS_GIN_ENV, '')
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def apply_gin_bindings(bindings) -> None:
+  """Parses `bindings` with every module that registers a configurable the runtime uses imported."""
+  if not bindings:
+    return
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from prompt_tuning.runtime import trainer  # pylint: disable=g-import-not-at-top,unused-import
+  from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top,unused-import
+
+  gin.parse_config(bindings)
+
+
 def _meta(args) -> dict:
   meta = {'remat': args.remat, 'dots': args.dots, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  meta['gin_bindings'] = gin_bindings()
   meta['glibc_tunables'] = os.environ.get('GLIBC_TUNABLES', '')  # launch.tune_malloc's restart
   meta['ld_preload'] = os.environ.get('LD_PRELOAD', '')  # PROMPT_TUNING_MALLOC=tcmalloc
   if 'jax' in sys.modules:
@@ -608,6 +631,7 @@ def main(argv=None):
     from prompt_tuning.architectures import layers  # pylint: disable=g-import-not-at-top
 
     layers._LOW_PRECISION = ()  # pylint: disable=protected-access
+  apply_gin_bindings(gin_bindings())
   common.worker_main(parser, argv, SECTIONS, 'ours', _meta)
 
 

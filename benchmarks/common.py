@@ -19,6 +19,8 @@ import numpy as np
 SEED = 0
 PROMPT_SEED = 1
 EOS_ID = 1
+# Gin bindings for ours' workers, one per line (`benchmarks.run --ours-gin`, `bench_ours`).
+OURS_GIN_ENV = 'PROMPT_TUNING_BENCH_GIN'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -859,6 +859,7 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         "entry points set it: `launch.tune_malloc`, `PROMPT_TUNING_MALLOC`), PEFT's with "
         f"{allocators.get('peft', 'not recorded')}."
     )
+  lines += _gin_lines(all_results)
   lines += _validity_lines(all_results, meta)
   for key, res in all_results.items():
     kind = res.get('kind') if isinstance(res, dict) else None
@@ -979,6 +980,15 @@ def _allocators(all_results: Dict[str, Any]) -> Dict[str, str]:
       settings = [common.describe_allocator(glibc_tunables=v) for v in values]
     said[framework] = ', '.join(settings)
   return said
+
+
+def _gin_lines(all_results: Dict[str, Any]) -> List[str]:
+  """The report's line on the gin bindings ours' workers ran with (`--ours-gin`), if any."""
+  found = [b for v in _worker_values(all_results, 'gin_bindings').get('ours', []) for b in v]
+  if not found:
+    return []
+  said = ', '.join(f'`{b}`' for b in dict.fromkeys(found))
+  return [f"- Gin bindings of ours' workers (`--ours-gin`): {said}."]
 
 
 def _worker_values(all_results: Dict[str, Any], field: str) -> Dict[str, List[str]]:
@@ -1551,6 +1561,15 @@ def main(argv=None) -> int:
       action='store_true',
       help='re-render the output from its .json (e.g. after editing ANALYSIS.md)',
   )
+  parser.add_argument(
+      '--ours-gin',
+      action='append',
+      default=[],
+      metavar='BINDING',
+      help="a gin binding for ours' workers (repeatable), e.g. "
+      '"training_forward_compiler_options.cpu_float32_dots = \'eigen\'" (the split training '
+      'step); the report lists them',
+  )
   load_guard.add_arguments(parser)
   parser.add_argument('--gpu-section-on-cpu', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument(
@@ -1565,6 +1584,8 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f'unknown --sections {unknown}; choose from {list(SECTIONS)}')
   t_start = time.time()
+  if args.ours_gin:  # ours' workers read it (bench_ours.apply_gin_bindings); PEFT's ignore it
+    os.environ[common.OURS_GIN_ENV] = '\n'.join(args.ours_gin)
   if args.torch_omp_active:
     TORCH_ENV.clear()
   stem = 'RESULTS' + ('' if 'main' in sections else '.' + '_'.join(sections))

@@ -44,3 +44,34 @@ def test_methods_report_line(monkeypatch):
       "(`PROMPT_TUNING_MALLOC`), PEFT's with glibc's defaults.\n\n"
   )
   assert bench_methods.allocator_line({'prompt': {'ours': {'examples_per_s': 1.0}}}) == ''
+
+
+def test_ours_gin_bindings_reach_the_worker_and_the_report(monkeypatch):
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import bench_ours  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top
+
+  split = "training_forward_compiler_options.cpu_float32_dots = 'eigen'"
+  env = {common.OURS_GIN_ENV: f'\n  {split}  \n\n'}
+  assert bench_ours.gin_bindings(env) == [split]
+  assert bench_ours.gin_bindings({}) == []
+  monkeypatch.setenv(common.OURS_GIN_ENV, split)
+  assert xla_options.training_forward_compiler_options(dtype=jnp.float32) is None
+  try:
+    bench_ours.apply_gin_bindings(bench_ours.gin_bindings())
+    # The split training step's forward compiles with Eigen dots (on the CPU backend).
+    assert (
+        xla_options.training_forward_compiler_options(dtype=jnp.float32) == xla_options.EIGEN_DOTS
+    )
+  finally:
+    gin.clear_config()
+  worker = lambda f, bindings: {'framework': f, 'gin_bindings': bindings}
+  results = {'train': {'ours': worker('ours', [split]), 'peft': worker('peft', [split])}}
+  assert run._gin_lines(results) == [  # pylint: disable=protected-access
+      f"- Gin bindings of ours' workers (`--ours-gin`): `{split}`."
+  ]
+  no_bindings = {'train': {'ours': worker('ours', [])}}
+  assert run._gin_lines(no_bindings) == []  # pylint: disable=protected-access
