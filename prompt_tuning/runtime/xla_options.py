@@ -15,7 +15,8 @@ Eigen). Accelerators never see the option.
 * `training_forward_compiler_options(model)`, when bound to `cpu_float32_dots = 'eigen'`, makes
   `Trainer` split a float32 CPU training step in two executables (`trainer.SplitTrainStep`): the
   forward with Eigen dots, the backward and the optimizer update with the default YNNPACK dots.
-  Faster (5-15%), but it needs about twice the peak memory, so it is opt-in.
+  Faster on an Intel Xeon (5-15%; the same speed on an AMD EPYC), but it needs about twice the
+  peak memory under glibc's allocator (1.08-1.09x under tcmalloc), so it is opt-in.
 
 Bind `inference_compiler_options.cpu_float32_dots = 'ynnpack'` in gin to keep XLA's default for
 inference.
@@ -97,8 +98,9 @@ def training_forward_compiler_options(
   of `inference_compiler_options` (`EIGEN_DOTS` for a float32 model on the CPU backend), `Trainer`
   compiles the forward (loss, metrics and the VJP's residuals) with Eigen dots and the backward plus
   the optimizer update with XLA's defaults, as two executables. With the default (None) the step
-  stays one executable. The split trains 5-15% faster on the benchmark's T5 1.1 small shape but
-  holds the residuals between the executables: peak RSS 3.2-4.2 GiB against 1.7 GiB at P=100
-  (`benchmarks/ANALYSIS.md`), hence not the default.
+  stays one executable. The split trains 5-15% faster on the benchmark's T5 1.1 small shape on an
+  Intel Xeon (not faster on an AMD EPYC) but holds the residuals between the executables: under
+  glibc's allocator peak RSS 3.2-4.2 GiB against 1.7 GiB at P=100, under tcmalloc 2.0 against 1.9
+  GiB (`benchmarks/ANALYSIS.md`); not the default until measured on Intel with tcmalloc.
   """
   return _cpu_float32_options('training_forward_compiler_options', model, dtype, cpu_float32_dots)
