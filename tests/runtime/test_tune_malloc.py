@@ -41,8 +41,12 @@ REPORT = textwrap.dedent("""
 """)
 
 # A jitted call whose temporaries hold a 64 MiB block (a dot's output consumed by another dot).
+# XLA frees a call's temporaries just after marking its outputs ready: each call is followed by a
+# pause (as the Trainer's `wait_for_step`, longer for a loaded test machine), so the next call finds
+# the block freed. Without it a call can win the race and take fresh memory for a second block: the
+# tcmalloc case counted 16,386 faults once under the parallel suite's load (not reproduced alone).
 FAULTS = textwrap.dedent("""
-    import json, os, resource
+    import json, os, resource, time
     from prompt_tuning.runtime import launch
     launch.tune_malloc()
     import jax, jax.numpy as jnp
@@ -50,12 +54,15 @@ FAULTS = textwrap.dedent("""
     w1 = jnp.full((256, 2048), 1e-3, jnp.float32)
     w2 = jnp.ones((2048, 8), jnp.float32)
     f = jax.jit(lambda x, w1, w2: jnp.tanh(x @ w1) @ w2)
-    f(x, w1, w2).block_until_ready()
-    f(x, w1, w2).block_until_ready()
+    def call():
+      f(x, w1, w2).block_until_ready()
+      time.sleep(0.05)
+    call()
+    call()
     faults = []
     for _ in range(3):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      f(x, w1, w2).block_until_ready()
+      call()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps({'faults': sorted(faults)[1], 'tunables': os.environ.get('GLIBC_TUNABLES'),
                       'preload': os.environ.get('LD_PRELOAD')}))
