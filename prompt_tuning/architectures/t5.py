@@ -111,6 +111,9 @@ class T5Config:
       classification, short answers) folds the key and value projections of the encoder output
       into the query and the attention weights (`layers.folded_cross_attention`; only where that
       halves the FLOPs and no hook sits on those keys and values). Equal up to float rounding.
+    attention_layout: the operand layout of the attention's two batched products
+      (`layers.dot_product_attention`): `'bhqd'` (heads before positions; faster on XLA:CPU,
+      `benchmarks/ANALYSIS.md`) or `'bqhd'` (flaxformer's einsums). Equal up to float rounding.
   """
 
   vocab_size: int
@@ -131,6 +134,7 @@ class T5Config:
   float32_attention_logits: bool = False
   fuse_kernels: bool = True
   fold_cross_attention: bool = True
+  attention_layout: str = 'bhqd'
 
   def __post_init__(self):
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
@@ -147,6 +151,11 @@ class T5Config:
       )
     if not 0.0 <= float(self.dropout_rate) < 1.0:
       raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    if self.attention_layout not in layers.ATTENTION_LAYOUTS:
+      raise ValueError(
+          f'T5Config.attention_layout must be one of {list(layers.ATTENTION_LAYOUTS)}, got '
+          f'{self.attention_layout!r}.'
+      )
     layers.to_dtype(self.dtype)
 
   @property
@@ -265,6 +274,7 @@ def _attention(
       site=site,
       fuse_kernels=config.fuse_kernels,
       fold_cross_attention=config.fold_cross_attention,
+      attention_layout=config.attention_layout,
   )
 
 

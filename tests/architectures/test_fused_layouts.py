@@ -1,14 +1,18 @@
-"""The frozen backbone's fast layouts (`T5Config.fuse_kernels`, `fold_cross_attention`, the decode's
-cached encoder keys/values) against the plain layout and a float64 numpy attention.
+"""The frozen backbone's fast layouts (`T5Config.fuse_kernels`, `fold_cross_attention`,
+`attention_layout`, the decode's cached encoder keys/values) against the plain layout and a float64
+numpy attention.
 
 Every fast path keeps flaxformer's parameter tree; the references are the separate matmuls
-(`fuse_kernels=False, fold_cross_attention=False`), a numpy float64 transcription of T5 attention
-with projected keys and values, and decoding by full forward passes.
+(`fuse_kernels=False, fold_cross_attention=False`), flaxformer's einsum layout
+(`attention_layout='bqhd'`), numpy float64 transcriptions of T5 attention and of the whole model
+(`tests/methods/numpy_t5.py`), and decoding by full forward passes.
 """
 
 import dataclasses
 import functools
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +121,48 @@ def _numpy_attention(q_in, kv_in, wq, wk, wv, wo, heads, mask):
   w = np.exp(logits - logits.max(-1, keepdims=True))
   w /= w.sum(-1, keepdims=True)
   return np.einsum('bhqk,bkhd->bqhd', w, v).reshape(b, t, -1) @ wo
+
+
+def test_heads_first_attention_is_flaxformers_up_to_float32_rounding(params):
+  """`attention_layout='bhqd'` (the default) against flaxformer's einsums (`'bqhd'`) and a float64
+  numpy T5. The two float32 models differ by their summation order only: on this test's doubled
+  weights each is 1.2-1.9e-6 (of the largest logit) from float64, and the two 1.2-1.5e-6 apart, so
+  they are held to float64 and to each other at 2.5e-6 (the fused kernels above, one float32
+  model against another in the same layout, stay within 1e-6)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'methods'))
+  import numpy_t5  # pylint: disable=g-import-not-at-top
+
+  assert CFG.attention_layout == 'bhqd'
+  flaxformer = dataclasses.replace(CFG, attention_layout='bqhd')
+  (loss, logits), grads = _loss(CFG)(params)
+  (ref_loss, ref_logits), ref_grads = _loss(flaxformer)(params)
+  flat = {k: np.asarray(v, np.float64) for k, v in params_lib.flatten_params(params).items()}
+  numpy_model = numpy_t5.NumpyT5(flat, CFG.num_heads)
+  f64 = numpy_model.decode(*numpy_model.encode(ENC), DEC_IN, TGT)
+  real = TGT > 0  # numpy_t5 zeroes the padding positions' normalized inputs; flaxformer does not
+  for out in (logits, ref_logits):
+    _assert_close_rel(np.asarray(out)[real], f64[real], 2.5e-6)
+  _assert_close_rel(logits, ref_logits, 2.5e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  flat, ref_flat = params_lib.flatten_params(grads), params_lib.flatten_params(ref_grads)
+  for path in ref_flat:
+    _assert_close_rel(flat[path], ref_flat[path], 1e-5)
+
+
+@pytest.mark.parametrize('layout', layers.ATTENTION_LAYOUTS)
+def test_each_attention_layout_equals_float64_numpy(layout):
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.normal(size=(2, s, 4, 8)).astype(np.float32) for s in (5, 7, 7))
+  bias = rng.normal(size=(1, 4, 5, 7)).astype(np.float32)
+  out = layers.dot_product_attention(q, k, v, bias, layout=layout)
+  assert out.shape == (2, 5, 4, 8)
+  q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+  logits = np.einsum('bqhd,bkhd->bhqk', q64, k64) + bias
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, np.einsum('bhqk,bkhd->bqhd', w, v64), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='attention_layout must be one of'):
+    dataclasses.replace(CFG, attention_layout='bhdq')
 
 
 def test_folded_cross_attention_equals_a_float64_projected_attention():
