@@ -583,12 +583,11 @@ def gin_bindings(environ=None) -> list:
 
 
 def apply_gin_bindings(bindings) -> None:
-  """Parses `bindings` with every module that registers a configurable the runtime uses imported."""
+  """Parses `bindings` once the runtime's compiler-option configurables (`xla_options`) exist."""
   if not bindings:
     return
   import gin  # pylint: disable=g-import-not-at-top
 
-  from prompt_tuning.runtime import trainer  # pylint: disable=g-import-not-at-top,unused-import
   from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top,unused-import
 
   gin.parse_config(bindings)
