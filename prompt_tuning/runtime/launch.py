@@ -169,11 +169,11 @@ def tune_malloc() -> None:
   block (597 MiB for the T5 1.1 small training step at prompt length 100) and frees it afterwards.
   glibc serves blocks above 32 MiB with a fresh `mmap` and returns them with `munmap`, so each call
   touches that memory anew: a page fault per 4 KiB (195,000 and 0.4 s of kernel time per step on 2
-  cores when the block was 750 MiB; the scoring forward: 340,000), 10-20% of the step. PyTorch's allocations stay under the
-  threshold and are reused. The C library reads its settings (`GLIBC_TUNABLES`, `LD_PRELOAD`) only
-  when a process starts, so every compute entry point calls this first: if settings are asked for
-  and missing, the process re-executes itself (same PID, arguments and environment, plus the
-  settings) before anything heavy is imported.
+  cores when the block was 750 MiB; the scoring forward: 340,000), 10-20% of the step. PyTorch's
+  allocations stay under the threshold and are reused. The C library reads its settings
+  (`GLIBC_TUNABLES`, `LD_PRELOAD`) only when a process starts, so every compute entry point calls
+  this first: if settings are asked for and missing, the process re-executes itself (same PID,
+  arguments and environment, plus the settings) before anything heavy is imported.
 
   By default (`PROMPT_TUNING_MALLOC=auto`), where gperftools' tcmalloc is installed
   (`libtcmalloc_minimal.so.4`, Debian package `libtcmalloc-minimal4`) and the user preloads no
