@@ -54,7 +54,8 @@ def restore_params(
     batch_size: int,
     fallback_init_rng: Optional[int] = 0,
 ):
-  """Parameters for inference: fresh init (seeded) filled from the checkpoint per the restore config.
+  """Parameters for inference: the checkpoint's per the restore config, the rest freshly initialized
+  (seeded); a fresh model without a checkpoint.
 
   Returns the parameters placed on the partitioner's mesh (sharded by their logical axes).
   """
@@ -73,19 +74,26 @@ def restore_params(
         'checkpoint_<step> directory, a Hugging Face T5 directory or one of our checkpoint_<step> directories.'
     )
   rng = jax.random.PRNGKey(fallback_init_rng or 0)
-  params = jax.jit(lambda r: model.get_initial_variables(r, shapes)['params'])(rng)
-  if path:
+  init = lambda r: model.get_initial_variables(r, shapes)['params']
+  if not path:
+    params = jax.jit(init)(rng)
+  else:
     if restore_checkpoint_cfg.mode == 'latest' and checkpoints.latest_checkpoint_path(path):
       path = checkpoints.latest_checkpoint_path(path)
+    # Read into the abstract tree; only what the checkpoint lacks (a prompt read from a file
+    # later, a method's parameters) is initialized: the backbone's initializers never run.
     params = checkpoints.load_initial_params(
         path,
-        jax.device_get(params),
+        jax.eval_shape(init, rng),
         assignment_map=restore_checkpoint_cfg.assignment_map,
         fallback_to_scratch=restore_checkpoint_cfg.fallback_to_scratch,
         dtype=restore_checkpoint_cfg.dtype,
         strict=restore_checkpoint_cfg.strict,
         trainable=getattr(model.optimizer_def, 'trainable_filter', None),
         allow_partial_frozen=restore_checkpoint_cfg.allow_partial_frozen,
+    )
+    params = train_state_lib.fill_abstract(
+        params, lambda paths: train_state_lib.init_subset(init, rng, paths)
     )
   axes = params_mesh_axes(model, partitioner, batch_size)
   return (

@@ -73,23 +73,29 @@ def _restore_params(
     init_rng,
     only_frozen: bool,
 ):
-  """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh."""
-  params = builder.init_params(init_rng)
+  """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh.
+
+  Only the parameters the checkpoint does not give (a new prompt, a method's parameters) are
+  initialized; the backbone's initializers are never run.
+  """
   paths = _initial_path(restore_cfg)
   if not paths:
-    return params
+    return builder.init_params(init_rng)
   only = (lambda p: not builder.is_trainable(p)) if only_frozen else None
   logging.info('Restoring %s parameters from %s', 'frozen' if only_frozen else 'all', paths)
-  return checkpoints.load_initial_params(
-      paths,
-      jax.device_get(params),
-      assignment_map=restore_cfg.assignment_map,
-      fallback_to_scratch=restore_cfg.fallback_to_scratch,
-      dtype=restore_cfg.dtype,
-      strict=restore_cfg.strict,
-      only=only,
-      trainable=builder.is_trainable,
-      allow_partial_frozen=restore_cfg.allow_partial_frozen,
+  return builder.restore_or_init_params(
+      init_rng,
+      lambda abstract: checkpoints.load_initial_params(
+          paths,
+          abstract,
+          assignment_map=restore_cfg.assignment_map,
+          fallback_to_scratch=restore_cfg.fallback_to_scratch,
+          dtype=restore_cfg.dtype,
+          strict=restore_cfg.strict,
+          only=only,
+          trainable=builder.is_trainable,
+          allow_partial_frozen=restore_cfg.allow_partial_frozen,
+      ),
   )
 
 

@@ -11,7 +11,7 @@ benchmarks, a notebook) does not pay their ~800 MiB of resident memory.
 """
 
 import functools
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Tuple
 
 from absl import logging
 import flax
@@ -128,6 +128,50 @@ def _opt_logical_axes(opt_def, opt_state_shape, trainable_axes):
   )
 
 
+def init_subset(
+    init_fn: Callable[[Any], PyTree],
+    rng,
+    paths: Collection[str],
+    *,
+    partition: Optional[Callable[..., Callable[..., Any]]] = None,
+    mesh_axes: Optional[PyTree] = None,
+) -> Dict[str, Any]:
+  """`{path: value}` of the parameters `init_fn(rng)` gives at `paths`, computing only those.
+
+  The jitted function returns the listed leaves alone, so XLA drops every initializer no output
+  needs (the values are those of the full initialization). `partition` (a partitioner's
+  `partition`) with `mesh_axes` (the full tree's PartitionSpecs) shards the outputs.
+  """
+  paths = sorted(paths)
+
+  def subset(r):
+    flat = flatten(init_fn(r))
+    return {p: flat[p] for p in paths}
+
+  if partition is None:
+    return jax.jit(subset)(rng)
+  axes = flatten(mesh_axes)
+  return partition(subset, in_axis_resources=None, out_axis_resources={p: axes[p] for p in paths})(
+      rng
+  )
+
+
+def fill_abstract(
+    params: PyTree, init_paths: Callable[[Collection[str]], Mapping[str, Any]]
+) -> PyTree:
+  """`params` with its `jax.ShapeDtypeStruct` leaves replaced by `init_paths(their paths)`."""
+  flat = flatten(params)
+  missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    fresh = init_paths(missing)
+    for p in missing:
+      value = fresh[p]
+      if tuple(value.shape) != tuple(flat[p].shape):
+        raise ValueError(f'{p}: initialized as {value.shape}, expected {flat[p].shape}.')
+      flat[p] = value
+  return unflatten(flat)
+
+
 class StateBuilder:
   """Initializes, restores and shards the train state (T5X's `TrainStateInitializer`)."""
 
@@ -177,13 +221,33 @@ class StateBuilder:
         shardings,
     )
 
-  def init_params(self, rng):
-    fn = self.partitioner.partition(
+  def init_params(self, rng, only: Optional[Collection[str]] = None):
+    """The initializers' parameters, sharded; with `only` (flat paths) those alone, as a flat dict.
+
+    With `only`, the compiled function returns just those parameters, so XLA leaves the other
+    initializers out of it: a model restored from a checkpoint never computes (nor holds) random
+    backbone weights, and compiles a much smaller function. Each parameter's value is the one the
+    full initialization gives it (flax derives every parameter's random key from its own path).
+    """
+    if only is None:
+      fn = self.partitioner.partition(
+          lambda r: self._init(r)['params'],
+          in_axis_resources=None,
+          out_axis_resources=self.params_mesh_axes,
+      )
+      return fn(rng)
+    return init_subset(
         lambda r: self._init(r)['params'],
-        in_axis_resources=None,
-        out_axis_resources=self.params_mesh_axes,
+        rng,
+        only,
+        partition=self.partitioner.partition,
+        mesh_axes=self.params_mesh_axes,
     )
-    return fn(rng)
+
+  def restore_or_init_params(self, rng, restore: Callable[[PyTree], PyTree]) -> PyTree:
+    """`restore(abstract parameters)` (a checkpoint read into `jax.ShapeDtypeStruct`s), with every
+    parameter it leaves abstract initialized (`init_params(rng, only=...)`)."""
+    return fill_abstract(restore(self.params_shape), lambda paths: self.init_params(rng, paths))
 
   def build(self, params, step: int = 0) -> TrainState:
     """The train state at `step` (the optimizer's step counter starts there too, as in T5X)."""
