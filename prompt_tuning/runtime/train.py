@@ -73,7 +73,7 @@ def _restore_params(
     init_rng,
     only_frozen: bool,
 ):
-  """Initial parameters: from `restore_cfg.path` when set (with assignment_map/fallback), else fresh.
+  """Initial parameters: from `restore_cfg.path` if set (with assignment_map, fallback), else fresh.
 
   Only the parameters the checkpoint does not give (a new prompt, a method's parameters) are
   initialized; the backbone's initializers are never run.
