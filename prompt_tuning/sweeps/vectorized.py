@@ -369,23 +369,9 @@ def train_members(members: Sequence[Member], group: str = '') -> int:
   trainer_rngs = jnp.stack([k[1] for k in keys])
 
   # Frozen parameters: as a separate run builds them (from the checkpoint, else the seeded init).
-  if init_path:
-    params0 = builder.restore_or_init_params(
-        init_rngs[0],
-        lambda abstract: checkpoints.load_initial_params(
-            init_path,
-            abstract,
-            assignment_map=restore_cfg.assignment_map,
-            fallback_to_scratch=restore_cfg.fallback_to_scratch,
-            dtype=restore_cfg.dtype,
-            strict=restore_cfg.strict,
-            only=lambda p: not builder.is_trainable(p),
-            trainable=builder.is_trainable,
-            allow_partial_frozen=restore_cfg.allow_partial_frozen,
-        ),
-    )
-  else:
-    params0 = builder.init_params(init_rngs[0])
+  params0 = train_lib._restore_params(  # pylint: disable=protected-access
+      builder, restore_cfg, init_rngs[0], only_frozen=True
+  )
   _, frozen = train_state_lib.split_params(params0, builder.is_trainable)
   del params0
 
