@@ -176,8 +176,14 @@ def profile_ours(args, shapes) -> Dict[str, Any]:
       prompt_length=args.prompt_length,
   )
   if args.section == 'train':
-    # The default one-executable step (the opt-in trainer.SplitTrainStep has two executables,
-    # whose op names a trace would mix).
+    # The one-executable step, also where `Trainer` would split it (`trainer.SplitTrainStep`, the
+    # default on an Intel CPU under tcmalloc): two executables' op names would mix in one trace.
+    import gin  # pylint: disable=g-import-not-at-top
+
+    from prompt_tuning.runtime import xla_options  # pylint: disable=g-import-not-at-top,unused-import
+
+    with gin.unlock_config():
+      gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'ynnpack')
     bench = bench_ours.TrainBench(bench_args, shapes)
     bench.setup()
     placed = bench.trainer.place_batch(bench.batches[0])

@@ -860,6 +860,7 @@ def render(all_results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         f"{allocators.get('peft', 'not recorded')}."
     )
   lines += _gin_lines(all_results)
+  lines += _train_step_lines(all_results)
   lines += _validity_lines(all_results, meta)
   for key, res in all_results.items():
     kind = res.get('kind') if isinstance(res, dict) else None
@@ -989,6 +990,20 @@ def _gin_lines(all_results: Dict[str, Any]) -> List[str]:
     return []
   said = ', '.join(f'`{b}`' for b in dict.fromkeys(found))
   return [f"- Gin bindings of ours' workers (`--ours-gin`): {said}."]
+
+
+def _train_step_lines(all_results: Dict[str, Any]) -> List[str]:
+  """The report's line on how ours' training step was compiled (`trainer.SplitTrainStep` or not)."""
+  counts = _worker_values(all_results, 'executables_per_step').get('ours', [])
+  if not counts:
+    return []
+  names = {
+      1: 'one executable',
+      2: 'split in two executables (`trainer.SplitTrainStep`: forward'
+      " on XLA's Eigen dots, backward and update on YNNPACK's)",
+  }
+  said = ' and '.join(names.get(n, f'{n} executables') for n in counts)
+  return [f"- Ours' training step: {said}."]
 
 
 def _worker_values(all_results: Dict[str, Any], field: str) -> Dict[str, List[str]]:

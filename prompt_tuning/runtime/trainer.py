@@ -6,14 +6,14 @@ reductions), `apply_grads` (the optimizer update) and `train_with_lr` (both). Th
 testable without a `Trainer`. Gradients are taken with respect to `TrainState.trainable` only;
 the frozen parameters enter as constants, so no backbone weight gradient is ever computed.
 
-Opt-in (`training_forward_compiler_options.cpu_float32_dots = 'eigen'`), for a float32 model on
-one CPU device without microbatches, `Trainer` compiles the step as two executables
-(`SplitTrainStep`, from `split_train_step_fns`): the forward (`forward_with_vjp`: loss, metrics and
-the VJP's residuals) with XLA's Eigen dots, and the backward plus `apply_grads` with XLA's default
-YNNPACK dots, each where it is faster (`xla_options.py`): 5-15% faster steps on an Intel Xeon,
-the same speed on an AMD EPYC; peak memory about twice the one-executable step's under glibc's
-allocator, 1.08-1.09x under tcmalloc. Results equal the one-executable step's within float32
-rounding.
+For a float32 model on one CPU device without microbatches, `Trainer` can compile the step as two
+executables (`SplitTrainStep`, from `split_train_step_fns`): the forward (`forward_with_vjp`: loss,
+metrics and the VJP's residuals) with XLA's Eigen dots, and the backward plus `apply_grads` with
+XLA's default YNNPACK dots, each where it is faster (`xla_options.py`): 5-15% faster steps on an
+Intel Xeon, the same speed on an AMD EPYC; peak memory about twice the one-executable step's under
+glibc's allocator, 1.08-1.09x under tcmalloc. It does so by default on an Intel CPU with tcmalloc
+loaded (`training_forward_compiler_options.cpu_float32_dots = 'auto'`); `'eigen'` asks for it
+everywhere, `'ynnpack'` never. Results equal the one-executable step's within float32 rounding.
 """
 
 import enum
@@ -448,10 +448,10 @@ class Trainer:
   def _forward_compiler_options(self) -> Optional[Dict[str, Any]]:
     """The forward's options when the step is split (`SplitTrainStep`), else None.
 
-    Split only when asked for and where nothing else changes: options from
-    `xla_options.training_forward_compiler_options` (opt-in; float32 on the CPU), no microbatching (its scan
-    keeps the forward and backward of each microbatch together) and a one-device mesh (the
-    residuals then need no sharding of their own)."""
+    Split only where `xla_options.training_forward_compiler_options` gives options (float32 on
+    the CPU: by default an Intel CPU under tcmalloc, or where `'eigen'` is bound) and nothing else
+    changes: no microbatching (its scan keeps the forward and backward of each microbatch
+    together) and a one-device mesh (the residuals then need no sharding of their own)."""
     if self._model is None or (self._num_microbatches or 1) > 1:
       return None
     mesh = getattr(self._partitioner, 'mesh', None)
@@ -482,6 +482,11 @@ class Trainer:
     if self._partitioned_train_step is None:
       forward_options = self._forward_compiler_options()
       if forward_options:
+        logging.info(
+            'Training step split in two executables (forward with %s; '
+            "training_forward_compiler_options.cpu_float32_dots = 'ynnpack' keeps one).",
+            forward_options,
+        )
         self._partitioned_train_step = self._make_split_train_step(batch, forward_options)
       else:
         self._partitioned_train_step = self._partitioner.partition(

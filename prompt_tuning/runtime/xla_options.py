@@ -12,11 +12,14 @@ Eigen). Accelerators never see the option.
 
 * `inference_compiler_options(model)` is what the inference paths (`runtime/inference.py`,
   `runtime/trainer.py`'s eval step, `serving/engine.py`) pass to `jax.jit(..., compiler_options=)`.
-* `training_forward_compiler_options(model)`, when bound to `cpu_float32_dots = 'eigen'`, makes
-  `Trainer` split a float32 CPU training step in two executables (`trainer.SplitTrainStep`): the
-  forward with Eigen dots, the backward and the optimizer update with the default YNNPACK dots.
-  Faster on an Intel Xeon (5-15%; the same speed on an AMD EPYC), but it needs about twice the
-  peak memory under glibc's allocator (1.08-1.09x under tcmalloc), so it is opt-in.
+* `training_forward_compiler_options(model)` decides whether `Trainer` splits a float32 CPU
+  training step in two executables (`trainer.SplitTrainStep`): the forward with Eigen dots, the
+  backward and the optimizer update with the default YNNPACK dots. The split was 5-15% faster on an
+  Intel Xeon and the same speed on an AMD EPYC, and holds the forward's residuals between the two
+  executables: about twice the one-executable step's peak memory under glibc's allocator,
+  1.08-1.09x under tcmalloc. So by default (`cpu_float32_dots = 'auto'`) it splits only on an Intel
+  CPU with gperftools' tcmalloc serving the process (the entry points preload it where installed,
+  `launch.tune_malloc`); `'eigen'` splits everywhere, `'ynnpack'` never.
 
 Bind `inference_compiler_options.cpu_float32_dots = 'ynnpack'` in gin to keep XLA's default for
 inference.
@@ -30,10 +33,14 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from prompt_tuning.runtime import launch
+
 YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 # The option's value that leaves YNNPACK no dot (nor anything else) to take: XLA's Eigen dots.
 EIGEN_DOTS = {YNN_FUSION_TYPE: ''}
 CPU_FLOAT32_DOTS = ('eigen', 'ynnpack')
+# The training step's choices: `auto` picks one of the two by `split_step_pays_here`.
+TRAINING_CPU_FLOAT32_DOTS = ('auto',) + CPU_FLOAT32_DOTS
 
 
 def model_dtype(model: Any) -> Optional[jnp.dtype]:
@@ -58,13 +65,37 @@ def _option_supported(name: str, value: str) -> bool:
   return True
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU vendor `cpuinfo` names ('GenuineIntel', 'AuthenticAMD'; '' where unknown)."""
+  try:
+    with open(cpuinfo, encoding='utf-8', errors='replace') as f:
+      for line in f:
+        if line.startswith('vendor_id'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
+
+
+def split_step_pays_here() -> bool:
+  """Whether `'auto'` splits the float32 CPU training step: an Intel CPU and tcmalloc loaded.
+
+  Measured on the benchmark's T5 1.1 small shape (`benchmarks/ANALYSIS.md`): on an Intel Xeon the
+  split step took 0.83-0.95x the one-executable step's time (Eigen's forward products split over
+  two threads better there) but, under glibc's allocator, twice its peak memory; on an AMD EPYC it
+  is no faster. Under tcmalloc the memory cost is 1.08-1.09x.
+  """
+  return cpu_vendor() == 'GenuineIntel' and launch.tcmalloc_loaded()
+
+
 def _cpu_float32_options(
-    what: str, model: Any, dtype: Any, cpu_float32_dots: str
+    what: str, model: Any, dtype: Any, cpu_float32_dots: str, choices=CPU_FLOAT32_DOTS
 ) -> Optional[Dict[str, Any]]:
-  if cpu_float32_dots not in CPU_FLOAT32_DOTS:
-    raise ValueError(
-        f'{what}.cpu_float32_dots={cpu_float32_dots!r}: use one of {CPU_FLOAT32_DOTS}.'
-    )
+  if cpu_float32_dots not in choices:
+    raise ValueError(f'{what}.cpu_float32_dots={cpu_float32_dots!r}: use one of {choices}.')
+  if cpu_float32_dots == 'auto':
+    cpu_float32_dots = 'eigen' if split_step_pays_here() else 'ynnpack'
   if cpu_float32_dots != 'eigen' or jax.default_backend() != 'cpu':
     return None
   if dtype is None and model is not None:
@@ -90,17 +121,27 @@ def inference_compiler_options(
 
 @gin.configurable
 def training_forward_compiler_options(
-    model: Any = None, dtype: Any = None, cpu_float32_dots: str = 'ynnpack'
+    model: Any = None, dtype: Any = None, cpu_float32_dots: str = 'auto'
 ) -> Optional[Dict[str, Any]]:
   """`compiler_options` for the forward half of a split training step (`trainer.SplitTrainStep`).
 
-  Opt-in: bind `training_forward_compiler_options.cpu_float32_dots = 'eigen'`. Then, by the rule
-  of `inference_compiler_options` (`EIGEN_DOTS` for a float32 model on the CPU backend), `Trainer`
-  compiles the forward (loss, metrics and the VJP's residuals) with Eigen dots and the backward plus
-  the optimizer update with XLA's defaults, as two executables. With the default (None) the step
-  stays one executable. The split trains 5-15% faster on the benchmark's T5 1.1 small shape on an
-  Intel Xeon (not faster on an AMD EPYC) but holds the residuals between the executables: under
-  glibc's allocator peak RSS 3.2-4.2 GiB against 1.7 GiB at P=100, under tcmalloc 2.0 against 1.9
-  GiB (`benchmarks/ANALYSIS.md`); not the default until measured on Intel with tcmalloc.
+  `Trainer` splits the step when this returns options: the forward (loss, metrics and the VJP's
+  residuals) compiled with them, the backward plus the optimizer update with XLA's defaults, as two
+  executables. With None the step stays one executable. `cpu_float32_dots`:
+
+  * `'auto'` (default): `'eigen'` where `split_step_pays_here()` (an Intel CPU, tcmalloc serving
+    the process), else `'ynnpack'`.
+  * `'eigen'`: `EIGEN_DOTS` for a float32 model on the CPU backend (the rule of
+    `inference_compiler_options`), so the step splits there. On the benchmark's T5 1.1 small
+    shape the split trained 5-15% faster on an Intel Xeon and no faster on an AMD EPYC; it holds the
+    residuals between the executables: peak RSS 3.2-4.2 GiB against 1.7 GiB at P=100 under
+    glibc's allocator, 2.0 against 1.9 GiB under tcmalloc (`benchmarks/ANALYSIS.md`).
+  * `'ynnpack'`: None, one executable everywhere.
   """
-  return _cpu_float32_options('training_forward_compiler_options', model, dtype, cpu_float32_dots)
+  return _cpu_float32_options(
+      'training_forward_compiler_options',
+      model,
+      dtype,
+      cpu_float32_dots,
+      choices=TRAINING_CPU_FLOAT32_DOTS,
+  )

@@ -59,6 +59,7 @@ def test_ours_gin_bindings_reach_the_worker_and_the_report(monkeypatch):
   assert bench_ours.gin_bindings(env) == [split]
   assert bench_ours.gin_bindings({}) == []
   monkeypatch.setenv(common.OURS_GIN_ENV, split)
+  monkeypatch.setattr(xla_options, 'split_step_pays_here', lambda: False)  # as on AMD
   assert xla_options.training_forward_compiler_options(dtype=jnp.float32) is None
   try:
     bench_ours.apply_gin_bindings(bench_ours.gin_bindings())
@@ -75,3 +76,17 @@ def test_ours_gin_bindings_reach_the_worker_and_the_report(monkeypatch):
   ]
   no_bindings = {'train': {'ours': worker('ours', [])}}
   assert run._gin_lines(no_bindings) == []  # pylint: disable=protected-access
+
+
+def test_the_report_says_how_the_training_step_was_compiled():
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+
+  worker = lambda f, n: {'framework': f, 'executables_per_step': n}
+  one = {'train': {'20': {'ours': worker('ours', 1), 'peft': worker('peft', 3)}}}
+  (line,) = run._train_step_lines(one)  # pylint: disable=protected-access
+  assert line == "- Ours' training step: one executable."
+  split = {'train': {'20': {'ours': worker('ours', 2)}, '100': {'ours': worker('ours', 2)}}}
+  (line,) = run._train_step_lines(split)  # pylint: disable=protected-access
+  assert 'split in two executables (`trainer.SplitTrainStep`' in line
+  assert 'one executable' not in line
+  assert run._train_step_lines({'train': {}}) == []  # pylint: disable=protected-access

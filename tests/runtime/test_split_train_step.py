@@ -5,8 +5,9 @@ module), `Trainer` compiles a float32 model's step on the CPU as two executables
 metrics and the VJP's residuals) with XLA's Eigen dots, the backward and the optimizer update with
 XLA's defaults (YNNPACK dots). Checked against the one-executable step of the same Trainer:
 
-* the choice: split for float32 on one CPU device when asked for; one executable by default, with
-  microbatches, bfloat16 or a multi-device mesh;
+* the choice: split for float32 on one CPU device when asked for, and by default (`'auto'`) where
+  `xla_options.split_step_pays_here`; one executable with `'ynnpack'`, microbatches, bfloat16 or a
+  multi-device mesh;
 * four steps with dropout: losses and metrics within 1e-5, the prompt and the Adafactor state
   within 1e-5 relative, the frozen parameters untouched;
 * the forward executable holds no YNNPACK fusion, the backward does where this jaxlib uses it;
@@ -147,7 +148,7 @@ def runs(env):
   return {'split': split, 'one': one, 'batches': batches}
 
 
-def test_float32_on_one_cpu_device_splits_and_the_rest_keeps_one_executable(env):
+def test_float32_on_one_cpu_device_splits_and_the_rest_keeps_one_executable(env, monkeypatch):
   placed = _trainer(env).place_batch(_batches(1)[0])
   assert isinstance(_trainer(env)._get_train_step(placed), trainer_lib.SplitTrainStep)
   assert not isinstance(
@@ -167,10 +168,14 @@ def test_float32_on_one_cpu_device_splits_and_the_rest_keeps_one_executable(env)
   finally:
     with gin.unlock_config():
       gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'eigen')
-  # Without any binding (the default), one executable.
+  # Without any binding (`'auto'`): split only where `split_step_pays_here` (Intel, tcmalloc).
   gin.clear_config()
   try:
-    assert _trainer(env)._forward_compiler_options() is None
+    for pays, expected in ((False, None), (True, xla_options.EIGEN_DOTS)):
+      monkeypatch.setattr(xla_options, 'split_step_pays_here', lambda pays=pays: pays)
+      assert _trainer(env)._forward_compiler_options() == expected
+      step = _trainer(env)._get_train_step(placed)
+      assert isinstance(step, trainer_lib.SplitTrainStep) == pays
   finally:
     with gin.unlock_config():
       gin.bind_parameter('training_forward_compiler_options.cpu_float32_dots', 'eigen')

@@ -48,6 +48,54 @@ def test_bfloat16_and_the_opt_out_keep_xla_defaults():
     xla_options.inference_compiler_options(dtype='float32', cpu_float32_dots='onednn')
 
 
+@pytest.mark.parametrize(
+    'vendor,tcmalloc,splits',
+    [
+        ('GenuineIntel', True, True),
+        ('GenuineIntel', False, False),  # glibc: about twice the peak memory
+        ('AuthenticAMD', True, False),  # no faster there
+        ('', True, False),
+    ],
+)
+def test_training_auto_splits_on_intel_under_tcmalloc_only(monkeypatch, vendor, tcmalloc, splits):
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(xla_options, 'cpu_vendor', lambda: vendor)
+  monkeypatch.setattr(launch, 'tcmalloc_loaded', lambda: tcmalloc)
+  assert xla_options.split_step_pays_here() == splits
+  options = xla_options.training_forward_compiler_options(dtype='float32')
+  assert options == (xla_options.EIGEN_DOTS if splits else None)
+  # The explicit choices ignore the CPU; bfloat16 never splits.
+  assert xla_options.training_forward_compiler_options(
+      dtype='float32', cpu_float32_dots='eigen'
+  ) == (xla_options.EIGEN_DOTS)
+  assert (
+      xla_options.training_forward_compiler_options(dtype='float32', cpu_float32_dots='ynnpack')
+      is None
+  )
+  assert xla_options.training_forward_compiler_options(dtype='bfloat16') is None
+
+
+def test_auto_is_a_training_choice_only():
+  with pytest.raises(ValueError, match=r"cpu_float32_dots='onednn'.*'auto', 'eigen', 'ynnpack'"):
+    xla_options.training_forward_compiler_options(dtype='float32', cpu_float32_dots='onednn')
+  with pytest.raises(ValueError, match=r"inference_compiler_options.cpu_float32_dots='auto'"):
+    xla_options.inference_compiler_options(dtype='float32', cpu_float32_dots='auto')
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+  info = tmp_path / 'cpuinfo'
+  info.write_text(
+      'processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n'
+      'processor\t: 1\nvendor_id\t: GenuineIntel\n'
+  )
+  assert xla_options.cpu_vendor(str(info)) == 'GenuineIntel'
+  info2 = tmp_path / 'arm'
+  info2.write_text('processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n')
+  assert xla_options.cpu_vendor(str(info2)) == ''
+  assert xla_options.cpu_vendor(str(tmp_path / 'missing')) == ''
+
+
 @pytest.fixture(scope='module')
 def tiny():
   import seqio  # pylint: disable=g-import-not-at-top
