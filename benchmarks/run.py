@@ -1615,6 +1615,8 @@ def main(argv=None) -> int:
       f.write(render(raw['results'], meta))
     print(f'wrote {output}')
     return 0
+  # Where the report goes must exist before the run, not only after its ten minutes.
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   guard = dict(
       max_interference=args.max_interference,
       retries=0 if args.quick else args.retries,
@@ -1703,10 +1705,11 @@ def main(argv=None) -> int:
     meta['load_end'] = common.load_avg()
     if not args.quick:
       _add_analysis(meta)
+    # The measurements first: a report that fails to render can be re-rendered from them.
+    common.write_json(os.path.splitext(output)[0] + '.json', {'meta': meta, 'results': results})
     text = render(results, meta)
     with open(output, 'w') as f:
       f.write(text)
-    common.write_json(os.path.splitext(output)[0] + '.json', {'meta': meta, 'results': results})
     print(f'wrote {output} ({meta["wall_min"]:.1f} min)')
     if not args.keep_workdir and not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -16,8 +16,8 @@ Eigen). Accelerators never see the option.
   training step in two executables (`trainer.SplitTrainStep`): the forward with Eigen dots, the
   backward and the optimizer update with the default YNNPACK dots. The split was 5-15% faster on an
   Intel Xeon and the same speed on an AMD EPYC, and holds the forward's residuals between the two
-  executables: about twice the one-executable step's peak memory under glibc's allocator,
-  1.08-1.09x under tcmalloc. So by default (`cpu_float32_dots = 'auto'`) it splits only on an Intel
+  executables: about twice the one-executable step's peak memory under glibc's allocator, about
+  the same under tcmalloc. So by default (`cpu_float32_dots = 'auto'`) it splits only on an Intel
   CPU with gperftools' tcmalloc serving the process (the entry points preload it where installed,
   `launch.tune_malloc`); `'eigen'` splits everywhere, `'ynnpack'` never.
 
@@ -84,7 +84,7 @@ def split_step_pays_here() -> bool:
   Measured on the benchmark's T5 1.1 small shape (`benchmarks/ANALYSIS.md`): on an Intel Xeon the
   split step took 0.83-0.95x the one-executable step's time (Eigen's forward products split over
   two threads better there) but, under glibc's allocator, twice its peak memory; on an AMD EPYC it
-  is no faster. Under tcmalloc the memory cost is 1.08-1.09x.
+  is no faster. Under tcmalloc its peak memory is about the one-executable step's.
   """
   return cpu_vendor() == 'GenuineIntel' and launch.tcmalloc_loaded()
 
@@ -135,7 +135,7 @@ def training_forward_compiler_options(
     `inference_compiler_options`), so the step splits there. On the benchmark's T5 1.1 small
     shape the split trained 5-15% faster on an Intel Xeon and no faster on an AMD EPYC; it holds the
     residuals between the executables: peak RSS 3.2-4.2 GiB against 1.7 GiB at P=100 under
-    glibc's allocator, 2.0 against 1.9 GiB under tcmalloc (`benchmarks/ANALYSIS.md`).
+    glibc's allocator, 1.71 against 1.70 GiB under tcmalloc (`benchmarks/ANALYSIS.md`).
   * `'ynnpack'`: None, one executable everywhere.
   """
   return _cpu_float32_options(

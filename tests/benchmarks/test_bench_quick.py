@@ -101,7 +101,7 @@ def test_number_parsing_keeps_the_sign():
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_results(tmp_path):
-  out = tmp_path / 'RESULTS.md'
+  out = tmp_path / 'reports' / 'RESULTS.md'  # a folder the run must create
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   env.pop('XLA_FLAGS', None)  # the benchmarks compile as users do (not conftest's quick compile)
   env['PROMPT_TUNING_MALLOC'] = 'hugepages'  # opt in: ours' workers restart with it, PEFT's do not
@@ -138,7 +138,7 @@ def test_quick_benchmark_writes_results(tmp_path):
   )
   assert f"- Allocator: ours' workers ran with {ours} (" in text, text[:3000]
   assert "PEFT's with glibc's defaults." in text
-  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
+  raw = json.loads(out.with_suffix('.json').read_text())
   assert raw['meta']['quick'] is True
   # Quick mode: one main (CPU, tiny) section, plus the realistic-length and bfloat16 sections.
   (section,) = [
@@ -243,7 +243,7 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert max(losses) - min(losses) < 0.05 * max(losses)  # same model and data in every variant
   assert 'amx' in text or 'CPU matmul extensions' in text
 
-  raw = json.loads((tmp_path / 'RESULTS.json').read_text())
+  raw = json.loads(out.with_suffix('.json').read_text())
   assert raw['meta']['quick'] is True
   assert 'Failures' not in text, text
 

@@ -11,6 +11,8 @@ XLA's defaults (YNNPACK dots). Checked against the one-executable step of the sa
 * four steps with dropout: losses and metrics within 1e-5, the prompt and the Adafactor state
   within 1e-5 relative, the frozen parameters untouched;
 * the forward executable holds no YNNPACK fusion, the backward does where this jaxlib uses it;
+* the frozen parameters among the VJP's residuals stay out of the forward's outputs (placeholders
+  the backward fills from the frozen parameters it receives): no copies, the same gradient;
 * a trainer restarted from the state after two steps continues bit for bit; the state is donated
   (the previous prompt's buffer is gone), the frozen parameters are not;
 * one forward and one backward compilation per batch shape.
@@ -207,6 +209,44 @@ def test_forward_runs_eigen_dots_and_backward_xla_default_dots(env, runs):
   default = one._partitioned_train_step.lower(one.train_state, placed, one._base_rng).compile()
   # Whatever XLA's default does with the one-executable step, the backward does too.
   assert ('__ynn_fusion' in backward.as_text()) == ('__ynn_fusion' in default.as_text())
+
+
+def test_the_forward_hands_frozen_parameters_to_the_backward_without_copying_them(env):
+  t = _trainer(env)
+  placed = t.place_batch(_batches(1)[0])
+  step = t._get_train_step(placed)
+  state, rng, frozen = t.train_state, t._base_rng, t.train_state.frozen
+  loss, metrics, vjp_fn = step.forward(state, placed, rng)
+  is_marker = lambda x: isinstance(x, trainer_lib._FrozenLeaf)
+  markers = [x for x in jax.tree_util.tree_leaves(vjp_fn, is_leaf=is_marker) if is_marker(x)]
+  params = jax.tree_util.tree_leaves(frozen)
+  # The kernels the backward multiplies by (attention and MLP outputs, logits) are placeholders.
+  assert len(markers) >= 3, markers
+  marked_bytes = sum(params[m.index].nbytes for m in markers)
+  arrays = jax.tree_util.tree_leaves(vjp_fn)
+  # No residual array is a frozen parameter's buffer or a copy of one.
+  pointers = {p.unsafe_buffer_pointer() for p in params}
+  assert not any(a.unsafe_buffer_pointer() in pointers for a in arrays)
+  for a in arrays:
+    for p in params:
+      assert a.shape != p.shape or not np.array_equal(np.asarray(a), np.asarray(p))
+
+  # The same forward without placeholders: the compiled forward outputs the kernels as well, and
+  # the gradient from the placeholders' residuals is the same.
+  def plain_forward(st, batch, base_rng):
+    return trainer_lib.forward_with_vjp(
+        env['model'], st, batch, jax.random.fold_in(base_rng, st.step)
+    )
+
+  plain = jax.jit(plain_forward, compiler_options=xla_options.EIGEN_DOTS)
+  bytes_out = lambda f: f.lower(state, placed, rng).compile().memory_analysis().output_size_in_bytes
+  saved = bytes_out(plain) - bytes_out(step.forward)
+  # The kernels' bytes, and the output tuple's pointer table shorter by one entry per kernel.
+  assert marked_bytes <= saved <= marked_bytes + 8 * len(markers), (saved, marked_bytes)
+  ref_loss, _, ref_vjp = plain(state, placed, rng)
+  grads = trainer_lib.grads_from_vjp(loss, trainer_lib._with_frozen_residuals(vjp_fn, frozen))
+  ref = trainer_lib.grads_from_vjp(ref_loss, ref_vjp)
+  _close(_flat(grads), _flat(ref), rtol=1e-6)
 
 
 def test_restarting_from_the_state_continues_bit_for_bit(env, runs):
