@@ -12,9 +12,9 @@ metrics and the VJP's residuals) with XLA's Eigen dots, and the backward plus `a
 XLA's default YNNPACK dots, each where it is faster (`xla_options.py`): 5-15% faster steps on an
 Intel Xeon, the same speed on an AMD EPYC; peak memory about twice the one-executable step's under
 glibc's allocator, the same under tcmalloc (the frozen kernels among the residuals are passed to
-the backward, not copied). It does so by default on an Intel CPU with tcmalloc
-loaded (`training_forward_compiler_options.cpu_float32_dots = 'auto'`); `'eigen'` asks for it
-everywhere, `'ynnpack'` never. Results equal the one-executable step's within float32 rounding.
+the backward, not copied). It does so by default on an Intel CPU with tcmalloc loaded
+(`training_forward_compiler_options.cpu_float32_dots = 'auto'`); `'eigen'` asks for it everywhere,
+`'ynnpack'` never. Results equal the one-executable step's within float32 rounding.
 """
 
 import contextlib
