@@ -32,6 +32,7 @@ from prompt_tuning import params as params_lib
 from prompt_tuning.checkpoints import formats
 from prompt_tuning.checkpoints import orbax_format
 from prompt_tuning.runtime import faults
+from prompt_tuning.runtime import partitioning
 from prompt_tuning.runtime import train_state as train_state_lib
 
 METADATA_FILE = orbax_format.METADATA_FILE
@@ -389,7 +390,7 @@ def load_initial_optimizer_state(
     node = state_dict
     for key in parents:
       node = node[key]
-    node[last] = jax.device_put(value, sharding) if sharding is not None else value
+    node[last] = partitioning.device_put_owned(value, sharding) if sharding is not None else value
     restored.append(name)
   if kept:
     logging.info(

@@ -276,7 +276,7 @@ def _train(
     raw = raw_latest
     state = checkpoints.restore_into_state(state, raw)
     state = jax.tree_util.tree_map(
-        lambda x, s: jax.device_put(x, s),
+        partitioning.device_put_owned,
         state,
         partitioner.mesh_axes_to_sharding(builder.state_axes),
     )

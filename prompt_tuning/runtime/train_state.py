@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from prompt_tuning import params as params_lib
+from prompt_tuning.runtime import partitioning
 
 PyTree = Any
 
@@ -214,7 +215,7 @@ class StateBuilder:
   def _shard(self, tree, axes):
     shardings = self.partitioner.mesh_axes_to_sharding(axes)
     return jax.tree_util.tree_map(
-        lambda x, s: jax.device_put(np.asarray(x), s)
+        lambda x, s: partitioning.device_put_owned(np.asarray(x), s)
         if not isinstance(x, jax.Array)
         else jax.device_put(x, s),
         tree,

@@ -398,9 +398,10 @@ class SplitTrainStep:
   keeps them in its temporary buffers.
   """
 
-  def __init__(self, forward, backward):
+  def __init__(self, forward, backward, mesh: Optional[jax.sharding.Mesh] = None):
     self.forward = forward
     self.backward = backward
+    self.mesh = mesh  # the one-device mesh the forward's outputs are placed on
 
   @staticmethod
   def _halves(state: train_state_lib.TrainState):
@@ -416,7 +417,19 @@ class SplitTrainStep:
     """Both executables, compiled ahead of time (`(forward, backward)` `jax.stages.Compiled`)."""
     lowered = self.forward.lower(state, batch, base_rng)
     forward = lowered.compile()
-    loss, metrics, vjp_fn = lowered.out_info  # shapes, dtypes and shardings of the outputs
+    # Shapes and dtypes of the outputs, placed as the forward places them (unspecified shardings
+    # are the mesh's replicated one), so that the backward compiled here is the one a call finds.
+    replicated = (
+        None
+        if self.mesh is None
+        else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    )
+    loss, metrics, vjp_fn = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding or replicated, weak_type=x.weak_type
+        ),
+        lowered.out_info,
+    )
     mutable, frozen = self._halves(state)
     backward = self.backward.lower(mutable, frozen, loss, metrics, vjp_fn).compile()
     return forward, backward
@@ -544,6 +557,7 @@ class Trainer:
             out_axis_resources=(mutable_axes, None),
             donate_argnums=(0,),
         ),
+        mesh=getattr(self._partitioner, 'mesh', None),
     )
 
   def _get_train_step(self, batch):
@@ -618,6 +632,13 @@ class Trainer:
         logging.warning('Training data ran out after %d steps.', i)
         break
       step_fn = self._get_train_step(batch)
+      ahead = isinstance(step_fn, SplitTrainStep) or hasattr(step_fn, 'lower')  # jitted
+      if not self._compiled and ahead:
+        # Compile first and hand back what loading and compiling freed, so that the first step's
+        # temporaries are not allocated on top of it (that was the run's peak memory). The call
+        # below then finds the executable in JAX's compilation cache.
+        self.compile_train(batch)
+        launch.release_free_memory()
       t_step = time.perf_counter()
       self.train_state, metrics = step_fn(self.train_state, batch, self._base_rng)
       pending.append((start_step + i + 1, metrics))

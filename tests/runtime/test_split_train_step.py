@@ -15,8 +15,15 @@ XLA's defaults (YNNPACK dots). Checked against the one-executable step of the sa
   the backward fills from the frozen parameters it receives): no copies, the same gradient;
 * a trainer restarted from the state after two steps continues bit for bit; the state is donated
   (the previous prompt's buffer is gone), the frozen parameters are not;
-* one forward and one backward compilation per batch shape.
+* one forward and one backward compilation per batch shape; the first step, compiled ahead of its
+  call (`Trainer.train` frees what compiling left before running it), is not compiled again;
+* a state built from page-aligned numpy arrays (as tcmalloc allocates them) is donated in place
+  from the first step on (`partitioning.device_put_owned`).
 """
+
+import collections
+import logging
+import re
 
 import flax
 import gin
@@ -281,3 +288,54 @@ def test_one_forward_and_one_backward_compilation_per_batch_shape(env):
   t.train(iter(_batches(2) + _batches(2, length=12) + _batches(1)), 5, start_step=0)
   step = t._partitioned_train_step
   assert step.forward.cache_size() == step.backward.cache_size() == step.cache_size() == 2
+
+
+def _compilations(caplog, fn):
+  """`fn()`'s XLA compilations, by jitted function name (`jax.log_compiles` messages)."""
+  caplog.clear()
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    fn()
+  names = [re.match(r'Compiling jit\((\w+)\)', r.getMessage()) for r in caplog.records]
+  return collections.Counter(m.group(1) for m in names if m)
+
+
+@pytest.mark.parametrize('cls', [trainer_lib.Trainer, _OneExecutable], ids=['split', 'one'])
+def test_the_first_step_is_compiled_ahead_once_and_not_again_when_called(env, caplog, cls):
+  # `Trainer.train` compiles the step before running it (to hand back what compiling freed before
+  # the step's temporaries are allocated); the call must then find those executables.
+  t = _trainer(env, cls)
+  counts = _compilations(caplog, lambda: t.train(iter(_batches(2)), 2, start_step=0))
+  expected = {'forward': 1, 'backward': 1} if cls is trainer_lib.Trainer else {'train_step': 1}
+  assert {k: counts[k] for k in ('forward', 'backward', 'train_step') if counts[k]} == expected
+
+
+def _page_aligned(x):
+  """`x` copied into page-aligned memory (as tcmalloc allocates every large numpy array)."""
+  x = np.asarray(x)
+  raw = np.empty(x.nbytes + 4096, np.uint8)
+  start = -raw.ctypes.data % 4096
+  out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+  out[...] = x
+  return out
+
+
+def test_a_state_from_page_aligned_numpy_is_donated_in_place_from_the_first_step(env):
+  # On the CPU, `jax.device_put` wraps aligned numpy memory instead of copying it; XLA cannot write
+  # into such a buffer, so a donating step allocated the whole state again (the first step's peak
+  # memory). `StateBuilder.build` gives the state buffers of its own.
+  from prompt_tuning.runtime import partitioning  # pylint: disable=g-import-not-at-top
+
+  params = jax.tree_util.tree_map(_page_aligned, env['params'])
+  leaves = [x for x in jax.tree_util.tree_leaves(params) if x.size]
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  wraps = lambda a, x: a.unsafe_buffer_pointer() == x.ctypes.data
+  # What this test guards against: this JAX wraps such arrays (even with `may_alias=False`).
+  assert wraps(jax.device_put(leaves[0], sharding, may_alias=False), leaves[0])
+  assert not any(wraps(partitioning.device_put_owned(x, sharding), x) for x in leaves)
+
+  t = _trainer(env, _OneExecutable, state=env['builder'].build(params))
+  before = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(t.train_state.frozen)]
+  t.train(iter(_batches(1)), 1, start_step=0)
+  after = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(t.train_state.frozen)]
+  # The one-executable step donates the whole state: its outputs reuse every input buffer.
+  assert before == after
