@@ -97,7 +97,7 @@ def prompt_logical_axis_rules() -> LogicalAxisRules:
 
 
 def device_put_owned(x: Any, sharding: Any) -> jax.Array:
-  """`jax.device_put(x, sharding)` whose buffers belong to XLA, so that a jitted step can donate them.
+  """`jax.device_put(x, sharding)` with buffers XLA owns, so that a jitted step can donate them.
 
   On the CPU, JAX wraps a numpy array whose data is suitably aligned instead of copying it (even
   with `may_alias=False`). XLA cannot write outputs into memory numpy owns, so a step that donates
