@@ -472,6 +472,30 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def reset_peak_rss() -> bool:
+  """Starts this process's peak resident set size anew from its current RSS (Linux: `5` into
+  `/proc/self/clear_refs` resets `VmHWM`; `ru_maxrss` keeps the whole life's peak). False where the
+  kernel does not offer it."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return peak_rss_since_reset_mb() is not None
+  except OSError:
+    return False
+
+
+def peak_rss_since_reset_mb() -> Optional[float]:
+  """Peak resident set size (MiB) since `reset_peak_rss` (`VmHWM`), None without `/proc`."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return None
+
+
 def rss_mb() -> float:
   """Current resident set size (MiB)."""
   try:
