@@ -142,13 +142,15 @@ def _start_training_peak(res: Dict[str, Any]) -> None:
   jit-compiles an initializer of the whole model; a user loads a checkpoint instead)."""
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
 
+  res['setup_peak_rss_mb'] = common.peak_rss_mb()  # the reset below clears `ru_maxrss` too
   launch.release_free_memory()
   res['rss_mb']['training_start'] = common.rss_mb()
   res['training_peak_reset'] = common.reset_peak_rss()
 
 
 def _end_training_peak(res: Dict[str, Any]) -> None:
-  res['peak_rss_mb'] = common.peak_rss_mb()  # the whole process's, setting up included
+  # The whole process's peak, setting up included.
+  res['peak_rss_mb'] = max(common.peak_rss_mb(), res.get('setup_peak_rss_mb', 0.0))
   if res.get('training_peak_reset'):
     res['training_peak_rss_mb'] = common.peak_rss_since_reset_mb()
 

@@ -474,8 +474,9 @@ def peak_rss_mb() -> float:
 
 def reset_peak_rss() -> bool:
   """Starts this process's peak resident set size anew from its current RSS (Linux: `5` into
-  `/proc/self/clear_refs` resets `VmHWM`; `ru_maxrss` keeps the whole life's peak). False where the
-  kernel does not offer it."""
+  `/proc/self/clear_refs` resets `VmHWM`, and with it this process's `ru_maxrss`, which Linux reads
+  from the same high-water mark: read `peak_rss_mb` first to keep the earlier peak). False where
+  the kernel does not offer it."""
   try:
     with open('/proc/self/clear_refs', 'w') as f:
       f.write('5')
