@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from benchmarks import common
 from benchmarks import load_guard
@@ -403,6 +403,12 @@ def _fmt(x, spec):
   return '—' if x is None else format(x, spec)
 
 
+def _training_peak(worker: Any) -> Optional[float]:
+  if not isinstance(worker, dict) or 'error' in worker:
+    return None
+  return worker.get('training_peak_rss_mb')
+
+
 def table(results: Dict[str, Dict[str, Any]]) -> str:
   """The markdown table of `results[method][framework]`."""
   rows = [
@@ -411,7 +417,9 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
       '| process peak RSS MiB ours / PEFT |',
       '|---|---|---|---|---|---|---|---|---|',
   ]
-  for method, r in results.items():
+  order = lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)
+  for method in sorted(results, key=order):  # methods.json keeps its keys sorted
+    r = results[method]
     ours, theirs = r.get('ours', {}), r.get('peft', {})
     get = lambda d, k: None if 'error' in d or k not in d else d[k]
     invalid = [
@@ -422,11 +430,12 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
     label = method + (f' ({r["shape_note"]})' if r.get('shape_note') else '')
     label += f' **INVALID ({", ".join(invalid)} loaded)**' if invalid else ''
     eo, ep = get(ours, 'examples_per_s'), get(theirs, 'examples_per_s')
-    # Training's peak where both workers measured it, else (older results) the process's.
-    mo, mp = get(ours, 'training_peak_rss_mb'), get(theirs, 'training_peak_rss_mb')
+    # Training's peak where the worker measured it, else (older results) the process's; a ratio
+    # only of two peaks of the same kind.
     wo, wp = get(ours, 'peak_rss_mb'), get(theirs, 'peak_rss_mb')
-    if mo is None or mp is None:
-      mo, mp = wo, wp
+    mo, mp = _training_peak(ours) or wo, _training_peak(theirs) or wp
+    if (_training_peak(ours) is None) != (_training_peak(theirs) is None):
+      mo, mp = (wo, wp) if mp is not None else (mo, mp)
     po = get(ours, 'params') and ours['params']['trainable']
     pp = get(theirs, 'params') and theirs['params']['trainable']
     rows.append(
@@ -463,6 +472,41 @@ def allocator_line(results: Dict[str, Dict[str, Any]]) -> str:
   )
 
 
+def render(raw: Dict[str, Any], shapes_name: str, max_interference: float) -> str:
+  """The report (`methods.md`) from the run's `methods.json` contents."""
+  meta, results = raw['meta'], raw['results']
+  shapes = common.SHAPES[shapes_name]
+  cpu = meta['cpu_info']
+  loaded = sorted(
+      f'{m} {f}'
+      for m, r in results.items()
+      for f, d in r.items()
+      if isinstance(d, dict) and (d.get('load') or {}).get('valid') is False
+  )
+  return (
+      f'Methods, {shapes_name} shapes ({shapes.hf_config["d_model"]}d, '
+      f'{shapes.hf_config["num_layers"]}+{shapes.hf_config["num_decoder_layers"]} layers, batch '
+      f'{shapes.batch}, {shapes.inputs} inputs, {shapes.targets} targets), one run on '
+      f'{cpu.get("model", "unknown CPU")} ({cpu.get("logical_cpus")} logical CPUs; '
+      f'{" ".join(cpu.get("isa", []))}); load average {meta["load_avg_start"]} -> '
+      f'{meta["load_avg_end"]}; tolerance {max_interference:.2f} cores of other work per '
+      'worker.\n\n'
+      + (
+          f'**INVALID rows (ran beside other work): {", ".join(loaded)}.**\n\n'
+          if loaded
+          else 'Every worker ran on a quiet machine (valid).\n\n'
+      )
+      + allocator_line(results)
+      + (
+          MEMORY_NOTE
+          if any(_training_peak(d) for r in results.values() for d in r.values())
+          else ''
+      )
+      + table(results)
+      + '\n'
+  )
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', default='full', choices=sorted(common.SHAPES))
@@ -471,9 +515,27 @@ def main(argv=None) -> int:
   parser.add_argument('--timeout', type=float, default=1800.0)
   parser.add_argument('--worker', choices=('ours', 'peft'), default=None)
   parser.add_argument('--method', default=None)
+  parser.add_argument(
+      '--render-only',
+      action='store_true',
+      help="rewrite the workdir's methods.md from its methods.json (no measurement)",
+  )
   load_guard.add_arguments(parser)
   args = parser.parse_args(argv)
   shapes = common.SHAPES[args.shapes]
+  if args.render_only:
+    with open(os.path.join(args.workdir, 'methods.json')) as f:
+      raw = json.load(f)
+    meta = raw['meta']
+    text = render(
+        raw,
+        meta.get('shapes', args.shapes),
+        meta.get('max_interference_cores', args.max_interference),
+    )
+    with open(os.path.join(args.workdir, 'methods.md'), 'w') as f:
+      f.write(text)
+    print(text)
+    return 0
   if args.worker:
     run = run_ours if args.worker == 'ours' else run_peft
     res = run(args.method, shapes)
@@ -526,31 +588,7 @@ def main(argv=None) -> int:
       )
   meta['load_avg_end'] = common.load_avg()
   common.write_json(os.path.join(args.workdir, 'methods.json'), {'meta': meta, 'results': results})
-  cpu = meta['cpu_info']
-  loaded = sorted(
-      f'{m} {f}'
-      for m, r in results.items()
-      for f, d in r.items()
-      if isinstance(d, dict) and (d.get('load') or {}).get('valid') is False
-  )
-  text = (
-      f'Methods, {args.shapes} shapes ({shapes.hf_config["d_model"]}d, '
-      f'{shapes.hf_config["num_layers"]}+{shapes.hf_config["num_decoder_layers"]} layers, batch '
-      f'{shapes.batch}, {shapes.inputs} inputs, {shapes.targets} targets), one run on '
-      f'{cpu.get("model", "unknown CPU")} ({cpu.get("logical_cpus")} logical CPUs; '
-      f'{" ".join(cpu.get("isa", []))}); load average {meta["load_avg_start"]} -> '
-      f'{meta["load_avg_end"]}; tolerance {args.max_interference:.2f} cores of other work per '
-      'worker.\n\n'
-      + (
-          f'**INVALID rows (ran beside other work): {", ".join(loaded)}.**\n\n'
-          if loaded
-          else 'Every worker ran on a quiet machine (valid).\n\n'
-      )
-      + allocator_line(results)
-      + MEMORY_NOTE
-      + table(results)
-      + '\n'
-  )
+  text = render({'meta': meta, 'results': results}, args.shapes, args.max_interference)
   with open(os.path.join(args.workdir, 'methods.md'), 'w') as f:
     f.write(text)
   print(text)

@@ -39,3 +39,26 @@ def test_the_methods_workers_keep_the_setting_up_peak_beside_the_training_peak()
   assert res['peak_rss_mb'] >= setup_high - 1
   assert res['rss_mb']['training_start'] + 95 <= res['training_peak_rss_mb']
   assert res['training_peak_rss_mb'] <= setup_high - 150
+
+
+def test_the_table_compares_training_peaks_and_shows_the_process_peaks_beside_them():
+  from benchmarks import bench_methods  # pylint: disable=g-import-not-at-top
+
+  def worker(training, process):
+    out = {'examples_per_s': 2.0, 'params': {'trainable': 5}, 'peak_rss_mb': process}
+    return out if training is None else dict(out, training_peak_rss_mb=training)
+
+  results = {  # keys sorted, as methods.json keeps them
+      'ia3': {'ours': worker(1000.0, 1600.0), 'peft': worker(None, 1300.0)},  # older PEFT result
+      'per_layer': {'ours': worker(900.0, 1500.0)},
+      'prompt': {'ours': worker(1000.0, 1600.0), 'peft': worker(1250.0, 1300.0)},
+  }
+  rows = [
+      [c.strip() for c in r.strip('|').split('|')]
+      for r in bench_methods.table(results).splitlines()[2:]
+  ]
+  assert [r[0] for r in rows] == ['prompt', 'ia3', 'per_layer']  # bench_methods.METHODS' order
+  prompt, ia3, per_layer = rows
+  assert prompt[5:] == ['1000', '1250', '0.80', '1600 / 1300']
+  assert ia3[5:] == ['1600', '1300', '1.23', '1600 / 1300']  # like with like: process peaks
+  assert per_layer[5:] == ['900', '—', '—', '1500 / —']
