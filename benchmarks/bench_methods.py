@@ -433,9 +433,11 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
     # Training's peak where the worker measured it, else (older results) the process's; a ratio
     # only of two peaks of the same kind.
     wo, wp = get(ours, 'peak_rss_mb'), get(theirs, 'peak_rss_mb')
-    mo, mp = _training_peak(ours) or wo, _training_peak(theirs) or wp
-    if (_training_peak(ours) is None) != (_training_peak(theirs) is None):
-      mo, mp = (wo, wp) if mp is not None else (mo, mp)
+    to, tp = _training_peak(ours), _training_peak(theirs)
+    if wp is not None and (to is None) != (tp is None):
+      mo, mp = wo, wp
+    else:
+      mo, mp = to or wo, tp or wp
     po = get(ours, 'params') and ours['params']['trainable']
     pp = get(theirs, 'params') and theirs['params']['trainable']
     rows.append(

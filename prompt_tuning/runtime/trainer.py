@@ -632,8 +632,7 @@ class Trainer:
         logging.warning('Training data ran out after %d steps.', i)
         break
       step_fn = self._get_train_step(batch)
-      ahead = isinstance(step_fn, SplitTrainStep) or hasattr(step_fn, 'lower')  # jitted
-      if not self._compiled and ahead:
+      if not self._compiled and (isinstance(step_fn, SplitTrainStep) or hasattr(step_fn, 'lower')):
         # Compile first and hand back what loading and compiling freed, so that the first step's
         # temporaries are not allocated on top of it (that was the run's peak memory). The call
         # below then finds the executable in JAX's compilation cache.
