@@ -270,6 +270,7 @@ class TrainBench:
     res['achieved_flops_per_s'] = res['flops_per_step'] / common.median(step_times)
     res['utilisation'] = res['achieved_flops_per_s'] / res['matmul_flops_per_s']
     res['peak_rss_mb'] = common.peak_rss_mb()
+    res['memory_map_mb'] = common.memory_map()  # between steps, after the timed ones
     return res
 
 

@@ -199,6 +199,7 @@ class TrainBench:
                 common.matmul_flops(shapes.matmul_size) / common.median(self.matmul_times)
             ),
             'peak_rss_mb': common.peak_rss_mb(),
+            'memory_map_mb': common.memory_map(),  # between steps, after the timed ones
         }
     )
     return res

@@ -4,9 +4,12 @@ Both workers (`bench_ours.py`, `bench_peft.py`) build their inputs from the same
 functions, so they see identical token ids and identical prompt values.
 """
 
+import collections
+import ctypes
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -506,6 +509,78 @@ def rss_mb() -> float:
   except ImportError:
     with open('/proc/self/statm') as f:
       return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def rss_by_mapping_mb(smaps_path: str = '/proc/self/smaps', top: int = 8) -> Dict[str, float]:
+  """Resident MiB per mapping of this process, largest first: shared libraries by file name
+  (`libjax_common.so`), other files by path, `[heap]`, `[anon]` for anonymous mappings; the rest
+  summed as `other`. Empty without `/proc`. The mappings sum to the RSS."""
+  sizes = collections.Counter()
+  name = None
+  try:
+    with open(smaps_path) as f:
+      for line in f:
+        fields = line.split()
+        if not fields:
+          continue
+        if not fields[0].endswith(':'):  # a mapping's header: range perms offset dev inode [path]
+          path = fields[5] if len(fields) > 5 else '[anon]'
+          base = os.path.basename(path)
+          name = base[: base.index('.so') + 3] if '.so' in base else path
+        elif fields[0] == 'Rss:' and name is not None:
+          sizes[name] += int(fields[1]) / 1024.0
+  except OSError:
+    return {}
+  out = dict(sizes.most_common(top))
+  rest = sum(sizes.values()) - sum(out.values())
+  if rest > 0:
+    out['other'] = rest
+  return {k: round(v, 1) for k, v in out.items()}
+
+
+# tcmalloc's statistics lines (`MALLOC: <bytes> (<MiB> MiB) <what>`) and the keys they get.
+_TCMALLOC_LINES = {
+    'Bytes in use by application': 'in_use',
+    'Bytes in page heap freelist': 'page_heap_free',
+    'Bytes in central cache freelist': 'central_cache_free',
+    'Bytes in transfer cache freelist': 'transfer_cache_free',
+    'Bytes in thread cache freelists': 'thread_cache_free',
+    'Bytes in malloc metadata': 'metadata',
+    'Actual memory used (physical + swap)': 'total',
+    'Bytes released to OS (aka unmapped)': 'released',
+}
+
+
+def parse_tcmalloc_stats(text: str) -> Dict[str, float]:
+  """MiB per kind from gperftools' `MallocExtension::GetStats` text (keys of `_TCMALLOC_LINES`)."""
+  out = {}
+  for line in text.splitlines():
+    m = re.match(r'MALLOC:\s+[=+]?\s*(\d+)\s+\(\s*[\d.]+ MiB\)\s+(.*?)\s*$', line)
+    if m and m.group(2) in _TCMALLOC_LINES:
+      out[_TCMALLOC_LINES[m.group(2)]] = round(int(m.group(1)) / 2**20, 1)
+  return out
+
+
+def tcmalloc_stats_mb() -> Optional[Dict[str, float]]:
+  """What gperftools' tcmalloc holds, in MiB (`parse_tcmalloc_stats`), where it is this process's
+  allocator (preloaded: `PROMPT_TUNING_MALLOC`); None otherwise."""
+  try:
+    get_stats = ctypes.CDLL(None).MallocExtension_GetStats
+  except (AttributeError, OSError):
+    return None
+  buf = ctypes.create_string_buffer(1 << 16)
+  get_stats(buf, len(buf))
+  return parse_tcmalloc_stats(buf.value.decode(errors='replace')) or None
+
+
+def memory_map() -> Dict[str, Any]:
+  """This process's resident memory now, by mapping (`rss_by_mapping_mb`) and, under tcmalloc, by
+  what the allocator holds (`tcmalloc_stats_mb`): where a worker's resident base goes."""
+  return {
+      'rss': round(rss_mb(), 1),
+      'by_mapping': rss_by_mapping_mb(),
+      'tcmalloc': tcmalloc_stats_mb(),
+  }
 
 
 def load_avg() -> Optional[List[float]]:

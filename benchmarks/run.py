@@ -597,6 +597,25 @@ def _xla_mem(mem) -> str:
   )
 
 
+def _memory_map(mem) -> str:
+  """`memory_map_mb` of a worker: its RSS by mapping, and what tcmalloc holds where it runs."""
+  if not mem or not mem.get('by_mapping'):
+    return 'n/a'
+  text = f'{_fmt(mem["rss"])}: ' + ', '.join(
+      f'`{k}` {_fmt(v)}' for k, v in list(mem['by_mapping'].items())[:4]
+  )
+  tc = mem.get('tcmalloc')
+  if tc:
+    small = sum(
+        tc.get(k, 0.0) for k in ('central_cache_free', 'transfer_cache_free', 'thread_cache_free')
+    )
+    text += (
+        f' (tcmalloc: {_fmt(tc.get("in_use"))} in use, {_fmt(tc.get("page_heap_free"))} in free '
+        f'pages kept, {_fmt(small)} in small-object free lists)'
+    )
+  return text
+
+
 def _ok(value, target, higher=True):
   if value is None or value != value:
     return 'n/a'
@@ -667,6 +686,7 @@ def train_rows(results) -> List[Dict[str, Any]]:
               'ours_tf_imported': o.get('tensorflow_imported'),
               'ours_ex_all': o['examples_per_s'],
               'xla_mem': o.get('xla_memory_mb'),
+              'ours_memory_map': o.get('memory_map_mb'),
           }
       )
     if q is not None and _err(q) is None:
@@ -678,6 +698,7 @@ def train_rows(results) -> List[Dict[str, Any]]:
               'peft_matmul': q['matmul_flops_per_s'],
               'peft_ex_all': q['examples_per_s'],
               'peft_rss_phases': q.get('rss_mb', {}),
+              'peft_memory_map': q.get('memory_map_mb'),
           }
       )
     row['speedup'] = _pair_ratio(row.get('ours_ex_all'), row.get('peft_ex_all'))
@@ -1122,6 +1143,17 @@ def _render_suite(key: str, res: Dict[str, Any], meta) -> List[str]:
         )
         + '.'
     )
+    if any(r.get('ours_memory_map') or r.get('peft_memory_map') for r in rows):
+      add(
+          'Resident memory between two steps, after the timed ones (MiB, `/proc/self/smaps` by '
+          'mapping, largest first): '
+          + '; '.join(
+              f'P={r["P"]}: ours {_memory_map(r.get("ours_memory_map"))}, PEFT '
+              f'{_memory_map(r.get("peft_memory_map"))}'
+              for r in rows
+          )
+          + '.'
+      )
     imported = [r['P'] for r in rows if r.get('ours_tf_imported')]
     add(
         "The training worker imports the runtime's train modules (`train_state`, `trainer`, "
