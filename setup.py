@@ -57,6 +57,9 @@ setuptools.setup(
         # 0.7.0 registers its NumPy ufunc loops so slowly that `import jax` takes 1.1 s more and
         # a process importing JAX and TensorFlow 3.5 s more (9.0 against 5.4 s on 2 cores).
         'ml_dtypes>=0.5,<0.7',
+        # The CPU allocator that keeps XLA's per-call temporaries where gperftools' tcmalloc is not
+        # installed (`launch.tune_malloc`): a wheel, so `pip` alone brings it.
+        'cmeel-mimalloc>=3.4,<4; sys_platform == "linux"',
     ],
     extras_require={
         'test': [

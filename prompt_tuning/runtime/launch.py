@@ -49,11 +49,18 @@ def fast_shutdown() -> None:
 
 
 # What `tune_malloc` does, per `PROMPT_TUNING_MALLOC` mode: `tcmalloc` preloads gperftools'
-# allocator, which keeps freed blocks for reuse; `auto` (the default) does so where the library is
-# installed and the user has chosen no allocator; `hugepages` adds these `GLIBC_TUNABLES` (large
-# blocks, XLA's per-call temporaries, on transparent huge pages: 512x fewer page faults); `off`
-# leaves glibc's allocator as it is.
-MALLOC_MODES = {'auto': {}, 'hugepages': {'glibc.malloc.hugetlb': '1'}, 'off': {}, 'tcmalloc': {}}
+# allocator, which keeps freed blocks for reuse; `mimalloc` preloads Microsoft's mimalloc (PyPI's
+# `cmeel-mimalloc`, or a system library) set to keep them too; `auto` (the default) preloads the
+# first of the two that is installed, where the user has chosen no allocator; `hugepages` adds these
+# `GLIBC_TUNABLES` (large blocks, XLA's per-call temporaries, on transparent huge pages: 512x fewer
+# page faults); `off` leaves glibc's allocator as it is.
+MALLOC_MODES = {
+    'auto': {},
+    'hugepages': {'glibc.malloc.hugetlb': '1'},
+    'mimalloc': {},
+    'off': {},
+    'tcmalloc': {},
+}
 DEFAULT_MALLOC_MODE = 'auto'
 MALLOC_ENV = 'PROMPT_TUNING_MALLOC'
 _MALLOC_DONE_ENV = '_PROMPT_TUNING_MALLOC_APPLIED'
@@ -65,6 +72,13 @@ _TCMALLOC_QUIET = {
     'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 50),
     'TCMALLOC_RELEASE_RATE': '0',
 }
+
+
+# mimalloc hands freed memory back to the system after `purge_delay` ms (default 10): a whole
+# temporaries block between two steps. A delay of 10^9 ms keeps it; `release_free_memory` still
+# hands everything free back at once (`mi_collect(true)` purges whatever the delay). Large OS
+# pages stay off (the transparent huge pages' re-faults on virtual machines, see `tune_malloc`).
+_MIMALLOC_KEEP = {'MIMALLOC_PURGE_DELAY': str(10**9), 'MIMALLOC_SHOW_WARNINGS': '0'}
 
 
 def _glibc_version() -> tuple:
@@ -120,6 +134,29 @@ def find_tcmalloc() -> str:
   return ''
 
 
+def find_mimalloc() -> str:
+  """The installed mimalloc library's path for `LD_PRELOAD` ('' when there is none): the one of
+  the `cmeel-mimalloc` wheel (`pip install cmeel-mimalloc`), else a system library."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  try:
+    spec = importlib.util.find_spec('cmeel')
+  except (ImportError, ValueError):
+    spec = None
+  roots = []
+  for location in (getattr(spec, 'submodule_search_locations', None) or []) if spec else []:
+    roots.append(os.path.join(os.path.dirname(location), 'cmeel.prefix', 'lib'))
+  roots += [os.path.join(p, 'cmeel.prefix', 'lib') for p in sys.path if p]
+  for root in roots:
+    for name in ('libmimalloc.so.3', 'libmimalloc.so.2', 'libmimalloc.so'):
+      path = os.path.join(root, name)
+      if os.path.isfile(path):
+        return path
+  import ctypes.util  # pylint: disable=g-import-not-at-top
+
+  return ctypes.util.find_library('mimalloc') or ''
+
+
 def _allocator_chosen(environ) -> bool:
   """Whether the user preloads an allocator of their own or sets glibc's malloc tunables."""
   preload = environ.get('LD_PRELOAD', '').lower()
@@ -136,21 +173,32 @@ def malloc_environment(mode: str, environ=None) -> dict:
   _check_mode(mode)
   if mode == 'auto' and _allocator_chosen(environ):
     return {}
-  if mode in ('auto', 'tcmalloc'):
+  if mode in ('auto', 'tcmalloc', 'mimalloc'):
     preload = environ.get('LD_PRELOAD', '')
-    if 'tcmalloc' in preload:
+    if mode != 'auto' and mode in preload:
       return {}  # preloaded already (by the user, or by this restart)
-    library = find_tcmalloc() if sys.platform.startswith('linux') else ''
+    linux = sys.platform.startswith('linux')
+    library, settings = '', _TCMALLOC_QUIET
+    if mode in ('auto', 'tcmalloc') and linux:
+      library = find_tcmalloc()
+    if not library and mode in ('auto', 'mimalloc') and linux:
+      library, settings = find_mimalloc(), _MIMALLOC_KEEP
     if not library and mode == 'auto':
       return {}  # glibc's allocator, as before
-    if not library:
+    if not library and mode == 'tcmalloc':
       raise ValueError(
           f"{MALLOC_ENV}=tcmalloc needs gperftools' tcmalloc library, and none is installed "
           '(`ldconfig -p` lists no libtcmalloc_minimal or libtcmalloc): install it (Debian, '
           'Ubuntu: `apt-get install libtcmalloc-minimal4`) or unset '
           f'{MALLOC_ENV}.'
       )
-    env = {k: v for k, v in _TCMALLOC_QUIET.items() if k not in environ}
+    if not library:
+      raise ValueError(
+          f'{MALLOC_ENV}=mimalloc needs the mimalloc library, and none is installed (no '
+          '`cmeel-mimalloc` wheel, no libmimalloc in `ldconfig -p`): `pip install cmeel-mimalloc` '
+          f'or unset {MALLOC_ENV}.'
+      )
+    env = {k: v for k, v in settings.items() if k not in environ}
     env['LD_PRELOAD'] = ':'.join([library] + [preload] * bool(preload))
     return env
   add = malloc_tunables(mode, environ)
@@ -182,8 +230,13 @@ def tune_malloc() -> None:
   training throughput on 2 cores (AMD EPYC). XLA frees a call's temporaries just after its outputs
   are ready, so a call started at once would take a second block and keep both resident; the
   `Trainer` therefore waits for each step on the CPU under tcmalloc (`Trainer.wait_for_each_step`),
-  and peak memory stays at glibc's. Without the library, `auto` leaves glibc's allocator alone.
-  `PROMPT_TUNING_MALLOC=tcmalloc` asks for it outright (missing, an error); `off` keeps glibc's.
+  and peak memory stays at glibc's. Without tcmalloc, `auto` preloads mimalloc where it is installed
+  (a dependency on Linux: PyPI's `cmeel-mimalloc`, so `pip` alone brings it where tcmalloc cannot
+  be installed; or a system `libmimalloc`), with a purge delay that keeps freed blocks
+  (`MIMALLOC_PURGE_DELAY`; `release_free_memory` still hands them back at once), and the `Trainer`
+  waits for each step as under tcmalloc; without either, glibc's allocator is left alone.
+  `PROMPT_TUNING_MALLOC=tcmalloc` or `=mimalloc` asks for one outright (missing, an error); `off`
+  keeps glibc's.
   `PROMPT_TUNING_MALLOC=hugepages` backs large blocks with transparent huge pages
   (`glibc.malloc.hugetlb=1`): 2 MiB pages, 512x fewer faults, the same resident memory; 0.85-0.9x
   the step time on 2 cores. On a virtual machine whose balloon driver hands free memory back to the
@@ -228,12 +281,33 @@ def tcmalloc_loaded() -> bool:
     return False
 
 
+def mimalloc_loaded() -> bool:
+  """Whether mimalloc serves this process's `malloc`: preloaded (`LD_PRELOAD`), it overrides
+  `malloc` and puts `mi_collect` in the global namespace (a library that only links it does not
+  serve `malloc`)."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+
+  if 'mimalloc' not in os.environ.get('LD_PRELOAD', ''):
+    return False
+  try:
+    return bool(ctypes.CDLL(None).mi_collect)
+  except (AttributeError, OSError):
+    return False
+
+
+def caching_allocator_loaded() -> bool:
+  """Whether a preloaded allocator that keeps freed blocks for reuse (tcmalloc, or mimalloc as
+  `tune_malloc` sets it) serves this process."""
+  return tcmalloc_loaded() or mimalloc_loaded()
+
+
 def release_free_memory() -> None:
   """Hands the memory the C allocator holds free back to the operating system.
 
   Called once the training step is compiled: loading the checkpoint and compiling leave hundreds of
-  MiB freed but resident in glibc's arenas (`malloc_trim`) or tcmalloc's page heap, under the
-  step's own temporaries. Does nothing where neither allocator is there.
+  MiB freed but resident in glibc's arenas (`malloc_trim`), tcmalloc's page heap or mimalloc's
+  pages (`mi_collect(true)`), under the step's own temporaries. Does nothing where none of these
+  allocators is there.
   """
   import ctypes  # pylint: disable=g-import-not-at-top
 
@@ -241,7 +315,11 @@ def release_free_memory() -> None:
     lib = ctypes.CDLL(None)
   except OSError:
     return
-  for name, args in (('MallocExtension_ReleaseFreeMemory', ()), ('malloc_trim', (0,))):
+  for name, args in (
+      ('MallocExtension_ReleaseFreeMemory', ()),
+      ('mi_collect', (True,)),
+      ('malloc_trim', (0,)),
+  ):
     fn = getattr(lib, name, None)
     if fn is not None:
       fn(*args)

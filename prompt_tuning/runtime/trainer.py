@@ -445,8 +445,9 @@ QUICK_STEP_S = 0.05
 
 
 def wait_for_each_step_by_default() -> bool:
-  """`Trainer.wait_for_each_step`'s default: on the CPU under tcmalloc (see the `Trainer`)."""
-  return jax.default_backend() == 'cpu' and launch.tcmalloc_loaded()
+  """`Trainer.wait_for_each_step`'s default: on the CPU under an allocator that keeps freed blocks
+  (tcmalloc, mimalloc; see the `Trainer`)."""
+  return jax.default_backend() == 'cpu' and launch.caching_allocator_loaded()
 
 
 def wait_for_step(train_state) -> None:
@@ -478,14 +479,14 @@ class Trainer:
 
     `wait_for_each_step`: wait until each step is done (and 1 ms more) before starting the next one.
     On the CPU, XLA frees a step's temporaries (one block, 597 MiB for T5 1.1 small at prompt
-    length 100) just after its outputs are ready; an allocator that keeps freed blocks (tcmalloc)
-    then hands the next step, started at once, a second block and keeps both resident. Waiting
-    keeps one: peak memory as glibc's, and steps 1.0-1.2x as fast (measured on an AMD EPYC, 2
-    cores). None (the default): wait on the CPU under tcmalloc (`launch.tcmalloc_loaded`), as
-    `launch.tune_malloc` preloads it by default, unless the steps are quick (the median of the
-    first three after compiling under `QUICK_STEP_S`: a small model, whose temporaries are small
-    too, and whose steps the wait would slow by a third or more); elsewhere steps are dispatched
-    without waiting.
+    length 100) just after its outputs are ready; an allocator that keeps freed blocks (tcmalloc,
+    mimalloc) then hands the next step, started at once, a second block and keeps both resident.
+    Waiting keeps one: peak memory as glibc's, and steps 1.0-1.2x as fast (measured on an AMD EPYC,
+    2 cores). None (the default): wait on the CPU under such an allocator
+    (`launch.caching_allocator_loaded`), as `launch.tune_malloc` preloads one by default, unless
+    the steps are quick (the median of the first three after compiling under `QUICK_STEP_S`: a
+    small model, whose temporaries are small too, and whose steps the wait would slow by a third
+    or more); elsewhere steps are dispatched without waiting.
     """
     del weight_metrics_computer
     self._model = model

@@ -218,12 +218,13 @@ def test_training_on_bucketed_batches_equals_training_on_them_padded(env):
 
 
 def test_waiting_for_each_step_changes_no_number(env):
-  """`wait_for_each_step` (on by default under tcmalloc) only changes when steps start: the same
-  losses and state, bit for bit, as steps dispatched without waiting."""
+  """`wait_for_each_step` (on by default under tcmalloc or mimalloc) only changes when steps start:
+  the same losses and state, bit for bit, as steps dispatched without waiting."""
   import jax  # pylint: disable=g-import-not-at-top
   from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
 
-  assert _trainer(env).wait_for_each_step == launch.tcmalloc_loaded()  # None: CPU and tcmalloc
+  # None: on the CPU under tcmalloc or mimalloc
+  assert _trainer(env).wait_for_each_step == launch.caching_allocator_loaded()
   batches = env['bucketed'][:4]
   runs = {}
   for wait in (True, False):
