@@ -136,20 +136,11 @@ def find_tcmalloc() -> str:
 
 def find_mimalloc() -> str:
   """The installed mimalloc library's path for `LD_PRELOAD` ('' when there is none): the one of
-  the `cmeel-mimalloc` wheel (`pip install cmeel-mimalloc`), else a system library."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  try:
-    spec = importlib.util.find_spec('cmeel')
-  except (ImportError, ValueError):
-    spec = None
-  roots = []
-  for location in (getattr(spec, 'submodule_search_locations', None) or []) if spec else []:
-    roots.append(os.path.join(os.path.dirname(location), 'cmeel.prefix', 'lib'))
-  roots += [os.path.join(p, 'cmeel.prefix', 'lib') for p in sys.path if p]
-  for root in roots:
+  the `cmeel-mimalloc` wheel (`pip install cmeel-mimalloc`; its `cmeel.prefix/lib` sits in a
+  `site-packages` on `sys.path`), else a system library."""
+  for root in sys.path:
     for name in ('libmimalloc.so.3', 'libmimalloc.so.2', 'libmimalloc.so'):
-      path = os.path.join(root, name)
+      path = os.path.join(root or '.', 'cmeel.prefix', 'lib', name)
       if os.path.isfile(path):
         return path
   import ctypes.util  # pylint: disable=g-import-not-at-top

@@ -167,18 +167,12 @@ def test_tcmalloc_mode_without_the_library_is_one_clear_error(monkeypatch):
 
 
 def test_the_mimalloc_wheel_is_found_on_the_path(monkeypatch, tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import ctypes.util  # pylint: disable=g-import-not-at-top
 
   lib = tmp_path / 'cmeel.prefix' / 'lib'
   lib.mkdir(parents=True)
   (lib / 'libmimalloc.so.3').write_bytes(b'')
-  real_find_spec = importlib.util.find_spec
-  # No installed wheel to find first (`cmeel` hidden), no system library.
-  monkeypatch.setattr(
-      importlib.util, 'find_spec', lambda n, *a: None if n == 'cmeel' else real_find_spec(n, *a)
-  )
-  monkeypatch.setattr(ctypes.util, 'find_library', lambda name: None)
+  monkeypatch.setattr(ctypes.util, 'find_library', lambda name: None)  # no system library
   monkeypatch.setattr(sys, 'path', [str(tmp_path / 'elsewhere'), str(tmp_path)])
   assert launch.find_mimalloc() == str(lib / 'libmimalloc.so.3')
   monkeypatch.setattr(sys, 'path', [str(tmp_path / 'elsewhere')])
