@@ -111,42 +111,46 @@ def test_paper_settings(plans):
   assert len(groups) == 9 and all(len(g) == 6 for g in groups.values())
 
 
-@pytest.mark.parametrize('name', sorted(n for n in RUNS if 'ensembling_eval' not in n))
-def test_run_configurations_are_valid(plans, name):
-  runs = plans[name].runs
+def _sample(plan):
+  """The first and last runs, and one run per value of every axis."""
+  runs = plan.runs
   sample = {r.name: r for r in (runs[0], runs[-1])}
-  for r in runs:  # one run per value of every axis
+  for r in runs:
     for axis, label in r.settings.items():
       if not any(s.settings.get(axis) == label for s in sample.values()):
         sample[r.name] = r
-  assert _check(name, list(sample)) == []
-
-
-def test_the_ensembling_spec_waits_for_its_gin_interface(plans):
-  runs = plans['power_of_scale/ensembling_eval.gin'].runs[:1]
-  problems = _check('power_of_scale/ensembling_eval.gin', [runs[0].name])
-  if os.path.exists(os.path.join(st.REPO, 'configs', 'methods', 'ensembling.gin')):
-    assert problems == []
-  else:
-    assert len(problems) == 1 and 'methods/ensembling.gin' in problems[0]
+  return list(sample)
 
 
 _CHECK = """
 import json, sys
 from prompt_tuning.sweeps import check, spec
 args = json.loads(sys.argv[1])
-sweep = spec.load_sweep(args['spec'], [f'{k} = {v}' for k, v in args['required'].items()])
-runs = [r for r in spec.expand(sweep, '/sweeps/' + args['name']).runs if r.name in args['runs']]
-assert len(runs) == len(args['runs']), [r.name for r in runs]
-print('CHECK ' + json.dumps(check.check_runs(runs)))
+out = {}
+required = [f'{k} = {v}' for k, v in args['required'].items()]
+for name, run_names in args['jobs'].items():
+  try:  # a spec that fails here fails its own test only
+    sweep = spec.load_sweep(f"{args['specs']}/{name}", required)
+    runs = [r for r in spec.expand(sweep, '/sweeps/' + name).runs if r.name in run_names]
+    assert len(runs) == len(run_names), [r.name for r in runs]
+    out[name] = check.check_runs(runs)
+  except Exception as e:  # pylint: disable=broad-except
+    out[name] = [f'{type(e).__name__}: {e}']
+print('CHECK ' + json.dumps(out))
 """
 
 
-def _check(name, run_names):
-  """`check.check_runs` of these runs of a shipped spec, in a fresh process: parsing registers gin
-  configurables (a stand-in `__main__.train`, ...) that outlive gin.clear_config() and would leak
-  into the other test modules of this pytest worker."""
-  args = {'spec': f'{SPECS}/{name}', 'required': REQUIRED, 'name': name, 'runs': run_names}
+@pytest.fixture(scope='module')
+def checked(plans):
+  """`check.check_runs` of a sample of every spec's runs (the ensembling evaluation: its first run),
+  spec by spec, in one fresh process, as `prompt_tuning.sweep` checks a sweep's runs before it
+  starts them: parsing registers gin configurables (a stand-in `__main__.train`, ...) that outlive
+  gin.clear_config() and would leak into the other test modules of this pytest worker."""
+  jobs = {name: _sample(plans[name]) for name in sorted(RUNS) if 'ensembling_eval' not in name}
+  jobs['power_of_scale/ensembling_eval.gin'] = [
+      plans['power_of_scale/ensembling_eval.gin'].runs[0].name
+  ]
+  args = {'specs': SPECS, 'required': REQUIRED, 'jobs': jobs}
   proc = subprocess.run(
       [sys.executable, '-c', _CHECK, json.dumps(args)],
       cwd=st.REPO,
@@ -156,3 +160,16 @@ def _check(name, run_names):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads([l for l in proc.stdout.splitlines() if l.startswith('CHECK ')][-1][6:])
+
+
+@pytest.mark.parametrize('name', sorted(n for n in RUNS if 'ensembling_eval' not in n))
+def test_run_configurations_are_valid(checked, name):
+  assert checked[name] == []
+
+
+def test_the_ensembling_spec_waits_for_its_gin_interface(checked):
+  problems = checked['power_of_scale/ensembling_eval.gin']
+  if os.path.exists(os.path.join(st.REPO, 'configs', 'methods', 'ensembling.gin')):
+    assert problems == []
+  else:
+    assert len(problems) == 1 and 'methods/ensembling.gin' in problems[0]
