@@ -21,6 +21,9 @@ def _accuracy(model_dir: str):
 
 
 def _majority_rate() -> float:
+  from prompt_tuning.runtime import launch  # pylint: disable=g-import-not-at-top
+
+  launch.quiet_startup()  # TensorFlow (through seqio) without its C++ start-up lines
   import seqio  # pylint: disable=g-import-not-at-top
   import tasks.toy  # pylint: disable=g-import-not-at-top,unused-import
 

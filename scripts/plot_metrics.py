@@ -11,28 +11,50 @@ teacher-forced token accuracy under `MODEL_DIR/training_eval`.
 import argparse
 import glob
 import os
+import struct
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 Series = List[Tuple[int, float]]
 
 
+def _records(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file (each: its length as a little-endian uint64, 4 bytes of checksum,
+  the bytes, 4 more of checksum), read without TensorFlow; a record cut short (a writer still
+  writing, or killed) ends the file."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  i = 0
+  while i + 12 <= len(data):
+    (length,) = struct.unpack('<Q', data[i : i + 8])
+    if i + 12 + length + 4 > len(data):
+      return
+    yield data[i + 12 : i + 12 + length]
+    i += 12 + length + 4
+
+
 def read_scalars(log_dir: str) -> Dict[str, Series]:
-  """All scalar series (tag -> [(step, value)]) in the event files under `log_dir` (recursive)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """All scalar series (tag -> [(step, value)]) in the event files under `log_dir` (recursive).
+
+  Reads the files with TensorBoard's protocol buffers, not TensorFlow: 0.03 s for the demo's 13,000
+  events, where importing TensorFlow takes 4 s (and `tf.data` reads them in 1.5 s).
+  """
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
   out: Dict[str, Series] = {}
   for path in sorted(
       glob.glob(os.path.join(log_dir, '**', 'events.out.tfevents.*'), recursive=True)
   ):
     rel = os.path.relpath(os.path.dirname(path), log_dir)
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for record in _records(path):
+      event = event_pb2.Event.FromString(record)
       for value in event.summary.value:
         if value.HasField('simple_value'):
           v = value.simple_value
         elif value.HasField('tensor'):
           try:
-            v = float(tf.make_ndarray(value.tensor))
+            v = float(tensor_util.make_ndarray(value.tensor))
           except (TypeError, ValueError):
             continue
         else:
