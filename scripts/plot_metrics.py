@@ -19,9 +19,9 @@ Series = List[Tuple[int, float]]
 
 
 def _records(path: str) -> Iterator[bytes]:
-  """The records of a TFRecord file (each: its length as a little-endian uint64, 4 bytes of checksum,
-  the bytes, 4 more of checksum), read without TensorFlow; a record cut short (a writer still
-  writing, or killed) ends the file."""
+  """The records of a TFRecord file (each: its length as a little-endian uint64, 4 bytes of
+  checksum, the bytes, 4 more of checksum), read without TensorFlow; a record cut short (a writer
+  still writing, or killed) ends the file."""
   with open(path, 'rb') as f:
     data = f.read()
   i = 0
