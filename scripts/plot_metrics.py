@@ -3,9 +3,9 @@
 Usage:
   python scripts/plot_metrics.py --run NAME=MODEL_DIR [--run NAME=MODEL_DIR ...] --output plot.png
 
-For each run it reads `MODEL_DIR/train` (scalar `loss`) and the inference-eval accuracy that seqio's
-TensorBoardLogger writes under `MODEL_DIR/inference_eval` (tag `<task>/accuracy`), falling back to the
-teacher-forced token accuracy under `MODEL_DIR/training_eval`.
+For each run it reads `MODEL_DIR/train` (scalar `loss`) and the inference-eval accuracy that
+seqio's TensorBoardLogger writes under `MODEL_DIR/inference_eval` (tag `<task>/accuracy`), falling
+back to the teacher-forced token accuracy under `MODEL_DIR/training_eval`.
 """
 
 import argparse
