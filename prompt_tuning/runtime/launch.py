@@ -76,8 +76,10 @@ _TCMALLOC_QUIET = {
 
 # mimalloc hands freed memory back to the system after `purge_delay` ms (default 10): a whole
 # temporaries block between two steps. A delay of 10^9 ms keeps it; `release_free_memory` still
-# hands everything free back at once (`mi_collect(true)` purges whatever the delay). Large OS
-# pages stay off (the transparent huge pages' re-faults on virtual machines, see `tune_malloc`).
+# hands everything free back at once (`mi_collect(true)` purges whatever the delay). mimalloc's
+# own page settings stay: no explicit large OS pages, transparent huge pages requested for its
+# arenas (`MIMALLOC_ALLOW_THP=0` in the environment turns that off: 106 MiB less at the methods
+# benchmark's prompt training peak, 3% slower; `benchmarks/ANALYSIS.md`).
 _MIMALLOC_KEEP = {'MIMALLOC_PURGE_DELAY': str(10**9), 'MIMALLOC_SHOW_WARNINGS': '0'}
 
 
